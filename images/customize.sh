@@ -1,0 +1,31 @@
+#!/bin/sh
+# mmdebstrap customize hook: $1 is the root filesystem of the guest image, fully installed, with
+# images/rootfs/ already copied over it. Runs on the host, as root.
+set -eu
+root="$1"
+
+# No host keys in the image: the host makes one per sandbox and the seed installs it.
+rm -f "$root"/etc/ssh/ssh_host_*
+
+# A disposable headless VM: nothing here should cost boot time under TCG.
+chroot "$root" systemctl mask --quiet \
+    getty.target console-getty.service \
+    systemd-journal-flush.service \
+    systemd-update-utmp.service systemd-update-utmp-runlevel.service \
+    apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer \
+    e2scrub_all.timer e2scrub_reap.service fstrim.timer man-db.timer \
+    systemd-tmpfiles-clean.timer \
+    cloud-config.service cloud-final.service \
+    cloud-init-local.service
+# auditd stays installed and startable on demand (`systemctl start auditd`), just not at boot.
+chroot "$root" systemctl disable --quiet auditd.service
+chroot "$root" systemctl enable --quiet systemd-networkd.service
+
+# The unprivileged account for the software under test: no password, no sudo.
+chroot "$root" useradd --uid 1000 --user-group --create-home --shell /bin/bash sandbox
+
+# Leftovers of the build that would leak the build host's state into every guest.
+rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb
+# Empty: every sandbox gets its own machine id at boot. That boot then counts as a first boot,
+# where systemd applies presets: images/rootfs/etc/systemd/system-preset/ keeps auditd disabled.
+: > "$root"/etc/machine-id

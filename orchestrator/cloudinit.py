@@ -1,0 +1,135 @@
+"""NoCloud seed for a sandbox: user-data and meta-data rendered with yaml.safe_dump, packed into
+an ISO9660 image (volume label `cidata`) with pycdlib, in memory.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pycdlib
+import yaml
+
+from .errors import SandboxError
+
+SEED_TEMPLATE = Path(__file__).resolve().parent.parent / "cloud-init" / "user-data.yaml"
+VOLUME_LABEL = "cidata"
+
+
+@dataclass(frozen=True)
+class SeedSpec:
+    instance_id: str
+    hostname: str
+    host_key_private: str
+    host_key_public: str
+    authorized_key: str
+    nameserver: str | None = None
+
+
+def _template() -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(SEED_TEMPLATE.read_text())
+    except OSError as exc:
+        raise SandboxError(
+            f"cannot read the cloud-init template {SEED_TEMPLATE}: {exc.strerror}",
+            "reinstall sandbox from a complete checkout (pip install -e .)",
+        ) from exc
+    if not isinstance(data, dict):
+        raise SandboxError(f"{SEED_TEMPLATE} is not a YAML mapping", "restore it from git")
+    return data
+
+
+def user_data(spec: SeedSpec) -> dict[str, Any]:
+    data = _template()
+    data["hostname"] = spec.hostname
+    data["fqdn"] = spec.hostname
+    data["ssh_keys"] = {
+        "ed25519_private": spec.host_key_private,
+        "ed25519_public": spec.host_key_public,
+    }
+    data["ssh_authorized_keys"] = [spec.authorized_key]
+    if spec.nameserver:
+        # Written by write_files, which runs in cloud-init's init stage: the only resolver the
+        # guest knows is the sandbox network's own.
+        data["write_files"] = [
+            {
+                "path": "/etc/resolv.conf",
+                "content": f"nameserver {spec.nameserver}\noptions timeout:2 attempts:2\n",
+                "permissions": "0644",
+            }
+        ]
+    return data
+
+
+class _SeedDumper(yaml.SafeDumper):
+    """SafeDumper that writes multi-line strings (keys, files) as literal blocks, readably."""
+
+
+def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_SeedDumper.add_representer(str, _str_representer)
+
+
+def render_user_data(spec: SeedSpec) -> str:
+    body = yaml.dump(user_data(spec), Dumper=_SeedDumper, sort_keys=True, width=1000)
+    return "#cloud-config\n" + body
+
+
+def render_meta_data(spec: SeedSpec) -> str:
+    return yaml.safe_dump(
+        {"instance-id": spec.instance_id, "local-hostname": spec.hostname}, sort_keys=True
+    )
+
+
+def build_seed_iso(spec: SeedSpec) -> bytes:
+    files = {
+        "user-data": render_user_data(spec).encode(),
+        "meta-data": render_meta_data(spec).encode(),
+    }
+    iso = pycdlib.PyCdlib()
+    # cloud-init finds the seed by its label and reads the Joliet/Rock Ridge long names.
+    iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident=VOLUME_LABEL)
+    for index, (name, data) in enumerate(sorted(files.items())):
+        iso.add_fp(
+            io.BytesIO(data),
+            len(data),
+            f"/FILE{index};1",
+            rr_name=name,
+            joliet_path=f"/{name}",
+        )
+    out = io.BytesIO()
+    iso.write_fp(out)
+    iso.close()
+    return out.getvalue()
+
+
+def read_seed_iso(data: bytes) -> dict[str, bytes]:
+    """The files of a seed ISO by their Joliet names (for tests and `sandbox status --debug`)."""
+    iso = pycdlib.PyCdlib()
+    iso.open_fp(io.BytesIO(data))
+    try:
+        result: dict[str, bytes] = {}
+        for child in iso.list_children(joliet_path="/"):
+            name = iso.full_path_from_dirrecord(child)
+            if child.is_dir():
+                continue
+            out = io.BytesIO()
+            iso.get_file_from_iso_fp(out, joliet_path=name)
+            result[name.lstrip("/")] = out.getvalue()
+        return result
+    finally:
+        iso.close()
+
+
+def volume_label(data: bytes) -> str:
+    iso = pycdlib.PyCdlib()
+    iso.open_fp(io.BytesIO(data))
+    try:
+        return str(iso.pvd.volume_identifier.decode().strip())
+    finally:
+        iso.close()

@@ -1,0 +1,191 @@
+"""Settings: defaults < config file (YAML) < environment < command-line flags, frozen."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .domain import Accel
+from .errors import UsageError
+
+DEFAULT_URI = "qemu:///system"
+ENV_CONNECT = "SANDBOX_CONNECT"
+ENV_CONFIG = "SANDBOX_CONFIG"
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    name: str = "sandbox"
+    bridge: str = "virbr-sandbox"
+    subnet: ipaddress.IPv4Network = field(
+        default_factory=lambda: ipaddress.IPv4Network("192.168.213.0/24")
+    )
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    name: str = "sandbox"
+    path: str = "/var/lib/libvirt/sandbox"
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    name: str | None = None
+    packages: tuple[str, ...] = ()
+    sources: Path | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    connect: str = DEFAULT_URI
+    accel: Accel = Accel.AUTO
+    memory_mib: int = 512
+    vcpus: int = 2
+    # Under TCG a cold boot with cloud-init takes 40-80 s here (PLATFORM.md), more on a loaded
+    # machine; with KVM it is a few seconds. The deadline is generous, not a target.
+    boot_timeout: float = 400.0
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    image: ImageSettings = field(default_factory=ImageSettings)
+    allow: tuple[str, ...] = ()
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], key: str, source: str) -> Any:
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise UsageError(f"{source}: {key} must be a {names}, not {value!r}", "fix the config file")
+    return value
+
+
+def _check_keys(data: Mapping[str, Any], allowed: set[str], where: str, source: str) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise UsageError(
+            f"{source}: unknown setting{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(where + k for k in unknown)}",
+            f"known settings here: {', '.join(sorted(allowed))}",
+        )
+
+
+def parse_accel(value: str) -> Accel:
+    try:
+        return Accel(value.lower())
+    except ValueError:
+        raise UsageError(f"unknown acceleration {value!r}", "use one of: auto, kvm, tcg") from None
+
+
+def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
+    """Settings from a parsed config mapping; every key is checked, unknown ones are errors."""
+    _check_keys(
+        data,
+        {
+            "connect",
+            "accel",
+            "memory",
+            "vcpus",
+            "boot_timeout",
+            "network",
+            "pool",
+            "image",
+            "allow",
+        },
+        "",
+        source,
+    )
+    s = Settings()
+    changes: dict[str, Any] = {}
+    if "connect" in data:
+        changes["connect"] = _expect(data["connect"], str, "connect", source)
+    if "accel" in data:
+        changes["accel"] = parse_accel(_expect(data["accel"], str, "accel", source))
+    if "memory" in data:
+        changes["memory_mib"] = _expect(data["memory"], int, "memory", source)
+        if changes["memory_mib"] < 128:
+            raise UsageError(f"{source}: memory must be at least 128 (MiB)", "raise it")
+    if "vcpus" in data:
+        changes["vcpus"] = _expect(data["vcpus"], int, "vcpus", source)
+    if "boot_timeout" in data:
+        changes["boot_timeout"] = float(
+            _expect(data["boot_timeout"], (int, float), "boot_timeout", source)
+        )
+    if "network" in data:
+        net = _expect(data["network"], dict, "network", source)
+        _check_keys(net, {"name", "bridge", "subnet"}, "network.", source)
+        subnet = s.network.subnet
+        if "subnet" in net:
+            try:
+                subnet = ipaddress.IPv4Network(str(net["subnet"]))
+            except ValueError as exc:
+                raise UsageError(
+                    f"{source}: network.subnet: {exc}", "use a CIDR such as 192.168.213.0/24"
+                ) from None
+            if subnet.num_addresses < 8:
+                raise UsageError(f"{source}: network.subnet is too small", "use at least a /29")
+        bridge = str(net.get("bridge", s.network.bridge))
+        if len(bridge) > 15:
+            raise UsageError(
+                f"{source}: network.bridge {bridge!r} is longer than 15 characters", "shorten it"
+            )
+        changes["network"] = NetworkSettings(
+            name=str(net.get("name", s.network.name)), bridge=bridge, subnet=subnet
+        )
+    if "pool" in data:
+        pool = _expect(data["pool"], dict, "pool", source)
+        _check_keys(pool, {"name", "path"}, "pool.", source)
+        changes["pool"] = PoolSettings(
+            name=str(pool.get("name", s.pool.name)), path=str(pool.get("path", s.pool.path))
+        )
+    if "image" in data:
+        image = _expect(data["image"], dict, "image", source)
+        _check_keys(image, {"name", "packages", "sources"}, "image.", source)
+        packages = _expect(image.get("packages", []), list, "image.packages", source)
+        changes["image"] = ImageSettings(
+            name=str(image["name"]) if "name" in image else None,
+            packages=tuple(str(p) for p in packages),
+            sources=Path(str(image["sources"])) if "sources" in image else None,
+        )
+    if "allow" in data:
+        allow = _expect(data["allow"], list, "allow", source)
+        changes["allow"] = tuple(str(a) for a in allow)
+    return dataclasses.replace(s, **changes)
+
+
+def load_settings(
+    config_path: Path | None,
+    default_path: Path,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Read the config file (an explicit path must exist; the default one may not) and apply
+    the environment on top."""
+    env = os.environ if env is None else env
+    explicit = config_path or (Path(env[ENV_CONFIG]) if env.get(ENV_CONFIG) else None)
+    path = explicit or default_path
+    data: Any = {}
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        if explicit:
+            raise UsageError(f"config file {path} does not exist", "check the path") from None
+        text = ""
+    except OSError as exc:
+        raise UsageError(
+            f"cannot read config file {path}: {exc.strerror}", "check its permissions"
+        ) from None
+    if text.strip():
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise UsageError(f"{path} is not valid YAML: {exc}", "fix the syntax") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"{path} must be a YAML mapping", "see the README for an example")
+    settings = parse_settings(data or {}, str(path))
+    if env.get(ENV_CONNECT):
+        settings = dataclasses.replace(settings, connect=env[ENV_CONNECT])
+    return settings

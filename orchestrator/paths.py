@@ -1,0 +1,73 @@
+"""Every file and directory name the orchestrator uses, in one place (after Lima's filenames.go)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+APP = "sandbox"
+
+# Per-image files, under <data>/images/<image name>/
+IMAGE_DISK = "base.qcow2"
+IMAGE_KERNEL = "vmlinuz"
+IMAGE_INITRD = "initrd.img"
+IMAGE_MANIFEST = "manifest.json"
+
+# Per-sandbox files, under <state>/<sandbox name>/
+STATE_FILE = "state.json"
+LOCK_FILE = "lock"
+CLIENT_KEY = "id_ed25519"
+CLIENT_KEY_PUB = "id_ed25519.pub"
+HOST_KEY_PUB = "ssh_host_ed25519_key.pub"
+KNOWN_HOSTS = "known_hosts"
+SEED_ISO = "seed.iso"
+CONSOLE_LOG = "console.log"
+LOGS_DIR = "logs"
+
+# Files the orchestrator removes at destroy; everything else in the state dir (logs) is kept.
+SECRET_FILES = (CLIENT_KEY, CLIENT_KEY_PUB, HOST_KEY_PUB, KNOWN_HOSTS, SEED_ISO)
+
+CONFIG_FILE = "config.yaml"
+GLOBAL_LOCK = "global.lock"
+
+
+def _xdg(var: str, default: str) -> Path:
+    value = os.environ.get(var)
+    # The XDG spec says relative paths are invalid and must be ignored.
+    if value and os.path.isabs(value):
+        return Path(value)
+    return Path.home() / default
+
+
+@dataclass(frozen=True)
+class Dirs:
+    data: Path
+    state: Path
+    config: Path
+
+    @classmethod
+    def from_env(cls) -> Dirs:
+        return cls(
+            data=_xdg("XDG_DATA_HOME", ".local/share") / APP,
+            state=_xdg("XDG_STATE_HOME", ".local/state") / APP,
+            config=_xdg("XDG_CONFIG_HOME", ".config") / APP,
+        )
+
+    @property
+    def images(self) -> Path:
+        return self.data / "images"
+
+    def image(self, name: str) -> Path:
+        return self.images / name
+
+    def sandbox(self, name: str) -> Path:
+        return self.state / name
+
+    @property
+    def config_file(self) -> Path:
+        return self.config / CONFIG_FILE
+
+    @property
+    def global_lock(self) -> Path:
+        return self.state / GLOBAL_LOCK

@@ -1,0 +1,178 @@
+"""Per-sandbox state on disk: one directory per sandbox, a lock, JSON written atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from . import paths
+from .errors import ConflictError, SandboxError, UsageError
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+
+
+def validate_name(name: str) -> str:
+    # Names end up in libvirt domain, volume and file names: keep them short and plain.
+    if not NAME_RE.match(name):
+        raise UsageError(
+            f"invalid sandbox name {name!r}",
+            "use 1-31 characters: lowercase letters, digits and '-', starting with a letter",
+        )
+    return name
+
+
+class Phase(Enum):
+    CREATING = "creating"
+    READY = "ready"
+    DESTROYING = "destroying"
+
+
+@dataclass(frozen=True)
+class SandboxState:
+    name: str
+    phase: Phase
+    created: str
+    uri: str
+    domain: str
+    pool: str
+    network: str
+    volumes: tuple[str, ...]
+    image: str
+    image_hash: str
+    accel: str
+    mac: str
+    user: str = "root"
+    ip: str | None = None
+    ssh_port: int = 22
+    host_key: str = ""
+    allow: tuple[str, ...] = field(default_factory=tuple)
+    boot_seconds: float | None = None
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["phase"] = self.phase.value
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> SandboxState:
+        data: dict[str, Any] = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
+        data["phase"] = Phase(data["phase"])
+        data["volumes"] = tuple(data.get("volumes", ()))
+        data["allow"] = tuple(data.get("allow", ()))
+        return cls(**data)
+
+
+def atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
+    """Write a file so that readers see the old content or the new, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    # The rename itself is durable only once the directory is synced.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, what: str, *, wait: bool = False) -> Iterator[None]:
+    """flock a file. The kernel drops the lock when its holder dies, even by SIGKILL, so a killed
+    `up` never leaves a sandbox locked."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise ConflictError(
+                f"{what} is busy: pid {holder} is working on it",
+                "wait for that command to finish, or stop it, then try again",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+class StateStore:
+    """The state directories of all sandboxes, under one root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def dir(self, name: str) -> Path:
+        return self.root / validate_name(name)
+
+    def file(self, name: str, filename: str) -> Path:
+        return self.dir(name) / filename
+
+    def lock(self, name: str, *, wait: bool = False) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self.file(name, paths.LOCK_FILE), f"sandbox {name!r}", wait=wait)
+
+    def global_lock(self) -> contextlib.AbstractContextManager[None]:
+        # Shared resources (the libvirt network and pool) are created and removed under this one.
+        return file_lock(self.root / paths.GLOBAL_LOCK, "the sandbox network", wait=True)
+
+    def load(self, name: str) -> SandboxState | None:
+        path = self.file(name, paths.STATE_FILE)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            return SandboxState.from_json(text)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SandboxError(
+                f"the state file {path} is damaged ({exc})",
+                f"run `sandbox destroy --name {name}` to clean up what is left",
+            ) from exc
+
+    def save(self, state: SandboxState) -> None:
+        atomic_write(self.file(state.name, paths.STATE_FILE), state.to_json())
+
+    def write_secret(self, name: str, filename: str, text: str) -> Path:
+        path = self.file(name, filename)
+        atomic_write(path, text, mode=0o600)
+        return path
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and NAME_RE.match(p.name) and (p / paths.STATE_FILE).exists()
+        )
+
+    def remove_secrets(self, name: str) -> None:
+        for filename in (*paths.SECRET_FILES, paths.STATE_FILE):
+            with contextlib.suppress(FileNotFoundError):
+                self.file(name, filename).unlink()
