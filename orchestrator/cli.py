@@ -1,0 +1,316 @@
+"""The `sandbox` command: a thin typer layer over lifecycle, and the one error boundary."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from . import images, lifecycle, paths
+from .config import load_settings, parse_accel
+from .errors import SandboxError, UsageError
+
+app = typer.Typer(
+    name="sandbox",
+    help="Run untrusted software in a disposable VM whose egress is denied except to what you "
+    "allow, and log every connection attempt.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+image_app = typer.Typer(help="Build and list base images.", no_args_is_help=True)
+app.add_typer(image_app, name="image")
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+@dataclasses.dataclass
+class Options:
+    debug: bool = False
+    config: Path | None = None
+    connect: str | None = None
+
+
+OPTIONS = Options()
+
+
+class RichReporter:
+    """Progress on stderr: a spinner per step on a terminal, one line per step otherwise."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    @contextlib.contextmanager
+    def _step(self, what: str) -> Iterator[None]:
+        start = time.monotonic()
+        if self.console.is_terminal:
+            with self.console.status(what):
+                yield
+        else:
+            yield
+        self.console.print(f"[green]✓[/] {what} [dim]({time.monotonic() - start:.1f} s)[/]")
+
+    def step(self, what: str) -> AbstractContextManager[None]:
+        return self._step(what)
+
+    def info(self, message: str) -> None:
+        self.console.print(message)
+
+
+def _context(
+    accel: str | None = None, memory: int | None = None, vcpus: int | None = None
+) -> lifecycle.Context:
+    dirs = paths.Dirs.from_env()
+    settings = load_settings(OPTIONS.config, dirs.config_file)
+    changes: dict[str, Any] = {}
+    if OPTIONS.connect:
+        changes["connect"] = OPTIONS.connect
+    if accel:
+        changes["accel"] = parse_accel(accel)
+    if memory is not None:
+        changes["memory_mib"] = memory
+    if vcpus is not None:
+        changes["vcpus"] = vcpus
+    settings = dataclasses.replace(settings, **changes)
+    return lifecycle.Context(settings=settings, dirs=dirs, reporter=RichReporter(err))
+
+
+NameOpt = Annotated[str, typer.Option("--name", "-n", help="Sandbox name.")]
+
+
+@app.callback()
+def _global(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Config file (default: XDG config dir).")
+    ] = None,
+    connect: Annotated[
+        str | None,
+        typer.Option(
+            "--connect", "-c", help="libvirt URI (default qemu:///system; env SANDBOX_CONNECT)."
+        ),
+    ] = None,
+) -> None:
+    OPTIONS.debug, OPTIONS.config, OPTIONS.connect = debug, config, connect
+
+
+@app.command()
+def up(
+    name: NameOpt = "default",
+    allow: Annotated[
+        list[str] | None, typer.Option("--allow", help="Allowed destination (repeatable).")
+    ] = None,
+    image: Annotated[str | None, typer.Option("--image", help="Base image name.")] = None,
+    accel: Annotated[str | None, typer.Option("--accel", help="auto, kvm or tcg.")] = None,
+    memory: Annotated[int | None, typer.Option("--memory", help="Guest memory, MiB.")] = None,
+    vcpus: Annotated[int | None, typer.Option("--vcpus", help="Guest vCPUs.")] = None,
+) -> None:
+    """Create and boot a disposable sandbox VM."""
+    ctx = _context(accel, memory, vcpus)
+    state = lifecycle.up(ctx, name, image=image, allow=allow or ())
+    err.print(
+        f"sandbox [bold]{state.name}[/] is ready at {state.ip} "
+        f"({state.accel}, booted in {state.boot_seconds} s)"
+    )
+
+
+@app.command(name="exec", context_settings={"allow_interspersed_args": False})
+def exec_(
+    command: Annotated[list[str], typer.Argument(help="Command to run in the guest.")],
+    name: NameOpt = "default",
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", help="Seconds before the command is stopped.")
+    ] = None,
+) -> None:
+    """Run a command in the sandbox over SSH; its exit code is passed back."""
+    ctx = _context()
+
+    def write(stream: Any) -> Any:
+        def sink(data: bytes) -> None:
+            stream.buffer.write(data)
+            stream.buffer.flush()
+
+        return sink
+
+    code = lifecycle.exec_command(
+        ctx, name, command, stdout=write(sys.stdout), stderr=write(sys.stderr), timeout=timeout
+    )
+    raise typer.Exit(code)
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def ssh(
+    command: Annotated[list[str] | None, typer.Argument(help="Optional command.")] = None,
+    name: NameOpt = "default",
+) -> None:
+    """Open an SSH session to the sandbox (OpenSSH, pinned host key)."""
+    argv = lifecycle.ssh_argv(_context(), name, command or [])
+    sys.stdout.flush()
+    try:
+        os.execvp(argv[0], argv)
+    except FileNotFoundError:
+        raise SandboxError(
+            "the ssh client is not installed", "apt-get install openssh-client"
+        ) from None
+
+
+def _status_dict(st: lifecycle.Status) -> dict[str, Any]:
+    s = st.state
+    return {
+        "name": st.name,
+        "status": st.summary,
+        "domain": st.domain,
+        "ip": s.ip if s else None,
+        "image": s.image if s else None,
+        "accel": s.accel if s else None,
+        "created": s.created if s else None,
+        "boot_seconds": s.boot_seconds if s else None,
+        "allow": list(s.allow) if s else [],
+        "problems": list(st.problems),
+    }
+
+
+@app.command()
+def status(
+    name: NameOpt = "default",
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
+) -> None:
+    """Show one sandbox's status, derived from what exists."""
+    st = lifecycle.inspect(_context(), name)
+    if st.state is None and st.domain in ("missing", "unknown"):
+        raise SandboxError(
+            f"sandbox {name!r} does not exist", f"create it with `sandbox up --name {name}`"
+        )
+    data = _status_dict(st)
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+    for key, value in data.items():
+        if value not in (None, []):
+            out.print(f"{key:>13}: {', '.join(value) if isinstance(value, list) else value}")
+
+
+@app.command(name="list")
+def list_(as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False) -> None:
+    """List sandboxes (with state on disk, or our VMs without it)."""
+    rows = [_status_dict(s) for s in lifecycle.list_status(_context())]
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table("name", "status", "ip", "image", "accel", "created", "problems")
+    for r in rows:
+        table.add_row(
+            r["name"],
+            r["status"],
+            r["ip"] or "-",
+            r["image"] or "-",
+            r["accel"] or "-",
+            r["created"] or "-",
+            "; ".join(r["problems"]),
+        )
+    out.print(table)
+
+
+@app.command()
+def destroy(
+    name: Annotated[str | None, typer.Option("--name", "-n", help="Sandbox name.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Destroy every sandbox.")] = False,
+) -> None:
+    """Destroy a sandbox: VM, disks, seed, keys and network go; logs stay."""
+    if name and all_:
+        raise UsageError("--name and --all exclude each other", "give one of them")
+    ctx = _context()
+    reports = lifecycle.destroy_all(ctx) if all_ else [lifecycle.destroy(ctx, name or "default")]
+    for report in reports:
+        if report.existed:
+            err.print(f"destroyed {report.name}: {', '.join(report.removed)}")
+        else:
+            err.print(f"nothing to destroy for {report.name}")
+
+
+@image_app.command("build")
+def image_build(
+    name: Annotated[str | None, typer.Option("--name", help="Image name.")] = None,
+    package: Annotated[
+        list[str] | None, typer.Option("--package", "-p", help="Extra Debian package.")
+    ] = None,
+    sources: Annotated[
+        Path | None, typer.Option("--sources", help="APT sources file to build from.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if up to date.")] = False,
+) -> None:
+    """Build (or reuse) a base image from Debian packages."""
+    ctx = _context()
+    conf = ctx.settings.image
+    extra = tuple(package or ()) or conf.packages
+    image_name = name or conf.name or images.default_image_name(extra)
+    recipe = images.ImageRecipe(
+        name=image_name, extra_packages=extra, sources=sources or conf.sources
+    )
+    start = time.monotonic()
+    with err.status("building image") if err.is_terminal else contextlib.nullcontext():
+        img = images.build_image(
+            recipe, ctx.dirs.images, force=force, progress=lambda m: err.print(f"  {m}")
+        )
+    err.print(
+        f"image [bold]{img.name}[/] ready in {img.directory} "
+        f"({time.monotonic() - start:.0f} s); use it with `sandbox up --image {img.name}`"
+    )
+
+
+@image_app.command("list")
+def image_list() -> None:
+    """List built images."""
+    table = Table("name", "recipe", "created", "extra packages")
+    for img in images.list_images(paths.Dirs.from_env().images):
+        m = img.manifest
+        table.add_row(img.name, m.recipe_hash[:12], m.created, " ".join(m.extra_packages))
+    out.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app and turn every error into a message, a hint and an exit code."""
+    try:
+        # Standalone mode: typer reports usage errors itself (exit 2) and exits via SystemExit.
+        app(args=argv, prog_name="sandbox")
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except SandboxError as exc:
+        if OPTIONS.debug:
+            traceback.print_exc()
+        err.print(f"[bold red]error:[/] {escape(exc.message)}", soft_wrap=True)
+        if exc.hint:
+            err.print(f"[yellow]hint:[/] {escape(exc.hint)}", soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except Exception as exc:
+        if OPTIONS.debug:
+            raise
+        err.print(
+            f"[bold red]internal error:[/] {escape(type(exc).__name__)}: {escape(str(exc))}",
+            soft_wrap=True,
+        )
+        err.print("[yellow]hint:[/] run again with --debug for the traceback and report it")
+        return 70
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,478 @@
+"""The libvirt edge: connection, storage pool and volumes, network, domains, leases, console.
+
+Everything the VM needs on the hypervisor host goes through libvirt's APIs (volumes are uploaded
+through streams, the console log is read back through a volume), so a remote `--connect` URI
+works the same as a local one and no file has to be readable by the QEMU user in our home.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from .domain import (
+    METADATA_NS,
+    Accel,
+    NetworkSpec,
+    PoolSpec,
+    VolumeSpec,
+    render_network,
+    render_pool,
+    render_volume,
+)
+from .errors import HypervisorError, NotFoundError
+from .waits import Deadline, wait_for
+
+DOMAIN_PREFIX = "sandbox-"
+
+
+def _silence_libvirt(_ctx: object, _err: object) -> None:
+    # libvirt's default handler prints every error to stderr, including the ones we expect and
+    # handle (lookups of things that do not exist).
+    return None
+
+
+libvirt.registerErrorHandler(_silence_libvirt, None)
+
+
+def _code(exc: libvirt.libvirtError) -> int:
+    return int(exc.get_error_code() or 0)
+
+
+def open_connection(uri: str) -> libvirt.virConnect:
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        text = str(exc)
+        if "ermission denied" in text or _code(exc) == libvirt.VIR_ERR_AUTH_FAILED:
+            hint = (
+                "run as root, or add your user to the 'libvirt' group and log in again; "
+                "or use --connect qemu:///session"
+            )
+        elif "No such file" in text or "Connection refused" in text or "connect" in text:
+            hint = (
+                "start libvirtd (`systemctl start libvirtd`, or `libvirtd -d` where systemd is "
+                "not PID 1); to try sandbox safely on a shared machine use `sandbox-lab up`"
+            )
+        else:
+            hint = "check the URI given with --connect, SANDBOX_CONNECT or the config file"
+        raise HypervisorError(f"cannot connect to libvirt at {uri}: {text}", hint) from None
+
+
+def domain_name(sandbox: str) -> str:
+    return DOMAIN_PREFIX + sandbox
+
+
+@dataclass(frozen=True)
+class SandboxVolumes:
+    """Per-sandbox volume names: derived from the sandbox name alone, so that `destroy` finds them
+    even when the `up` that made them was killed before it wrote any state."""
+
+    disk: str
+    seed: str
+    console: str
+
+    @classmethod
+    def for_sandbox(cls, sandbox: str) -> SandboxVolumes:
+        base = domain_name(sandbox)
+        return cls(disk=f"{base}.qcow2", seed=f"{base}-seed.iso", console=f"{base}-console.log")
+
+    def all(self) -> tuple[str, str, str]:
+        return (self.disk, self.seed, self.console)
+
+
+def resolve_accel(conn: libvirt.virConnect, requested: Accel) -> Accel:
+    """KVM where the host can really run it: libvirt offers the kvm domain type for x86_64 AND
+    the host CPU has vmx or svm. A /dev/kvm without either (as on nested schemes that cannot run a
+    stock kernel) falls back to TCG."""
+    caps = ET.fromstring(conn.getCapabilities())
+    kvm_offered = any(
+        d.get("type") == "kvm"
+        for guest in caps.findall("guest")
+        if guest.findtext("os_type") == "hvm"
+        for arch in guest.findall("arch")
+        if arch.get("name") == "x86_64"
+        for d in arch.findall("domain")
+    )
+    qemu_offered = any(
+        arch.get("name") == "x86_64"
+        for guest in caps.findall("guest")
+        for arch in guest.findall("arch")
+    )
+    features = {f.get("name") for f in caps.findall("host/cpu/feature")}
+    kvm_usable = kvm_offered and bool(features & {"vmx", "svm"})
+    if requested is Accel.KVM and not kvm_usable:
+        why = "libvirt offers no kvm domain" if not kvm_offered else "the host CPU lacks vmx/svm"
+        raise HypervisorError(
+            f"KVM acceleration was asked for but is not usable here ({why})",
+            "use --accel auto or --accel tcg (software emulation, slower)",
+        )
+    if requested is Accel.AUTO:
+        requested = Accel.KVM if kvm_usable else Accel.TCG
+    if requested is Accel.TCG and not qemu_offered:
+        raise HypervisorError(
+            "libvirt offers no x86_64 QEMU guests on this host",
+            "install qemu-system-x86 on the hypervisor host and restart libvirtd",
+        )
+    return requested
+
+
+# ---- storage -------------------------------------------------------------------------------
+
+
+def ensure_pool(conn: libvirt.virConnect, spec: PoolSpec) -> libvirt.virStoragePool:
+    try:
+        pool = conn.storagePoolLookupByName(spec.name)
+    except libvirt.libvirtError as exc:
+        if _code(exc) != libvirt.VIR_ERR_NO_STORAGE_POOL:
+            raise HypervisorError(f"cannot look up storage pool {spec.name}: {exc}") from None
+        try:
+            pool = conn.storagePoolDefineXML(render_pool(spec), 0)
+            pool.build(0)
+            pool.setAutostart(1)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(
+                f"cannot create storage pool {spec.name} at {spec.path}: {exc}",
+                "check that the directory can be created by libvirtd, or set pool.path in the "
+                "config file",
+            ) from None
+    if not pool.isActive():
+        try:
+            pool.create(0)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"cannot start storage pool {spec.name}: {exc}") from None
+    return pool
+
+
+def lookup_volume(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | None:
+    try:
+        return pool.storageVolLookupByName(name)
+    except libvirt.libvirtError as exc:
+        if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
+            return None
+        raise HypervisorError(f"cannot look up volume {name}: {exc}") from None
+
+
+def delete_volume(pool: libvirt.virStoragePool, name: str) -> bool:
+    vol = lookup_volume(pool, name)
+    if vol is None:
+        return False
+    try:
+        vol.delete(0)
+    except libvirt.libvirtError as exc:
+        if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
+            return False
+        raise HypervisorError(f"cannot delete volume {name}: {exc}") from None
+    return True
+
+
+def upload(
+    conn: libvirt.virConnect,
+    pool: libvirt.virStoragePool,
+    name: str,
+    *,
+    path: Path | None = None,
+    data: bytes | None = None,
+    fmt: str = "raw",
+) -> libvirt.virStorageVol:
+    """Create a volume and fill it from a file or bytes through a libvirt stream."""
+    size = path.stat().st_size if path is not None else len(data or b"")
+    delete_volume(pool, name)
+    try:
+        vol = pool.createXML(render_volume(VolumeSpec(name=name, capacity=size, format=fmt)), 0)
+        stream = conn.newStream(0)
+        vol.upload(stream, 0, size, 0)
+        if path is not None:
+            with path.open("rb") as fh:
+                stream.sendAll(lambda _st, nbytes, f: f.read(nbytes), fh)
+        else:
+            view = memoryview(data or b"")
+            offset = [0]
+
+            def chunk(_st: Any, nbytes: int, _opaque: Any) -> bytes:
+                piece = bytes(view[offset[0] : offset[0] + nbytes])
+                offset[0] += len(piece)
+                return piece
+
+            stream.sendAll(chunk, None)
+        stream.finish()
+    except libvirt.libvirtError as exc:
+        with contextlib.suppress(HypervisorError):
+            delete_volume(pool, name)
+        raise HypervisorError(f"cannot upload volume {name}: {exc}") from None
+    return vol
+
+
+def download(conn: libvirt.virConnect, vol: libvirt.virStorageVol) -> bytes:
+    chunks: list[bytes] = []
+    try:
+        stream = conn.newStream(0)
+        vol.download(stream, 0, 0, 0)
+        stream.recvAll(lambda _st, buf, acc: acc.append(buf), chunks)
+        stream.finish()
+    except libvirt.libvirtError as exc:
+        raise HypervisorError(f"cannot download volume {vol.name()}: {exc}") from None
+    return b"".join(chunks)
+
+
+@dataclass(frozen=True)
+class BaseVolumes:
+    disk: str
+    kernel: str
+    initrd: str
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def ensure_base_volumes(
+    conn: libvirt.virConnect,
+    pool: libvirt.virStoragePool,
+    *,
+    image_name: str,
+    image_hash: str,
+    disk: Path,
+    kernel: Path,
+    initrd: Path,
+) -> BaseVolumes:
+    """Put the image's disk, kernel and initrd into the pool once per image version.
+
+    A marker volume is written last: volumes without it are the remains of an interrupted upload
+    and are uploaded again. Call under the global lock.
+    """
+    stem = f"base-{image_name}-{image_hash[:12]}"
+    marker = f"{stem}.complete"
+    names = {"disk": f"{stem}.qcow2", "kernel": f"{stem}.vmlinuz", "initrd": f"{stem}.initrd"}
+    pool.refresh(0)
+    if lookup_volume(pool, marker) is None:
+        upload(conn, pool, names["disk"], path=disk)
+        upload(conn, pool, names["kernel"], path=kernel)
+        upload(conn, pool, names["initrd"], path=initrd)
+        upload(conn, pool, marker, data=_sha256_file(disk).encode())
+        pool.refresh(0)
+    return BaseVolumes(**names)
+
+
+def volume_path(pool: libvirt.virStoragePool, name: str) -> str:
+    vol = lookup_volume(pool, name)
+    if vol is None:
+        raise NotFoundError(f"volume {name} is missing from pool {pool.name()}")
+    return str(vol.path())
+
+
+def pool_path(pool: libvirt.virStoragePool) -> str:
+    path = ET.fromstring(pool.XMLDesc(0)).findtext("target/path")
+    if not path:
+        raise HypervisorError(f"storage pool {pool.name()} has no target path")
+    return path
+
+
+def create_overlay(pool: libvirt.virStoragePool, name: str, backing: str) -> str:
+    base = lookup_volume(pool, backing)
+    if base is None:
+        raise NotFoundError(f"base volume {backing} is missing from pool {pool.name()}")
+    capacity = int(base.info()[1])
+    spec = VolumeSpec(
+        name=name,
+        capacity=capacity,
+        format="qcow2",
+        backing_path=str(base.path()),
+        backing_format="qcow2",
+    )
+    delete_volume(pool, name)
+    try:
+        vol = pool.createXML(render_volume(spec), 0)
+    except libvirt.libvirtError as exc:
+        raise HypervisorError(f"cannot create the overlay {name}: {exc}") from None
+    return str(vol.path())
+
+
+# ---- network -------------------------------------------------------------------------------
+
+
+def ensure_network(conn: libvirt.virConnect, spec: NetworkSpec) -> libvirt.virNetwork:
+    try:
+        net = conn.networkLookupByName(spec.name)
+    except libvirt.libvirtError as exc:
+        if _code(exc) != libvirt.VIR_ERR_NO_NETWORK:
+            raise HypervisorError(f"cannot look up network {spec.name}: {exc}") from None
+        try:
+            net = conn.networkDefineXML(render_network(spec))
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(
+                f"cannot define network {spec.name}: {exc}",
+                "choose another network.subnet or network.bridge in the config file",
+            ) from None
+    if not net.isActive():
+        try:
+            net.create()
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(
+                f"cannot start network {spec.name}: {exc}",
+                "another network may use the same subnet or bridge: set network.subnet or "
+                "network.bridge in the config file",
+            ) from None
+    return net
+
+
+def network_users(conn: libvirt.virConnect, network: str) -> list[str]:
+    users = []
+    for dom in conn.listAllDomains(0):
+        with contextlib.suppress(libvirt.libvirtError):
+            root = ET.fromstring(dom.XMLDesc(0))
+            if any(
+                src.get("network") == network for src in root.findall("devices/interface/source")
+            ):
+                users.append(str(dom.name()))
+    return users
+
+
+def remove_network_if_unused(conn: libvirt.virConnect, network: str) -> bool:
+    """Remove the sandbox network once no domain is attached to it. Call under the global lock."""
+    try:
+        net = conn.networkLookupByName(network)
+    except libvirt.libvirtError as exc:
+        if _code(exc) == libvirt.VIR_ERR_NO_NETWORK:
+            return False
+        raise HypervisorError(f"cannot look up network {network}: {exc}") from None
+    if network_users(conn, network):
+        return False
+    try:
+        if net.isActive():
+            net.destroy()
+        net.undefine()
+    except libvirt.libvirtError as exc:
+        if _code(exc) == libvirt.VIR_ERR_NO_NETWORK:
+            return False
+        raise HypervisorError(f"cannot remove network {network}: {exc}") from None
+    return True
+
+
+# ---- domains -------------------------------------------------------------------------------
+
+
+def lookup_domain(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise HypervisorError(f"cannot look up domain {name}: {exc}") from None
+
+
+def start_domain(conn: libvirt.virConnect, xml: str) -> libvirt.virDomain:
+    try:
+        # Transient: once destroyed, libvirt forgets it; nothing is left defined.
+        return conn.createXML(xml, 0)
+    except libvirt.libvirtError as exc:
+        raise HypervisorError(
+            f"libvirt could not start the VM: {exc}",
+            "run with --debug for the domain XML; check `sandbox-lab status` or libvirtd's log",
+        ) from None
+
+
+def destroy_domain(conn: libvirt.virConnect, name: str) -> bool:
+    dom = lookup_domain(conn, name)
+    if dom is None:
+        return False
+    try:
+        if dom.isActive():
+            dom.destroy()
+        if dom.isPersistent():
+            dom.undefine()
+    except libvirt.libvirtError as exc:
+        if _code(exc) in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+            return True
+        raise HypervisorError(f"cannot destroy domain {name}: {exc}") from None
+    return True
+
+
+def domain_running(dom: libvirt.virDomain) -> bool:
+    try:
+        return bool(dom.isActive())
+    except libvirt.libvirtError:
+        return False
+
+
+def wait_for_lease(dom: libvirt.virDomain, mac: str, deadline: Deadline) -> str:
+    """The guest's IPv4 address from the network's DHCP leases."""
+
+    def probe() -> str | None:
+        if not domain_running(dom):
+            raise HypervisorError(
+                "the VM stopped while waiting for its DHCP lease",
+                "see the console log in the sandbox's logs directory",
+            )
+        try:
+            ifaces = dom.interfaceAddresses(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0)
+        except libvirt.libvirtError:
+            return None
+        for iface in (ifaces or {}).values():
+            if str(iface.get("hwaddr", "")).lower() != mac.lower():
+                continue
+            for addr in iface.get("addrs") or []:
+                if addr.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4:
+                    return str(addr["addr"])
+        return None
+
+    return wait_for(probe, deadline, interval=0.5, max_interval=1.0)
+
+
+def sandbox_domains(conn: libvirt.virConnect) -> dict[str, str]:
+    """Our domains (by the metadata we put in them): sandbox name -> domain name."""
+    found: dict[str, str] = {}
+    for dom in conn.listAllDomains(0):
+        name = str(dom.name())
+        if not name.startswith(DOMAIN_PREFIX):
+            continue
+        try:
+            meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0)
+        except libvirt.libvirtError:
+            continue
+        sandbox = ET.fromstring(meta).get("name")
+        if sandbox:
+            found[sandbox] = name
+    return found
+
+
+def console_tail(
+    conn: libvirt.virConnect, pool: libvirt.virStoragePool, name: str, lines: int = 25
+) -> str:
+    """The last lines of a console log kept as a volume ('' when there is none)."""
+    text = console_text(conn, pool, name)
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def console_text(conn: libvirt.virConnect, pool: libvirt.virStoragePool, name: str) -> str:
+    with contextlib.suppress(libvirt.libvirtError):
+        pool.refresh(0)
+    vol = lookup_volume(pool, name)
+    if vol is None:
+        return ""
+    try:
+        data = download(conn, vol)
+    except HypervisorError:
+        return ""
+    return data.decode(errors="replace").replace("\r", "")
+
+
+@contextlib.contextmanager
+def connection(uri: str) -> Iterator[libvirt.virConnect]:
+    conn = open_connection(uri)
+    try:
+        yield conn
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()

@@ -1,0 +1,484 @@
+"""up / exec / status / list / destroy: sequences the edges; rolls back a failed `up`."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import ipaddress
+import os
+import secrets
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import libvirt
+
+from . import hypervisor as hv
+from . import paths
+from .cloudinit import SeedSpec, build_seed_iso
+from .config import Settings
+from .domain import DomainSpec, NetworkSpec, PoolSpec, render_domain
+from .errors import ConflictError, GuestError, NotFoundError, SandboxError, UsageError
+from .guest import Endpoint, Guest, generate_ed25519, known_hosts_line, wait_for_banner
+from .images import KERNEL_CMDLINE, Image, default_image_name, load_image
+from .state import Phase, SandboxState, StateStore, validate_name
+from .waits import Deadline
+
+
+class Reporter(Protocol):
+    def step(self, what: str) -> AbstractContextManager[None]: ...
+
+    def info(self, message: str) -> None: ...
+
+
+class QuietReporter:
+    def step(self, what: str) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def info(self, message: str) -> None:
+        return None
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _random_mac() -> str:
+    # 52:54:00 is QEMU's prefix; a fresh MAC per boot never picks up a stale lease (PLATFORM.md).
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+
+
+def validate_allow(values: Sequence[str]) -> tuple[str, ...]:
+    out = []
+    for value in values:
+        try:
+            out.append(str(ipaddress.ip_network(value.strip(), strict=False)))
+        except ValueError:
+            raise UsageError(
+                f"--allow {value!r} is not an IPv4/IPv6 address or CIDR",
+                "examples: --allow 203.0.113.7, --allow 198.51.100.0/24, --allow 2001:db8::1",
+            ) from None
+    return tuple(out)
+
+
+@dataclass
+class Context:
+    """What every verb needs: settings, where state lives, how to report progress."""
+
+    settings: Settings
+    dirs: paths.Dirs
+    reporter: Reporter = field(default_factory=QuietReporter)
+
+    @property
+    def store(self) -> StateStore:
+        return StateStore(self.dirs.state)
+
+    def network_spec(self) -> NetworkSpec:
+        net = self.settings.network
+        return NetworkSpec(name=net.name, bridge=net.bridge, subnet=net.subnet)
+
+    def pool_spec(self) -> PoolSpec:
+        return PoolSpec(name=self.settings.pool.name, path=self.settings.pool.path)
+
+    def image_name(self, override: str | None) -> str:
+        if override:
+            return override
+        if self.settings.image.name:
+            return self.settings.image.name
+        return default_image_name(self.settings.image.packages)
+
+
+def _seed_spec(name: str, host_key: tuple[str, str], client_pub: str, nameserver: str) -> SeedSpec:
+    return SeedSpec(
+        instance_id=f"sandbox-{name}-{uuid.uuid4().hex[:12]}",
+        hostname=f"sandbox-{name}",
+        host_key_private=host_key[0],
+        host_key_public=host_key[1],
+        authorized_key=client_pub,
+        nameserver=nameserver,
+    )
+
+
+def up(
+    ctx: Context,
+    name: str,
+    *,
+    image: str | None = None,
+    allow: Sequence[str] = (),
+) -> SandboxState:
+    validate_name(name)
+    allowed = validate_allow([*ctx.settings.allow, *allow])
+    store = ctx.store
+    img = load_image(ctx.image_name(image), ctx.dirs.images)
+    with store.lock(name):
+        existing = store.load(name)
+        if existing is not None:
+            what = "exists" if existing.phase is Phase.READY else "was left half-built"
+            raise ConflictError(
+                f"sandbox {name!r} {what} (phase: {existing.phase.value})",
+                f"use it, or run `sandbox destroy --name {name}` first",
+            )
+        with hv.connection(ctx.settings.connect) as conn:
+            return _up_locked(ctx, conn, name, img, allowed)
+
+
+def _up_locked(
+    ctx: Context, conn: libvirt.virConnect, name: str, img: Image, allowed: tuple[str, ...]
+) -> SandboxState:
+    store, settings, report = ctx.store, ctx.settings, ctx.reporter
+    dom_name = hv.domain_name(name)
+    if hv.lookup_domain(conn, dom_name) is not None:
+        raise ConflictError(
+            f"a libvirt domain {dom_name} already exists without sandbox state",
+            f"run `sandbox destroy --name {name}` to remove it",
+        )
+    accel = hv.resolve_accel(conn, settings.accel)
+    vols = hv.SandboxVolumes.for_sandbox(name)
+    net_spec = ctx.network_spec()
+    state = SandboxState(
+        name=name,
+        phase=Phase.CREATING,
+        created=_now(),
+        uri=settings.connect,
+        domain=dom_name,
+        pool=settings.pool.name,
+        network=net_spec.name,
+        volumes=vols.all(),
+        image=img.name,
+        image_hash=img.manifest.recipe_hash,
+        accel=accel.value,
+        mac=_random_mac(),
+        allow=allowed,
+    )
+
+    with ExitStack() as rollback:
+        # Written before anything exists, so that `destroy` knows what to look for even if this
+        # process is killed with SIGKILL in the middle.
+        store.save(state)
+        rollback.callback(store.remove_secrets, name)
+        client = generate_ed25519(f"sandbox-{name}-client")
+        host = generate_ed25519(f"sandbox-{name}-host")
+        key_path = store.write_secret(name, paths.CLIENT_KEY, client.private_openssh)
+        store.write_secret(name, paths.CLIENT_KEY_PUB, client.public_line + "\n")
+        store.write_secret(name, paths.HOST_KEY_PUB, host.public_line + "\n")
+        state = dataclasses.replace(state, host_key=host.public_line)
+        store.save(state)
+        seed = build_seed_iso(
+            _seed_spec(
+                name,
+                (host.private_openssh, host.public_line),
+                client.public_line,
+                str(net_spec.gateway),
+            )
+        )
+
+        with store.global_lock():
+            with report.step("preparing storage pool and base image"):
+                pool = hv.ensure_pool(conn, ctx.pool_spec())
+                base = hv.ensure_base_volumes(
+                    conn,
+                    pool,
+                    image_name=img.name,
+                    image_hash=img.manifest.recipe_hash,
+                    disk=img.disk,
+                    kernel=img.kernel,
+                    initrd=img.initrd,
+                )
+            rollback.callback(_remove_volumes, conn, pool, vols, store, name)
+            with report.step("creating disk overlay and cloud-init seed"):
+                disk_path = hv.create_overlay(pool, vols.disk, base.disk)
+                seed_path = str(hv.upload(conn, pool, vols.seed, data=seed).path())
+            with report.step(f"starting network {net_spec.name}"):
+                hv.ensure_network(conn, net_spec)
+            rollback.callback(_remove_network, ctx, conn)
+            spec = DomainSpec(
+                name=dom_name,
+                uuid=str(uuid.uuid4()),
+                accel=accel,
+                memory_mib=settings.memory_mib,
+                vcpus=settings.vcpus,
+                kernel=hv.volume_path(pool, base.kernel),
+                initrd=hv.volume_path(pool, base.initrd),
+                cmdline=KERNEL_CMDLINE,
+                disk=disk_path,
+                seed=seed_path,
+                network=net_spec.name,
+                mac=state.mac,
+                console_log=os.path.join(hv.pool_path(pool), vols.console),
+                sandbox=name,
+                image=img.name,
+            )
+            with report.step(f"starting VM {dom_name} ({accel.value})"):
+                boot = Deadline(
+                    settings.boot_timeout,
+                    f"sandbox {name!r} to boot",
+                    "the machine may be overloaded; raise boot_timeout in the config file",
+                )
+                dom = hv.start_domain(conn, render_domain(spec))
+            rollback.callback(hv.destroy_domain, conn, dom_name)
+
+        try:
+            with report.step("waiting for the DHCP lease"):
+                ip = hv.wait_for_lease(dom, state.mac, boot)
+            state = dataclasses.replace(state, ip=ip)
+            store.save(state)
+            with report.step(f"waiting for sshd on {ip}"):
+                wait_for_banner(ip, state.ssh_port, boot)
+            with report.step("logging in with the pinned host key"):
+                endpoint = Endpoint(ip, state.ssh_port, state.user, key_path, host.public_line)
+                with Guest.connect(endpoint, boot) as guest:
+                    guest.check("true", timeout=boot.remaining() or 1.0)
+        except SandboxError as exc:
+            tail = hv.console_tail(conn, pool, vols.console)
+            _save_console(store, name, hv.console_text(conn, pool, vols.console))
+            if tail:
+                exc.message += "\n--- last lines of the VM console ---\n" + tail
+            raise
+
+        store.write_secret(
+            name, paths.KNOWN_HOSTS, known_hosts_line(ip, state.ssh_port, host.public_line) + "\n"
+        )
+        state = dataclasses.replace(state, phase=Phase.READY, boot_seconds=round(boot.elapsed(), 1))
+        store.save(state)
+        rollback.pop_all()
+    return state
+
+
+def _save_console(store: StateStore, name: str, text: str) -> None:
+    if text:
+        logs = store.dir(name) / paths.LOGS_DIR
+        logs.mkdir(parents=True, exist_ok=True)
+        (logs / paths.CONSOLE_LOG).write_text(text)
+
+
+def _remove_volumes(
+    conn: libvirt.virConnect,
+    pool: libvirt.virStoragePool,
+    vols: hv.SandboxVolumes,
+    store: StateStore,
+    name: str,
+) -> None:
+    _save_console(store, name, hv.console_text(conn, pool, vols.console))
+    for vol in vols.all():
+        hv.delete_volume(pool, vol)
+
+
+def _remove_network(ctx: Context, conn: libvirt.virConnect) -> None:
+    with ctx.store.global_lock():
+        hv.remove_network_if_unused(conn, ctx.settings.network.name)
+
+
+# ---- destroy -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DestroyReport:
+    name: str
+    removed: tuple[str, ...]
+
+    @property
+    def existed(self) -> bool:
+        return bool(self.removed)
+
+
+def destroy(ctx: Context, name: str) -> DestroyReport:
+    """Remove everything a sandbox owns but its logs. Idempotent; works from any half-built
+    state, because every resource name derives from the sandbox name."""
+    validate_name(name)
+    store = ctx.store
+    removed: list[str] = []
+    with store.lock(name):
+        state = store.load(name)
+        uri = state.uri if state else ctx.settings.connect
+        pool_name = state.pool if state else ctx.settings.pool.name
+        network = state.network if state else ctx.settings.network.name
+        with hv.connection(uri) as conn:
+            dom_name = hv.domain_name(name)
+            if hv.destroy_domain(conn, dom_name):
+                removed.append(f"domain {dom_name}")
+            pool = _lookup_pool(conn, pool_name)
+            if pool is not None:
+                vols = hv.SandboxVolumes.for_sandbox(name)
+                _save_console(store, name, hv.console_text(conn, pool, vols.console))
+                for vol in vols.all():
+                    if hv.delete_volume(pool, vol):
+                        removed.append(f"volume {vol}")
+            with store.global_lock():
+                if hv.remove_network_if_unused(conn, network):
+                    removed.append(f"network {network}")
+        secrets_dir = store.dir(name)
+        present = [f for f in (*paths.SECRET_FILES, paths.STATE_FILE) if (secrets_dir / f).exists()]
+        store.remove_secrets(name)
+        if present:
+            removed.append("state and keys")
+    with contextlib.suppress(FileNotFoundError):
+        store.file(name, paths.LOCK_FILE).unlink()
+    return DestroyReport(name=name, removed=tuple(removed))
+
+
+def _lookup_pool(conn: libvirt.virConnect, name: str) -> libvirt.virStoragePool | None:
+    try:
+        pool = conn.storagePoolLookupByName(name)
+    except libvirt.libvirtError:
+        return None
+    if not pool.isActive():
+        with contextlib.suppress(libvirt.libvirtError):
+            pool.create(0)
+    return pool
+
+
+def known_names(ctx: Context) -> list[str]:
+    """Sandboxes with state on disk, plus our domains that have none (orphans)."""
+    names = set(ctx.store.names())
+    with contextlib.suppress(SandboxError), hv.connection(ctx.settings.connect) as conn:
+        names.update(hv.sandbox_domains(conn))
+    return sorted(names)
+
+
+def destroy_all(ctx: Context) -> list[DestroyReport]:
+    return [destroy(ctx, name) for name in known_names(ctx)]
+
+
+# ---- status --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Status:
+    name: str
+    state: SandboxState | None
+    domain: str  # running / stopped / missing / unknown
+    problems: tuple[str, ...]
+
+    @property
+    def summary(self) -> str:
+        if self.state is None:
+            return "orphan" if self.domain != "missing" else "absent"
+        if self.state.phase is Phase.READY and self.domain == "running" and not self.problems:
+            return "ready"
+        if self.state.phase is Phase.CREATING and self.domain == "running":
+            return "creating"
+        return "broken"
+
+
+def inspect(ctx: Context, name: str, conn: libvirt.virConnect | None = None) -> Status:
+    """Status derived from what exists; problems are collected, not raised (Lima's Inspect)."""
+    validate_name(name)
+    state = ctx.store.load(name)
+    problems: list[str] = []
+    domain = "unknown"
+    with ExitStack() as stack:
+        if conn is None:
+            try:
+                conn = stack.enter_context(
+                    hv.connection(state.uri if state else ctx.settings.connect)
+                )
+            except SandboxError as exc:
+                problems.append(exc.message)
+        if conn is not None:
+            dom = hv.lookup_domain(conn, hv.domain_name(name))
+            domain = (
+                "missing" if dom is None else ("running" if hv.domain_running(dom) else "stopped")
+            )
+    if state is not None:
+        if domain == "missing":
+            problems.append("its VM is gone")
+        if not ctx.store.file(name, paths.CLIENT_KEY).exists():
+            problems.append("its SSH key is missing")
+        if state.phase is Phase.CREATING and domain != "running":
+            problems.append("`sandbox up` did not finish")
+    return Status(name=name, state=state, domain=domain, problems=tuple(problems))
+
+
+def list_status(ctx: Context) -> list[Status]:
+    try:
+        with hv.connection(ctx.settings.connect) as conn:
+            names = set(ctx.store.names()) | set(hv.sandbox_domains(conn))
+            return [inspect(ctx, n, conn) for n in sorted(names)]
+    except SandboxError:
+        return [inspect(ctx, n) for n in ctx.store.names()]
+
+
+# ---- guest access --------------------------------------------------------------------------
+
+
+def ready_state(ctx: Context, name: str) -> SandboxState:
+    validate_name(name)
+    state = ctx.store.load(name)
+    if state is None:
+        raise NotFoundError(
+            f"sandbox {name!r} does not exist", f"create it with `sandbox up --name {name}`"
+        )
+    if state.phase is not Phase.READY or not state.ip:
+        raise GuestError(
+            f"sandbox {name!r} is not ready (phase: {state.phase.value})",
+            f"run `sandbox destroy --name {name}` and `sandbox up --name {name}` again",
+        )
+    return state
+
+
+def endpoint(ctx: Context, state: SandboxState) -> Endpoint:
+    assert state.ip is not None
+    return Endpoint(
+        host=state.ip,
+        port=state.ssh_port,
+        user=state.user,
+        client_key=ctx.store.file(state.name, paths.CLIENT_KEY),
+        host_key=state.host_key,
+    )
+
+
+@contextlib.contextmanager
+def open_guest(ctx: Context, name: str, timeout: float = 30.0) -> Iterator[Guest]:
+    state = ready_state(ctx, name)
+    deadline = Deadline(
+        timeout,
+        f"SSH to sandbox {name!r} at {state.ip}",
+        f"check `sandbox status --name {name}`; the VM may have stopped",
+    )
+    with Guest.connect(endpoint(ctx, state), deadline) as guest:
+        yield guest
+
+
+def exec_command(
+    ctx: Context,
+    name: str,
+    argv: Sequence[str],
+    *,
+    stdout: Callable[[bytes], None],
+    stderr: Callable[[bytes], None],
+    timeout: float | None = None,
+) -> int:
+    if not argv:
+        raise UsageError("no command given", "usage: sandbox exec -- CMD [ARGS...]")
+    with open_guest(ctx, name) as guest:
+        return guest.run(list(argv), stdout=stdout, stderr=stderr, timeout=timeout)
+
+
+def ssh_argv(ctx: Context, name: str, command: Sequence[str]) -> list[str]:
+    """An OpenSSH command line that trusts only the pinned host key."""
+    state = ready_state(ctx, name)
+    store = ctx.store
+    known_hosts: Path = store.file(name, paths.KNOWN_HOSTS)
+    return [
+        "ssh",
+        "-i",
+        str(store.file(name, paths.CLIENT_KEY)),
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        f"UserKnownHostsFile={known_hosts}",
+        "-o",
+        "GlobalKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+        "-p",
+        str(state.ssh_port),
+        f"{state.user}@{state.ip}",
+        *command,
+    ]

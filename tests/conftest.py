@@ -1,0 +1,34 @@
+"""Shared test plumbing: golden files (refresh with `pytest --regenerate`, review the diff)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--regenerate", action="store_true", help="rewrite golden files from current output"
+    )
+
+
+class Golden:
+    def __init__(self, regenerate: bool) -> None:
+        self.regenerate = regenerate
+
+    def check(self, name: str, actual: str) -> None:
+        path = GOLDEN / name
+        if self.regenerate:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(actual)
+            return
+        assert path.exists(), f"golden file {path} is missing: run pytest --regenerate"
+        assert actual == path.read_text(), f"output differs from {path}"
+
+
+@pytest.fixture
+def golden(request: pytest.FixtureRequest) -> Golden:
+    return Golden(bool(request.config.getoption("--regenerate")))

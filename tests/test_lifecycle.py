@@ -1,0 +1,217 @@
+"""Lifecycle logic on libvirt's test driver: rollback of a failed `up`, idempotent `destroy`
+from half-built states, orphans. test:///default keeps its state for the whole process (a
+test:///FILE driver is new on every connection, so it cannot stand in for a daemon): the fixture
+removes whatever a test added. The real boot is in test_e2e.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from orchestrator import hypervisor as hv
+from orchestrator import lifecycle, paths
+from orchestrator.config import Settings
+from orchestrator.domain import Accel, VolumeSpec, render_domain, render_volume
+from orchestrator.errors import ConflictError, NotFoundError, TimeoutExpired, UsageError
+from orchestrator.images import Image, ImageManifest
+from orchestrator.state import Phase, SandboxState
+from orchestrator.waits import Deadline
+
+from .test_renderers import domain_spec
+
+
+TEST_URI = "test:///default"
+
+
+def _inventory(conn: libvirt.virConnect) -> set[str]:
+    return (
+        {f"dom:{d.name()}" for d in conn.listAllDomains(0)}
+        | {f"net:{n.name()}" for n in conn.listAllNetworks(0)}
+        | {f"pool:{p.name()}" for p in conn.listAllStoragePools(0)}
+    )
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> Iterator[lifecycle.Context]:
+    settings = dataclasses.replace(Settings(), connect=TEST_URI, boot_timeout=1.0)
+    dirs = paths.Dirs(data=tmp_path / "data", state=tmp_path / "state", config=tmp_path / "cfg")
+    conn = libvirt.open(TEST_URI)
+    baseline = _inventory(conn)
+    yield lifecycle.Context(settings=settings, dirs=dirs)
+    for item in _inventory(conn) - baseline:
+        kind, name = item.split(":", 1)
+        if kind == "dom":
+            hv.destroy_domain(conn, name)
+        elif kind == "net":
+            net = conn.networkLookupByName(name)
+            if net.isActive():
+                net.destroy()
+            net.undefine()
+        else:
+            pool = conn.storagePoolLookupByName(name)
+            for vol in pool.listAllVolumes(0):
+                vol.delete(0)
+            pool.destroy()
+            pool.undefine()
+    conn.close()
+
+
+def fake_image(tmp_path: Path) -> Image:
+    manifest = ImageManifest(
+        name="default",
+        recipe_hash="ab" * 32,
+        created="2026-11-23T00:00:00+00:00",
+        suite="bookworm",
+        kernel_version="6.1.0-test-cloud-amd64",
+    )
+    for f in ("base.qcow2", "vmlinuz", "initrd.img"):
+        (tmp_path / f).write_bytes(b"x")
+    return Image.at(tmp_path, manifest)
+
+
+@pytest.fixture
+def test_driver_edges(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The test driver cannot stream volumes, has no x86_64 guests and no DHCP: stand in for
+    exactly those three calls, and let every other libvirt call run for real."""
+
+    def upload(conn: object, pool: libvirt.virStoragePool, name: str, **_: object) -> object:
+        hv.delete_volume(pool, name)
+        return pool.createXML(render_volume(VolumeSpec(name, 1 << 20, "raw")), 0)
+
+    def lease(dom: object, mac: str, deadline: Deadline) -> str:
+        raise deadline.error("no DHCP on the test driver")
+
+    monkeypatch.setattr(hv, "upload", upload)
+    monkeypatch.setattr(hv, "resolve_accel", lambda conn, requested: Accel.TCG)
+    monkeypatch.setattr(hv, "wait_for_lease", lease)
+    monkeypatch.setattr(lifecycle, "load_image", lambda name, d: fake_image(tmp_path))
+
+
+def leftovers(ctx: lifecycle.Context, name: str) -> list[str]:
+    found: list[str] = []
+    with hv.connection(ctx.settings.connect) as conn:
+        found += [d.name() for d in conn.listAllDomains(0) if d.name().startswith("sandbox-")]
+        found += [n.name() for n in conn.listAllNetworks(0) if n.name() == "sandbox"]
+        for pool in conn.listAllStoragePools(0):
+            found += [v for v in pool.listVolumes() if name in v]
+    sdir = ctx.dirs.state / name
+    found += [f for f in (*paths.SECRET_FILES, paths.STATE_FILE) if (sdir / f).exists()]
+    return found
+
+
+@pytest.mark.usefixtures("test_driver_edges")
+def test_failed_up_rolls_back_everything(ctx: lifecycle.Context) -> None:
+    with pytest.raises(TimeoutExpired, match="DHCP"):
+        lifecycle.up(ctx, "rb")
+    # The base volumes are a shared cache and stay; everything of the sandbox is gone.
+    assert leftovers(ctx, "sandbox-rb") == []
+    with hv.connection(ctx.settings.connect) as conn:
+        vols = conn.storagePoolLookupByName("sandbox").listVolumes()
+    assert any(v.startswith("base-default-") for v in vols)
+    # A new up after the failure starts clean (and fails the same way, not with a conflict).
+    with pytest.raises(TimeoutExpired):
+        lifecycle.up(ctx, "rb")
+
+
+@pytest.mark.usefixtures("test_driver_edges")
+def test_up_refuses_existing_and_bad_input(ctx: lifecycle.Context) -> None:
+    with pytest.raises(UsageError):
+        lifecycle.up(ctx, "Bad_Name")
+    with pytest.raises(UsageError, match="not an IPv4/IPv6"):
+        lifecycle.up(ctx, "ok", allow=["203.0.113.999"])
+    state = SandboxState(
+        name="taken",
+        phase=Phase.READY,
+        created="x",
+        uri=ctx.settings.connect,
+        domain="sandbox-taken",
+        pool="sandbox",
+        network="sandbox",
+        volumes=(),
+        image="default",
+        image_hash="",
+        accel="tcg",
+        mac="52:54:00:00:00:01",
+    )
+    ctx.store.save(state)
+    with pytest.raises(ConflictError, match="exists"):
+        lifecycle.up(ctx, "taken")
+
+
+def half_built(ctx: lifecycle.Context, name: str) -> None:
+    """What a SIGKILLed `up` leaves: a CREATING state, keys, volumes, a running domain, a net."""
+    with hv.connection(ctx.settings.connect) as conn:
+        pool = hv.ensure_pool(conn, ctx.pool_spec())
+        for vol in hv.SandboxVolumes.for_sandbox(name).all():
+            pool.createXML(render_volume(VolumeSpec(vol, 1 << 20, "raw")), 0)
+        hv.ensure_network(conn, ctx.network_spec())
+        spec = dataclasses.replace(
+            domain_spec(Accel.TCG), name=hv.domain_name(name), sandbox=name, uuid=str(uuid.uuid4())
+        )
+        conn.createXML(render_domain(spec), 0)
+    state = SandboxState(
+        name=name,
+        phase=Phase.CREATING,
+        created="x",
+        uri=ctx.settings.connect,
+        domain=hv.domain_name(name),
+        pool="sandbox",
+        network="sandbox",
+        volumes=(),
+        image="default",
+        image_hash="",
+        accel="tcg",
+        mac="52:54:00:00:00:02",
+    )
+    ctx.store.save(state)
+    ctx.store.write_secret(name, paths.CLIENT_KEY, "secret")
+
+
+def test_destroy_cleans_half_built_and_is_idempotent(ctx: lifecycle.Context) -> None:
+    half_built(ctx, "half")
+    assert leftovers(ctx, "sandbox-half")
+    st = lifecycle.inspect(ctx, "half")
+    assert st.summary == "creating"
+    report = lifecycle.destroy(ctx, "half")
+    assert "domain sandbox-half" in report.removed
+    assert "network sandbox" in report.removed
+    assert leftovers(ctx, "sandbox-half") == []
+    again = lifecycle.destroy(ctx, "half")
+    assert not again.existed
+
+
+def test_destroy_keeps_network_while_another_sandbox_uses_it(ctx: lifecycle.Context) -> None:
+    half_built(ctx, "one")
+    half_built(ctx, "two")
+    first = lifecycle.destroy(ctx, "one")
+    assert "network sandbox" not in first.removed
+    second = lifecycle.destroy(ctx, "two")
+    assert "network sandbox" in second.removed
+
+
+def test_orphan_domain_is_listed_and_destroyed(ctx: lifecycle.Context) -> None:
+    half_built(ctx, "orphan")
+    ctx.store.remove_secrets("orphan")  # state gone, the VM is still there
+    statuses = {s.name: s.summary for s in lifecycle.list_status(ctx)}
+    assert statuses.get("orphan") == "orphan"
+    reports = lifecycle.destroy_all(ctx)
+    assert "orphan" in [r.name for r in reports if r.existed]
+    assert leftovers(ctx, "sandbox-orphan") == []
+
+
+def test_guest_access_needs_a_ready_sandbox(ctx: lifecycle.Context) -> None:
+    with pytest.raises(NotFoundError, match="does not exist"):
+        lifecycle.ready_state(ctx, "nope")
+    half_built(ctx, "early")
+    with pytest.raises(Exception, match="not ready"):
+        lifecycle.ssh_argv(ctx, "early", [])
+
+
+def test_lock_excludes_concurrent_work(ctx: lifecycle.Context) -> None:
+    with ctx.store.lock("busy"), pytest.raises(ConflictError, match="busy"):
+        lifecycle.destroy(ctx, "busy")

@@ -1,0 +1,168 @@
+"""Pure renderers: domain, network, pool and volume XML; the cloud-init seed."""
+
+from __future__ import annotations
+
+import ipaddress
+import xml.etree.ElementTree as ET
+
+import pytest
+import yaml
+
+from orchestrator.cloudinit import (
+    SeedSpec,
+    build_seed_iso,
+    read_seed_iso,
+    render_meta_data,
+    render_user_data,
+    volume_label,
+)
+from orchestrator.domain import (
+    Accel,
+    DomainSpec,
+    NetworkSpec,
+    PoolSpec,
+    VolumeSpec,
+    render_domain,
+    render_network,
+    render_pool,
+    render_volume,
+)
+
+from .conftest import Golden
+
+# Fixed key material so the golden files are stable; these keys are fakes and secure nothing.
+HOST_PRIVATE = (
+    "-----BEGIN OPENSSH PRIVATE KEY-----\n"
+    "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\n"
+    "-----END OPENSSH PRIVATE KEY-----\n"
+)
+HOST_PUBLIC = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKeyForGoldenFilesOnly sandbox-test-host"
+CLIENT_PUBLIC = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIClientKeyForGoldenFiles sandbox-test-client"
+
+
+def domain_spec(accel: Accel) -> DomainSpec:
+    return DomainSpec(
+        name="sandbox-test",
+        uuid="6a1f4c8e-2b1d-4f0e-9a51-0c6f2d7e8b90",
+        accel=accel,
+        memory_mib=512,
+        vcpus=2,
+        kernel="/var/lib/libvirt/sandbox/base-default-0123456789ab.vmlinuz",
+        initrd="/var/lib/libvirt/sandbox/base-default-0123456789ab.initrd",
+        cmdline="root=/dev/vda rw console=ttyS0 quiet",
+        disk="/var/lib/libvirt/sandbox/sandbox-test.qcow2",
+        seed="/var/lib/libvirt/sandbox/sandbox-test-seed.iso",
+        network="sandbox",
+        mac="52:54:00:12:34:56",
+        console_log="/var/lib/libvirt/sandbox/sandbox-test-console.log",
+        sandbox="test",
+        image="default",
+    )
+
+
+@pytest.mark.parametrize("accel", [Accel.TCG, Accel.KVM])
+def test_domain_xml_golden(golden: Golden, accel: Accel) -> None:
+    golden.check(f"domain-{accel.value}.xml", render_domain(domain_spec(accel)))
+
+
+def test_domain_xml_shape() -> None:
+    root = ET.fromstring(render_domain(domain_spec(Accel.TCG)))
+    assert root.get("type") == "qemu"
+    assert root.findtext("os/kernel", "").endswith(".vmlinuz")
+    assert root.find("features/tcg/tb-cache") is not None
+    assert root.find("cpu") is None
+    kvm = ET.fromstring(render_domain(domain_spec(Accel.KVM)))
+    assert kvm.get("type") == "kvm"
+    assert kvm.find("features/tcg") is None
+    assert kvm.find("cpu").get("mode") == "host-passthrough"  # type: ignore[union-attr]
+    # Our metadata is how `list` recognises our domains.
+    meta = root.find("metadata/{urn:sandbox:domain:1}sandbox")
+    assert meta is not None and meta.get("name") == "test"
+
+
+def test_auto_accel_must_be_resolved() -> None:
+    with pytest.raises(ValueError):
+        render_domain(domain_spec(Accel.AUTO))
+
+
+def test_domain_xml_escapes_values() -> None:
+    spec = domain_spec(Accel.TCG)
+    odd = DomainSpec(**{**spec.__dict__, "cmdline": "quiet x=<a&b>"})
+    root = ET.fromstring(render_domain(odd))
+    assert root.findtext("os/cmdline") == "quiet x=<a&b>"
+
+
+def net_spec() -> NetworkSpec:
+    return NetworkSpec(
+        name="sandbox",
+        bridge="virbr-sandbox",
+        subnet=ipaddress.IPv4Network("192.168.213.0/24"),
+        dns_hosts=(("203.0.113.7", ("allowed.example",)),),
+    )
+
+
+def test_network_xml_golden(golden: Golden) -> None:
+    golden.check("network.xml", render_network(net_spec()))
+
+
+def test_network_never_forwards_dns() -> None:
+    root = ET.fromstring(render_network(net_spec()))
+    assert root.find("dns").get("forwardPlainNames") == "no"  # type: ignore[union-attr]
+    ns = "{http://libvirt.org/schemas/network/dnsmasq/1.0}"
+    options = {o.get("value") for o in root.iter(f"{ns}option")}
+    assert {"no-resolv", "no-hosts"} <= options
+    assert root.find("ip").get("address") == "192.168.213.1"  # type: ignore[union-attr]
+    dhcp = root.find("ip/dhcp/range")
+    assert dhcp is not None and dhcp.get("start") == "192.168.213.2"
+
+
+def test_pool_and_volume_golden(golden: Golden) -> None:
+    golden.check("pool.xml", render_pool(PoolSpec("sandbox", "/var/lib/libvirt/sandbox")))
+    overlay = VolumeSpec(
+        name="sandbox-test.qcow2",
+        capacity=2 << 30,
+        format="qcow2",
+        backing_path="/var/lib/libvirt/sandbox/base-default-0123456789ab.qcow2",
+        backing_format="qcow2",
+    )
+    golden.check("volume-overlay.xml", render_volume(overlay))
+
+
+def seed_spec() -> SeedSpec:
+    return SeedSpec(
+        instance_id="sandbox-test-0123456789ab",
+        hostname="sandbox-test",
+        host_key_private=HOST_PRIVATE,
+        host_key_public=HOST_PUBLIC,
+        authorized_key=CLIENT_PUBLIC,
+        nameserver="192.168.213.1",
+    )
+
+
+def test_seed_golden(golden: Golden) -> None:
+    golden.check("user-data.yaml", render_user_data(seed_spec()))
+    golden.check("meta-data.yaml", render_meta_data(seed_spec()))
+
+
+def test_user_data_is_cloud_config() -> None:
+    text = render_user_data(seed_spec())
+    assert text.startswith("#cloud-config\n")
+    data = yaml.safe_load(text)
+    assert data["ssh_keys"]["ed25519_private"] == HOST_PRIVATE
+    assert data["ssh_keys"]["ed25519_public"] == HOST_PUBLIC
+    assert data["ssh_authorized_keys"] == [CLIENT_PUBLIC]
+    assert data["disable_root"] is False
+    assert data["ssh_genkeytypes"] == []
+    assert data["write_files"][0]["path"] == "/etc/resolv.conf"
+
+
+def test_seed_iso_round_trip() -> None:
+    iso = build_seed_iso(seed_spec())
+    assert volume_label(iso) == "cidata"
+    files = read_seed_iso(iso)
+    assert set(files) == {"user-data", "meta-data"}
+    assert files["user-data"].decode() == render_user_data(seed_spec())
+    assert yaml.safe_load(files["meta-data"]) == {
+        "instance-id": "sandbox-test-0123456789ab",
+        "local-hostname": "sandbox-test",
+    }
