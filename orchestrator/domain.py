@@ -107,10 +107,12 @@ def render_domain(spec: DomainSpec) -> str:
     _sub(disk, "source", file=spec.disk)
     _sub(disk, "target", dev="vda", bus="virtio")
 
-    seed = _sub(devices, "disk", type="file", device="cdrom")
+    # The seed ISO rides on virtio too: Debian's cloud kernel has no AHCI driver, so a SATA
+    # cdrom would be invisible to the guest and cloud-init would run with no datasource.
+    seed = _sub(devices, "disk", type="file", device="disk")
     _sub(seed, "driver", name="qemu", type="raw")
     _sub(seed, "source", file=spec.seed)
-    _sub(seed, "target", dev="sda", bus="sata")
+    _sub(seed, "target", dev="vdb", bus="virtio")
     _sub(seed, "readonly")
 
     iface = _sub(devices, "interface", type="network")

@@ -377,6 +377,9 @@ def inspect(ctx: Context, name: str, conn: libvirt.virConnect | None = None) -> 
                     hv.connection(state.uri if state else ctx.settings.connect)
                 )
             except SandboxError as exc:
+                if state is None:
+                    # Without state and without libvirt there is nothing to report.
+                    raise
                 problems.append(exc.message)
         if conn is not None:
             dom = hv.lookup_domain(conn, hv.domain_name(name))

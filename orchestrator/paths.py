@@ -71,3 +71,17 @@ class Dirs:
     @property
     def global_lock(self) -> Path:
         return self.state / GLOBAL_LOCK
+
+
+# The network-namespace lab (orchestrator/lab.py): runtime files, gone at reboot like the netns.
+LAB_DIR = Path("/run/sandbox-lab")
+LAB_LOCK = "lock"
+LAB_DAEMONS = "daemons.json"
+LAB_SERVERS_PID = "servers.pid"
+LAB_ACCEPT_LOG = "inet-accept.jsonl"
+LAB_SERVERS_LOG = "servers.log"
+LAB_SUPERVISOR_LOG = "supervisor.log"
+LAB_LIBVIRTD_LOG = "libvirtd.log"
+LAB_VIRTLOGD_LOG = "virtlogd.log"
+NETNS_DIR = Path("/run/netns")
+LIBVIRT_SOCKET = Path("/run/libvirt/libvirt-sock")

@@ -160,6 +160,9 @@ class StateStore:
 
     def write_secret(self, name: str, filename: str, text: str) -> Path:
         path = self.file(name, filename)
+        # Keys live here: nobody else may even list the directory.
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.parent.chmod(0o700)
         atomic_write(path, text, mode=0o600)
         return path
 

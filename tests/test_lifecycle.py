@@ -24,7 +24,6 @@ from orchestrator.waits import Deadline
 
 from .test_renderers import domain_spec
 
-
 TEST_URI = "test:///default"
 
 

@@ -1,0 +1,535 @@
+"""The SSH edge: keys, a pinned host key, deadline-bound connect, commands and file copies.
+
+Everything the orchestrator does inside the guest goes through `Guest`. The guest's host key is
+generated on the host and pinned: paramiko gets only that key and `RejectPolicy`, so a guest that
+presents any other key is refused (never trust on first use: the port may belong to someone else).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import re
+import select
+import shlex
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+import paramiko
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from .errors import GuestError, HostKeyMismatchError, TimeoutExpired
+from .waits import Deadline
+
+SSH_PORT = 22
+
+# A socket factory: (host, port, timeout) -> connected socket. The default is plain TCP; callers
+# that must reach a guest from inside a network namespace pass their own.
+SocketOpener = Callable[[str, int, float], socket.socket]
+
+_RETRY_FIRST = 0.1
+_RETRY_MAX = 1.0
+# One connection attempt may not use more than this much of the deadline: a peer that accepted
+# TCP but hangs in kex must not eat a long deadline in one go.
+_ATTEMPT_MAX = 20.0
+_BANNER_LINE_MAX = 8192
+_STDERR_TAIL_CHARS = 2000
+_CHUNK = 32768
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SFTP_TIMEOUT = 300.0
+
+_RECREATE_HINT = (
+    "the guest is not the VM this sandbox created (or its disk was replaced); "
+    "destroy the sandbox and create it again"
+)
+_LOST_HINT = (
+    "the guest may have crashed, rebooted or run out of memory: check its console log; "
+    "if it is gone, destroy the sandbox and create it again"
+)
+
+
+def tcp_connect(host: str, port: int, timeout: float) -> socket.socket:
+    return socket.create_connection((host, port), timeout=timeout)
+
+
+# --- keys (pure) -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    private_openssh: str  # "-----BEGIN OPENSSH PRIVATE KEY-----..." (what cloud-init wants)
+    public_line: str  # "ssh-ed25519 AAAA... comment"
+
+
+def generate_ed25519(comment: str) -> KeyPair:
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    ).decode("ascii")
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    line = public.decode("ascii")
+    if comment:
+        line += " " + comment
+    return KeyPair(private_openssh=private, public_line=line)
+
+
+def _parse_public_line(public_line: str) -> tuple[str, bytes]:
+    """(key type, key blob) of an OpenSSH public key line."""
+    fields = public_line.split()
+    if len(fields) >= 2:
+        try:
+            blob = base64.b64decode(fields[1], validate=True)
+        except binascii.Error:
+            blob = b""
+        # The blob starts with its own type name; checking it catches swapped or truncated fields.
+        name = fields[0].encode("ascii", "replace")
+        if blob[4 : 4 + len(name)] == name and int.from_bytes(blob[:4], "big") == len(name):
+            return fields[0], blob
+    raise GuestError(
+        f"not an SSH public key line: {public_line[:60]!r}",
+        "the sandbox's key files are damaged; destroy the sandbox and create it again",
+    )
+
+
+def fingerprint(public_line: str) -> str:
+    """`SHA256:...` as `ssh-keygen -l` prints it."""
+    _, blob = _parse_public_line(public_line)
+    digest = base64.b64encode(hashlib.sha256(blob).digest()).decode("ascii")
+    return "SHA256:" + digest.rstrip("=")
+
+
+def _host_pattern(host: str, port: int) -> str:
+    return host if port == SSH_PORT else f"[{host}]:{port}"
+
+
+def known_hosts_line(host: str, port: int, public_line: str) -> str:
+    key_type, blob = _parse_public_line(public_line)
+    return f"{_host_pattern(host, port)} {key_type} {base64.b64encode(blob).decode('ascii')}"
+
+
+def _key_fingerprint(key: paramiko.PKey) -> str:
+    return fingerprint(f"{key.get_name()} {key.get_base64()}")
+
+
+# --- readiness ---------------------------------------------------------------------------------
+
+
+def _read_banner(sock: socket.socket, deadline: Deadline) -> str | None:
+    """The `SSH-` line, or None if the peer closed first. RFC 4253 lets a server send other
+    lines before it, so skip those."""
+    buffer = b""
+    while True:
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            if line.startswith(b"SSH-"):
+                return line.rstrip(b"\r").decode("ascii", "replace")
+        if len(buffer) > _BANNER_LINE_MAX:
+            return None
+        sock.settimeout(max(deadline.remaining(), 0.01))
+        data = sock.recv(4096)
+        if not data:
+            return None
+        buffer += data
+
+
+def wait_for_banner(
+    host: str, port: int, deadline: Deadline, *, opener: SocketOpener = tcp_connect
+) -> str:
+    """Connect until the peer sends its SSH banner line, and return that line.
+
+    A forwarded port (QEMU's hostfwd) accepts TCP long before sshd runs and then closes the
+    connection, so an accepted connection proves nothing: the banner is the signal.
+    """
+    delay = _RETRY_FIRST
+    last = "no attempt finished"
+    while True:
+        try:
+            with opener(host, port, max(min(deadline.remaining(), _ATTEMPT_MAX), 0.01)) as sock:
+                banner = _read_banner(sock, deadline)
+            if banner is not None:
+                return banner
+            last = "the peer closed the connection before sending an SSH banner"
+        except TimeoutError:
+            last = "no SSH banner yet"
+        except OSError as e:
+            last = f"{type(e).__name__}: {e}"
+        if deadline.expired():
+            raise deadline.error(f"SSH banner on {host}:{port}; last error: {last}")
+        time.sleep(min(delay, deadline.remaining()))
+        delay = min(delay * 1.5, _RETRY_MAX)
+
+
+# --- the session -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+    user: str
+    client_key: Path  # private key file (OpenSSH format)
+    host_key: str  # pinned host public key line
+
+    def __str__(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}"
+
+
+def _quiet_paramiko() -> None:
+    # paramiko logs every failed attempt at ERROR with a traceback; with no handler configured,
+    # Python's last-resort handler would print them to stderr while we are merely retrying.
+    logger = logging.getLogger("paramiko")
+    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+        logger.addHandler(logging.NullHandler())
+
+
+def _load_client_key(path: Path) -> paramiko.PKey:
+    try:
+        return paramiko.PKey.from_path(path)
+    except (OSError, paramiko.SSHException, ValueError) as e:
+        raise GuestError(
+            f"cannot load the SSH client key {path}: {e}",
+            "the sandbox's key files are missing or damaged; destroy the sandbox and create it "
+            "again",
+        ) from e
+
+
+def _env_prefix(env: Mapping[str, str]) -> str:
+    for name in env:
+        if not _ENV_NAME.fullmatch(name):
+            raise GuestError(
+                f"not a valid environment variable name: {name!r}",
+                "use letters, digits and underscores, not starting with a digit",
+            )
+    # sshd's AcceptEnv refuses most names, so the variables travel inside the command. `export`
+    # rather than `env K=V cmd` so that a shell command string can expand them itself.
+    assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    return f"export {assignments}; " if env else ""
+
+
+def _command_text(command: str | Sequence[str]) -> str:
+    return command if isinstance(command, str) else shlex.join(command)
+
+
+class Guest:
+    """An authenticated SSH connection to the guest. Use as a context manager."""
+
+    def __init__(self, client: paramiko.SSHClient, endpoint: Endpoint) -> None:
+        self._client = client
+        self._endpoint = endpoint
+        self._sftp: paramiko.SFTPClient | None = None
+
+    # -- connecting
+
+    @classmethod
+    def connect(
+        cls, endpoint: Endpoint, deadline: Deadline, *, opener: SocketOpener = tcp_connect
+    ) -> Guest:
+        """Connect and authenticate, retrying while sshd is not up yet.
+
+        Retried (short backoff, bounded by the deadline): refused, reset, no banner, EOF during
+        key exchange. Not retried: a host key other than the pinned one, a refused client key.
+        """
+        _quiet_paramiko()
+        pkey = _load_client_key(endpoint.client_key)
+        key_type, blob = _parse_public_line(endpoint.host_key)
+        pinned = paramiko.PKey.from_type_string(key_type, blob)
+        delay = _RETRY_FIRST
+        while True:
+            try:
+                return cls(cls._attempt(endpoint, pkey, pinned, deadline, opener), endpoint)
+            except paramiko.BadHostKeyException as e:
+                raise HostKeyMismatchError(
+                    f"the SSH host key of {endpoint.host}:{endpoint.port} does not match the "
+                    f"pinned key: expected {_key_fingerprint(e.expected_key)}, the guest presented "
+                    f"{_key_fingerprint(e.key)}",
+                    _RECREATE_HINT,
+                ) from e
+            except paramiko.AuthenticationException as e:
+                raise GuestError(
+                    f"the guest at {endpoint} refused the SSH client key {endpoint.client_key}: "
+                    f"{e}",
+                    "the guest does not hold this sandbox's public key (its cloud-init seed was "
+                    "not applied, or it is another VM); destroy the sandbox and create it again",
+                ) from e
+            except (OSError, EOFError, paramiko.SSHException) as e:
+                last = f"{type(e).__name__}: {e}".rstrip(": ")
+            if deadline.expired():
+                raise deadline.error(f"SSH login to {endpoint}; last error: {last}")
+            time.sleep(min(delay, deadline.remaining()))
+            delay = min(delay * 1.5, _RETRY_MAX)
+
+    @staticmethod
+    def _attempt(
+        endpoint: Endpoint,
+        pkey: paramiko.PKey,
+        pinned: paramiko.PKey,
+        deadline: Deadline,
+        opener: SocketOpener,
+    ) -> paramiko.SSHClient:
+        budget = max(min(deadline.remaining(), _ATTEMPT_MAX), 0.1)
+        client = paramiko.SSHClient()
+        # Only the pinned key, looked up under the name paramiko derives from host and port.
+        client.get_host_keys().add(
+            _host_pattern(endpoint.host, endpoint.port), pinned.get_name(), pinned
+        )
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        try:
+            sock = opener(endpoint.host, endpoint.port, budget)
+            client.connect(
+                endpoint.host,
+                port=endpoint.port,
+                username=endpoint.user,
+                pkey=pkey,
+                sock=sock,
+                timeout=budget,
+                banner_timeout=budget,
+                auth_timeout=budget,
+                channel_timeout=budget,
+                allow_agent=False,
+                look_for_keys=False,
+            )
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    # -- lifetime
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sftp is not None:
+            with contextlib.suppress(Exception):
+                self._sftp.close()
+            self._sftp = None
+        self._client.close()
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self._endpoint
+
+    @property
+    def transport(self) -> paramiko.Transport:
+        transport = self._client.get_transport()
+        if transport is None or not transport.is_active():
+            raise GuestError(f"the SSH connection to {self._endpoint} is closed", _LOST_HINT)
+        return transport
+
+    # -- commands
+
+    def run(
+        self,
+        command: str | Sequence[str],
+        *,
+        stdin: bytes | None = None,
+        stdout: Callable[[bytes], None] | None = None,
+        stderr: Callable[[bytes], None] | None = None,
+        timeout: float | None = None,
+        env: Mapping[str, str] | None = None,
+        get_pty: bool = False,
+    ) -> int:
+        """Run a command, streaming its output to the callbacks as it arrives; return its exit
+        status. A sequence is quoted with shlex.join; a string goes to the login shell as is.
+
+        A command killed by a signal returns -1 (paramiko ignores `exit-signal`). With get_pty
+        stderr arrives on stdout, as on a terminal.
+        """
+        text = _command_text(command)
+        full = _env_prefix(env or {}) + text
+        deadline = (
+            Deadline(
+                timeout,
+                f"the command {text!r} in the guest",
+                "the command may still be running in the guest; give it a longer timeout",
+            )
+            if timeout is not None
+            else None
+        )
+        transport = self.transport
+        try:
+            channel = transport.open_session(timeout=deadline.remaining() if deadline else None)
+            if get_pty:
+                channel.get_pty()
+            channel.exec_command(full)
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            raise GuestError(
+                f"could not start {text!r} on {self._endpoint}: {e}", _LOST_HINT
+            ) from e
+        with channel:
+            return self._pump(channel, text, stdin, stdout, stderr, deadline)
+
+    def _pump(
+        self,
+        channel: paramiko.Channel,
+        text: str,
+        stdin: bytes | None,
+        stdout: Callable[[bytes], None] | None,
+        stderr: Callable[[bytes], None] | None,
+        deadline: Deadline | None,
+    ) -> int:
+        pending = memoryview(stdin or b"")
+        if not pending:
+            channel.shutdown_write()
+        # The channel's fileno is a pipe paramiko sets whenever stdout or stderr data (or the
+        # close) arrives, so select() wakes on output without polling.
+        wake = channel.fileno()
+        while True:
+            while channel.recv_ready():
+                data = channel.recv(_CHUNK)
+                if stdout is not None and data:
+                    stdout(data)
+            while channel.recv_stderr_ready():
+                data = channel.recv_stderr(_CHUNK)
+                if stderr is not None and data:
+                    stderr(data)
+            # sshd sends EOF only once the command's output is drained (exit-status may come
+            # first); a dropped connection shows as closed.
+            done = channel.closed or (channel.eof_received and channel.exit_status_ready())
+            if done and not (channel.recv_ready() or channel.recv_stderr_ready()):
+                break
+            if pending and channel.send_ready():
+                try:
+                    sent = channel.send(pending[:_CHUNK].tobytes())
+                except (OSError, paramiko.SSHException):
+                    sent = len(pending)  # the command closed its stdin; the rest is moot
+                pending = pending[sent:]
+                if not pending:
+                    channel.shutdown_write()
+                continue
+            if deadline is not None and deadline.expired():
+                raise deadline.error()
+            wait = deadline.remaining() if deadline is not None else 1.0
+            # While stdin is pending the window may reopen without any output arriving.
+            select.select([wake], [], [], min(wait, 0.05 if pending else 1.0))
+        # paramiko marks a dropped connection as closed with no exit status; tell that apart
+        # from a command killed by a signal (also no status) by whether the transport lives.
+        status = channel.recv_exit_status()
+        transport = self._client.get_transport()
+        if status == -1 and (transport is None or not transport.is_active()):
+            raise GuestError(
+                f"the SSH connection to {self._endpoint} dropped while running {text!r}",
+                _LOST_HINT,
+            )
+        return status
+
+    def check(
+        self,
+        command: str | Sequence[str],
+        *,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        """Run a command and return its stdout; a non-zero exit raises GuestError."""
+        out: list[bytes] = []
+        err: list[bytes] = []
+        status = self.run(
+            command, stdin=stdin, stdout=out.append, stderr=err.append, timeout=timeout
+        )
+        if status != 0:
+            text = _command_text(command)
+            tail = b"".join(err).decode("utf-8", "replace")[-_STDERR_TAIL_CHARS:].strip()
+            message = f"{text!r} failed in the guest with exit status {status}"
+            if tail:
+                message += f":\n{tail}"
+            raise GuestError(message, "see the command's error output above")
+        return b"".join(out).decode("utf-8", "replace")
+
+    # -- files
+
+    def _sftp_client(self) -> paramiko.SFTPClient:
+        if self._sftp is None:
+            try:
+                self._sftp = self._client.open_sftp()
+            except (OSError, EOFError, paramiko.SSHException) as e:
+                raise GuestError(
+                    f"could not open SFTP to {self._endpoint}: {e}",
+                    "the guest's sshd must offer the sftp subsystem; " + _LOST_HINT,
+                ) from e
+            # A dead connection otherwise blocks a transfer forever.
+            self._sftp.get_channel().settimeout(_SFTP_TIMEOUT)  # type: ignore[union-attr]
+        return self._sftp
+
+    def _upload(self, source: IO[bytes], remote: str, mode: int | None, what: str) -> None:
+        sftp = self._sftp_client()
+        try:
+            with sftp.open(remote, "wb") as f:
+                # Before any data is written, so a secret is never readable by others.
+                if mode is not None:
+                    f.chmod(mode)
+                f.set_pipelined(True)
+                while chunk := source.read(_CHUNK):
+                    f.write(chunk)
+        except TimeoutError as e:
+            raise TimeoutExpired(
+                f"copying {what} to {self._endpoint}:{remote} stalled for {_SFTP_TIMEOUT:g} s",
+                _LOST_HINT,
+            ) from e
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            raise GuestError(
+                f"could not copy {what} to {self._endpoint}:{remote}: {e}",
+                "check that the remote directory exists and is writable",
+            ) from e
+
+    def put(self, local: Path, remote: str, mode: int | None = None) -> None:
+        try:
+            source = local.open("rb")
+        except OSError as e:
+            raise GuestError(
+                f"cannot read {local}: {e}", "check the path of the file to copy"
+            ) from e
+        with source:
+            self._upload(source, remote, mode, str(local))
+
+    def put_bytes(self, data: bytes, remote: str, mode: int | None = None) -> None:
+        self._upload(io.BytesIO(data), remote, mode, f"{len(data)} bytes")
+
+    def get(self, remote: str, local: Path) -> None:
+        """Copy a guest file to `local`, replacing it atomically (never a half-written file)."""
+        sftp = self._sftp_client()
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                sftp.getfo(remote, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, local)
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if isinstance(e, TimeoutError):
+                raise TimeoutExpired(
+                    f"copying {self._endpoint}:{remote} stalled for {_SFTP_TIMEOUT:g} s",
+                    _LOST_HINT,
+                ) from e
+            if isinstance(e, OSError | EOFError | paramiko.SSHException):
+                raise GuestError(
+                    f"could not copy {self._endpoint}:{remote} to {local}: {e}",
+                    "check that the file exists in the guest",
+                ) from e
+            raise

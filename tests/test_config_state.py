@@ -1,0 +1,193 @@
+"""Config parsing, state files and locks, and the CLI's error boundary."""
+
+from __future__ import annotations
+
+import ipaddress
+import multiprocessing
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator import cli, paths
+from orchestrator.config import DEFAULT_URI, load_settings, parse_settings
+from orchestrator.domain import Accel
+from orchestrator.errors import ConflictError, UsageError
+from orchestrator.state import Phase, SandboxState, StateStore, atomic_write, validate_name
+
+
+def test_defaults_and_full_config(tmp_path: Path) -> None:
+    assert load_settings(None, tmp_path / "absent.yaml", env={}).connect == DEFAULT_URI
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "connect: qemu+ssh://root@hv/system\naccel: tcg\nmemory: 384\nvcpus: 1\n"
+        "network: {subnet: 10.99.0.0/24, bridge: br-sbx}\npool: {path: /srv/sbx}\n"
+        "image: {name: web, packages: [php-mysql]}\nallow: [203.0.113.7]\n"
+    )
+    s = load_settings(cfg, tmp_path / "unused", env={})
+    assert s.connect == "qemu+ssh://root@hv/system"
+    assert s.accel is Accel.TCG and s.memory_mib == 384 and s.vcpus == 1
+    assert s.network.subnet == ipaddress.IPv4Network("10.99.0.0/24")
+    assert s.network.bridge == "br-sbx" and s.network.name == "sandbox"
+    assert s.pool.path == "/srv/sbx"
+    assert s.image.name == "web" and s.image.packages == ("php-mysql",)
+    assert s.allow == ("203.0.113.7",)
+
+
+def test_environment_overrides_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("connect: qemu:///session\n")
+    s = load_settings(None, cfg, env={"SANDBOX_CONNECT": "test:///default"})
+    assert s.connect == "test:///default"
+    s = load_settings(None, tmp_path / "x", env={"SANDBOX_CONFIG": str(cfg)})
+    assert s.connect == "qemu:///session"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"conect": "x"}, "unknown setting conect"),
+        ({"accel": "hvf"}, "unknown acceleration"),
+        ({"memory": "lots"}, "memory must be a int"),
+        ({"memory": 64}, "at least 128"),
+        ({"network": {"subnet": "10.0.0.0/33"}}, "network.subnet"),
+        ({"network": {"bridge": "a-very-long-bridge-name"}}, "longer than 15"),
+        ({"network": {"mask": 1}}, "unknown setting network.mask"),
+        ({"image": {"packages": "php-mysql"}}, "image.packages must be a list"),
+    ],
+)
+def test_bad_config_is_a_usage_error(data: dict[str, object], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        parse_settings(data, "c.yaml")
+
+
+def test_explicit_missing_or_broken_config(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="does not exist"):
+        load_settings(tmp_path / "nope.yaml", tmp_path / "d", env={})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("connect: [unclosed\n")
+    with pytest.raises(UsageError, match="not valid YAML"):
+        load_settings(bad, tmp_path / "d", env={})
+
+
+@pytest.mark.parametrize("name", ["default", "a", "web-1", "x" * 31])
+def test_valid_names(name: str) -> None:
+    assert validate_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "Web", "1st", "a_b", "a/b", "x" * 32, "../etc"])
+def test_invalid_names(name: str) -> None:
+    with pytest.raises(UsageError):
+        validate_name(name)
+
+
+def sample_state(name: str = "s1") -> SandboxState:
+    return SandboxState(
+        name=name,
+        phase=Phase.READY,
+        created="2026-11-23T10:00:00+00:00",
+        uri="qemu:///system",
+        domain=f"sandbox-{name}",
+        pool="sandbox",
+        network="sandbox",
+        volumes=("a.qcow2", "b.iso"),
+        image="default",
+        image_hash="00" * 32,
+        accel="tcg",
+        mac="52:54:00:aa:bb:cc",
+        ip="192.168.213.5",
+        allow=("203.0.113.7/32",),
+    )
+
+
+def test_state_round_trip_and_permissions(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.save(sample_state())
+    assert store.load("s1") == sample_state()
+    assert store.names() == ["s1"]
+    mode = os.stat(store.file("s1", paths.STATE_FILE)).st_mode & 0o777
+    assert mode == 0o600
+    store.write_secret("s1", paths.CLIENT_KEY, "k")
+    store.remove_secrets("s1")
+    assert store.load("s1") is None
+    assert not store.file("s1", paths.CLIENT_KEY).exists()
+
+
+def test_damaged_state_says_what_to_do(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.dir("s1").mkdir(parents=True)
+    store.file("s1", paths.STATE_FILE).write_text("{not json")
+    with pytest.raises(Exception, match="damaged") as info:
+        store.load("s1")
+    assert "sandbox destroy --name s1" in (info.value.hint or "")  # type: ignore[attr-defined]
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:
+    target = tmp_path / "f.json"
+    atomic_write(target, "one")
+    atomic_write(target, "two")
+    assert target.read_text() == "two"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def _hold_lock(root: str, ready: multiprocessing.synchronize.Event) -> None:
+    with StateStore(Path(root)).lock("s1"):
+        ready.set()
+        time.sleep(60)
+
+
+def test_lock_is_released_when_holder_is_killed(tmp_path: Path) -> None:
+    ready = multiprocessing.Event()
+    proc = multiprocessing.Process(target=_hold_lock, args=(str(tmp_path), ready))
+    proc.start()
+    assert ready.wait(10)
+    store = StateStore(tmp_path)
+    with pytest.raises(ConflictError, match=f"pid {proc.pid}"), store.lock("s1"):
+        pass
+    assert proc.pid is not None
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+    with store.lock("s1"):
+        pass
+
+
+def test_cli_error_boundary(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert cli.main(["up", "--name", "Bad"]) == 2
+    captured = capsys.readouterr()
+    assert "error: invalid sandbox name 'Bad'" in captured.err
+    assert "hint:" in captured.err
+    assert "Traceback" not in captured.err
+    # An unreachable libvirt: a clear error with a hint, exit code 5.
+    code = cli.main(["--connect", "qemu+unix:///system?socket=/nonexistent", "status"])
+    captured = capsys.readouterr()
+    assert code == 5, captured.err
+    assert "cannot connect to libvirt" in captured.err and "hint:" in captured.err
+    # A sandbox that does not exist.
+    code = cli.main(["--connect", "test:///default", "exec", "--name", "ghost", "--", "true"])
+    assert code == 3
+    assert "does not exist" in capsys.readouterr().err
+    # A missing image, with a hint to build it.
+    code = cli.main(["--connect", "test:///default", "up", "--image", "nosuch"])
+    captured = capsys.readouterr()
+    assert code == 3, captured.err
+    assert "sandbox image build" in captured.err
+    # Conflicting options.
+    assert cli.main(["destroy", "--name", "a", "--all"]) == 2
+    # Unknown command: typer's own usage error.
+    assert cli.main(["frobnicate"]) == 2
+
+
+def test_cli_debug_shows_traceback(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    assert cli.main(["--debug", "up", "--name", "Bad"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+    cli.OPTIONS.debug = False

@@ -1,0 +1,240 @@
+"""End to end on real VMs: libvirtd inside the namespace lab, the real base image, the real CLI.
+
+Each scenario asserts that `destroy` leaves nothing behind: no domain, no per-sandbox volume, no
+network, no key or seed; only the logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from orchestrator import paths
+from orchestrator.guest import generate_ed25519
+from orchestrator.images import Image, ImageRecipe, build_image
+from orchestrator.lab import Lab, in_lab
+from orchestrator.state import SandboxState
+
+from .lab_fixture import lab, lab_session
+
+__all__ = ["lab", "lab_session"]
+
+pytestmark = [pytest.mark.vm, pytest.mark.root]
+
+SANDBOX = str(Path(sys.executable).parent / "sandbox")
+
+
+@pytest.fixture(scope="session")
+def image() -> Image:
+    # Shared with the user's own cache: a second run reuses the image while the recipe is the same.
+    return build_image(ImageRecipe(), paths.Dirs.from_env().images, progress=print)
+
+
+@dataclass
+class Cli:
+    lab: Lab
+    state_home: Path
+    config: Path
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "XDG_STATE_HOME": str(self.state_home),
+            "SANDBOX_CONFIG": str(self.config),
+        }
+
+    def argv(self, *args: str) -> list[str]:
+        return in_lab(self.lab, [SANDBOX, *args])
+
+    def run(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.argv(*args),
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def ok(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        result = self.run(*args, timeout=timeout)
+        assert result.returncode == 0, f"sandbox {' '.join(args)}:\n{result.stdout}{result.stderr}"
+        return result
+
+    def sandbox_dir(self, name: str) -> Path:
+        return self.state_home / "sandbox" / name
+
+
+@pytest.fixture
+def cli(lab: Lab, image: Image, tmp_path: Path) -> Iterator[Cli]:
+    config = tmp_path / "config.yaml"
+    config.write_text("boot_timeout: 600\n")
+    c = Cli(lab=lab, state_home=tmp_path / "state", config=config)
+    yield c
+    # Whatever a failing test left, remove it so the next test starts clean.
+    c.run("destroy", "--all", timeout=120)
+
+
+def leftovers(name: str, cli: Cli) -> list[str]:
+    found: list[str] = []
+    conn = libvirt.open("qemu:///system")
+    try:
+        found += [d.name() for d in conn.listAllDomains(0) if d.name() == f"sandbox-{name}"]
+        found += [f"net:{n.name()}" for n in conn.listAllNetworks(0) if n.name() == "sandbox"]
+        for pool in conn.listAllStoragePools(0):
+            pool.refresh(0)
+            found += [v for v in pool.listVolumes() if v.startswith(f"sandbox-{name}")]
+    finally:
+        conn.close()
+    sdir = cli.sandbox_dir(name)
+    found += [f for f in (*paths.SECRET_FILES, paths.STATE_FILE) if (sdir / f).exists()]
+    return found
+
+
+def test_up_exec_ssh_destroy(cli: Cli) -> None:
+    started = time.monotonic()
+    up = cli.ok("up", "--name", "e2e", "--allow", "203.0.113.7")
+    print(f"up took {time.monotonic() - started:.1f} s\n{up.stderr}")
+    assert "is ready at" in up.stderr
+
+    state = json.loads((cli.sandbox_dir("e2e") / paths.STATE_FILE).read_text())
+    assert state["phase"] == "ready" and state["ip"]
+    assert state["allow"] == ["203.0.113.7/32"]
+
+    # Output streams are kept apart and the exit code comes back.
+    result = cli.run("exec", "--name", "e2e", "--", "sh", "-c", "hostname; echo oops >&2; exit 7")
+    assert result.returncode == 7, result.stderr
+    assert result.stdout.strip() == "sandbox-e2e"
+    assert result.stderr.strip() == "oops"
+
+    # The guest is the image we built: PHP with the curl extension, xdebug installed.
+    php = cli.ok(
+        "exec",
+        "--name",
+        "e2e",
+        "--",
+        "php",
+        "-r",
+        "echo extension_loaded('curl') ? 'curl' : 'none';",
+    )
+    assert php.stdout == "curl"
+    cli.ok(
+        "exec",
+        "--name",
+        "e2e",
+        "--",
+        "test",
+        "-f",
+        "/usr/share/php/xdebug/LICENSE",
+        "-o",
+        "-d",
+        "/etc/php/8.2/mods-available",
+    )
+    # The guest's only host key is the one the host generated and pinned.
+    keys = cli.ok("exec", "--name", "e2e", "--", "sh", "-c", "cat /etc/ssh/ssh_host_*_key.pub")
+    assert keys.stdout.split()[:2] == state["host_key"].split()[:2]
+    assert len(keys.stdout.strip().splitlines()) == 1
+
+    # OpenSSH with StrictHostKeyChecking=yes against the pinned key.
+    ssh = cli.ok("ssh", "--name", "e2e", "--", "echo", "via-openssh")
+    assert ssh.stdout.strip() == "via-openssh"
+
+    status = json.loads(cli.ok("status", "--name", "e2e", "--json").stdout)
+    assert status["status"] == "ready" and status["domain"] == "running"
+    listing = json.loads(cli.ok("list", "--json").stdout)
+    assert [r["name"] for r in listing] == ["e2e"]
+
+    # A guest that presents another host key is refused, fast, with a clear error.
+    sfile = cli.sandbox_dir("e2e") / paths.STATE_FILE
+    real = sfile.read_text()
+    forged = SandboxState.from_json(real)
+    other = generate_ed25519("not-the-guest")
+    sfile.write_text(forged.to_json().replace(forged.host_key, other.public_line))
+    started = time.monotonic()
+    refused = cli.run("exec", "--name", "e2e", "--", "true")
+    assert refused.returncode == 6, refused.stderr
+    assert "host key" in refused.stderr.lower()
+    assert time.monotonic() - started < 20
+    sfile.write_text(real)
+
+    # Up of an existing name is a conflict.
+    again = cli.run("up", "--name", "e2e")
+    assert again.returncode == 4 and "exists" in again.stderr
+
+    started = time.monotonic()
+    cli.ok("destroy", "--name", "e2e")
+    print(f"destroy took {time.monotonic() - started:.2f} s")
+    assert leftovers("e2e", cli) == []
+    assert (cli.sandbox_dir("e2e") / paths.LOGS_DIR / paths.CONSOLE_LOG).exists()
+    # Idempotent.
+    assert "nothing to destroy" in cli.ok("destroy", "--name", "e2e").stderr
+
+
+def test_sshd_never_up_reports_console_and_rolls_back(cli: Cli) -> None:
+    cli.config.write_text("boot_timeout: 8\n")
+    result = cli.run("up", "--name", "slow")
+    assert result.returncode == 8, result.stderr  # TimeoutExpired
+    assert "timed out after 8 s waiting for sandbox 'slow' to boot" in result.stderr
+    assert "last lines of the VM console" in result.stderr
+    assert "hint:" in result.stderr
+    assert leftovers("slow", cli) == []
+
+
+def test_killed_up_then_destroy_then_concurrent_ups(cli: Cli) -> None:
+    proc = subprocess.Popen(
+        cli.argv("up", "--name", "killed"),
+        env=cli.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    conn = libvirt.open("qemu:///system")
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if "sandbox-killed" in [d.name() for d in conn.listAllDomains(0)]:
+                break
+            assert proc.poll() is None, "up ended before its VM started"
+            time.sleep(0.2)
+        else:
+            pytest.fail("the VM of the killed up never started")
+    finally:
+        conn.close()
+    time.sleep(2)  # mid-boot
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    assert leftovers("killed", cli), "the killed up should have left its VM behind"
+
+    assert cli.run("up", "--name", "killed").returncode == 4  # half-built: destroy first
+    cli.ok("destroy", "--name", "killed")
+    assert leftovers("killed", cli) == []
+
+    # A new up of the same name works, concurrently with another one.
+    procs = {
+        name: subprocess.Popen(
+            cli.argv("up", "--name", name),
+            env=cli.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("killed", "other")
+    }
+    for name, p in procs.items():
+        _, err = p.communicate(timeout=900)
+        assert p.returncode == 0, f"up {name}: {err}"
+    for name in procs:
+        result = cli.ok("exec", "--name", name, "--", "hostname")
+        assert result.stdout.strip() == f"sandbox-{name}"
+    cli.ok("destroy", "--all")
+    assert leftovers("killed", cli) == [] and leftovers("other", cli) == []

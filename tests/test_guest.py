@@ -1,0 +1,386 @@
+"""The SSH edge against a real OpenSSH sshd on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from orchestrator.errors import GuestError, HostKeyMismatchError, TimeoutExpired
+from orchestrator.guest import (
+    Guest,
+    fingerprint,
+    generate_ed25519,
+    known_hosts_line,
+    tcp_connect,
+    wait_for_banner,
+)
+from orchestrator.waits import Deadline
+
+from .sshd_fixture import Sshd, SshdFactory, free_port, keygen, sshd, sshd_factory
+
+__all__ = ["sshd", "sshd_factory"]  # fixtures, imported for pytest
+
+pytestmark = pytest.mark.root
+
+
+def deadline(seconds: float = 10) -> Deadline:
+    return Deadline(seconds, "SSH to the test sshd", "look at sshd.log")
+
+
+@pytest.fixture(scope="module")
+def guest(sshd: Sshd) -> Iterator[Guest]:
+    with Guest.connect(sshd.endpoint(), deadline()) as g:
+        yield g
+
+
+def ssh_keygen_fingerprint(path: Path) -> str:
+    out = subprocess.run(
+        ["ssh-keygen", "-l", "-E", "sha256", "-f", str(path)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return out.split()[1]
+
+
+# --- keys --------------------------------------------------------------------------------------
+
+
+def test_generated_key_loads_in_paramiko_and_openssh(tmp_path: Path) -> None:
+    pair = generate_ed25519("sandbox@test")
+    assert pair.private_openssh.startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    kind, blob, comment = pair.public_line.split()
+    assert (kind, comment) == ("ssh-ed25519", "sandbox@test")
+
+    loaded = paramiko.Ed25519Key.from_private_key(io.StringIO(pair.private_openssh))
+    assert loaded.get_base64() == blob
+
+    private = tmp_path / "key"
+    private.write_text(pair.private_openssh)
+    private.chmod(0o600)
+    derived = subprocess.run(
+        ["ssh-keygen", "-y", "-f", str(private)], check=True, capture_output=True, text=True
+    ).stdout.split()
+    assert derived[:2] == [kind, blob]
+
+    public = tmp_path / "key.pub"
+    public.write_text(pair.public_line + "\n")
+    assert fingerprint(pair.public_line) == ssh_keygen_fingerprint(public)
+    assert fingerprint(pair.public_line) == loaded.fingerprint
+
+
+def test_fingerprint_rejects_garbage() -> None:
+    with pytest.raises(GuestError):
+        fingerprint("ssh-ed25519 not-base64!")
+    with pytest.raises(GuestError):
+        # valid base64, but the blob names another key type
+        fingerprint("ssh-rsa " + generate_ed25519("").public_line.split()[1])
+
+
+def test_known_hosts_line_format() -> None:
+    line = generate_ed25519("c").public_line
+    kind, blob, _ = line.split()
+    assert known_hosts_line("10.0.0.5", 22, line) == f"10.0.0.5 {kind} {blob}"
+    assert known_hosts_line("127.0.0.1", 2222, line) == f"[127.0.0.1]:2222 {kind} {blob}"
+
+
+def test_known_hosts_line_satisfies_openssh(sshd: Sshd, tmp_path: Path) -> None:
+    known = tmp_path / "known_hosts"
+    known.write_text(known_hosts_line("127.0.0.1", sshd.port, sshd.host_key) + "\n")
+    ssh = [
+        "ssh", "-F", "none", "-i", str(sshd.client_key), "-p", str(sshd.port),
+        "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
+        "-o", "BatchMode=yes", f"{sshd.user}@127.0.0.1", "echo", "ok",
+    ]  # fmt: skip
+    result = subprocess.run(ssh, capture_output=True, text=True, timeout=10)
+    assert result.stdout.strip() == "ok", result.stderr
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def test_exit_status_and_separate_streams(guest: Guest) -> None:
+    out: list[bytes] = []
+    err: list[bytes] = []
+    assert guest.run("echo to-out; echo to-err >&2", stdout=out.append, stderr=err.append) == 0
+    assert b"".join(out) == b"to-out\n"
+    assert b"".join(err) == b"to-err\n"
+    assert guest.run("exit 3") == 3
+    assert guest.run(["sh", "-c", "exit 5"]) == 5
+
+
+def test_sequence_commands_are_quoted(guest: Guest) -> None:
+    assert guest.check(["printf", "%s|", "a b", "$HOME", "it's"]) == "a b|$HOME|it's|"
+
+
+def test_output_streams_live(guest: Guest) -> None:
+    start = time.monotonic()
+    arrivals: list[tuple[float, bytes]] = []
+    status = guest.run(
+        "printf first; sleep 1; printf second",
+        stdout=lambda chunk: arrivals.append((time.monotonic() - start, chunk)),
+    )
+    ended = time.monotonic() - start
+    assert status == 0
+    assert b"".join(c for _, c in arrivals) == b"firstsecond"
+    first_at = arrivals[0][0]
+    assert arrivals[0][1].startswith(b"first")
+    assert first_at < 0.6, f"first chunk after {first_at:.2f} s: buffered, not streamed"
+    assert ended >= 1.0
+
+
+def test_stdin(guest: Guest) -> None:
+    assert guest.check("tr a-z A-Z", stdin=b"hello") == "HELLO"
+    # More than the SSH window in both directions at once: stdin must be fed while output is
+    # drained, or both sides wait for each other.
+    big = bytes(range(256)) * 32768  # 8 MiB: above both sides' windows and buffers
+    out: list[bytes] = []
+    assert guest.run("cat", stdin=big, stdout=out.append, timeout=20) == 0
+    assert b"".join(out) == big
+
+
+def test_env(guest: Guest) -> None:
+    value = "a b 'c' $HOME"
+    out: list[bytes] = []
+    guest.run('printf %s "$FOO"', env={"FOO": value}, stdout=out.append)
+    assert b"".join(out).decode() == value
+    out.clear()
+    guest.run(["sh", "-c", 'printf %s "$BAR"'], env={"BAR": "x"}, stdout=out.append)
+    assert b"".join(out) == b"x"
+    with pytest.raises(GuestError):
+        guest.run("true", env={"NOT-A-NAME": "x"})
+
+
+def test_timeout(guest: Guest) -> None:
+    start = time.monotonic()
+    with pytest.raises(TimeoutExpired) as caught:
+        guest.run("sleep 10", timeout=0.5)
+    assert time.monotonic() - start < 2
+    assert "sleep 10" in str(caught.value)
+    assert guest.run("true") == 0  # the connection survives a timed-out command
+
+
+def test_check(guest: Guest) -> None:
+    assert guest.check("echo hi") == "hi\n"
+    with pytest.raises(GuestError) as caught:
+        guest.check("echo oops >&2; exit 4")
+    message = str(caught.value)
+    assert "exit status 4" in message
+    assert "oops" in message
+    assert "exit 4" in message
+    assert caught.value.hint
+
+
+def test_connection_drop_mid_command(sshd: Sshd) -> None:
+    with Guest.connect(sshd.endpoint(), deadline()) as g:
+        start = time.monotonic()
+        out: list[bytes] = []
+        with pytest.raises(GuestError, match="dropped") as caught:
+            # The shell's parent is this session's sshd process: killing it cuts the connection.
+            g.run("echo started; sleep 0.2; kill -9 $PPID; sleep 10", stdout=out.append)
+        assert time.monotonic() - start < 5
+        assert b"".join(out) == b"started\n"
+        assert caught.value.hint
+        with pytest.raises(GuestError):
+            g.run("true")
+
+
+# --- files -------------------------------------------------------------------------------------
+
+
+def test_put_get_round_trip(guest: Guest, tmp_path: Path) -> None:
+    remote_dir = guest.check("mktemp -d").strip()
+    try:
+        data = bytes(range(256)) * 1000
+        guest.put_bytes(data, f"{remote_dir}/secret", mode=0o600)
+        assert guest.check(["stat", "-c", "%a", f"{remote_dir}/secret"]).strip() == "600"
+
+        local = tmp_path / "script.sh"
+        local.write_text("#!/bin/sh\necho ran\n")
+        guest.put(local, f"{remote_dir}/script.sh", mode=0o755)
+        assert guest.check(f"{remote_dir}/script.sh") == "ran\n"
+
+        back = tmp_path / "sub" / "secret"
+        guest.get(f"{remote_dir}/secret", back)
+        assert back.read_bytes() == data
+        assert not [p for p in back.parent.iterdir() if p.name.startswith(".")]  # no temp left
+
+        with pytest.raises(GuestError):
+            guest.get(f"{remote_dir}/missing", tmp_path / "missing")
+        assert not (tmp_path / "missing").exists()
+        with pytest.raises(GuestError):
+            guest.put_bytes(b"x", f"{remote_dir}/no/such/dir/file")
+    finally:
+        guest.run(["rm", "-rf", remote_dir])
+
+
+# --- connecting --------------------------------------------------------------------------------
+
+
+def test_pinned_host_key_mismatch_fails_fast(sshd: Sshd, tmp_path: Path) -> None:
+    other = keygen(tmp_path / "other_host_key")
+    start = time.monotonic()
+    with pytest.raises(HostKeyMismatchError) as caught:
+        Guest.connect(sshd.endpoint(host_key=other), deadline(10))
+    assert time.monotonic() - start < 2
+    message = str(caught.value)
+    assert ssh_keygen_fingerprint(tmp_path / "other_host_key.pub") in message  # expected
+    assert fingerprint(sshd.host_key) in message  # presented
+    assert caught.value.hint and "destroy" in caught.value.hint
+
+
+def test_wrong_client_key_is_an_auth_error(sshd: Sshd, tmp_path: Path) -> None:
+    keygen(tmp_path / "stranger")
+    start = time.monotonic()
+    with pytest.raises(GuestError) as caught:
+        Guest.connect(sshd.endpoint(client_key=tmp_path / "stranger"), deadline(10))
+    assert not isinstance(caught.value, HostKeyMismatchError)
+    assert time.monotonic() - start < 2
+    assert "refused the SSH client key" in str(caught.value)
+    assert caught.value.hint
+
+
+def test_missing_client_key_file(sshd: Sshd, tmp_path: Path) -> None:
+    with pytest.raises(GuestError, match="cannot load"):
+        Guest.connect(sshd.endpoint(client_key=tmp_path / "nope"), deadline(10))
+
+
+def test_closed_port_times_out_at_the_deadline(sshd: Sshd) -> None:
+    start = time.monotonic()
+    with pytest.raises(TimeoutExpired) as caught:
+        Guest.connect(sshd.endpoint(port=free_port()), deadline(1))
+    elapsed = time.monotonic() - start
+    assert 1 <= elapsed < 2.5
+    message = str(caught.value)
+    assert "SSH to the test sshd" in message
+    assert "ConnectionRefusedError" in message
+    assert caught.value.hint == "look at sshd.log"
+
+
+def test_connect_retries_until_sshd_starts(sshd_factory: SshdFactory) -> None:
+    server = sshd_factory()
+    starter = threading.Timer(1.5, server.start, kwargs={"wait": False})
+    start = time.monotonic()
+    starter.start()
+    try:
+        with Guest.connect(server.endpoint(), deadline(10)) as g:
+            assert g.check("echo up") == "up\n"
+    finally:
+        starter.join()
+    assert time.monotonic() - start >= 1.5
+
+
+def test_connect_retries_while_a_forward_accepts_and_closes(sshd: Sshd) -> None:
+    """Like QEMU's hostfwd while the guest boots: TCP is accepted, then closed without a banner."""
+
+    def pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    seen: list[int] = []
+
+    def handle(conn: socket.socket, n: int) -> None:
+        seen.append(n)
+        if n < 3:
+            conn.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", sshd.port))
+        threading.Thread(target=pipe, args=(upstream, conn), daemon=True).start()
+        pipe(conn, upstream)
+
+    with listener(handle) as port, Guest.connect(sshd.endpoint(port=port), deadline(10)) as g:
+        assert g.check("echo through") == "through\n"
+    assert len(seen) == 4  # three refused attempts, then the one that got through
+
+
+def test_custom_socket_opener_is_used(sshd: Sshd) -> None:
+    calls: list[tuple[str, int]] = []
+
+    def opener(host: str, port: int, timeout: float) -> socket.socket:
+        calls.append((host, port))
+        return tcp_connect(host, port, timeout)
+
+    with Guest.connect(sshd.endpoint(), deadline(), opener=opener) as g:
+        assert g.run("true") == 0
+    assert calls == [("127.0.0.1", sshd.port)]
+
+
+def test_closed_guest_reports_closed(sshd: Sshd) -> None:
+    g = Guest.connect(sshd.endpoint(), deadline())
+    g.close()
+    with pytest.raises(GuestError, match="closed"):
+        g.run("true")
+
+
+# --- banner ------------------------------------------------------------------------------------
+
+
+@contextmanager
+def listener(handle: Callable[[socket.socket, int], None]) -> Iterator[int]:
+    """A TCP server on 127.0.0.1; `handle(conn, n)` serves the n-th connection."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    stop = threading.Event()
+    conns: list[socket.socket] = []
+
+    def serve() -> None:
+        n = 0
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            conns.append(conn)
+            threading.Thread(target=handle, args=(conn, n), daemon=True).start()
+            n += 1
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+        for conn in conns:
+            conn.close()
+
+
+def test_banner_after_early_closes_and_a_delay() -> None:
+    def handle(conn: socket.socket, n: int) -> None:
+        # Like QEMU's hostfwd before sshd runs: accept, then close at once.
+        if n < 2:
+            conn.close()
+            return
+        time.sleep(1)
+        conn.sendall(b"a line some servers send first\r\nSSH-2.0-Fake_1.0\r\n")
+
+    with listener(handle) as port:
+        start = time.monotonic()
+        assert wait_for_banner("127.0.0.1", port, deadline(5)) == "SSH-2.0-Fake_1.0"
+        assert 1 <= time.monotonic() - start < 3
+
+
+def test_banner_never_sent_times_out() -> None:
+    with listener(lambda conn, n: None) as port:
+        start = time.monotonic()
+        with pytest.raises(TimeoutExpired, match="SSH banner"):
+            wait_for_banner("127.0.0.1", port, deadline(1))
+        assert 1 <= time.monotonic() - start < 2.5
+
+
+def test_banner_from_real_sshd(sshd: Sshd) -> None:
+    assert wait_for_banner("127.0.0.1", sshd.port, deadline(5)).startswith("SSH-2.0-OpenSSH")
