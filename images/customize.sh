@@ -1,8 +1,12 @@
 #!/bin/sh
-# mmdebstrap customize hook: $1 is the root filesystem of the guest image, fully installed, with
-# images/rootfs/ already copied over it. Runs on the host, as root.
+# mmdebstrap customize hook: $1 is the root filesystem of the guest image, fully installed.
+# Runs on the host, as root; $SANDBOX_RECIPE_DIR is the images/ directory of the source tree.
 set -eu
 root="$1"
+
+# The overlay: plain cp -R (not -a) so every file is owned by root whoever owns the checkout.
+umask 022
+cp -R "$SANDBOX_RECIPE_DIR/rootfs/." "$root/"
 
 # No host keys in the image: the host makes one per sandbox and the seed installs it.
 rm -f "$root"/etc/ssh/ssh_host_*
@@ -14,7 +18,7 @@ chroot "$root" systemctl mask --quiet \
     systemd-update-utmp.service systemd-update-utmp-runlevel.service \
     apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer \
     e2scrub_all.timer e2scrub_reap.service fstrim.timer man-db.timer \
-    systemd-tmpfiles-clean.timer \
+    systemd-tmpfiles-clean.timer phpsessionclean.timer systemd-pstore.service \
     cloud-config.service cloud-final.service \
     cloud-init-local.service
 # auditd stays installed and startable on demand (`systemctl start auditd`), just not at boot.

@@ -447,14 +447,6 @@ def sandbox_domains(conn: libvirt.virConnect) -> dict[str, str]:
     return found
 
 
-def console_tail(
-    conn: libvirt.virConnect, pool: libvirt.virStoragePool, name: str, lines: int = 25
-) -> str:
-    """The last lines of a console log kept as a volume ('' when there is none)."""
-    text = console_text(conn, pool, name)
-    return "\n".join(text.splitlines()[-lines:])
-
-
 def console_text(conn: libvirt.virConnect, pool: libvirt.virStoragePool, name: str) -> str:
     with contextlib.suppress(libvirt.libvirtError):
         pool.refresh(0)

@@ -233,10 +233,10 @@ def _up_locked(
                 with Guest.connect(endpoint, boot) as guest:
                     guest.check("true", timeout=boot.remaining() or 1.0)
         except SandboxError as exc:
-            tail = hv.console_tail(conn, pool, vols.console)
-            _save_console(store, name, hv.console_text(conn, pool, vols.console))
-            if tail:
-                exc.message += "\n--- last lines of the VM console ---\n" + tail
+            text = hv.console_text(conn, pool, vols.console)
+            _save_console(store, name, text)
+            tail = "\n".join(text.splitlines()[-25:]) or "(empty: the guest printed nothing yet)"
+            exc.message += "\n--- last lines of the VM console ---\n" + tail
             raise
 
         store.write_secret(

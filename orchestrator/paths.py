@@ -13,6 +13,10 @@ IMAGE_DISK = "base.qcow2"
 IMAGE_KERNEL = "vmlinuz"
 IMAGE_INITRD = "initrd.img"
 IMAGE_MANIFEST = "manifest.json"
+# Beside the image directories, under <data>/images/, per image name (str.format(name=...)):
+IMAGE_BUILD_LOCK = ".{name}.lock"
+IMAGE_BUILD_DIR_PREFIX = ".{name}.build-"  # temporary build directory, renamed into place
+IMAGE_BUILD_LOG = ".{name}.build.log"  # mmdebstrap's output of the last failed build
 
 # Per-sandbox files, under <state>/<sandbox name>/
 STATE_FILE = "state.json"

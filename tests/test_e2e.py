@@ -181,10 +181,10 @@ def test_up_exec_ssh_destroy(cli: Cli) -> None:
 
 
 def test_sshd_never_up_reports_console_and_rolls_back(cli: Cli) -> None:
-    cli.config.write_text("boot_timeout: 8\n")
+    cli.config.write_text("boot_timeout: 12\n")
     result = cli.run("up", "--name", "slow")
     assert result.returncode == 8, result.stderr  # TimeoutExpired
-    assert "timed out after 8 s waiting for sandbox 'slow' to boot" in result.stderr
+    assert "timed out after 12 s waiting for sandbox 'slow' to boot" in result.stderr
     assert "last lines of the VM console" in result.stderr
     assert "hint:" in result.stderr
     assert leftovers("slow", cli) == []
