@@ -50,6 +50,11 @@ class DomainSpec:
     sandbox: str
     image: str
     emulator: str | None = None
+    # The libvirt nwfilter that enforces the egress policy on the host side of the interface.
+    filterref: str | None = None
+    # The host-side name of the guest's interface (<= 15 characters), so host rules can name it
+    # before the VM exists.
+    target_dev: str | None = None
     # Keeps QEMU's translation cache small under TCG: ~320 MiB resident instead of ~800 MiB
     # (PLATFORM.md), at no visible cost.
     tcg_tb_cache_mib: int = 64
@@ -119,6 +124,10 @@ def render_domain(spec: DomainSpec) -> str:
     _sub(iface, "source", network=spec.network)
     _sub(iface, "mac", address=spec.mac)
     _sub(iface, "model", type="virtio")
+    if spec.target_dev:
+        _sub(iface, "target", dev=spec.target_dev)
+    if spec.filterref:
+        _sub(iface, "filterref", filter=spec.filterref)
 
     serial = _sub(devices, "serial", type="file")
     _sub(serial, "source", path=spec.console_log, append="off")

@@ -1,0 +1,296 @@
+"""The egress policy: what a sandbox may reach. Pure: parsing and validation, no side effects
+except host-name resolution, which is injected."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import socket
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UsageError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Resolver = Callable[[str], Sequence[str]]
+
+ALLOW_EXAMPLES = (
+    "examples: 203.0.113.7, 198.51.100.0/24, 203.0.113.7:443, udp:203.0.113.7:5353, "
+    "[2001:db8::1]:443, example.org:443"
+)
+_HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
+_ALLOW_KEYS = {"address", "host", "proto", "port"}
+_POLICY_KEYS = {"allow", "dns", "blocked"}
+
+
+class Proto(Enum):
+    ANY = "any"
+    TCP = "tcp"
+    UDP = "udp"
+    ICMP = "icmp"
+
+
+class Blocked(Enum):
+    """What happens to a blocked attempt: REJECT fails it fast (ECONNREFUSED), as the recipe did;
+    DROP lets it time out, which tells a probing program less."""
+
+    REJECT = "reject"
+    DROP = "drop"
+
+
+@dataclass(frozen=True, order=True)
+class Allow:
+    """One allowed destination: a network, optionally narrowed to a protocol and a port. A port
+    without a protocol allows TCP and UDP."""
+
+    network: IPNetwork
+    proto: Proto = Proto.ANY
+    port: int | None = None
+    # Where it came from: the text the user gave, and the host name it was resolved from.
+    source: str = field(default="", compare=False)
+    host: str | None = field(default=None, compare=False)
+
+    @property
+    def version(self) -> int:
+        return self.network.version
+
+    def describe(self) -> str:
+        addr = (
+            str(self.network)
+            if self.network.num_addresses > 1
+            else str(self.network.network_address)
+        )
+        if self.version == 6 and self.port is not None:
+            addr = f"[{addr}]"
+        text = addr if self.port is None else f"{addr}:{self.port}"
+        if self.proto is not Proto.ANY:
+            text = f"{self.proto.value}:{text}"
+        return text + (f" ({self.host})" if self.host else "")
+
+
+@dataclass(frozen=True)
+class EgressPolicy:
+    allow: tuple[Allow, ...] = ()
+    # The guest may ask the sandbox network's own resolver (only); never an outside server.
+    dns: bool = True
+    blocked: Blocked = Blocked.REJECT
+    # Host names from the allowlist and the addresses they resolved to at `up`; the sandbox's
+    # resolver answers these names and nothing else.
+    names: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def for_version(self, version: int) -> tuple[Allow, ...]:
+        return tuple(a for a in self.allow if a.version == version)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "allow": [
+                {
+                    "network": str(a.network),
+                    "proto": a.proto.value,
+                    "port": a.port,
+                    "source": a.source,
+                    "host": a.host,
+                }
+                for a in self.allow
+            ],
+            "dns": self.dns,
+            "blocked": self.blocked.value,
+            "names": {name: list(addrs) for name, addrs in self.names},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EgressPolicy:
+        return cls(
+            allow=tuple(
+                Allow(
+                    network=ipaddress.ip_network(a["network"]),
+                    proto=Proto(a["proto"]),
+                    port=a["port"],
+                    source=a.get("source", ""),
+                    host=a.get("host"),
+                )
+                for a in data.get("allow", [])
+            ),
+            dns=bool(data.get("dns", True)),
+            blocked=Blocked(data.get("blocked", "reject")),
+            names=tuple((n, tuple(v)) for n, v in sorted(data.get("names", {}).items())),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def system_resolver(name: str) -> list[str]:
+    try:
+        infos = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UsageError(
+            f"cannot resolve host name {name!r} on this machine: {exc}",
+            "check the name, or allow its address instead",
+        ) from None
+    return sorted({str(info[4][0]) for info in infos})
+
+
+def _bad(text: str, why: str) -> UsageError:
+    return UsageError(f"--allow {text!r}: {why}", ALLOW_EXAMPLES)
+
+
+def _port(text: str, value: str) -> int:
+    if not value.isdigit():
+        raise _bad(text, f"port {value!r} is not a number")
+    port = int(value)
+    if not 1 <= port <= 65535:
+        raise _bad(text, f"port {port} is out of range (1-65535)")
+    return port
+
+
+def _network(text: str, value: str) -> IPNetwork | None:
+    try:
+        return ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        if "/" in value:
+            # A CIDR with host bits set is almost always a typo: say so instead of widening it.
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                raise _bad(text, f"{value!r} is not a valid address or CIDR") from None
+            raise _bad(text, f"{exc}") from None
+        return None
+
+
+def parse_allow(text: str, resolve: Resolver = system_resolver) -> list[Allow]:
+    """Parse one --allow value. A host name expands to one entry per address it resolves to."""
+    raw = text.strip()
+    if not raw:
+        raise _bad(text, "empty")
+    rest = raw
+    proto = Proto.ANY
+    head, sep, tail = rest.partition(":")
+    if sep and head.lower() in {p.value for p in Proto}:
+        proto = Proto(head.lower())
+        rest = tail
+    port: int | None = None
+    if rest.startswith("["):
+        addr, bracket, after = rest[1:].partition("]")
+        if not bracket:
+            raise _bad(text, "missing ']' after the IPv6 address")
+        if after:
+            if not after.startswith(":"):
+                raise _bad(text, f"unexpected {after!r} after ']'")
+            port = _port(text, after[1:])
+        host_part = addr
+    elif rest.count(":") == 1:
+        host_part, _, port_text = rest.partition(":")
+        port = _port(text, port_text)
+    else:
+        host_part = rest  # an IPv6 address or CIDR without a port, an IPv4 one, or a name
+    if port is not None and proto is Proto.ICMP:
+        raise _bad(text, "ICMP has no ports")
+    net = _network(text, host_part)
+    if net is not None:
+        if net.version == 6 and port is not None and not rest.startswith("["):
+            raise _bad(text, "write an IPv6 address with a port in brackets: [2001:db8::1]:443")
+        return [Allow(net, proto, port, source=raw)]
+    name = host_part.lower().rstrip(".")
+    if not _HOSTNAME_RE.match(name) or name.replace(".", "").isdigit():
+        raise _bad(text, f"{host_part!r} is neither an IP address, a CIDR nor a host name")
+    addresses = resolve(name)
+    if not addresses:
+        raise _bad(text, f"host name {name!r} resolved to no address")
+    return [Allow(ipaddress.ip_network(a), proto, port, source=raw, host=name) for a in addresses]
+
+
+def _entry_text(entry: Any, where: str) -> str:
+    """A policy-file allow entry: a string like on the command line, or a mapping."""
+    if isinstance(entry, str):
+        return entry
+    if not isinstance(entry, dict):
+        raise UsageError(f"{where}: an allow entry must be a string or a mapping", ALLOW_EXAMPLES)
+    unknown = set(entry) - _ALLOW_KEYS
+    if unknown:
+        raise UsageError(
+            f"{where}: unknown key(s) {', '.join(sorted(unknown))}",
+            f"known keys: {', '.join(sorted(_ALLOW_KEYS))}",
+        )
+    target = entry.get("address", entry.get("host"))
+    if ("address" in entry) == ("host" in entry):
+        raise UsageError(f"{where}: give exactly one of address or host", ALLOW_EXAMPLES)
+    text = str(target)
+    if "port" in entry:
+        text = f"[{text}]:{entry['port']}" if ":" in text else f"{text}:{entry['port']}"
+    if "proto" in entry:
+        text = f"{entry['proto']}:{text}"
+    return text
+
+
+@dataclass(frozen=True)
+class PolicyFile:
+    allow: tuple[str, ...] = ()
+    dns: bool | None = None
+    blocked: Blocked | None = None
+
+
+def load_policy_file(path: Path) -> PolicyFile:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"policy file {path} does not exist", "check the path") from None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path} is not valid YAML: {exc}", "fix the syntax") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} must be a YAML mapping", "see `sandbox up --help`")
+    unknown = set(data) - _POLICY_KEYS
+    if unknown:
+        raise UsageError(
+            f"{path}: unknown key(s) {', '.join(sorted(unknown))}",
+            f"known keys: {', '.join(sorted(_POLICY_KEYS))}",
+        )
+    allow = data.get("allow") or []
+    if not isinstance(allow, list):
+        raise UsageError(f"{path}: allow must be a list", ALLOW_EXAMPLES)
+    dns = data.get("dns")
+    if dns is not None and not isinstance(dns, bool):
+        raise UsageError(f"{path}: dns must be true or false", "dns: true")
+    blocked = data.get("blocked")
+    try:
+        blocked_value = Blocked(blocked) if blocked is not None else None
+    except ValueError:
+        raise UsageError(f"{path}: blocked must be reject or drop", "blocked: reject") from None
+    return PolicyFile(
+        allow=tuple(_entry_text(e, f"{path}: allow[{i}]") for i, e in enumerate(allow)),
+        dns=dns,
+        blocked=blocked_value,
+    )
+
+
+def build_policy(
+    allow: Iterable[str],
+    *,
+    dns: bool = True,
+    blocked: Blocked = Blocked.REJECT,
+    resolve: Resolver = system_resolver,
+) -> EgressPolicy:
+    entries: list[Allow] = []
+    for text in allow:
+        entries.extend(parse_allow(text, resolve))
+    unique = sorted(set(entries))
+    names: dict[str, set[str]] = {}
+    for entry in entries:
+        if entry.host:
+            names.setdefault(entry.host, set()).add(str(entry.network.network_address))
+    return EgressPolicy(
+        allow=tuple(unique),
+        dns=dns,
+        blocked=blocked,
+        names=tuple((n, tuple(sorted(a))) for n, a in sorted(names.items())),
+    )
