@@ -22,6 +22,7 @@ from rich.table import Table
 from . import images, lifecycle, paths
 from .config import load_settings, parse_accel
 from .errors import SandboxError, UsageError
+from .policy import Blocked
 
 app = typer.Typer(
     name="sandbox",
@@ -33,6 +34,8 @@ app = typer.Typer(
 )
 image_app = typer.Typer(help="Build and list base images.", no_args_is_help=True)
 app.add_typer(image_app, name="image")
+policy_app = typer.Typer(help="Inspect a sandbox's egress policy.", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -112,7 +115,24 @@ def _global(
 def up(
     name: NameOpt = "default",
     allow: Annotated[
-        list[str] | None, typer.Option("--allow", help="Allowed destination (repeatable).")
+        list[str] | None,
+        typer.Option(
+            "--allow",
+            help="Allowed destination (repeatable): ADDR, CIDR, ADDR:PORT, udp:ADDR:PORT, "
+            "[V6]:PORT or a host name (resolved now).",
+        ),
+    ] = None,
+    policy: Annotated[
+        Path | None, typer.Option("--policy", help="Policy file (YAML: allow, dns, blocked).")
+    ] = None,
+    dns: Annotated[
+        bool | None,
+        typer.Option(
+            "--dns/--no-dns", help="Let the guest query the sandbox network's resolver (only)."
+        ),
+    ] = None,
+    blocked: Annotated[
+        str | None, typer.Option("--blocked", help="reject (default: fail fast) or drop.")
     ] = None,
     image: Annotated[str | None, typer.Option("--image", help="Base image name.")] = None,
     accel: Annotated[str | None, typer.Option("--accel", help="auto, kvm or tcg.")] = None,
@@ -121,7 +141,14 @@ def up(
 ) -> None:
     """Create and boot a disposable sandbox VM."""
     ctx = _context(accel, memory, vcpus)
-    state = lifecycle.up(ctx, name, image=image, allow=allow or ())
+    try:
+        blocked_action = Blocked(blocked.lower()) if blocked else None
+    except ValueError:
+        raise UsageError(f"--blocked {blocked!r}", "use reject or drop") from None
+    egress = lifecycle.make_policy(
+        ctx, allow or (), policy_file=policy, dns=dns, blocked=blocked_action
+    )
+    state = lifecycle.up(ctx, name, image=image, policy=egress)
     err.print(
         f"sandbox [bold]{state.name}[/] is ready at {state.ip} "
         f"({state.accel}, booted in {state.boot_seconds} s)"
@@ -180,6 +207,7 @@ def _status_dict(st: lifecycle.Status) -> dict[str, Any]:
         "created": s.created if s else None,
         "boot_seconds": s.boot_seconds if s else None,
         "allow": list(s.allow) if s else [],
+        "dns": s.policy.get("dns") if s else None,
         "problems": list(st.problems),
     }
 
@@ -242,6 +270,31 @@ def destroy(
             err.print(f"nothing to destroy for {report.name}")
 
 
+@policy_app.command("show")
+def policy_show(name: NameOpt = "default") -> None:
+    """Print the effective egress policy and both layers' rules (guest and host)."""
+    report = lifecycle.policy_report(_context(), name)
+    p = report.policy
+    out.print(f"[bold]sandbox {report.name}[/]: egress denied except:")
+    for entry in p.allow:
+        out.print(f"  allow {escape(entry.describe())}")
+    if not p.allow:
+        out.print("  (nothing)")
+    out.print(f"  dns: {'the sandbox resolver only' if p.dns else 'none'}")
+    for host, addrs in p.names:
+        out.print(f"  name {host} -> {', '.join(addrs)}")
+    out.print(f"  blocked attempts: {p.blocked.value}")
+    for version, rules in sorted(report.guest_rules.items()):
+        out.print(f"\n[bold]guest: ip{'6' if version == 6 else ''}tables-save -t filter[/]")
+        out.print(escape(rules.rstrip()))
+    out.print("\n[bold]host: libvirt nwfilter[/]")
+    out.print(escape(report.host_filter.rstrip()))
+    for problem in report.problems:
+        err.print(f"[yellow]warning:[/] {escape(problem)}")
+    if report.problems:
+        raise typer.Exit(1)
+
+
 @image_app.command("build")
 def image_build(
     name: Annotated[str | None, typer.Option("--name", help="Image name.")] = None,
@@ -300,6 +353,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
+    except PermissionError as exc:
+        if OPTIONS.debug:
+            traceback.print_exc()
+        err.print(f"[bold red]error:[/] permission denied: {escape(str(exc.filename or exc))}")
+        err.print(
+            "[yellow]hint:[/] run as the user that created the sandbox (or root), or fix the "
+            "ownership of that path"
+        )
+        return 9
     except Exception as exc:
         if OPTIONS.debug:
             raise

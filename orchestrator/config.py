@@ -27,6 +27,9 @@ class NetworkSettings:
     subnet: ipaddress.IPv4Network = field(
         default_factory=lambda: ipaddress.IPv4Network("192.168.213.0/24")
     )
+    subnet6: ipaddress.IPv6Network | None = field(
+        default_factory=lambda: ipaddress.IPv6Network("2001:db8:213::/64")
+    )
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,7 @@ def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
         )
     if "network" in data:
         net = _expect(data["network"], dict, "network", source)
-        _check_keys(net, {"name", "bridge", "subnet"}, "network.", source)
+        _check_keys(net, {"name", "bridge", "subnet", "subnet6"}, "network.", source)
         subnet = s.network.subnet
         if "subnet" in net:
             try:
@@ -133,8 +136,27 @@ def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
             raise UsageError(
                 f"{source}: network.bridge {bridge!r} is longer than 15 characters", "shorten it"
             )
+        subnet6 = s.network.subnet6
+        if "subnet6" in net:
+            if net["subnet6"] in (None, False, "none"):
+                subnet6 = None
+            else:
+                try:
+                    subnet6 = ipaddress.IPv6Network(str(net["subnet6"]))
+                except ValueError as exc:
+                    raise UsageError(
+                        f"{source}: network.subnet6: {exc}",
+                        "use an IPv6 /64 such as 2001:db8:213::/64, or none for IPv4 only",
+                    ) from None
+                if subnet6.prefixlen != 64:
+                    raise UsageError(
+                        f"{source}: network.subnet6 must be a /64", "DHCPv6 and SLAAC want a /64"
+                    )
         changes["network"] = NetworkSettings(
-            name=str(net.get("name", s.network.name)), bridge=bridge, subnet=subnet
+            name=str(net.get("name", s.network.name)),
+            bridge=bridge,
+            subnet=subnet,
+            subnet6=subnet6,
         )
     if "pool" in data:
         pool = _expect(data["pool"], dict, "pool", source)

@@ -148,9 +148,16 @@ class NetworkSpec:
     name: str
     bridge: str
     subnet: ipaddress.IPv4Network
+    # IPv6 for the guests, NATed like IPv4, so that allowed IPv6 destinations are reachable and
+    # blocked ones are refused by the policy rather than merely unroutable. None: IPv4 only.
+    subnet6: ipaddress.IPv6Network | None = None
     # Names the resolver may answer (issue: egress policy). Everything else gets REFUSED, and
     # nothing is ever forwarded to the host's own resolvers.
     dns_hosts: tuple[tuple[str, tuple[str, ...]], ...] = field(default_factory=tuple)
+
+    @property
+    def gateway6(self) -> ipaddress.IPv6Address | None:
+        return None if self.subnet6 is None else self.subnet6.network_address + 1
 
     @property
     def gateway(self) -> ipaddress.IPv4Address:
@@ -168,7 +175,7 @@ def render_network(spec: NetworkSpec) -> str:
     _sub(net, "name", spec.name)
     # NAT so that allowed destinations are reachable; what is allowed is the egress policy's job.
     forward = _sub(net, "forward", mode="nat")
-    nat = _sub(forward, "nat")
+    nat = _sub(forward, "nat", ipv6="yes") if spec.subnet6 else _sub(forward, "nat")
     _sub(nat, "port", start="1024", end="65535")
     _sub(net, "bridge", name=spec.bridge, stp="off", delay="0")
     dns = _sub(net, "dns", enable="yes", forwardPlainNames="no")
@@ -180,6 +187,17 @@ def render_network(spec: NetworkSpec) -> str:
     dhcp = _sub(ip, "dhcp")
     start, end = spec.dhcp_range
     _sub(dhcp, "range", start=str(start), end=str(end))
+    if spec.subnet6 is not None and spec.gateway6 is not None:
+        ip6 = _sub(
+            net,
+            "ip",
+            family="ipv6",
+            address=str(spec.gateway6),
+            prefix=str(spec.subnet6.prefixlen),
+        )
+        dhcp6 = _sub(ip6, "dhcp")
+        base6 = spec.subnet6.network_address
+        _sub(dhcp6, "range", start=str(base6 + 0x100), end=str(base6 + 0x1FF))
     # libvirt's dnsmasq otherwise forwards unknown names to the host's resolvers and serves the
     # host's /etc/hosts (PLATFORM.md): a DNS exfiltration channel and a leak of host names.
     options = ET.SubElement(net, f"{{{DNSMASQ_NS}}}options")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -325,6 +325,52 @@ def ensure_network(conn: libvirt.virConnect, spec: NetworkSpec) -> libvirt.virNe
                 "network.bridge in the config file",
             ) from None
     return net
+
+
+def set_dns_hosts(net: libvirt.virNetwork, names: Sequence[tuple[str, Sequence[str]]]) -> None:
+    """Make the sandbox network's resolver answer these names with these addresses (merged with
+    the names other sandboxes added). Call under the global lock."""
+    by_ip: dict[str, set[str]] = {}
+    for name, addresses in names:
+        for address in addresses:
+            by_ip.setdefault(address, set()).add(name)
+    if not by_ip:
+        return
+    current = ET.fromstring(net.XMLDesc(0))
+    flags = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
+    for address, hostnames in sorted(by_ip.items()):
+        existing = current.find(f"dns/host[@ip='{address}']")
+        known = (
+            {h.text or "" for h in existing.findall("hostname")} if existing is not None else set()
+        )
+        if hostnames <= known:
+            continue
+        host = ET.Element("host", ip=address)
+        for hostname in sorted(hostnames | known):
+            ET.SubElement(host, "hostname").text = hostname
+        try:
+            # An entry for an address cannot be changed in place: delete it, add the merged one.
+            if existing is not None:
+                net.update(
+                    libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE,
+                    libvirt.VIR_NETWORK_SECTION_DNS_HOST,
+                    -1,
+                    ET.tostring(existing, encoding="unicode"),
+                    flags,
+                )
+            net.update(
+                libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
+                libvirt.VIR_NETWORK_SECTION_DNS_HOST,
+                -1,
+                ET.tostring(host, encoding="unicode"),
+                flags,
+            )
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(
+                f"cannot add DNS names for {address} to network {net.name()}: {exc}",
+                "destroy the other sandboxes to recreate the network, or allow addresses "
+                "instead of names",
+            ) from None
 
 
 def network_users(conn: libvirt.virConnect, network: str) -> list[str]:

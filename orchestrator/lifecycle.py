@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import ipaddress
+import hashlib
 import os
 import secrets
+import shlex
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack
@@ -17,14 +18,15 @@ from typing import Protocol
 
 import libvirt
 
+from . import firewall, hostfilter, paths
 from . import hypervisor as hv
-from . import paths
 from .cloudinit import SeedSpec, build_seed_iso
 from .config import Settings
 from .domain import DomainSpec, NetworkSpec, PoolSpec, render_domain
 from .errors import ConflictError, GuestError, NotFoundError, SandboxError, UsageError
 from .guest import Endpoint, Guest, generate_ed25519, known_hosts_line, wait_for_banner
 from .images import KERNEL_CMDLINE, Image, default_image_name, load_image
+from .policy import Blocked, EgressPolicy, build_policy, load_policy_file
 from .state import Phase, SandboxState, StateStore, validate_name
 from .waits import Deadline
 
@@ -52,17 +54,35 @@ def _random_mac() -> str:
     return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
 
 
-def validate_allow(values: Sequence[str]) -> tuple[str, ...]:
-    out = []
-    for value in values:
-        try:
-            out.append(str(ipaddress.ip_network(value.strip(), strict=False)))
-        except ValueError:
-            raise UsageError(
-                f"--allow {value!r} is not an IPv4/IPv6 address or CIDR",
-                "examples: --allow 203.0.113.7, --allow 198.51.100.0/24, --allow 2001:db8::1",
-            ) from None
-    return tuple(out)
+def make_policy(
+    ctx: Context,
+    allow: Sequence[str] = (),
+    *,
+    policy_file: Path | None = None,
+    dns: bool | None = None,
+    blocked: Blocked | None = None,
+) -> EgressPolicy:
+    """The effective policy: the config file's allow list, then the policy file, then the
+    flags. Host names are resolved here, on the host, before anything is created."""
+    entries = [*ctx.settings.allow]
+    file_dns: bool | None = None
+    file_blocked: Blocked | None = None
+    if policy_file is not None:
+        pf = load_policy_file(policy_file)
+        entries += pf.allow
+        file_dns, file_blocked = pf.dns, pf.blocked
+    entries += allow
+    return build_policy(
+        entries,
+        dns=dns if dns is not None else (file_dns if file_dns is not None else True),
+        blocked=blocked or file_blocked or Blocked.REJECT,
+    )
+
+
+def target_dev(sandbox: str) -> str:
+    """The host-side interface name: fixed before boot, at most 15 characters, and never in
+    libvirt's own `vnet` namespace."""
+    return "sbx" + hashlib.sha256(sandbox.encode()).hexdigest()[:10]
 
 
 @dataclass
@@ -79,7 +99,7 @@ class Context:
 
     def network_spec(self) -> NetworkSpec:
         net = self.settings.network
-        return NetworkSpec(name=net.name, bridge=net.bridge, subnet=net.subnet)
+        return NetworkSpec(name=net.name, bridge=net.bridge, subnet=net.subnet, subnet6=net.subnet6)
 
     def pool_spec(self) -> PoolSpec:
         return PoolSpec(name=self.settings.pool.name, path=self.settings.pool.path)
@@ -108,10 +128,10 @@ def up(
     name: str,
     *,
     image: str | None = None,
-    allow: Sequence[str] = (),
+    policy: EgressPolicy | None = None,
 ) -> SandboxState:
     validate_name(name)
-    allowed = validate_allow([*ctx.settings.allow, *allow])
+    policy = policy if policy is not None else make_policy(ctx)
     store = ctx.store
     img = load_image(ctx.image_name(image), ctx.dirs.images)
     with store.lock(name):
@@ -123,11 +143,11 @@ def up(
                 f"use it, or run `sandbox destroy --name {name}` first",
             )
         with hv.connection(ctx.settings.connect) as conn:
-            return _up_locked(ctx, conn, name, img, allowed)
+            return _up_locked(ctx, conn, name, img, policy)
 
 
 def _up_locked(
-    ctx: Context, conn: libvirt.virConnect, name: str, img: Image, allowed: tuple[str, ...]
+    ctx: Context, conn: libvirt.virConnect, name: str, img: Image, policy: EgressPolicy
 ) -> SandboxState:
     store, settings, report = ctx.store, ctx.settings, ctx.reporter
     dom_name = hv.domain_name(name)
@@ -152,7 +172,8 @@ def _up_locked(
         image_hash=img.manifest.recipe_hash,
         accel=accel.value,
         mac=_random_mac(),
-        allow=allowed,
+        allow=tuple(a.describe() for a in policy.allow),
+        policy=policy.to_dict(),
     )
 
     with ExitStack() as rollback:
@@ -193,8 +214,17 @@ def _up_locked(
                 disk_path = hv.create_overlay(pool, vols.disk, base.disk)
                 seed_path = str(hv.upload(conn, pool, vols.seed, data=seed).path())
             with report.step(f"starting network {net_spec.name}"):
-                hv.ensure_network(conn, net_spec)
+                net = hv.ensure_network(conn, net_spec)
+                hv.set_dns_hosts(net, policy.names)
             rollback.callback(_remove_network, ctx, conn)
+            with report.step("defining the host-side egress filter"):
+                hostfilter.define_filter(
+                    conn,
+                    hostfilter.render_filter(
+                        name, policy, gateway=net_spec.gateway, gateway6=net_spec.gateway6
+                    ),
+                )
+            rollback.callback(hostfilter.remove_filter, conn, name)
             spec = DomainSpec(
                 name=dom_name,
                 uuid=str(uuid.uuid4()),
@@ -211,6 +241,8 @@ def _up_locked(
                 console_log=os.path.join(hv.pool_path(pool), vols.console),
                 sandbox=name,
                 image=img.name,
+                filterref=hostfilter.filter_name(name),
+                target_dev=target_dev(name),
             )
             with report.step(f"starting VM {dom_name} ({accel.value})"):
                 boot = Deadline(
@@ -230,8 +262,10 @@ def _up_locked(
                 wait_for_banner(ip, state.ssh_port, boot)
             with report.step("logging in with the pinned host key"):
                 endpoint = Endpoint(ip, state.ssh_port, state.user, key_path, host.public_line)
-                with Guest.connect(endpoint, boot) as guest:
-                    guest.check("true", timeout=boot.remaining() or 1.0)
+                guest = Guest.connect(endpoint, boot)
+            # Before `up` returns, so before any target software can run.
+            with guest, report.step("loading the egress policy in the guest"):
+                apply_guest_policy(guest, policy, net_spec)
         except SandboxError as exc:
             text = hv.console_text(conn, pool, vols.console)
             _save_console(store, name, text)
@@ -246,6 +280,46 @@ def _up_locked(
         store.save(state)
         rollback.pop_all()
     return state
+
+
+_SAVE_SPLIT = "----- sandbox: end of IPv4 rules -----"
+
+
+def apply_guest_policy(guest: Guest, policy: EgressPolicy, net: NetworkSpec) -> None:
+    """Load the rules with iptables-restore (each family atomically), read them back and fail
+    unless the kernel holds exactly what was meant. One SSH round trip: under TCG every extra
+    channel costs a noticeable part of a second."""
+    rules = {
+        version: firewall.render_rules(
+            policy, version=version, resolver=net.gateway, resolver6=net.gateway6
+        )
+        for version in (4, 6)
+    }
+    (restore4, save4), (restore6, save6) = (firewall.restore_commands(v) for v in (4, 6))
+    script = "\n".join(
+        [
+            "set -e",
+            f"{shlex.join(restore4)} <<'SANDBOX_RULES_V4'",
+            rules[4].rstrip("\n"),
+            "SANDBOX_RULES_V4",
+            f"{shlex.join(restore6)} <<'SANDBOX_RULES_V6'",
+            rules[6].rstrip("\n"),
+            "SANDBOX_RULES_V6",
+            shlex.join(save4),
+            f"echo {shlex.quote(_SAVE_SPLIT)}",
+            shlex.join(save6),
+        ]
+    )
+    saved = guest.check(["sh", "-c", script], timeout=60)
+    saved4, _, saved6 = saved.partition(_SAVE_SPLIT + "\n")
+    for version, text in ((4, saved4), (6, saved6)):
+        diff = firewall.differences(rules[version], text)
+        if diff:
+            raise GuestError(
+                f"the guest's IPv{version} firewall differs from the policy after loading it:\n"
+                + "\n".join(diff),
+                "something in the guest changed the rules; destroy the sandbox and report this",
+            )
 
 
 def _save_console(store: StateStore, name: str, text: str) -> None:
@@ -300,6 +374,8 @@ def destroy(ctx: Context, name: str) -> DestroyReport:
             dom_name = hv.domain_name(name)
             if hv.destroy_domain(conn, dom_name):
                 removed.append(f"domain {dom_name}")
+            if hostfilter.remove_filter(conn, name):
+                removed.append(f"filter {hostfilter.filter_name(name)}")
             pool = _lookup_pool(conn, pool_name)
             if pool is not None:
                 vols = hv.SandboxVolumes.for_sandbox(name)
@@ -485,3 +561,36 @@ def ssh_argv(ctx: Context, name: str, command: Sequence[str]) -> list[str]:
         f"{state.user}@{state.ip}",
         *command,
     ]
+
+
+# ---- policy show ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicyReport:
+    name: str
+    policy: EgressPolicy
+    guest_rules: dict[int, str]
+    host_filter: str
+    problems: tuple[str, ...]
+
+
+def policy_report(ctx: Context, name: str) -> PolicyReport:
+    """The effective policy and both layers' rules as they are now (read from the guest and from
+    libvirt, not re-rendered), so the output shows what is really enforced."""
+    state = ready_state(ctx, name)
+    policy = EgressPolicy.from_dict(state.policy)
+    problems: list[str] = []
+    guest_rules: dict[int, str] = {}
+    try:
+        with open_guest(ctx, name) as guest:
+            for version in (4, 6):
+                guest_rules[version] = guest.check(firewall.restore_commands(version)[1])
+    except SandboxError as exc:
+        problems.append(f"cannot read the guest's rules: {exc.message}")
+    host_filter = ""
+    with hv.connection(state.uri) as conn:
+        host_filter = hostfilter.filter_xml(conn, name) or ""
+    if not host_filter:
+        problems.append(f"the host-side filter {hostfilter.filter_name(name)} is missing")
+    return PolicyReport(name, policy, guest_rules, host_filter, tuple(problems))

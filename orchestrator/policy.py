@@ -46,7 +46,7 @@ class Blocked(Enum):
     DROP = "drop"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Allow:
     """One allowed destination: a network, optionally narrowed to a protocol and a port. A port
     without a protocol allows TCP and UDP."""
@@ -61,6 +61,16 @@ class Allow:
     @property
     def version(self) -> int:
         return self.network.version
+
+    def sort_key(self) -> tuple[int, int, int, str, int]:
+        net = self.network
+        return (
+            net.version,
+            int(net.network_address),
+            net.prefixlen,
+            self.proto.value,
+            self.port or 0,
+        )
 
     def describe(self) -> str:
         addr = (
@@ -283,7 +293,7 @@ def build_policy(
     entries: list[Allow] = []
     for text in allow:
         entries.extend(parse_allow(text, resolve))
-    unique = sorted(set(entries))
+    unique = sorted(set(entries), key=Allow.sort_key)
     names: dict[str, set[str]] = {}
     for entry in entries:
         if entry.host:

@@ -57,6 +57,8 @@ class SandboxState:
     ssh_port: int = 22
     host_key: str = ""
     allow: tuple[str, ...] = field(default_factory=tuple)
+    # The effective EgressPolicy (policy.EgressPolicy.to_dict()), as enforced in both layers.
+    policy: dict[str, Any] = field(default_factory=dict)
     boot_seconds: float | None = None
 
     def to_json(self) -> str:

@@ -109,7 +109,7 @@ def test_up_exec_ssh_destroy(cli: Cli) -> None:
 
     state = json.loads((cli.sandbox_dir("e2e") / paths.STATE_FILE).read_text())
     assert state["phase"] == "ready" and state["ip"]
-    assert state["allow"] == ["203.0.113.7/32"]
+    assert state["allow"] == ["203.0.113.7"]
 
     # Output streams are kept apart and the exit code comes back.
     result = cli.run("exec", "--name", "e2e", "--", "sh", "-c", "hostname; echo oops >&2; exit 7")

@@ -13,8 +13,8 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from orchestrator import hostfilter, lifecycle, paths
 from orchestrator import hypervisor as hv
-from orchestrator import lifecycle, paths
 from orchestrator.config import Settings
 from orchestrator.domain import Accel, VolumeSpec, render_domain, render_volume
 from orchestrator.errors import ConflictError, NotFoundError, TimeoutExpired, UsageError
@@ -73,10 +73,10 @@ def fake_image(tmp_path: Path) -> Image:
     return Image.at(tmp_path, manifest)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def test_driver_edges(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """The test driver cannot stream volumes, has no x86_64 guests and no DHCP: stand in for
-    exactly those three calls, and let every other libvirt call run for real."""
+    """The test driver cannot stream volumes, has no x86_64 guests, no DHCP and no nwfilter:
+    stand in for exactly those calls, and let every other libvirt call run for real."""
 
     def upload(conn: object, pool: libvirt.virStoragePool, name: str, **_: object) -> object:
         hv.delete_volume(pool, name)
@@ -89,6 +89,15 @@ def test_driver_edges(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(hv, "resolve_accel", lambda conn, requested: Accel.TCG)
     monkeypatch.setattr(hv, "wait_for_lease", lease)
     monkeypatch.setattr(lifecycle, "load_image", lambda name, d: fake_image(tmp_path))
+    filters: set[str] = set()
+    monkeypatch.setattr(hostfilter, "define_filter", lambda conn, xml: filters.add(xml))
+
+    def remove_filter(conn: object, name: str) -> bool:
+        had = bool(filters)
+        filters.clear()
+        return had
+
+    monkeypatch.setattr(hostfilter, "remove_filter", remove_filter)
 
 
 def leftovers(ctx: lifecycle.Context, name: str) -> list[str]:
@@ -103,7 +112,6 @@ def leftovers(ctx: lifecycle.Context, name: str) -> list[str]:
     return found
 
 
-@pytest.mark.usefixtures("test_driver_edges")
 def test_failed_up_rolls_back_everything(ctx: lifecycle.Context) -> None:
     with pytest.raises(TimeoutExpired, match="DHCP"):
         lifecycle.up(ctx, "rb")
@@ -117,12 +125,11 @@ def test_failed_up_rolls_back_everything(ctx: lifecycle.Context) -> None:
         lifecycle.up(ctx, "rb")
 
 
-@pytest.mark.usefixtures("test_driver_edges")
 def test_up_refuses_existing_and_bad_input(ctx: lifecycle.Context) -> None:
     with pytest.raises(UsageError):
         lifecycle.up(ctx, "Bad_Name")
-    with pytest.raises(UsageError, match="not an IPv4/IPv6"):
-        lifecycle.up(ctx, "ok", allow=["203.0.113.999"])
+    with pytest.raises(UsageError, match="neither an IP address"):
+        lifecycle.make_policy(ctx, ["203.0.113.999"])
     state = SandboxState(
         name="taken",
         phase=Phase.READY,

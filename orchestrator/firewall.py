@@ -1,0 +1,203 @@
+"""EgressPolicy → iptables-restore / ip6tables-restore text for the guest, and the check that what
+the guest's kernel holds is what we meant. Pure: the lead pushes and reads back over SSH.
+
+The text is written in the exact form `iptables-save` (1.8.9, nf_tables backend, as on Debian 12)
+prints back, so verification is a comparison of lines, not a parse of iptables syntax.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from ipaddress import IPv4Address, IPv6Address
+
+from .errors import UsageError
+from .policy import Allow, Blocked, EgressPolicy, IPNetwork, Proto
+
+# Kernel-log prefixes, one record per NEW attempt (the connection log parses these).
+LOG_ALLOW = "SBX-ALLOW "
+LOG_BLOCK = "SBX-BLOCK "
+LOG_DNS = "SBX-DNS "
+
+CHAIN_ALLOW = "SBX-ALLOW"
+CHAIN_BLOCK = "SBX-BLOCK"
+CHAIN_DNS = "SBX-DNS"
+
+# Neighbour discovery (133-136) and the kernel's own multicast listener reports (143): without
+# them nothing IPv6 works, and MLD reports would fill the block log with attempts nobody made.
+ND_TYPES = (133, 134, 135, 136, 143)
+
+_BUILTIN_POLICIES = (("INPUT", "ACCEPT"), ("FORWARD", "DROP"), ("OUTPUT", "DROP"))
+# iptables-save lists built-in chains first, then user chains sorted by name.
+_USER_CHAINS = tuple(sorted((CHAIN_ALLOW, CHAIN_BLOCK, CHAIN_DNS)))
+
+
+def _check_version(version: int) -> None:
+    if version not in (4, 6):
+        raise UsageError(f"IP version {version} is neither 4 nor 6", "render for version 4 or 6")
+
+
+def _icmp(version: int) -> str:
+    return "icmp" if version == 4 else "ipv6-icmp"
+
+
+def _dest(network: IPNetwork) -> str:
+    # iptables-save leaves out a match-everything destination.
+    return "" if network.prefixlen == 0 else f"-d {network} "
+
+
+def _proto_port(proto: str, port: int | None, *, sport: int | None = None) -> str:
+    text = f"-p {proto} "
+    if proto in ("tcp", "udp") and (port is not None or sport is not None):
+        text += f"-m {proto} "
+        if sport is not None:
+            text += f"--sport {sport} "
+        if port is not None:
+            text += f"--dport {port} "
+    return text
+
+
+def _allow_rules(entry: Allow, version: int) -> list[str]:
+    dest = _dest(entry.network)
+    jump = f"-j {CHAIN_ALLOW}"
+    if entry.proto is Proto.ICMP:
+        if entry.port is not None:
+            raise UsageError(f"{entry.describe()}: ICMP has no ports", "drop the port")
+        return [f"-A OUTPUT {dest}{_proto_port(_icmp(version), None)}{jump}"]
+    if entry.proto is Proto.ANY and entry.port is None:
+        return [f"-A OUTPUT {dest}{jump}"]
+    protos = ("tcp", "udp") if entry.proto is Proto.ANY else (entry.proto.value,)
+    return [f"-A OUTPUT {dest}{_proto_port(p, entry.port)}{jump}" for p in protos]
+
+
+def _log(chain: str, prefix: str) -> str:
+    return f'-A {chain} -j LOG --log-prefix "{prefix}" --log-uid'
+
+
+def render_rules(
+    policy: EgressPolicy,
+    *,
+    version: int,
+    resolver: IPv4Address,
+    resolver6: IPv6Address | None = None,
+) -> str:
+    """The filter table for one IP version, as iptables-restore input (replaces the whole table).
+
+    `resolver` is the sandbox network's gateway, which also serves DHCP and DNS; `resolver6` its
+    IPv6 address if the network has one (DNS only: there is no DHCPv6 rule).
+    """
+    _check_version(version)
+    lines = ["*filter"]
+    lines += [f":{chain} {target} [0:0]" for chain, target in _BUILTIN_POLICIES]
+    lines += [f":{chain} - [0:0]" for chain in _USER_CHAINS]
+
+    out = [
+        "-A OUTPUT -o lo -j ACCEPT",
+        # Replies of flows already known, above all the management SSH session from the host.
+        "-A OUTPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        # A TCP flow that was open before these rules first loaded conntrack is first seen
+        # mid-stream and is then NEW (measured: with the guest speaking first, the SSH session that
+        # pushed the rules was reset). Only a SYN opens a connection: non-SYN NEW packets are
+        # such picked-up flows, or hand-made by root, who can flush this table anyway.
+        "-A OUTPUT -p tcp -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN "
+        "-m conntrack --ctstate NEW -j ACCEPT",
+    ]
+    gateway: IPv4Address | IPv6Address | None = resolver if version == 4 else resolver6
+    if version == 4:
+        # DHCP renewals: pinned to the gateway and broadcast, never to any address (a bare
+        # 68→67 rule is a way out).
+        for dhcp in (resolver, IPv4Address("255.255.255.255")):
+            out.append(f"-A OUTPUT -d {dhcp}/32 {_proto_port('udp', 67, sport=68)}-j ACCEPT")
+    else:
+        out += [f"-A OUTPUT -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j ACCEPT" for t in ND_TYPES]
+    if policy.dns and gateway is not None:
+        prefix = 32 if version == 4 else 128
+        out += [
+            f"-A OUTPUT -d {gateway}/{prefix} {_proto_port(p, 53)}-j {CHAIN_DNS}"
+            for p in ("udp", "tcp")
+        ]
+    for entry in policy.for_version(version):
+        out += _allow_rules(entry, version)
+    out.append(f"-A OUTPUT -j {CHAIN_BLOCK}")
+
+    # Rules grouped by chain in the order iptables-save prints them (user chains by name).
+    out += [_log(CHAIN_ALLOW, LOG_ALLOW), f"-A {CHAIN_ALLOW} -j ACCEPT"]
+    out.append(_log(CHAIN_BLOCK, LOG_BLOCK))
+    if policy.blocked is Blocked.REJECT:
+        unreachable = "icmp-port-unreachable" if version == 4 else "icmp6-port-unreachable"
+        out += [
+            # A TCP reset makes connect() fail at once with ECONNREFUSED.
+            f"-A {CHAIN_BLOCK} -p tcp -j REJECT --reject-with tcp-reset",
+            f"-A {CHAIN_BLOCK} -j REJECT --reject-with {unreachable}",
+        ]
+    else:
+        out.append(f"-A {CHAIN_BLOCK} -j DROP")
+    out += [_log(CHAIN_DNS, LOG_DNS), f"-A {CHAIN_DNS} -j ACCEPT"]
+    return "\n".join([*lines, *out, "COMMIT", ""])
+
+
+def _strip_counters(line: str) -> str:
+    if line.startswith("["):
+        _, _, line = line.partition("] ")
+    return line
+
+
+def _rule_chain(line: str) -> str:
+    parts = line.split(maxsplit=2)
+    return parts[1] if len(parts) > 1 and parts[0] == "-A" else ""
+
+
+def normalize(saved: str) -> list[str]:
+    """Comparable lines of iptables-save (or iptables-restore) text: no comments or counters,
+    chain declarations sorted, rules grouped by chain (chains by name, rule order kept)."""
+    result: list[str] = []
+    decls: list[str] = []
+    rules: list[str] = []
+
+    def flush() -> None:
+        result.extend(sorted(decls))
+        result.extend(sorted(rules, key=_rule_chain))  # stable: order within a chain is kept
+        decls.clear()
+        rules.clear()
+
+    for raw in saved.splitlines():
+        line = _strip_counters(raw.strip())
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith(":"):
+            name, policy, *_ = line[1:].split()
+            decls.append(f":{name} {policy}")
+        elif line.startswith("-"):
+            rules.append(line)
+        else:  # *table, COMMIT
+            flush()
+            result.append(line)
+    flush()
+    return result
+
+
+def _report(tag: str, lines: Iterable[str]) -> list[str]:
+    return [f"{tag}: {line}" for line in lines]
+
+
+def differences(expected: str, saved: str) -> list[str]:
+    """[] when the saved table is the rendered one; else one readable line per difference, e.g.
+    `missing: -A OUTPUT -j SBX-BLOCK` or `unexpected: -A OUTPUT -j ACCEPT`."""
+    want, have = normalize(expected), normalize(saved)
+    if want == have:
+        return []
+    found: list[str] = []
+    matcher = difflib.SequenceMatcher(a=want, b=have, autojunk=False)
+    for op, a1, a2, b1, b2 in matcher.get_opcodes():
+        if op in ("delete", "replace"):
+            found += _report("missing", want[a1:a2])
+        if op in ("insert", "replace"):
+            found += _report("unexpected", have[b1:b2])
+    return found
+
+
+def restore_commands(version: int) -> tuple[list[str], list[str]]:
+    """(argv that loads rendered text from stdin, argv that prints the filter table back)."""
+    _check_version(version)
+    tool = "iptables" if version == 4 else "ip6tables"
+    return [f"{tool}-restore"], [f"{tool}-save", "-t", "filter"]
