@@ -14,21 +14,25 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import libvirt
 
 from . import firewall, hostfilter, paths
 from . import hypervisor as hv
-from .cloudinit import SeedSpec, build_seed_iso
 from .config import Settings
 from .domain import DomainSpec, NetworkSpec, PoolSpec, render_domain
 from .errors import ConflictError, GuestError, NotFoundError, SandboxError, UsageError
-from .guest import Endpoint, Guest, generate_ed25519, known_hosts_line, wait_for_banner
 from .images import KERNEL_CMDLINE, Image, default_image_name, load_image
 from .policy import Blocked, EgressPolicy, build_policy, load_policy_file
 from .state import Phase, SandboxState, StateStore, validate_name
 from .waits import Deadline
+
+if TYPE_CHECKING:
+    # paramiko and pycdlib cost a tenth of a second to import: only the verbs that talk to a
+    # guest or build a seed load them (destroy, list and status do not).
+    from .cloudinit import SeedSpec
+    from .guest import Endpoint, Guest
 
 
 class Reporter(Protocol):
@@ -113,6 +117,8 @@ class Context:
 
 
 def _seed_spec(name: str, host_key: tuple[str, str], client_pub: str, nameserver: str) -> SeedSpec:
+    from .cloudinit import SeedSpec
+
     return SeedSpec(
         instance_id=f"sandbox-{name}-{uuid.uuid4().hex[:12]}",
         hostname=f"sandbox-{name}",
@@ -149,6 +155,9 @@ def up(
 def _up_locked(
     ctx: Context, conn: libvirt.virConnect, name: str, img: Image, policy: EgressPolicy
 ) -> SandboxState:
+    from .cloudinit import build_seed_iso
+    from .guest import Endpoint, Guest, generate_ed25519, known_hosts_line, wait_for_banner
+
     store, settings, report = ctx.store, ctx.settings, ctx.reporter
     dom_name = hv.domain_name(name)
     if hv.lookup_domain(conn, dom_name) is not None:
@@ -500,6 +509,8 @@ def ready_state(ctx: Context, name: str) -> SandboxState:
 
 
 def endpoint(ctx: Context, state: SandboxState) -> Endpoint:
+    from .guest import Endpoint
+
     assert state.ip is not None
     return Endpoint(
         host=state.ip,
@@ -518,6 +529,8 @@ def open_guest(ctx: Context, name: str, timeout: float = 30.0) -> Iterator[Guest
         f"SSH to sandbox {name!r} at {state.ip}",
         f"check `sandbox status --name {name}`; the VM may have stopped",
     )
+    from .guest import Guest
+
     with Guest.connect(endpoint(ctx, state), deadline) as guest:
         yield guest
 
