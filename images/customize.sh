@@ -24,6 +24,7 @@ chroot "$root" systemctl mask --quiet \
 # auditd stays installed and startable on demand (`systemctl start auditd`), just not at boot.
 chroot "$root" systemctl disable --quiet auditd.service
 chroot "$root" systemctl enable --quiet systemd-networkd.service
+chroot "$root" systemctl enable --quiet sandbox-boot-firewall.service
 
 # The unprivileged account for the software under test: no password, no sudo.
 chroot "$root" useradd --uid 1000 --user-group --create-home --shell /bin/bash sandbox

@@ -84,7 +84,7 @@ def render_rules(
     """The filter table for one IP version, as iptables-restore input (replaces the whole table).
 
     `resolver` is the sandbox network's gateway, which also serves DHCP and DNS; `resolver6` its
-    IPv6 address if the network has one (DNS only: there is no DHCPv6 rule).
+    IPv6 address if the network has one (DNS, and DHCPv6 renewals next to the multicast group).
     """
     _check_version(version)
     lines = ["*filter"]
@@ -110,6 +110,11 @@ def render_rules(
             out.append(f"-A OUTPUT -d {dhcp}/32 {_proto_port('udp', 67, sport=68)}-j ACCEPT")
     else:
         out += [f"-A OUTPUT -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j ACCEPT" for t in ND_TYPES]
+        # DHCPv6: the network hands out addresses with leases; without renewals the guest loses
+        # its IPv6 address after the first lease time. Pinned like DHCP for IPv4.
+        dhcp6 = [IPv6Address("ff02::1:2"), *([resolver6] if resolver6 else [])]
+        for server in dhcp6:
+            out.append(f"-A OUTPUT -d {server}/128 {_proto_port('udp', 547, sport=546)}-j ACCEPT")
     if policy.dns and gateway is not None:
         prefix = 32 if version == 4 else 128
         out += [

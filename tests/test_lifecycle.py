@@ -221,3 +221,22 @@ def test_guest_access_needs_a_ready_sandbox(ctx: lifecycle.Context) -> None:
 def test_lock_excludes_concurrent_work(ctx: lifecycle.Context) -> None:
     with ctx.store.lock("busy"), pytest.raises(ConflictError, match="busy"):
         lifecycle.destroy(ctx, "busy")
+
+
+def test_old_base_versions_are_pruned_unless_in_use(ctx: lifecycle.Context) -> None:
+    with hv.connection(ctx.settings.connect) as conn:
+        pool = hv.ensure_pool(conn, ctx.pool_spec())
+        for version in ("aaaaaaaaaaaa", "bbbbbbbbbbbb", "cccccccccccc"):
+            for ext in ("qcow2", "vmlinuz", "initrd", "complete"):
+                pool.createXML(
+                    render_volume(VolumeSpec(f"base-default-{version}.{ext}", 1 << 20, "raw")), 0
+                )
+        hv.create_overlay(pool, "sandbox-busy.qcow2", "base-default-bbbbbbbbbbbb.qcow2")
+        removed = hv.prune_base_volumes(pool, "default", "c" * 64)
+        left = sorted(pool.listVolumes())
+    assert removed[0] == "base-default-aaaaaaaaaaaa.complete"
+    assert sorted(removed) == sorted(
+        f"base-default-aaaaaaaaaaaa.{ext}" for ext in ("qcow2", "vmlinuz", "initrd", "complete")
+    )
+    assert not any("aaaa" in v for v in left)
+    assert sum("bbbb" in v for v in left) == 4 and sum("cccc" in v for v in left) == 4
