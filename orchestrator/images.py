@@ -27,7 +27,6 @@ What the guest relies on (see images/rootfs/ and customize.sh):
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -43,7 +42,8 @@ from typing import Any
 
 from . import paths
 from .errors import ImageError, NotFoundError, UsageError
-from .waits import Deadline, wait_for
+from .state import file_lock
+from .waits import Deadline
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "images"
 
@@ -530,31 +530,14 @@ def list_images(images_dir: Path) -> list[Image]:
 # --- build ----------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _build_lock(images_dir: Path, name: str) -> Iterator[None]:
+def _build_lock(images_dir: Path, name: str) -> contextlib.AbstractContextManager[None]:
     lock_path = images_dir / paths.IMAGE_BUILD_LOCK.format(name=name)
-    with lock_path.open("a") as f:
-
-        def try_lock() -> bool | None:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return None
-            return True
-
-        wait_for(
-            try_lock,
-            Deadline(
-                LOCK_TIMEOUT,
-                f"another build of image {name!r} to finish",
-                f"if no build is running, remove {lock_path}",
-            ),
-            max_interval=5.0,
-        )
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return file_lock(
+        lock_path,
+        f"another build of image {name!r} to finish",
+        timeout=LOCK_TIMEOUT,
+        hint=f"if no build is running, remove {lock_path}",
+    )
 
 
 def _run(cmd: list[str], what: str, timeout: float) -> str:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import fcntl
 import grp
 import json
 import os
@@ -39,7 +38,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import (
     IPv4Address,
@@ -55,6 +54,7 @@ from typing import IO, Any
 
 from . import paths
 from .errors import ConflictError, SandboxError, UsageError
+from .state import atomic_write, file_lock
 from .waits import Deadline, wait_for
 
 IPAddress = IPv4Address | IPv6Address
@@ -249,15 +249,6 @@ def _read_daemons(lab: Lab) -> dict[str, int]:
     return {k: v for k, v in data.items() if isinstance(v, int)}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _log_tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -336,27 +327,14 @@ def _read_sysctl(ns: str, key: str) -> str | None:
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
-@contextlib.contextmanager
-def _locked(lab: Lab) -> Iterator[None]:
+def _locked(lab: Lab) -> contextlib.AbstractContextManager[None]:
     lab.dir.mkdir(parents=True, exist_ok=True)
-    with open(lab.file(paths.LAB_LOCK), "w") as f:
-
-        def take() -> bool | None:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return None
-            return True
-
-        wait_for(
-            take,
-            Deadline(
-                180,
-                f"the lab lock {lab.file(paths.LAB_LOCK)}",
-                hint="another `sandbox-lab up/down` is running; wait for it to finish",
-            ),
-        )
-        yield
+    return file_lock(
+        lab.file(paths.LAB_LOCK),
+        f"the lab lock {lab.file(paths.LAB_LOCK)}",
+        timeout=180,
+        hint="another `sandbox-lab up/down` is running; wait for it to finish",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -725,7 +703,7 @@ def _serve(lab_dir: Path, addrs: list[IPAddress], tcp: list[int], udp: list[int]
                 sock.setblocking(False)
                 sel.register(sock, selectors.EVENT_READ, (proto, str(addr), port))
     with open(lab_dir / paths.LAB_ACCEPT_LOG, "a") as log:
-        _write_atomic(lab_dir / paths.LAB_SERVERS_PID, f"{os.getpid()}\n")
+        atomic_write(lab_dir / paths.LAB_SERVERS_PID, f"{os.getpid()}\n", mode=0o644)
         print(f"serving on {', '.join(map(str, addrs))} tcp {tcp} udp {udp}", flush=True)
         while not stop:
             for key, _ in sel.select(timeout=5.0):
@@ -820,7 +798,7 @@ def _supervise(lab_dir: Path, start_virtlogd: bool) -> int:
     if start_virtlogd:
         pids["virtlogd"] = start("virtlogd", paths.LAB_VIRTLOGD_LOG)
     pids["libvirtd"] = start("libvirtd", paths.LAB_LIBVIRTD_LOG)
-    _write_atomic(lab_dir / paths.LAB_DAEMONS, json.dumps(pids) + "\n")
+    atomic_write(lab_dir / paths.LAB_DAEMONS, json.dumps(pids) + "\n", mode=0o644)
     print(f"started {pids}", flush=True)
     if stopping:
         stop_libvirtd()

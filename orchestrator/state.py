@@ -18,7 +18,11 @@ from typing import Any
 
 from . import paths
 from .errors import ConflictError, SandboxError, UsageError
+from .waits import Deadline, wait_for
 
+# The global lock covers uploading a base image (once per image version, seconds) and creating a
+# VM; several `up`s queue behind each other.
+GLOBAL_LOCK_TIMEOUT = 600.0
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 
 
@@ -101,22 +105,33 @@ def atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, what: str, *, wait: bool = False) -> Iterator[None]:
+def file_lock(
+    path: Path, what: str, *, timeout: float | None = None, hint: str | None = None
+) -> Iterator[None]:
     """flock a file. The kernel drops the lock when its holder dies, even by SIGKILL, so a killed
-    `up` never leaves a sandbox locked."""
+    command never leaves anything locked. Without a timeout a held lock is an error at once;
+    with one, the wait is bounded and says what it waited for."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
+
+        def attempt() -> bool | None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                return None
+            return True
+
+        if attempt() is None:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            raise ConflictError(
-                f"{what} is busy: pid {holder} is working on it",
-                "wait for that command to finish, or stop it, then try again",
-            ) from None
+            if timeout is None:
+                raise ConflictError(
+                    f"{what} is busy: pid {holder} is working on it",
+                    hint or "wait for that command to finish, or stop it, then try again",
+                )
+            wait_for(attempt, Deadline(timeout, f"{what} (held by pid {holder})", hint))
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
@@ -136,12 +151,17 @@ class StateStore:
     def file(self, name: str, filename: str) -> Path:
         return self.dir(name) / filename
 
-    def lock(self, name: str, *, wait: bool = False) -> contextlib.AbstractContextManager[None]:
-        return file_lock(self.file(name, paths.LOCK_FILE), f"sandbox {name!r}", wait=wait)
+    def lock(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self.file(name, paths.LOCK_FILE), f"sandbox {name!r}")
 
     def global_lock(self) -> contextlib.AbstractContextManager[None]:
         # Shared resources (the libvirt network and pool) are created and removed under this one.
-        return file_lock(self.root / paths.GLOBAL_LOCK, "the sandbox network", wait=True)
+        return file_lock(
+            self.root / paths.GLOBAL_LOCK,
+            "the shared sandbox network and storage pool",
+            timeout=GLOBAL_LOCK_TIMEOUT,
+            hint="another `sandbox up` may be uploading a base image; try again when it is done",
+        )
 
     def load(self, name: str) -> SandboxState | None:
         path = self.file(name, paths.STATE_FILE)

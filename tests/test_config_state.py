@@ -14,8 +14,15 @@ import pytest
 from orchestrator import cli, paths
 from orchestrator.config import DEFAULT_URI, load_settings, parse_settings
 from orchestrator.domain import Accel
-from orchestrator.errors import ConflictError, UsageError
-from orchestrator.state import Phase, SandboxState, StateStore, atomic_write, validate_name
+from orchestrator.errors import ConflictError, TimeoutExpired, UsageError
+from orchestrator.state import (
+    Phase,
+    SandboxState,
+    StateStore,
+    atomic_write,
+    file_lock,
+    validate_name,
+)
 
 
 def test_defaults_and_full_config(tmp_path: Path) -> None:
@@ -191,3 +198,25 @@ def test_cli_debug_shows_traceback(
     assert cli.main(["--debug", "up", "--name", "Bad"]) == 2
     assert "Traceback" in capsys.readouterr().err
     cli.OPTIONS.debug = False
+
+
+def test_lock_wait_is_bounded_and_names_the_holder(tmp_path: Path) -> None:
+    ready = multiprocessing.Event()
+    proc = multiprocessing.Process(target=_hold_lock, args=(str(tmp_path), ready))
+    proc.start()
+    try:
+        assert ready.wait(10)
+        lock = tmp_path / "s1" / paths.LOCK_FILE
+        started = time.monotonic()
+        with (
+            pytest.raises(TimeoutExpired, match=f"held by pid {proc.pid}"),
+            file_lock(lock, "the test lock", timeout=0.5),
+        ):
+            pass
+        assert 0.5 <= time.monotonic() - started < 3
+    finally:
+        assert proc.pid is not None
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(10)
+    with file_lock(tmp_path / "s1" / paths.LOCK_FILE, "the test lock", timeout=5):
+        pass
