@@ -76,11 +76,21 @@ def make_policy(
         entries += pf.allow
         file_dns, file_blocked = pf.dns, pf.blocked
     entries += allow
-    return build_policy(
+    policy = build_policy(
         entries,
         dns=dns if dns is not None else (file_dns if file_dns is not None else True),
         blocked=blocked or file_blocked or Blocked.REJECT,
     )
+    net = ctx.network_spec()
+    for entry in policy.allow:
+        own = net.subnet if entry.version == 4 else net.subnet6
+        if own is not None and entry.network.overlaps(own):
+            raise UsageError(
+                f"--allow {entry.source!r} overlaps the sandbox network {own}",
+                "sandboxes may not reach each other or the host's side of their network; "
+                "allow outside destinations only (or set network.subnet in the config file)",
+            )
+    return policy
 
 
 def target_dev(sandbox: str) -> str:
@@ -487,7 +497,10 @@ def list_status(ctx: Context) -> list[Status]:
             names = set(ctx.store.names()) | set(hv.sandbox_domains(conn))
             return [inspect(ctx, n, conn) for n in sorted(names)]
     except SandboxError:
-        return [inspect(ctx, n) for n in ctx.store.names()]
+        local = ctx.store.names()
+        if not local:
+            raise  # nothing to show but the reason libvirt could not be asked
+        return [inspect(ctx, n) for n in local]
 
 
 # ---- guest access --------------------------------------------------------------------------

@@ -220,3 +220,15 @@ def test_lock_wait_is_bounded_and_names_the_holder(tmp_path: Path) -> None:
         proc.join(10)
     with file_lock(tmp_path / "s1" / paths.LOCK_FILE, "the test lock", timeout=5):
         pass
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="provokes EPERM in sysfs, which needs root")
+def test_cli_permission_problem_is_a_clear_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Even root may not create directories in sysfs: a state dir there fails like a foreign one.
+    monkeypatch.setenv("XDG_STATE_HOME", "/sys/kernel/sandbox-test-state")
+    assert cli.main(["--connect", "test:///default", "destroy", "--name", "x"]) == 9
+    captured = capsys.readouterr()
+    assert "permission denied" in captured.err and "hint:" in captured.err
+    assert "Traceback" not in captured.err

@@ -238,3 +238,18 @@ def test_killed_up_then_destroy_then_concurrent_ups(cli: Cli) -> None:
         assert result.stdout.strip() == f"sandbox-{name}"
     cli.ok("destroy", "--all")
     assert leftovers("killed", cli) == [] and leftovers("other", cli) == []
+
+
+def test_unprivileged_user_gets_a_hint_not_a_traceback(lab: Lab) -> None:
+    # libvirtd's socket is for root and the libvirt group only.
+    result = subprocess.run(
+        ["runuser", "-u", "nobody", "--", SANDBOX, "--connect", "qemu:///system", "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": os.environ["PATH"], "HOME": "/nonexistent"},
+        cwd="/",
+    )
+    assert result.returncode == 5, result.stderr
+    assert "cannot connect to libvirt" in result.stderr
+    assert "libvirt' group" in result.stderr and "Traceback" not in result.stderr

@@ -240,3 +240,25 @@ def test_old_base_versions_are_pruned_unless_in_use(ctx: lifecycle.Context) -> N
     )
     assert not any("aaaa" in v for v in left)
     assert sum("bbbb" in v for v in left) == 4 and sum("cccc" in v for v in left) == 4
+
+
+@pytest.mark.parametrize(
+    "value", ["192.168.213.0/24", "192.168.213.7", "0.0.0.0/0", "[2001:db8:213::5]:80"]
+)
+def test_allow_may_not_overlap_the_sandbox_network(ctx: lifecycle.Context, value: str) -> None:
+    with pytest.raises(UsageError, match="overlaps the sandbox network"):
+        lifecycle.make_policy(ctx, [value])
+
+
+def test_policy_from_config_file_and_flags(ctx: lifecycle.Context, tmp_path: Path) -> None:
+    policy_file = tmp_path / "p.yaml"
+    policy_file.write_text("allow: [198.51.100.0/24]\ndns: false\nblocked: drop\n")
+    ctx.settings = dataclasses.replace(ctx.settings, allow=("203.0.113.7",))
+    policy = lifecycle.make_policy(ctx, ["udp:203.0.113.9:53"], policy_file=policy_file, dns=True)
+    assert [a.describe() for a in policy.allow] == [
+        "198.51.100.0/24",
+        "203.0.113.7",
+        "udp:203.0.113.9:53",
+    ]
+    assert policy.dns is True  # the flag wins over the file
+    assert policy.blocked.value == "drop"
