@@ -46,24 +46,28 @@ def _code(exc: libvirt.libvirtError) -> int:
     return int(exc.get_error_code() or 0)
 
 
+def connection_hint(error_text: str, code: int) -> str:
+    """What to do about a failed libvirt connection, from libvirt's own error."""
+    if "ermission denied" in error_text or code == libvirt.VIR_ERR_AUTH_FAILED:
+        return (
+            "run as root, or add your user to the 'libvirt' group and log in again; "
+            "or use --connect qemu:///session"
+        )
+    if "No such file" in error_text or "Connection refused" in error_text:
+        return (
+            "start libvirtd (`systemctl start libvirtd`, or `libvirtd -d` where systemd is "
+            "not PID 1); to try sandbox safely on a shared machine use `sandbox-lab up`"
+        )
+    return "check the URI given with --connect, SANDBOX_CONNECT or the config file"
+
+
 def open_connection(uri: str) -> libvirt.virConnect:
     try:
         return libvirt.open(uri)
     except libvirt.libvirtError as exc:
-        text = str(exc)
-        if "ermission denied" in text or _code(exc) == libvirt.VIR_ERR_AUTH_FAILED:
-            hint = (
-                "run as root, or add your user to the 'libvirt' group and log in again; "
-                "or use --connect qemu:///session"
-            )
-        elif "No such file" in text or "Connection refused" in text or "connect" in text:
-            hint = (
-                "start libvirtd (`systemctl start libvirtd`, or `libvirtd -d` where systemd is "
-                "not PID 1); to try sandbox safely on a shared machine use `sandbox-lab up`"
-            )
-        else:
-            hint = "check the URI given with --connect, SANDBOX_CONNECT or the config file"
-        raise HypervisorError(f"cannot connect to libvirt at {uri}: {text}", hint) from None
+        raise HypervisorError(
+            f"cannot connect to libvirt at {uri}: {exc}", connection_hint(str(exc), _code(exc))
+        ) from None
 
 
 def domain_name(sandbox: str) -> str:

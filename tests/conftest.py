@@ -7,6 +7,13 @@ from pathlib import Path
 
 import pytest
 
+# Session fixtures are registered here, once: a fixture imported into several test modules is a
+# separate fixture per module, and the lab would be "already up" for all but the first.
+from .e2e_support import cli, image
+from .lab_fixture import lab, lab_session
+
+__all__ = ["cli", "image", "lab", "lab_session"]
+
 GOLDEN = Path(__file__).parent / "golden"
 
 

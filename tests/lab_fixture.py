@@ -1,6 +1,6 @@
 """The `lab` pytest fixture: libvirtd in a network namespace next to a fake internet.
 
-Use it from a test module: `from .lab_fixture import lab, lab_session` and list both in `__all__`.
+tests/conftest.py registers these fixtures once for the whole session; test modules just name them.
 The lab is brought up once per session, reused if it is already up (someone's `sandbox-lab up`),
 and torn down at the end only if this session started it.
 """

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import cli, paths
+from orchestrator import hypervisor as hv
 from orchestrator.config import DEFAULT_URI, load_settings, parse_settings
 from orchestrator.domain import Accel
 from orchestrator.errors import ConflictError, TimeoutExpired, UsageError
@@ -232,3 +233,26 @@ def test_cli_permission_problem_is_a_clear_error(
     captured = capsys.readouterr()
     assert "permission denied" in captured.err and "hint:" in captured.err
     assert "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        # What libvirt says to a user outside the libvirt group (qemu:///system, Debian's socket).
+        (
+            "Failed to connect socket to '/var/run/libvirt/libvirt-sock': Permission denied",
+            "'libvirt' group",
+        ),
+        (
+            "Failed to connect socket to '/run/libvirt/libvirt-sock': No such file or directory",
+            "start libvirtd",
+        ),
+        (
+            "Failed to connect socket to '/run/libvirt/libvirt-sock': Connection refused",
+            "start libvirtd",
+        ),
+        ("unsupported configuration: unknown driver", "check the URI"),
+    ],
+)
+def test_connection_errors_get_hints(error: str, expected: str) -> None:
+    assert expected in hv.connection_hint(error, 0)

@@ -10,95 +10,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import libvirt
 import pytest
 
 from orchestrator import paths
 from orchestrator.guest import generate_ed25519
-from orchestrator.images import Image, ImageRecipe, build_image
-from orchestrator.lab import Lab, in_lab
 from orchestrator.state import SandboxState
 
-from .lab_fixture import lab, lab_session
-
-__all__ = ["lab", "lab_session"]
+from .e2e_support import Cli, leftovers
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
-
-SANDBOX = str(Path(sys.executable).parent / "sandbox")
-
-
-@pytest.fixture(scope="session")
-def image() -> Image:
-    # Shared with the user's own cache: a second run reuses the image while the recipe is the same.
-    return build_image(ImageRecipe(), paths.Dirs.from_env().images, progress=print)
-
-
-@dataclass
-class Cli:
-    lab: Lab
-    state_home: Path
-    config: Path
-
-    def env(self) -> dict[str, str]:
-        return {
-            **os.environ,
-            "XDG_STATE_HOME": str(self.state_home),
-            "SANDBOX_CONFIG": str(self.config),
-        }
-
-    def argv(self, *args: str) -> list[str]:
-        return in_lab(self.lab, [SANDBOX, *args])
-
-    def run(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            self.argv(*args),
-            env=self.env(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
-
-    def ok(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        result = self.run(*args, timeout=timeout)
-        assert result.returncode == 0, f"sandbox {' '.join(args)}:\n{result.stdout}{result.stderr}"
-        return result
-
-    def sandbox_dir(self, name: str) -> Path:
-        return self.state_home / "sandbox" / name
-
-
-@pytest.fixture
-def cli(lab: Lab, image: Image, tmp_path: Path) -> Iterator[Cli]:
-    config = tmp_path / "config.yaml"
-    config.write_text("boot_timeout: 600\n")
-    c = Cli(lab=lab, state_home=tmp_path / "state", config=config)
-    yield c
-    # Whatever a failing test left, remove it so the next test starts clean.
-    c.run("destroy", "--all", timeout=120)
-
-
-def leftovers(name: str, cli: Cli) -> list[str]:
-    found: list[str] = []
-    conn = libvirt.open("qemu:///system")
-    try:
-        found += [d.name() for d in conn.listAllDomains(0) if d.name() == f"sandbox-{name}"]
-        found += [f"net:{n.name()}" for n in conn.listAllNetworks(0) if n.name() == "sandbox"]
-        for pool in conn.listAllStoragePools(0):
-            pool.refresh(0)
-            found += [v for v in pool.listVolumes() if v.startswith(f"sandbox-{name}")]
-    finally:
-        conn.close()
-    sdir = cli.sandbox_dir(name)
-    found += [f for f in (*paths.SECRET_FILES, paths.STATE_FILE) if (sdir / f).exists()]
-    return found
 
 
 def test_up_exec_ssh_destroy(cli: Cli) -> None:
@@ -238,18 +161,3 @@ def test_killed_up_then_destroy_then_concurrent_ups(cli: Cli) -> None:
         assert result.stdout.strip() == f"sandbox-{name}"
     cli.ok("destroy", "--all")
     assert leftovers("killed", cli) == [] and leftovers("other", cli) == []
-
-
-def test_unprivileged_user_gets_a_hint_not_a_traceback(lab: Lab) -> None:
-    # libvirtd's socket is for root and the libvirt group only.
-    result = subprocess.run(
-        ["runuser", "-u", "nobody", "--", SANDBOX, "--connect", "qemu:///system", "list"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": os.environ["PATH"], "HOME": "/nonexistent"},
-        cwd="/",
-    )
-    assert result.returncode == 5, result.stderr
-    assert "cannot connect to libvirt" in result.stderr
-    assert "libvirt' group" in result.stderr and "Traceback" not in result.stderr

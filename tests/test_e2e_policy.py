@@ -13,10 +13,7 @@ import pytest
 
 from orchestrator.lab import Lab, accept_log
 
-from .lab_fixture import lab, lab_session
-from .test_e2e import Cli, cli, image, leftovers
-
-__all__ = ["cli", "image", "lab", "lab_session"]
+from .e2e_support import Cli, leftovers
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 

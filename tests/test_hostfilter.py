@@ -29,9 +29,6 @@ from orchestrator.policy import EgressPolicy, build_policy
 from orchestrator.waits import Deadline, wait_for
 
 from .conftest import Golden
-from .lab_fixture import lab, lab_session
-
-__all__ = ["lab", "lab_session"]
 
 GW = ipaddress.IPv4Address("192.168.213.1")
 GW6 = ipaddress.IPv6Address("2001:db8:213::1")

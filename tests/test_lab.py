@@ -28,9 +28,7 @@ from orchestrator.lab import (
     lab_up,
 )
 
-from .lab_fixture import LabSession, lab, lab_session
-
-__all__ = ["lab", "lab_session"]  # fixtures, imported for pytest
+from .lab_fixture import LabSession
 
 # Runs inside the lab namespace: one TCP connection or one datagram, then prints what happened.
 _CLIENT = """
