@@ -19,10 +19,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import images, lifecycle, paths
+from . import images, lifecycle, logview, paths
 from .config import load_settings, parse_accel
 from .errors import SandboxError, UsageError
 from .policy import Blocked
+from .state import Phase
 
 app = typer.Typer(
     name="sandbox",
@@ -38,7 +39,12 @@ policy_app = typer.Typer(help="Inspect a sandbox's egress policy.", no_args_is_h
 app.add_typer(policy_app, name="policy")
 
 err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+# Off a terminal (a pipe, a file) rich would assume 80 columns and crush tables: be wide enough
+# that addresses and command lines stay whole, unless COLUMNS says otherwise.
+out = Console(
+    highlight=False,
+    width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200,
+)
 
 
 @dataclasses.dataclass
@@ -134,6 +140,9 @@ def up(
     blocked: Annotated[
         str | None, typer.Option("--blocked", help="reject (default: fail fast) or drop.")
     ] = None,
+    pcap: Annotated[
+        bool, typer.Option("--pcap", help="Capture the VM's packets on the host (tcpdump).")
+    ] = False,
     image: Annotated[str | None, typer.Option("--image", help="Base image name.")] = None,
     accel: Annotated[str | None, typer.Option("--accel", help="auto, kvm or tcg.")] = None,
     memory: Annotated[int | None, typer.Option("--memory", help="Guest memory, MiB.")] = None,
@@ -148,7 +157,7 @@ def up(
     egress = lifecycle.make_policy(
         ctx, allow or (), policy_file=policy, dns=dns, blocked=blocked_action
     )
-    state = lifecycle.up(ctx, name, image=image, policy=egress)
+    state = lifecycle.up(ctx, name, image=image, policy=egress, capture=pcap)
     err.print(
         f"sandbox [bold]{state.name}[/] is ready at {state.ip} "
         f"({state.accel}, booted in {state.boot_seconds} s)"
@@ -176,7 +185,20 @@ def exec_(
     code = lifecycle.exec_command(
         ctx, name, command, stdout=write(sys.stdout), stderr=write(sys.stderr), timeout=timeout
     )
+    _collect_quietly(ctx, name)
     raise typer.Exit(code)
+
+
+def _collect_quietly(ctx: lifecycle.Context, name: str) -> None:
+    """Bring the connection records home after a command; a failure here must not change the
+    command's exit code, but it must be said."""
+    try:
+        report = lifecycle.collect(ctx, name)
+    except SandboxError as exc:
+        err.print(f"[yellow]warning:[/] connection records not collected: {escape(exc.message)}")
+        return
+    for warning in report.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -264,10 +286,73 @@ def destroy(
     ctx = _context()
     reports = lifecycle.destroy_all(ctx) if all_ else [lifecycle.destroy(ctx, name or "default")]
     for report in reports:
+        for warning in report.warnings:
+            err.print(f"[yellow]warning:[/] {escape(warning)}")
         if report.existed:
             err.print(f"destroyed {report.name}: {', '.join(report.removed)}")
         else:
             err.print(f"nothing to destroy for {report.name}")
+
+
+@app.command()
+def logs(
+    name: NameOpt = "default",
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines, as stored.")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Live view, every second.")
+    ] = False,
+    blocked: Annotated[bool, typer.Option("--blocked", help="Only blocked attempts.")] = False,
+    allowed: Annotated[bool, typer.Option("--allowed", help="Only allowed attempts.")] = False,
+    since: Annotated[
+        str | None, typer.Option("--since", help="Only since: 10m, 2h, 1d or an ISO time.")
+    ] = None,
+    process: Annotated[
+        str | None, typer.Option("--process", help="Only this pid, or executable/command text.")
+    ] = None,
+    dns: Annotated[bool, typer.Option("--dns", help="The resolver's queries instead.")] = False,
+    sockets: Annotated[
+        bool, typer.Option("--sockets", help="The guest's current sockets (like lsof -i -nP).")
+    ] = False,
+    purge: Annotated[bool, typer.Option("--purge", help="Delete the stored logs.")] = False,
+) -> None:
+    """Every connection attempt: when, which process, where, allowed or blocked."""
+    ctx = _context()
+    directory = lifecycle.logs_dir(ctx, name)
+    if purge:
+        if ctx.store.load(name) is not None:
+            raise UsageError(
+                f"sandbox {name!r} still exists", f"destroy it first: sandbox destroy --name {name}"
+            )
+        gone = logview.purge(directory)
+        err.print(f"{'purged' if gone else 'no logs for'} {name}")
+        return
+    if sockets:
+        out.print(logview.render_sockets(lifecycle.sockets(ctx, name)))
+        return
+    state = ctx.store.load(name)
+    if state is None and not directory.exists():
+        raise SandboxError(f"no logs for sandbox {name!r}", "check the name with `sandbox list`")
+    chosen = logview.Filter.from_options(
+        blocked=blocked, allowed=allowed, since=since, process=process
+    )
+    seen: set[str] = set()
+    while True:
+        if state is not None and state.phase is Phase.READY:
+            _collect_quietly(ctx, name)
+        if dns:
+            records: list[Any] = logview.apply_dns(chosen, logview.read_dns(directory))
+        else:
+            records = logview.apply(chosen, logview.read_attempts(directory))
+        fresh = logview.new_records(records, seen) if follow else records
+        if as_json:
+            for line in logview.json_lines(fresh):
+                out.print(line, soft_wrap=True, markup=False, highlight=False)
+        elif fresh or not follow:
+            out.print(logview.render_dns_table(fresh) if dns else logview.render_table(fresh))
+        if not follow:
+            return
+        time.sleep(1.0)
+        state = ctx.store.load(name)
 
 
 @policy_app.command("show")

@@ -16,6 +16,12 @@ from enum import Enum
 METADATA_NS = "urn:sandbox:domain:1"
 METADATA_PREFIX = "sandbox"
 DNSMASQ_NS = "http://libvirt.org/schemas/network/dnsmasq/1.0"
+# libvirt's own directory for each network's dnsmasq files (conf, hostsfile, addnhosts, status).
+# dnsmasq opens its log file as root before it drops to nobody (and chowns the file to nobody), so
+# any root-writable path works; this one exists wherever libvirt's network driver does, is not
+# rotated by any logrotate rule (a rotation would leave dnsmasq writing to the old inode), and is
+# where a confined dnsmasq (AppArmor/SELinux) is already let write its network's files.
+DNSMASQ_DIR = "/var/lib/libvirt/dnsmasq"
 
 
 class Accel(Enum):
@@ -154,6 +160,13 @@ class NetworkSpec:
     # Names the resolver may answer (issue: egress policy). Everything else gets REFUSED, and
     # nothing is ever forwarded to the host's own resolvers.
     dns_hosts: tuple[tuple[str, tuple[str, ...]], ...] = field(default_factory=tuple)
+    # Where the network's dnsmasq logs every query with the asking guest's address (dnslog.py
+    # reads it). One file for the whole network, shared by every sandbox on it.
+    dns_log_dir: str = DNSMASQ_DIR
+
+    @property
+    def dns_log(self) -> str:
+        return f"{self.dns_log_dir}/{self.name}.queries.log"
 
     @property
     def gateway6(self) -> ipaddress.IPv6Address | None:
@@ -202,6 +215,11 @@ def render_network(spec: NetworkSpec) -> str:
     # host's /etc/hosts (PLATFORM.md): a DNS exfiltration channel and a leak of host names.
     options = ET.SubElement(net, f"{{{DNSMASQ_NS}}}options")
     for value in ("no-resolv", "no-hosts"):
+        ET.SubElement(options, f"{{{DNSMASQ_NS}}}option", value=value)
+    # Every query, answered or refused, with a serial and the asking guest's address: the host's
+    # own record of what the sandboxes tried to resolve (`sandbox logs`), which a guest cannot
+    # tamper with.
+    for value in ("log-queries=extra", f"log-facility={spec.dns_log}"):
         ET.SubElement(options, f"{{{DNSMASQ_NS}}}option", value=value)
     return _to_string(net)
 

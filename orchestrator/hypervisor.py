@@ -505,6 +505,17 @@ def wait_for_lease(dom: libvirt.virDomain, mac: str, deadline: Deadline) -> str:
     return wait_for(probe, deadline, interval=0.5, max_interval=1.0)
 
 
+def domain_addresses(dom: libvirt.virDomain) -> list[str]:
+    """Every address (IPv4 and IPv6) the network's DHCP server leased to the domain."""
+    try:
+        ifaces = dom.interfaceAddresses(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE, 0)
+    except libvirt.libvirtError:
+        return []
+    return sorted(
+        str(addr["addr"]) for iface in (ifaces or {}).values() for addr in iface.get("addrs") or []
+    )
+
+
 def sandbox_domains(conn: libvirt.virConnect) -> dict[str, str]:
     """Our domains (by the metadata we put in them): sandbox name -> domain name."""
     found: dict[str, str] = {}

@@ -18,14 +18,15 @@ from typing import TYPE_CHECKING, Protocol
 
 import libvirt
 
-from . import firewall, hostfilter, paths
+from . import dnslog, firewall, hostfilter, logview, monitor, paths, pcap
 from . import hypervisor as hv
 from .config import Settings
 from .domain import DomainSpec, NetworkSpec, PoolSpec, render_domain
 from .errors import ConflictError, GuestError, NotFoundError, SandboxError, UsageError
 from .images import KERNEL_CMDLINE, Image, default_image_name, load_image
 from .policy import Blocked, EgressPolicy, build_policy, load_policy_file
-from .state import Phase, SandboxState, StateStore, validate_name
+from .records import Attempt, DnsQuery
+from .state import Phase, SandboxState, StateStore, atomic_write, file_lock, validate_name
 from .waits import Deadline
 
 if TYPE_CHECKING:
@@ -145,9 +146,15 @@ def up(
     *,
     image: str | None = None,
     policy: EgressPolicy | None = None,
+    capture: bool = False,
 ) -> SandboxState:
     validate_name(name)
     policy = policy if policy is not None else make_policy(ctx)
+    if capture and not is_local(ctx.settings.connect):
+        raise UsageError(
+            f"--pcap needs libvirt on this machine, not {ctx.settings.connect}",
+            "run sandbox on the hypervisor host for a packet capture, or leave out --pcap",
+        )
     store = ctx.store
     img = load_image(ctx.image_name(image), ctx.dirs.images)
     with store.lock(name):
@@ -159,11 +166,16 @@ def up(
                 f"use it, or run `sandbox destroy --name {name}` first",
             )
         with hv.connection(ctx.settings.connect) as conn:
-            return _up_locked(ctx, conn, name, img, policy)
+            return _up_locked(ctx, conn, name, img, policy, capture)
 
 
 def _up_locked(
-    ctx: Context, conn: libvirt.virConnect, name: str, img: Image, policy: EgressPolicy
+    ctx: Context,
+    conn: libvirt.virConnect,
+    name: str,
+    img: Image,
+    policy: EgressPolicy,
+    capture: bool,
 ) -> SandboxState:
     from .cloudinit import build_seed_iso
     from .guest import Endpoint, Guest, generate_ed25519, known_hosts_line, wait_for_banner
@@ -271,6 +283,14 @@ def _up_locked(
                 )
                 dom = hv.start_domain(conn, render_domain(spec))
             rollback.callback(hv.destroy_domain, conn, dom_name)
+            if capture:
+                with report.step(f"capturing packets on {spec.target_dev}"):
+                    logs = store.dir(name) / paths.LOGS_DIR
+                    logs.mkdir(parents=True, exist_ok=True)
+                    pid = pcap.start_pcap(str(spec.target_dev), logs / paths.PCAP_FILE)
+                rollback.callback(pcap.stop_pcap, pid)
+                state = dataclasses.replace(state, pcap_pid=pid)
+                store.save(state)
 
         try:
             with report.step("waiting for the DHCP lease"):
@@ -283,8 +303,11 @@ def _up_locked(
                 endpoint = Endpoint(ip, state.ssh_port, state.user, key_path, host.public_line)
                 guest = Guest.connect(endpoint, boot)
             # Before `up` returns, so before any target software can run.
-            with guest, report.step("loading the egress policy in the guest"):
-                apply_guest_policy(guest, policy, net_spec)
+            with guest:
+                with report.step("loading the egress policy in the guest"):
+                    apply_guest_policy(guest, policy, net_spec)
+                with report.step("starting connection capture (auditd)"):
+                    monitor.start(guest)
         except SandboxError as exc:
             text = hv.console_text(conn, pool, vols.console)
             _save_console(store, name, text)
@@ -372,6 +395,7 @@ def _remove_network(ctx: Context, conn: libvirt.virConnect) -> None:
 class DestroyReport:
     name: str
     removed: tuple[str, ...]
+    warnings: tuple[str, ...] = ()
 
     @property
     def existed(self) -> bool:
@@ -384,11 +408,25 @@ def destroy(ctx: Context, name: str) -> DestroyReport:
     validate_name(name)
     store = ctx.store
     removed: list[str] = []
+    warnings: list[str] = []
     with store.lock(name):
         state = store.load(name)
         uri = state.uri if state else ctx.settings.connect
         pool_name = state.pool if state else ctx.settings.pool.name
         network = state.network if state else ctx.settings.network.name
+        if state is not None and state.phase is Phase.READY:
+            # Destroy collects first: the guest's records exist only in the guest until now.
+            try:
+                report = _collect_locked(ctx, state, final=True)
+                if report.new_attempts or report.new_dns:
+                    removed.append(
+                        f"collected {report.new_attempts} attempts, {report.new_dns} DNS queries"
+                    )
+                warnings.extend(report.warnings)
+            except SandboxError as exc:
+                warnings.append(f"could not collect the last connection records: {exc.message}")
+        if state is not None and state.pcap_pid:
+            pcap.stop_pcap(state.pcap_pid)
         with hv.connection(uri) as conn:
             dom_name = hv.domain_name(name)
             if hv.destroy_domain(conn, dom_name):
@@ -412,7 +450,7 @@ def destroy(ctx: Context, name: str) -> DestroyReport:
             removed.append("state and keys")
     with contextlib.suppress(FileNotFoundError):
         store.file(name, paths.LOCK_FILE).unlink()
-    return DestroyReport(name=name, removed=tuple(removed))
+    return DestroyReport(name=name, removed=tuple(removed), warnings=tuple(warnings))
 
 
 def _lookup_pool(conn: libvirt.virConnect, name: str) -> libvirt.virStoragePool | None:
@@ -563,6 +601,13 @@ def exec_command(
         return guest.run(list(argv), stdout=stdout, stderr=stderr, timeout=timeout)
 
 
+def is_local(uri: str) -> bool:
+    """A URI whose hypervisor runs on this machine (no host part)."""
+    from urllib.parse import urlparse
+
+    return not urlparse(uri).netloc
+
+
 def ssh_argv(ctx: Context, name: str, command: Sequence[str]) -> list[str]:
     """An OpenSSH command line that trusts only the pinned host key."""
     state = ready_state(ctx, name)
@@ -620,3 +665,77 @@ def policy_report(ctx: Context, name: str) -> PolicyReport:
     if not host_filter:
         problems.append(f"the host-side filter {hostfilter.filter_name(name)} is missing")
     return PolicyReport(name, policy, guest_rules, host_filter, tuple(problems))
+
+
+# ---- connection log ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CollectReport:
+    new_attempts: int
+    new_dns: int
+    warnings: tuple[str, ...]
+
+
+def logs_dir(ctx: Context, name: str) -> Path:
+    return ctx.store.dir(name) / paths.LOGS_DIR
+
+
+def collect(ctx: Context, name: str, *, lock_timeout: float = 120.0) -> CollectReport:
+    """Bring the guest's new connection records and the resolver's new queries to the host."""
+    state = ready_state(ctx, name)
+    # Collections of one sandbox take turns: the cursor moves forward exactly once per record.
+    with file_lock(
+        logs_dir(ctx, name) / paths.COLLECT_LOCK,
+        f"collecting the logs of sandbox {name!r}",
+        timeout=lock_timeout,
+    ):
+        return _collect_locked(ctx, state, final=False)
+
+
+def _collect_locked(ctx: Context, state: SandboxState, *, final: bool) -> CollectReport:
+    from .guest import Guest
+
+    logs = logs_dir(ctx, state.name)
+    logs.mkdir(parents=True, exist_ok=True)
+    cursor_path = logs / paths.CAPTURE_CURSOR
+    cursor = (
+        monitor.Cursor.from_json(cursor_path.read_text())
+        if cursor_path.exists()
+        else monitor.Cursor()
+    )
+    deadline = Deadline(60, f"SSH to sandbox {state.name!r} to collect its records")
+    with Guest.connect(endpoint(ctx, state), deadline) as guest:
+        collected = monitor.collect_full(guest, cursor, final=final)
+    queries = _dns_queries(ctx, state)
+    new_dns = logview.append_dns(logs, queries)
+    known_dns: list[DnsQuery] = logview.read_dns(logs)
+    attempts: list[Attempt] = monitor.attach_dns_names(collected.attempts, known_dns)
+    new_attempts = logview.append_attempts(logs, attempts)
+    atomic_write(cursor_path, collected.cursor.to_json() + "\n")
+    return CollectReport(new_attempts, new_dns, tuple(collected.warnings))
+
+
+def _dns_queries(ctx: Context, state: SandboxState) -> list[DnsQuery]:
+    """The sandbox network resolver's log, for this guest's addresses, since it was created.
+    Only where libvirt runs on this machine: the log is a file on the hypervisor host."""
+    if not is_local(state.uri):
+        return []
+    clients = [state.ip] if state.ip else []
+    with contextlib.suppress(SandboxError), hv.connection(state.uri) as conn:
+        dom = hv.lookup_domain(conn, state.domain)
+        if dom is not None:
+            clients = sorted(set(clients) | set(hv.domain_addresses(dom)))
+    since = dt.datetime.fromisoformat(state.created)
+    return dnslog.read_for(ctx.network_spec().dns_log, clients, since)
+
+
+def sockets(ctx: Context, name: str) -> list[logview.Socket]:
+    """The guest's current sockets, like the recipe's `lsof -i -nP`."""
+    with open_guest(ctx, name) as guest:
+        out: list[bytes] = []
+        code = guest.run(logview.sockets_command(), stdout=out.append, timeout=30)
+    text = b"".join(out).decode(errors="replace")
+    if code not in (0, 1):
+        raise GuestError(f"lsof in the guest failed (exit {code})", "check `sandbox status`")
+    return logview.parse_sockets(text)

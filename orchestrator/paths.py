@@ -28,6 +28,12 @@ KNOWN_HOSTS = "known_hosts"
 SEED_ISO = "seed.iso"
 CONSOLE_LOG = "console.log"
 LOGS_DIR = "logs"
+# Under <state>/<sandbox name>/logs/ (records.py shapes, one JSON object a line, appended):
+CONNECTIONS_LOG = "connections.jsonl"
+DNS_LOG = "dns.jsonl"
+PCAP_FILE = "capture.pcap"
+CAPTURE_CURSOR = "capture-cursor.json"  # monitor.Cursor: how far the guest's logs were collected
+COLLECT_LOCK = ".collect.lock"  # collections of one sandbox take turns
 
 # Files the orchestrator removes at destroy; everything else in the state dir (logs) is kept.
 SECRET_FILES = (CLIENT_KEY, CLIENT_KEY_PUB, HOST_KEY_PUB, KNOWN_HOSTS, SEED_ISO)

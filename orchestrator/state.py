@@ -64,6 +64,8 @@ class SandboxState:
     # The effective EgressPolicy (policy.EgressPolicy.to_dict()), as enforced in both layers.
     policy: dict[str, Any] = field(default_factory=dict)
     boot_seconds: float | None = None
+    # tcpdump on the host side of the guest's interface (`up --pcap`), stopped by destroy.
+    pcap_pid: int | None = None
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)

@@ -8,6 +8,8 @@ packages=(
   # libvirt and QEMU (the VM), qemu-img (overlays), dnsmasq (the sandbox network's DHCP/DNS)
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils
   dnsmasq-base
+  # `sandbox up --pcap`: the packet capture of a sandbox's interface
+  tcpdump
   # the host side of the network: bridges, NAT, namespaces for the lab
   iproute2 iptables
   # the base image recipe

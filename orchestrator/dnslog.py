@@ -1,0 +1,201 @@
+"""The sandbox network's own record of DNS: dnsmasq's query log, read on the host.
+
+The network's dnsmasq runs with `log-queries=extra` and `log-facility=FILE` (domain.render_network,
+NetworkSpec.dns_log), so every query lands in one file shared by every sandbox on the network:
+
+    Nov 23 12:07:27 dnsmasq[28793]: 1 192.168.213.50/43224 query[A] allowed.example from 192.1...
+    Nov 23 12:07:27 dnsmasq[28793]: 1 192.168.213.50/43224 /var/...addnhosts allowed.example is...
+    Nov 23 12:07:27 dnsmasq[28793]: 3 192.168.213.50/38410 config error is REFUSED (EDE: not r...
+
+(tests/data/ has whole logs.)
+
+`extra` gives each query a serial (restarting at 1 with each dnsmasq process) and the client's
+address and port on every line, which ties a reply or a refusal to its query. A query belongs to a
+sandbox by the client address; the caller also passes the sandbox's start time, because a later
+sandbox may be given the same address by DHCP.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, tzinfo
+from pathlib import Path
+
+from .errors import SandboxError
+from .records import DnsQuery, iso_time
+
+_MONTHS = {
+    name: number
+    for number, name in enumerate(
+        ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1
+    )
+}
+
+# "%b %e %H:%M:%S dnsmasq[PID]: SERIAL CLIENT/PORT REST" (log-queries=extra, log-facility=FILE).
+_LINE = re.compile(
+    r"^(?P<mon>[A-Z][a-z]{2}) +(?P<day>\d{1,2}) (?P<hms>\d\d:\d\d:\d\d) "
+    r"dnsmasq\[(?P<pid>\d+)\]: (?P<serial>\d+) (?P<client>[0-9A-Fa-f.:%\w-]+)/(?P<port>\d+) "
+    r"(?P<rest>.*)$"
+)
+_QUERY = re.compile(r"^query\[(?P<qtype>[^\]]+)\] (?P<name>\S+) from (?P<frm>\S+)$")
+# "<source> <name> is <value>": source is cached, config, reply, a hosts file path, ...
+_RESULT = re.compile(r"^(?P<source>.+) (?P<name>\S+) is (?P<value>.+)$")
+
+UNANSWERED = "UNANSWERED"  # a query with no result line (yet): dnsmasq is still working on it
+
+
+class DnsLogError(SandboxError):
+    """The sandbox network's DNS log cannot be read."""
+
+
+@dataclass
+class _Pending:
+    """A query being assembled from its lines; becomes a DnsQuery."""
+
+    id: str
+    time: str
+    client: str
+    name: str
+    qtype: str
+    addresses: list[str] = field(default_factory=list)
+    status: str | None = None
+
+    def record(self) -> DnsQuery:
+        result = ", ".join(self.addresses) if self.addresses else self.status or UNANSWERED
+        return DnsQuery(self.id, self.time, self.client, self.name, self.qtype, result)
+
+
+def _client(text: str) -> str:
+    # A link-local client comes with its zone ("fe80::1%virbr0"); the state knows no zones.
+    bare = text.split("%", 1)[0]
+    try:
+        return str(ipaddress.ip_address(bare))
+    except ValueError:
+        return bare
+
+
+def _status(value: str) -> str | None:
+    """What a result line's value means: an address, a status word, or nothing (a CNAME link)."""
+    word = value.split(" ", 1)[0]
+    if word.startswith("<"):  # "<CNAME>": the chain continues on the next line
+        return None
+    if word.startswith("NODATA"):  # NODATA, NODATA-IPv4, NODATA-IPv6
+        return "NODATA"
+    return word
+
+
+def _years(stamps: list[tuple[int, int, str]], last_year: int) -> list[int]:
+    """The year of each timestamp, counting back from the last line's year: a month going down
+    between two consecutive lines (Dec -> Jan) is a new year. Days are not compared: a clock
+    stepped back a little must not cost a year."""
+    years = [last_year] * len(stamps)
+    year = last_year
+    for i in range(len(stamps) - 1, 0, -1):
+        if stamps[i - 1][0] > stamps[i][0]:
+            year -= 1
+        years[i - 1] = year
+    return years
+
+
+def parse(text: str, *, year: int, tz: tzinfo | None = None) -> list[DnsQuery]:
+    """Every query in a dnsmasq `log-queries=extra` log, in log order, each with its result.
+
+    `year` is the year of the LAST line (dnsmasq's timestamps have none; read_for passes the
+    file's modification year); earlier lines crossing a new year get the year before. `tz` is the
+    zone dnsmasq wrote its local times in (default: this host's). Lines that are not queries or
+    results (startup, DHCP, a torn last line) are skipped. Pure.
+    """
+    lines = text.split("\n")
+    # The last line is torn (dnsmasq is writing it) unless the text ends with a newline; a torn
+    # "... is 203.0.11" would read as a wrong answer.
+    lines.pop()
+    matches = [m for m in map(_LINE.match, lines) if m]
+    stamps = [(_MONTHS.get(m["mon"], 0), int(m["day"]), m["hms"]) for m in matches]
+    years = _years(stamps, year)
+    pending: dict[tuple[str, str, str], _Pending] = {}
+    order: list[_Pending] = []
+    for m, (month, day, hms), line_year in zip(matches, stamps, years, strict=True):
+        # The serial restarts with each dnsmasq process; the client address and port tell apart
+        # queries that overlap in time.
+        key = (m["pid"], m["serial"], m["client"])
+        rest = m["rest"]
+        query = _QUERY.match(rest)
+        if query:
+            if month == 0:
+                continue
+            hour, minute, second = (int(x) for x in hms.split(":"))
+            local = datetime(line_year, month, day, hour, minute, second)
+            moment = local.replace(tzinfo=tz) if tz is not None else local.astimezone()
+            when = iso_time(moment.astimezone(UTC).timestamp())
+            item = _Pending(
+                id=f"d{m['pid']}.{m['serial']}.{when}",
+                time=when,
+                client=_client(query["frm"]),
+                name=query["name"],
+                qtype=query["qtype"],
+            )
+            pending[key] = item
+            order.append(item)
+            continue
+        result = _RESULT.match(rest)
+        target = pending.get(key)
+        if result is None or target is None:
+            continue
+        value = result["value"]
+        try:
+            target.addresses.append(str(ipaddress.ip_address(value.split(" ", 1)[0])))
+            continue
+        except ValueError:
+            pass
+        status = _status(value)
+        if status is not None and target.status is None:
+            target.status = status
+    return [item.record() for item in order]
+
+
+def select(
+    queries: Iterable[DnsQuery], client_ips: Collection[str], since: datetime | None
+) -> list[DnsQuery]:
+    """The queries asked by one of `client_ips` at or after `since` (aware datetime). Pure."""
+    wanted = {_client(ip) for ip in client_ips}
+    chosen = []
+    for query in queries:
+        if query.client not in wanted:
+            continue
+        if since is not None:
+            moment = datetime.fromisoformat(query.time.replace("Z", "+00:00"))
+            # The log has whole seconds: a query in the same second as `since` counts.
+            if moment < since.replace(microsecond=0):
+                continue
+        chosen.append(query)
+    return chosen
+
+
+def read_for(
+    path: str | Path, client_ips: Collection[str], since: datetime | None
+) -> list[DnsQuery]:
+    """The queries one sandbox asked: call at collection time with NetworkSpec.dns_log, the
+    sandbox's guest addresses (state `ip`, and its IPv6 address if it has one) and the time the
+    sandbox was started (DHCP may have given the same address to an earlier sandbox). Append the
+    result with logview.append_dns, which skips the queries already stored.
+
+    A missing file is no queries (the network was created before query logging, or has not
+    answered anything yet).
+    """
+    file = Path(path)
+    try:
+        with file.open("rb") as handle:
+            data = handle.read()
+            modified = datetime.fromtimestamp(file.stat().st_mtime)
+    except FileNotFoundError:
+        return []
+    except OSError as error:
+        raise DnsLogError(
+            f"cannot read the sandbox network's DNS log {file}: {error.strerror}",
+            "run sandbox as root (the log is written by the network's dnsmasq)",
+        ) from None
+    text = data.decode("utf-8", errors="replace")
+    return select(parse(text, year=modified.year), client_ips, since)

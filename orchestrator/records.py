@@ -1,0 +1,139 @@
+"""The records `sandbox logs` keeps: connection attempts and DNS queries, one JSON line each.
+
+Both producers (the guest-side capture in monitor.py and the host-side DNS log reader) write these
+shapes, and the readers never see anything else: a record is its own schema. `id` is the dedupe key
+a re-collection checks before appending, so it must be derived from the source's own sequence
+numbers (kernel log sequence, audit serial, resolver log line), never from a counter of ours.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import MISSING, asdict, dataclass, fields
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any, Self
+
+from .errors import SandboxError
+
+_CORRUPT_HINT = (
+    "the sandbox's log file is damaged or was written by another version; "
+    "move it aside (or run `sandbox logs --purge`) and collect again"
+)
+
+
+class LogRecordError(SandboxError):
+    """A JSON line that is not a record of the expected kind."""
+
+
+class Verdict(Enum):
+    ALLOWED = "allowed"
+    BLOCKED = "blocked"
+    DNS = "dns"  # a query to the sandbox's resolver, let through by the DNS rule
+    LOOPBACK = "loopback"  # never leaves the guest, never reaches the firewall
+    BOOT = "boot"  # refused by the boot-time default-deny, before the policy was loaded
+
+
+def iso_time(epoch_seconds: float) -> str:
+    """ISO 8601 UTC with milliseconds, the one time format of every record."""
+    moment = datetime.fromtimestamp(epoch_seconds, tz=UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _load(line: str, kind: str) -> dict[str, Any]:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise LogRecordError(
+            f"not a JSON {kind} record: {line[:80]!r} ({error})", _CORRUPT_HINT
+        ) from None
+    if not isinstance(value, dict):
+        raise LogRecordError(f"not a JSON {kind} record: {line[:80]!r}", _CORRUPT_HINT)
+    return value
+
+
+def _known_fields(cls: type[Any], value: dict[str, Any], kind: str) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    required = {
+        f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+    }
+    missing = required - value.keys()
+    if missing:
+        raise LogRecordError(
+            f"{kind} record without {', '.join(sorted(missing))}: {json.dumps(value)[:80]}",
+            _CORRUPT_HINT,
+        )
+    # Unknown keys are dropped, not refused: a newer version may add fields to old logs.
+    return {k: v for k, v in value.items() if k in names}
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One connection attempt; a line of logs/connections.jsonl."""
+
+    id: str
+    time: str
+    verdict: Verdict
+    proto: str  # "tcp" | "udp" | "icmp" | "icmpv6" | another protocol name
+    family: int  # 4 | 6
+    dst: str
+    dport: int | None
+    src: str | None = None
+    sport: int | None = None
+    uid: int | None = None
+    pid: int | None = None
+    ppid: int | None = None
+    exe: str | None = None
+    cmdline: str | None = None
+    dns_name: str | None = None  # the name a DNS lookup returned this dst for, if any
+    evidence: str = ""  # "audit+firewall" | "firewall" | "audit"
+
+    def to_json(self) -> str:
+        value = asdict(self)
+        value["verdict"] = self.verdict.value
+        return json.dumps(value, sort_keys=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, line: str) -> Self:
+        value = _known_fields(cls, _load(line, "connection"), "connection")
+        try:
+            value["verdict"] = Verdict(value["verdict"])
+        except ValueError:
+            raise LogRecordError(
+                f"connection record with unknown verdict {value['verdict']!r}", _CORRUPT_HINT
+            ) from None
+        return cls(**value)
+
+
+@dataclass(frozen=True)
+class DnsQuery:
+    """One query the sandbox network's resolver received; a line of logs/dns.jsonl."""
+
+    id: str
+    time: str
+    client: str
+    name: str
+    qtype: str
+    result: str  # "203.0.113.7, 2001:db8::7" | "REFUSED" | "NXDOMAIN" | "NODATA" ...
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, line: str) -> Self:
+        return cls(**_known_fields(cls, _load(line, "DNS"), "DNS"))
+
+    def addresses(self) -> tuple[str, ...]:
+        """The addresses in `result`; empty for REFUSED, NXDOMAIN and the like."""
+        found = []
+        for part in self.result.split(","):
+            try:
+                found.append(str(ipaddress.ip_address(part.strip())))
+            except ValueError:
+                continue
+        return tuple(found)
