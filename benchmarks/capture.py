@@ -17,11 +17,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from orchestrator import monitor  # noqa: E402
 from orchestrator.lab import DEFAULT_LAB, lab_down, lab_status, lab_up  # noqa: E402
 
 SANDBOX = str(Path(sys.executable).parent / "sandbox")
@@ -129,6 +131,9 @@ def main() -> int:
             guest(env, f"nohup sh -c '{LSOF_LOOP}' >/dev/null 2>&1 & echo $! > /tmp/lsof.pid")
             run_program(env, n)
             lsof_text = guest(env, "kill $(cat /tmp/lsof.pid); sleep 0.2; cat /tmp/lsof.out")
+            # Records younger than the capture's settle window (monitor.SETTLE_SECONDS) wait for
+            # the next collection; count after it, as the next `logs`, `exec` or `destroy` would.
+            time.sleep(monitor.SETTLE_SECONDS + 1)
             ours = recorded(env, since)
             print(f"{n:>6}  {ours / n:>8.1%}  {lsof_seen(lsof_text) / n:>8.1%}", flush=True)
 

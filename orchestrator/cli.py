@@ -350,6 +350,8 @@ def logs(
         elif fresh or not follow:
             out.print(logview.render_dns_table(fresh) if dns else logview.render_table(fresh))
         if not follow:
+            for loss in lifecycle.recorded_losses(ctx, name):
+                err.print(f"[yellow]warning:[/] records were lost: {escape(loss)}")
             return
         time.sleep(1.0)
         state = ctx.store.load(name)

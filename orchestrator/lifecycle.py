@@ -739,3 +739,11 @@ def sockets(ctx: Context, name: str) -> list[logview.Socket]:
     if code not in (0, 1):
         raise GuestError(f"lsof in the guest failed (exit {code})", "check `sandbox status`")
     return logview.parse_sockets(text)
+
+
+def recorded_losses(ctx: Context, name: str) -> list[str]:
+    """Every loss a collection ever detected for this sandbox (kept in the capture cursor)."""
+    cursor_path = logs_dir(ctx, name) / paths.CAPTURE_CURSOR
+    if not cursor_path.exists():
+        return []
+    return list(monitor.Cursor.from_json(cursor_path.read_text()).losses)

@@ -4,11 +4,15 @@ numbers of allowed and blocked attempts; `sandbox logs` holds each exactly once,
 from __future__ import annotations
 
 import json
+import os
+import select
+import subprocess
+import time
 from typing import Any
 
 import pytest
 
-from orchestrator import paths
+from orchestrator import monitor, paths
 
 from .e2e_support import Cli
 
@@ -35,6 +39,10 @@ def test_every_attempt_once_with_its_process(cli: Cli) -> None:
     bash = cli.run("exec", "--name", "lg", "--", "bash", "-c", "echo x > /dev/tcp/198.51.100.9/80")
     assert bash.returncode != 0  # refused
 
+    # Records younger than the settle window wait for their other half until the next
+    # collection; after it, a collection adds nothing more.
+    time.sleep(monitor.SETTLE_SECONDS + 1)
+    logs(cli)
     records = logs(cli)
     mine = [r for r in records if r["verdict"] in ("allowed", "blocked")]
 
@@ -56,7 +64,9 @@ def test_every_attempt_once_with_its_process(cli: Cli) -> None:
     php = next(r for r in mine if "php" in (r.get("exe") or ""))
     assert php["pid"] and php["uid"] == 0 and "php" in (php["cmdline"] or "")
     # Exactly once: collecting again (every `logs` call collects) adds nothing.
-    assert len(logs(cli)) == len(records)
+    again = logs(cli)
+    known = {r["id"] for r in records}
+    assert len(again) == len(records), [r for r in again if r["id"] not in known]
     ids = [r["id"] for r in records]
     assert len(ids) == len(set(ids))
 
@@ -75,10 +85,48 @@ def test_every_attempt_once_with_its_process(cli: Cli) -> None:
     sockets = cli.ok("logs", "--name", "lg", "--sockets").stdout
     assert "sshd" in sockets
 
+    # --follow shows new attempts as they happen.
+    follow = subprocess.Popen(
+        cli.argv("logs", "--name", "lg", "--json", "--follow", "--process", "bash"),
+        env=cli.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        bufsize=0,
+    )
+    try:
+        assert follow.stdout is not None
+        fd = follow.stdout.fileno()
+        pending = b""
+        deadline = time.monotonic() + 90
+
+        def next_record() -> dict[str, Any]:
+            nonlocal pending
+            while b"\n" not in pending:
+                ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+                assert ready, "sandbox logs --follow printed nothing before the deadline"
+                chunk = os.read(fd, 65536)
+                assert chunk, "sandbox logs --follow ended"
+                pending += chunk
+            line, pending = pending.split(b"\n", 1)
+            record: dict[str, Any] = json.loads(line)
+            return record
+
+        assert next_record()["dport"] == 80  # the attempt already logged
+        cli.run("exec", "--name", "lg", "--", "bash", "-c", "echo > /dev/tcp/198.51.100.9/8080")
+        live = next_record()
+        while live["dport"] != 8080:
+            live = next_record()
+        assert live["verdict"] == "blocked"
+    finally:
+        follow.terminate()
+        follow.wait(10)
+
+    time.sleep(monitor.SETTLE_SECONDS + 1)
+    before_destroy = len(logs(cli))
     cli.ok("destroy", "--name", "lg")
     logs_dir = cli.sandbox_dir("lg") / paths.LOGS_DIR
     assert (logs_dir / paths.PCAP_FILE).stat().st_size > 24  # more than a pcap header
     # Kept after destroy, readable, then purged.
-    assert len(logs(cli)) == len(records)
+    assert len(logs(cli)) == before_destroy
     cli.ok("logs", "--name", "lg", "--purge")
     assert not (logs_dir / paths.CONNECTIONS_LOG).exists()
