@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from orchestrator import monitor  # noqa: E402
-from orchestrator.lab import DEFAULT_LAB, lab_down, lab_status, lab_up  # noqa: E402
+from orchestrator.lab import inside, run_in_lab  # noqa: E402
 
 SANDBOX = str(Path(sys.executable).parent / "sandbox")
 NAME = "bench-capture"
@@ -49,14 +49,6 @@ printf("%.6f\n", microtime(true) - $t);
 LSOF_LOOP = (
     "while :; do lsof -i -nP -a -c php -F pn 2>/dev/null; echo @@; sleep 1; done > /tmp/lsof.out"
 )
-
-
-def in_lab_netns() -> bool:
-    try:
-        lab_ns = os.stat(f"/run/netns/{DEFAULT_LAB.netns}")
-        return os.stat("/proc/self/ns/net").st_ino == lab_ns.st_ino
-    except FileNotFoundError:
-        return False
 
 
 def sandbox(env: dict[str, str], *args: str) -> str:
@@ -112,15 +104,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("run as root (the lab needs network namespaces)", file=sys.stderr)
         return 2
-    if not in_lab_netns():
-        started = not lab_status(DEFAULT_LAB).up
-        lab_up(DEFAULT_LAB)
-        try:
-            argv = ["ip", "netns", "exec", DEFAULT_LAB.netns, sys.executable, *sys.argv]
-            return subprocess.run(argv).returncode
-        finally:
-            if started:
-                lab_down(DEFAULT_LAB)
+    if not inside():
+        return run_in_lab([sys.executable, *sys.argv])
 
     env = {**os.environ, "XDG_STATE_HOME": tempfile.mkdtemp(prefix="sandbox-bench-")}
     sandbox(env, "up", "--name", NAME, "--allow", "203.0.113.7")

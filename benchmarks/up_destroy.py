@@ -29,20 +29,11 @@ from orchestrator.config import Settings  # noqa: E402
 from orchestrator.domain import DomainSpec, render_domain  # noqa: E402
 from orchestrator.guest import generate_ed25519, wait_for_banner  # noqa: E402
 from orchestrator.images import KERNEL_CMDLINE, ImageRecipe, build_image  # noqa: E402
-from orchestrator.lab import DEFAULT_LAB, lab_down, lab_status, lab_up  # noqa: E402
+from orchestrator.lab import inside, run_in_lab  # noqa: E402
 from orchestrator.waits import Deadline  # noqa: E402
 
 SANDBOX = str(Path(sys.executable).parent / "sandbox")
 BOOT_TIMEOUT = 600.0
-
-
-def in_lab_netns() -> bool:
-    try:
-        return (
-            os.stat("/proc/self/ns/net").st_ino == os.stat(f"/run/netns/{DEFAULT_LAB.netns}").st_ino
-        )
-    except FileNotFoundError:
-        return False
 
 
 def time_up(env: dict[str, str]) -> float:
@@ -85,15 +76,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("run as root (the lab needs network namespaces)", file=sys.stderr)
         return 2
-    if not in_lab_netns():
-        started = not lab_status(DEFAULT_LAB).up
-        lab_up(DEFAULT_LAB)
-        try:
-            argv = ["ip", "netns", "exec", DEFAULT_LAB.netns, sys.executable, *sys.argv]
-            return subprocess.run(argv).returncode
-        finally:
-            if started:
-                lab_down(DEFAULT_LAB)
+    if not inside():
+        return run_in_lab([sys.executable, *sys.argv])
 
     dirs = paths.Dirs.from_env()
     image = build_image(ImageRecipe(), dirs.images)

@@ -167,6 +167,26 @@ def in_lab(lab: Lab, argv: Sequence[str]) -> list[str]:
     return ["ip", "netns", "exec", lab.netns, *argv]
 
 
+def inside(lab: Lab = DEFAULT_LAB) -> bool:
+    """Whether this process already runs in the lab's network namespace."""
+    try:
+        return os.stat("/proc/self/ns/net").st_ino == os.stat(paths.NETNS_DIR / lab.netns).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def run_in_lab(argv: Sequence[str], lab: Lab = DEFAULT_LAB) -> int:
+    """Run a command inside the lab, bringing the lab up for it and down again after, unless
+    someone else's lab was already up (benchmarks use this to re-execute themselves there)."""
+    started = not lab_status(lab).up
+    lab_up(lab)
+    try:
+        return subprocess.run(in_lab(lab, argv)).returncode
+    finally:
+        if started:
+            lab_down(lab)
+
+
 def in_inet(lab: Lab, argv: Sequence[str]) -> list[str]:
     """The argv that runs `argv` inside the fake-internet namespace."""
     return ["ip", "netns", "exec", lab.inet_netns, *argv]

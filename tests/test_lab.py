@@ -288,3 +288,13 @@ def test_down_removes_the_namespaces_and_the_daemons(lab_session: LabSession) ->
     assert not [n for n in lab_down(lab) if n.startswith(("stopped", "killed", "deleted"))]
     # Leave the lab as the session fixture expects it (it tears it down at the end).
     assert lab_up(lab).up
+
+
+@pytest.mark.root
+def test_inside_tells_the_lab_namespace_from_the_root_one(lab: Lab) -> None:
+    from orchestrator.lab import inside
+
+    assert not inside(lab)
+    probe = [sys.executable, "-c", "from orchestrator.lab import inside; print(inside())"]
+    result = subprocess.run(in_lab(lab, probe), capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "True", result.stderr
