@@ -10,25 +10,23 @@ import ipaddress
 import json
 import os
 import subprocess
-import sys
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import libvirt
 import pytest
 
-from orchestrator import hostfilter, paths
+from orchestrator import hostfilter
 from orchestrator.errors import HypervisorError
-from orchestrator.images import Image, ImageRecipe, build_image
 from orchestrator.lab import Lab, accept_log, in_lab
 from orchestrator.policy import EgressPolicy, build_policy
 from orchestrator.waits import Deadline, wait_for
 
 from .conftest import Golden
+from .e2e_support import Cli
 
 GW = ipaddress.IPv4Address("192.168.213.1")
 GW6 = ipaddress.IPv6Address("2001:db8:213::1")
@@ -333,7 +331,6 @@ def test_define_redefine_remove(conn: libvirt.virConnect) -> None:
 
 # ---- a real VM in the lab --------------------------------------------------------------------
 
-SANDBOX = str(Path(sys.executable).parent / "sandbox")
 NAME = "hfilter"
 ALLOWED = "203.0.113.7"
 BLOCKED = "198.51.100.9"
@@ -393,48 +390,8 @@ class Probe:
         }
 
 
-@dataclass
-class Cli:
-    lab: Lab
-    state_home: Path
-    config: Path
-
-    def run(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        env = {
-            **os.environ,
-            "XDG_STATE_HOME": str(self.state_home),
-            "SANDBOX_CONFIG": str(self.config),
-        }
-        return subprocess.run(
-            in_lab(self.lab, [SANDBOX, *args]),
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
-
-    def ok(self, *args: str, timeout: float = 900) -> str:
-        result = self.run(*args, timeout=timeout)
-        assert result.returncode == 0, f"sandbox {' '.join(args)}:\n{result.stdout}{result.stderr}"
-        return result.stdout
-
-    def guest(self, script: str, timeout: float = 120) -> str:
-        return self.ok("exec", "--name", NAME, "--", "sh", "-c", script, timeout=timeout)
-
-
-@pytest.fixture(scope="session")
-def image() -> Image:
-    return build_image(ImageRecipe(), paths.Dirs.from_env().images, progress=print)
-
-
-@pytest.fixture
-def cli(lab: Lab, image: Image, tmp_path: Path) -> Iterator[Cli]:
-    config = tmp_path / "config.yaml"
-    config.write_text("boot_timeout: 600\n")
-    c = Cli(lab=lab, state_home=tmp_path / "state", config=config)
-    yield c
-    c.run("destroy", "--all", timeout=120)
+def guest(cli: Cli, script: str, timeout: float = 120) -> str:
+    return cli.ok("exec", "--name", NAME, "--", "sh", "-c", script, timeout=timeout).stdout
 
 
 def network_gateways(
@@ -461,7 +418,7 @@ def sysctl(lab: Lab, key: str, value: str | None = None) -> str:
 
 def probe(cli: Cli, probes: list[Probe]) -> dict[str, dict[str, Any]]:
     code = PROBE_PHP % base64.b64encode(json.dumps([p.as_json() for p in probes]).encode()).decode()
-    out = cli.ok("exec", "--name", NAME, "--", "php", "-r", code, timeout=300)
+    out = cli.ok("exec", "--name", NAME, "--", "php", "-r", code, timeout=300).stdout
     results: dict[str, dict[str, Any]] = json.loads(out)
     for r in results.values():
         r["reply"] = base64.b64decode(r["reply"])
@@ -574,12 +531,13 @@ def test_filter_holds_after_guest_root_flushes_its_firewall(cli: Cli, lab: Lab) 
         gateway, gateway6 = network_gateways(conn, network)
 
         # Root in the guest removes its own firewall entirely.
-        cli.guest(
+        guest(
+            cli,
             "for t in iptables ip6tables; do for tb in filter nat mangle raw; do "
             "$t -t $tb -F; $t -t $tb -X; done; "
-            "$t -P INPUT ACCEPT; $t -P OUTPUT ACCEPT; $t -P FORWARD ACCEPT; done"
+            "$t -P INPUT ACCEPT; $t -P OUTPUT ACCEPT; $t -P FORWARD ACCEPT; done",
         )
-        rules = cli.guest("iptables -S; ip6tables -S").split()
+        rules = guest(cli, "iptables -S; ip6tables -S").split()
         assert "DROP" not in rules and "REJECT" not in rules and "-A" not in rules
 
         # Attach the host-side filter live (independent of whatever `up` itself puts there),
@@ -621,10 +579,10 @@ def test_filter_holds_after_guest_root_flushes_its_firewall(cli: Cli, lab: Lab) 
 
         # DHCP renewal still works: networkd restarted asks again and must get its lease.
         count = "journalctl -u systemd-networkd -o cat | grep -c 'acquired from' || true"
-        leases = int(cli.guest(count).strip())
-        cli.guest("systemctl restart systemd-networkd")
+        leases = int(guest(cli, count).strip())
+        guest(cli, "systemctl restart systemd-networkd")
         wait_for(
-            lambda: True if int(cli.guest(count).strip()) > leases else None,
+            lambda: True if int(guest(cli, count).strip()) > leases else None,
             Deadline(90, "the guest to renew its DHCP lease through the filter"),
             interval=2,
         )
@@ -643,7 +601,7 @@ def test_filter_holds_after_guest_root_flushes_its_firewall(cli: Cli, lab: Lab) 
                 sysctl(lab, key, value)
 
         # SSH management kept working throughout (every check above ran over it).
-        assert cli.guest("echo still-managed").strip() == "still-managed"
+        assert guest(cli, "echo still-managed").strip() == "still-managed"
 
         with pytest.raises(HypervisorError) as info:
             hostfilter.remove_filter(conn, NAME)
