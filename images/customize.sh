@@ -26,6 +26,10 @@ chroot "$root" systemctl disable --quiet auditd.service
 chroot "$root" systemctl enable --quiet systemd-networkd.service
 chroot "$root" systemctl enable --quiet sandbox-boot-firewall.service
 
+# Debian's php-xdebug enables itself for every PHP run. Off here: `sandbox run` loads it for its
+# own processes only (PHP_INI_SCAN_DIR), so nothing else in the guest runs with a debugger.
+chroot "$root" phpdismod -v ALL -s ALL xdebug
+
 # The unprivileged account for the software under test: no password, no sudo.
 chroot "$root" useradd --uid 1000 --user-group --create-home --shell /bin/bash sandbox
 

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import images, lifecycle, logview, paths
+from . import images, lifecycle, logview, paths, xdebug
+from . import run as runs
 from .config import load_settings, parse_accel
 from .errors import SandboxError, UsageError
 from .policy import Blocked
@@ -147,8 +149,17 @@ def up(
     accel: Annotated[str | None, typer.Option("--accel", help="auto, kvm or tcg.")] = None,
     memory: Annotated[int | None, typer.Option("--memory", help="Guest memory, MiB.")] = None,
     vcpus: Annotated[int | None, typer.Option("--vcpus", help="Guest vCPUs.")] = None,
+    xdebug_mode: Annotated[
+        str,
+        typer.Option(
+            "--xdebug",
+            help="xdebug for `sandbox run` only: trace (default), debug, profile, develop, "
+            "coverage or off.",
+        ),
+    ] = "trace",
 ) -> None:
     """Create and boot a disposable sandbox VM."""
+    mode = _xdebug_mode(xdebug_mode)
     ctx = _context(accel, memory, vcpus)
     try:
         blocked_action = Blocked(blocked.lower()) if blocked else None
@@ -157,7 +168,7 @@ def up(
     egress = lifecycle.make_policy(
         ctx, allow or (), policy_file=policy, dns=dns, blocked=blocked_action
     )
-    state = lifecycle.up(ctx, name, image=image, policy=egress, capture=pcap)
+    state = lifecycle.up(ctx, name, image=image, policy=egress, capture=pcap, xdebug_mode=mode)
     err.print(
         f"sandbox [bold]{state.name}[/] is ready at {state.ip} "
         f"({state.accel}, booted in {state.boot_seconds} s)"
@@ -174,19 +185,129 @@ def exec_(
 ) -> None:
     """Run a command in the sandbox over SSH; its exit code is passed back."""
     ctx = _context()
-
-    def write(stream: Any) -> Any:
-        def sink(data: bytes) -> None:
-            stream.buffer.write(data)
-            stream.buffer.flush()
-
-        return sink
-
     code = lifecycle.exec_command(
-        ctx, name, command, stdout=write(sys.stdout), stderr=write(sys.stderr), timeout=timeout
+        ctx, name, command, stdout=_sink(sys.stdout), stderr=_sink(sys.stderr), timeout=timeout
     )
     _collect_quietly(ctx, name)
     raise typer.Exit(code)
+
+
+def _xdebug_mode(text: str) -> xdebug.XdebugMode:
+    try:
+        return xdebug.XdebugMode(text.lower())
+    except ValueError:
+        choices = ", ".join(m.value for m in xdebug.XdebugMode)
+        raise UsageError(f"--xdebug {text!r}", f"use one of {choices}") from None
+
+
+class _RunCommand(typer.core.TyperCommand):
+    """Remembers whether the arguments came after `--`: `sandbox run -- CMD` runs a command,
+    `sandbox run SCRIPT.php` a PHP script."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:  # type: ignore[override]
+        given = list(args)
+        rest = super().parse_args(ctx, args)
+        positional = ctx.params.get("command") or []
+        n = len(positional)
+        ctx.meta["dashdash"] = bool(n) and len(given) > n and given[-n - 1] == "--"
+        return rest
+
+
+@app.command(cls=_RunCommand, context_settings={"allow_interspersed_args": False})
+def run(
+    ctx: typer.Context,
+    command: Annotated[
+        list[str],
+        typer.Argument(help="SCRIPT.php [ARGS...], or after --: CMD [ARGS...]", show_default=False),
+    ],
+    name: NameOpt = "default",
+    workdir: Annotated[
+        Path | None,
+        typer.Option("--workdir", help="Upload this directory; SCRIPT (or CMD) is inside it."),
+    ] = None,
+    env: Annotated[
+        list[str] | None,
+        typer.Option("--env", "-e", help="NAME=VALUE for the target (repeatable)."),
+    ] = None,
+    root: Annotated[
+        bool, typer.Option("--root", help="Run as root (default: user sandbox).")
+    ] = False,
+    timeout: Annotated[
+        float | None,
+        typer.Option("--timeout", help="Seconds before the whole process tree is killed."),
+    ] = None,
+    xdebug_mode: Annotated[
+        str | None,
+        typer.Option(
+            "--xdebug", help="xdebug mode for this run (default: the one `up` set, trace)."
+        ),
+    ] = None,
+    debug_port: Annotated[
+        int,
+        typer.Option("--debug-port", help="Your IDE's DBGp port on 127.0.0.1 (--xdebug debug)."),
+    ] = 9003,
+) -> None:
+    """Run a PHP script (or, after --, any command) in the sandbox; its exit code is passed back."""
+    if timeout is not None and timeout <= 0:
+        raise UsageError(f"--timeout {timeout:g}", "give a number of seconds above 0")
+    request = runs.RunRequest(
+        argv=tuple(command),
+        php=not ctx.meta.get("dashdash", False),
+        workdir=workdir,
+        env=runs.parse_env(env or ()),
+        root=root,
+        timeout=timeout,
+        xdebug=_xdebug_mode(xdebug_mode) if xdebug_mode else None,
+        debug_port=debug_port,
+    )
+    if request.php and not command[0].endswith(".php") and workdir is None:
+        raise UsageError(
+            f"{command[0]!r} is not a .php script",
+            f"to run a command, put it after --: sandbox run -- {' '.join(command)}",
+        )
+    context = _context()
+
+    def warn(message: str) -> None:
+        err.print(f"[yellow]warning:[/] {escape(message)}")
+
+    outcome = lifecycle.run_target(
+        context,
+        name,
+        request,
+        stdout=_sink(sys.stdout),
+        stderr=_sink(sys.stderr),
+        on_warning=warn,
+    )
+    for warning in outcome.warnings:
+        warn(warning)
+    record = outcome.result.record
+    if record.timed_out:
+        err.print(
+            f"[bold red]timed out[/] after {timeout:g} s: the run's whole process tree was killed"
+        )
+    if record.leftovers:
+        err.print(
+            f"the target left {record.leftovers} process(es) running when it exited; "
+            "they were killed"
+        )
+    if outcome.result.fetched and record.xdebug != xdebug.XdebugMode.TRACE.value:
+        where = outcome.result.fetched[0].parent
+        err.print(f"xdebug {record.xdebug} output: {where}", soft_wrap=True)
+    summary = f"run {record.id}: exit {record.exit_code}"
+    if outcome.collected is not None:
+        summary += f", {outcome.collected.new_attempts} new connection record(s)"
+    err.print(
+        f"[dim]{summary}; see `sandbox logs --name {name} --run {record.id}`[/]", soft_wrap=True
+    )
+    raise typer.Exit(record.exit_code if record.exit_code is not None else 1)
+
+
+def _sink(stream: Any) -> Any:
+    def sink(data: bytes) -> None:
+        stream.buffer.write(data)
+        stream.buffer.flush()
+
+    return sink
 
 
 def _collect_quietly(ctx: lifecycle.Context, name: str) -> None:
@@ -309,6 +430,9 @@ def logs(
     process: Annotated[
         str | None, typer.Option("--process", help="Only this pid, or executable/command text.")
     ] = None,
+    run_id: Annotated[
+        str | None, typer.Option("--run", help="Only this run's attempts (a run id, or last).")
+    ] = None,
     dns: Annotated[bool, typer.Option("--dns", help="The resolver's queries instead.")] = False,
     sockets: Annotated[
         bool, typer.Option("--sockets", help="The guest's current sockets (like lsof -i -nP).")
@@ -332,8 +456,13 @@ def logs(
     state = ctx.store.load(name)
     if state is None and not directory.exists():
         raise SandboxError(f"no logs for sandbox {name!r}", "check the name with `sandbox list`")
+    if run_id == "last":
+        known = runs.load_records(directory)
+        if not known:
+            raise SandboxError(f"sandbox {name!r} has had no run", "use `sandbox run` first")
+        run_id = max(known, key=lambda r: r.started).id
     chosen = logview.Filter.from_options(
-        blocked=blocked, allowed=allowed, since=since, process=process
+        blocked=blocked, allowed=allowed, since=since, process=process, run=run_id
     )
     seen: set[str] = set()
     while True:

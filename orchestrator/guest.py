@@ -19,8 +19,9 @@ import select
 import shlex
 import socket
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -49,6 +50,12 @@ _STDERR_TAIL_CHARS = 2000
 _CHUNK = 32768
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SFTP_TIMEOUT = 300.0
+# Reverse tunnels listen on the guest's loopback only: nothing outside the guest may reach them.
+_GUEST_LOOPBACK = "127.0.0.1"
+# How long a forwarded connection may take to reach the host side, and how long closing a tunnel
+# waits for its connections' threads before leaving them (daemon threads) behind.
+_RELAY_CONNECT_TIMEOUT = 5.0
+_RELAY_JOIN_TIMEOUT = 5.0
 
 _RECREATE_HINT = (
     "the guest is not the VM this sandbox created (or its disk was replaced); "
@@ -233,6 +240,10 @@ class Guest:
         self._client = client
         self._endpoint = endpoint
         self._sftp: paramiko.SFTPClient | None = None
+        # paramiko keeps one handler for all of a transport's remote forwards; this routes each
+        # forwarded connection to its tunnel by the guest port it arrived on.
+        self._forwards_lock = threading.Lock()
+        self._forwards: dict[int, _Relay] = {}
 
     # -- connecting
 
@@ -459,6 +470,84 @@ class Guest:
             raise GuestError(message, "see the command's error output above")
         return b"".join(out).decode("utf-8", "replace")
 
+    # -- tunnels
+
+    @contextlib.contextmanager
+    def reverse_forward(
+        self,
+        local_host: str,
+        local_port: int,
+        *,
+        remote_port: int = 0,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> Iterator[int]:
+        """Listen on the guest's 127.0.0.1:`remote_port` (0: a free port) and pass every
+        connection made to it on to `local_host:local_port` on this machine, over the management
+        SSH connection (`ssh -R`), so the guest reaches the host without any firewall opening.
+
+        Yields the port bound in the guest. Bytes flow both ways until both sides have closed
+        (an EOF on one side is passed on as an EOF to the other). When the host side cannot be
+        reached, the guest's connection is closed and `on_refused` is called once for that
+        connection with a message saying so; it runs on a background thread. On exit the guest
+        stops listening, open connections are closed and their threads joined (bounded).
+        """
+        transport = self.transport
+        relay = _Relay(local_host, local_port, on_refused)
+        wanted = f"{_GUEST_LOOPBACK}:{remote_port}" if remote_port else "a free loopback port"
+        try:
+            # Not under _forwards_lock: the transport thread may need that lock (to route a
+            # connection of another tunnel) before it can deliver this request's reply.
+            port = transport.request_port_forward(
+                _GUEST_LOOPBACK, remote_port, self._route_forwarded
+            )
+        except paramiko.SSHException as e:
+            raise GuestError(
+                f"the guest's sshd refused to listen on {wanted} for a reverse tunnel to "
+                f"{local_host}:{local_port}: {e}",
+                "the port may be taken in the guest (choose another one), or the guest's sshd "
+                "forbids TCP forwarding (AllowTcpForwarding/DisableForwarding in "
+                "/etc/ssh/sshd_config.d/)",
+            ) from e
+        except (OSError, EOFError) as e:
+            raise GuestError(
+                f"could not set up a reverse tunnel on {self._endpoint}: {e}", _LOST_HINT
+            ) from e
+        relay.guest_port = port
+        with self._forwards_lock:
+            self._forwards[port] = relay
+        try:
+            yield port
+        finally:
+            with self._forwards_lock:
+                del self._forwards[port]
+                last = not self._forwards
+            # A dead connection has no listener left to cancel: nothing to report then.
+            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+                if transport.is_active():
+                    if last:
+                        transport.cancel_port_forward(_GUEST_LOOPBACK, port)
+                    else:
+                        # cancel_port_forward would also drop the handler the other tunnels use.
+                        transport.global_request(
+                            "cancel-tcpip-forward", (_GUEST_LOOPBACK, port), wait=True
+                        )
+            relay.close()
+
+    def _route_forwarded(
+        self,
+        channel: paramiko.Channel,
+        origin: tuple[str, int],
+        server: tuple[str, int],
+    ) -> None:
+        # Runs on paramiko's transport thread: it must not block.
+        with self._forwards_lock:
+            relay = self._forwards.get(server[1])
+        if relay is None:
+            # A tunnel being set up or torn down: no one to hand the connection to.
+            channel.close()
+        else:
+            relay.accept(channel)
+
     # -- files
 
     def _sftp_client(self) -> paramiko.SFTPClient:
@@ -533,3 +622,143 @@ class Guest:
                     "check that the file exists in the guest",
                 ) from e
             raise
+
+
+class _Link:
+    """One connection the guest made through a tunnel, and the host socket it was joined to."""
+
+    def __init__(self, channel: paramiko.Channel) -> None:
+        self.channel = channel
+        self.sock: socket.socket | None = None
+        # Set when the guest→host direction has ended, or when the tunnel closes.
+        self.guest_done = threading.Event()
+
+
+class _Relay:
+    """One reverse tunnel's connections. Each gets a thread that connects to the host side and
+    copies host→guest, and a second one that copies guest→host.
+
+    Only the first thread ever sends on the channel (data, EOF and CLOSE): paramiko builds a
+    message under the channel's lock but sends it after releasing it, so a close from another
+    thread can overtake an EOF or data, and OpenSSH then drops the whole connection ("ieof packet
+    referred to nonexistent channel", paramiko issues #1115 and #1705). Here that would take the
+    management session down with the tunnel.
+    """
+
+    def __init__(self, host: str, port: int, on_refused: Callable[[str], None] | None) -> None:
+        self._host = host
+        self._port = port
+        self._on_refused = on_refused
+        self.guest_port = 0
+        self._lock = threading.Lock()
+        self._closing = False
+        self._links: set[_Link] = set()
+        self._threads: list[threading.Thread] = []
+
+    def accept(self, channel: paramiko.Channel) -> None:
+        """Take a connection the guest made; returns at once (called on the transport thread)."""
+        with self._lock:
+            if self._closing:
+                channel.close()
+                return
+            link = _Link(channel)
+            self._links.add(link)
+            self._start(self._serve, link)
+
+    def _start(self, target: Callable[[_Link], None], link: _Link) -> threading.Thread:
+        # Called with _lock held, so close() never sees a thread it cannot join yet.
+        self._threads = [t for t in self._threads if t.is_alive()]
+        thread = threading.Thread(
+            target=target, args=(link,), name=f"tunnel-{self.guest_port}", daemon=True
+        )
+        self._threads.append(thread)
+        thread.start()
+        return thread
+
+    def _serve(self, link: _Link) -> None:
+        back: threading.Thread | None = None
+        try:
+            try:
+                sock = socket.create_connection(
+                    (self._host, self._port), timeout=_RELAY_CONNECT_TIMEOUT
+                )
+            except OSError as e:
+                link.channel.close()
+                self._refused(e)
+                return
+            sock.settimeout(None)
+            with self._lock:
+                link.sock = sock
+                if self._closing:
+                    return
+                back = self._start(self._to_host, link)
+            self._to_guest(link, sock)
+            # A half-closed connection lives on until the guest side ends too (or the tunnel
+            # closes, which shuts the socket down and sets the event).
+            link.guest_done.wait()
+        finally:
+            link.channel.close()  # wakes `back` if it still waits for guest data
+            if back is not None:
+                back.join(_RELAY_JOIN_TIMEOUT)
+            if link.sock is not None:
+                link.sock.close()
+            with self._lock:
+                self._links.discard(link)
+
+    def _refused(self, error: OSError) -> None:
+        if self._on_refused is None or self._closing:
+            return
+        where = f"{self._host}:{self._port}"
+        if isinstance(error, ConnectionRefusedError):
+            reason = f"nothing is listening on {where}"
+        elif isinstance(error, TimeoutError):
+            reason = f"{where} did not answer within {_RELAY_CONNECT_TIMEOUT:g} s"
+        else:
+            reason = f"could not connect to {where}: {error.strerror or error}"
+        self._on_refused(
+            f"{reason}; the guest's connection to its {_GUEST_LOOPBACK}:{self.guest_port} "
+            "was closed"
+        )
+
+    @staticmethod
+    def _to_guest(link: _Link, sock: socket.socket) -> None:
+        """Host → guest until the host side sends EOF, then pass the EOF on."""
+        with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+            while data := sock.recv(_CHUNK):
+                link.channel.sendall(data)
+            link.channel.shutdown_write()
+
+    @staticmethod
+    def _to_host(link: _Link) -> None:
+        """Guest → host until the guest side sends EOF, then pass the EOF on."""
+        try:
+            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+                assert link.sock is not None
+                while data := link.channel.recv(_CHUNK):
+                    link.sock.sendall(data)
+                link.sock.shutdown(socket.SHUT_WR)
+        finally:
+            link.guest_done.set()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            links = list(self._links)
+            threads = list(self._threads)
+        for link in links:
+            link.guest_done.set()
+            if link.sock is not None:
+                # shutdown, not close: it wakes the thread blocked in recv() on this socket,
+                # which then closes the channel itself.
+                with contextlib.suppress(OSError):
+                    link.sock.shutdown(socket.SHUT_RDWR)
+        start = time.monotonic()
+        for thread in threads:
+            thread.join(max(0.0, start + _RELAY_JOIN_TIMEOUT / 2 - time.monotonic()))
+        # A thread still here waits for SSH window space the guest program never frees by
+        # reading. It is parked, not between building and sending a message, so closing its
+        # channel from here is safe, and wakes it.
+        for link in links:
+            link.channel.close()
+        for thread in threads:
+            thread.join(max(0.0, start + _RELAY_JOIN_TIMEOUT - time.monotonic()))

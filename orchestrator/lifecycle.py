@@ -9,6 +9,7 @@ import hashlib
 import os
 import secrets
 import shlex
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack
@@ -18,8 +19,9 @@ from typing import TYPE_CHECKING, Protocol
 
 import libvirt
 
-from . import dnslog, firewall, hostfilter, logview, monitor, paths, pcap
+from . import dnslog, firewall, hostfilter, logview, monitor, paths, pcap, xdebug
 from . import hypervisor as hv
+from . import run as runs
 from .config import Settings
 from .domain import DomainSpec, NetworkSpec, PoolSpec, render_domain
 from .errors import ConflictError, GuestError, NotFoundError, SandboxError, UsageError
@@ -147,6 +149,7 @@ def up(
     image: str | None = None,
     policy: EgressPolicy | None = None,
     capture: bool = False,
+    xdebug_mode: xdebug.XdebugMode = xdebug.XdebugMode.TRACE,
 ) -> SandboxState:
     validate_name(name)
     policy = policy if policy is not None else make_policy(ctx)
@@ -166,7 +169,7 @@ def up(
                 f"use it, or run `sandbox destroy --name {name}` first",
             )
         with hv.connection(ctx.settings.connect) as conn:
-            return _up_locked(ctx, conn, name, img, policy, capture)
+            return _up_locked(ctx, conn, name, img, policy, capture, xdebug_mode)
 
 
 def _up_locked(
@@ -176,6 +179,7 @@ def _up_locked(
     img: Image,
     policy: EgressPolicy,
     capture: bool,
+    xdebug_mode: xdebug.XdebugMode,
 ) -> SandboxState:
     from .cloudinit import build_seed_iso
     from .guest import Endpoint, Guest, generate_ed25519, known_hosts_line, wait_for_banner
@@ -205,12 +209,14 @@ def _up_locked(
         mac=_random_mac(),
         allow=tuple(a.describe() for a in policy.allow),
         policy=policy.to_dict(),
+        xdebug=xdebug_mode.value,
     )
 
     with ExitStack() as rollback:
         # Written before anything exists, so that `destroy` knows what to look for even if this
         # process is killed with SIGKILL in the middle.
         store.save(state)
+        _forget_earlier_vm(logs_dir(ctx, name))
         rollback.callback(store.remove_secrets, name)
         client = generate_ed25519(f"sandbox-{name}-client")
         host = generate_ed25519(f"sandbox-{name}-host")
@@ -304,8 +310,12 @@ def _up_locked(
                 guest = Guest.connect(endpoint, boot)
             # Before `up` returns, so before any target software can run.
             with guest:
-                with report.step("loading the egress policy in the guest"):
-                    apply_guest_policy(guest, policy, net_spec)
+                with report.step(
+                    f"loading the egress policy and xdebug ({xdebug_mode.value}) in the guest"
+                ):
+                    apply_guest_policy(
+                        guest, policy, net_spec, files=xdebug.guest_files(xdebug_mode)
+                    )
                 with report.step("starting connection capture (auditd)"):
                     monitor.start(guest)
         except SandboxError as exc:
@@ -324,23 +334,46 @@ def _up_locked(
     return state
 
 
-_SAVE_SPLIT = "----- sandbox: end of IPv4 rules -----"
+_SAVE_SPLIT = runs.SPLIT
 
 
-def apply_guest_policy(guest: Guest, policy: EgressPolicy, net: NetworkSpec) -> None:
-    """Load the rules with iptables-restore (each family atomically), read them back and fail
-    unless the kernel holds exactly what was meant. One SSH round trip: under TCG every extra
-    channel costs a noticeable part of a second."""
-    rules = {
+def files_script(files: dict[str, str]) -> list[str]:
+    """Shell lines that write files into the guest (mode 0644), contents inline."""
+    import base64
+
+    lines = []
+    for path, content in sorted(files.items()):
+        encoded = base64.b64encode(content.encode()).decode()
+        lines += [
+            f"mkdir -p {shlex.quote(os.path.dirname(path))}",
+            f"echo {encoded} | base64 -d > {shlex.quote(path)}",
+            f"chmod 0644 {shlex.quote(path)}",
+        ]
+    return lines
+
+
+def guest_rules(policy: EgressPolicy, net: NetworkSpec) -> dict[int, str]:
+    """The filter tables the guest must hold for this policy, per IP version."""
+    return {
         version: firewall.render_rules(
             policy, version=version, resolver=net.gateway, resolver6=net.gateway6
         )
         for version in (4, 6)
     }
+
+
+def apply_guest_policy(
+    guest: Guest, policy: EgressPolicy, net: NetworkSpec, *, files: dict[str, str] | None = None
+) -> None:
+    """Load the rules with iptables-restore (each family atomically), read them back and fail
+    unless the kernel holds exactly what was meant; write `files` too. One SSH round trip: under
+    TCG every extra channel costs a noticeable part of a second."""
+    rules = guest_rules(policy, net)
     (restore4, save4), (restore6, save6) = (firewall.restore_commands(v) for v in (4, 6))
     script = "\n".join(
         [
             "set -e",
+            *files_script(files or {}),
             f"{shlex.join(restore4)} <<'SANDBOX_RULES_V4'",
             rules[4].rstrip("\n"),
             "SANDBOX_RULES_V4",
@@ -362,6 +395,16 @@ def apply_guest_policy(guest: Guest, policy: EgressPolicy, net: NetworkSpec) -> 
                 + "\n".join(diff),
                 "something in the guest changed the rules; destroy the sandbox and report this",
             )
+
+
+def _forget_earlier_vm(logs: Path) -> None:
+    """The logs of a destroyed sandbox of the same name stay, but its capture cursor described
+    that VM's kernel and audit logs: starting from it, the new VM would look like a reboot with
+    records lost. Keep only the losses it recorded."""
+    cursor_path = logs / paths.CAPTURE_CURSOR
+    if cursor_path.exists():
+        earlier = monitor.Cursor.from_json(cursor_path.read_text())
+        atomic_write(cursor_path, monitor.Cursor(losses=earlier.losses).to_json() + "\n")
 
 
 def _save_console(store: StateStore, name: str, text: str) -> None:
@@ -601,6 +644,65 @@ def exec_command(
         return guest.run(list(argv), stdout=stdout, stderr=stderr, timeout=timeout)
 
 
+@dataclass(frozen=True)
+class RunOutcome:
+    result: runs.RunResult
+    collected: CollectReport | None
+    warnings: tuple[str, ...]
+
+
+def run_target(
+    ctx: Context,
+    name: str,
+    request: runs.RunRequest,
+    *,
+    stdout: Callable[[bytes], None],
+    stderr: Callable[[bytes], None],
+    on_warning: Callable[[str], None],
+) -> RunOutcome:
+    """`sandbox run`: the target software in the guest, then its records brought home and tied
+    to it. Local files are checked before anything is sent to the guest."""
+    runs.plan(request)
+    state = runnable_state(ctx, name)
+    logs = logs_dir(ctx, name)
+    expected = guest_rules(EgressPolicy.from_dict(state.policy), ctx.network_spec())
+    with open_guest(ctx, name) as guest:
+        result = runs.execute(
+            guest,
+            request,
+            logs=logs,
+            expected_rules=expected,
+            default_mode=xdebug.XdebugMode(state.xdebug),
+            stdout=stdout,
+            stderr=stderr,
+            on_warning=on_warning,
+        )
+        warnings: list[str] = []
+        collected: CollectReport | None = None
+        # The run's last records are complete once the settle window has passed since its end
+        # (younger halves wait for the next collection): wait out the rest of it, so that
+        # `sandbox logs` right after `run` shows everything the run did.
+        time.sleep(max(0.0, monitor.SETTLE_SECONDS - (time.monotonic() - result.finished)))
+        try:
+            collected = collect(ctx, name, guest=guest, after_run=True)
+        except SandboxError as exc:
+            warnings.append(f"connection records not collected: {exc.message}")
+    return RunOutcome(result, collected, tuple(warnings))
+
+
+def runnable_state(ctx: Context, name: str) -> SandboxState:
+    """The state of a sandbox that can take a run: up, and its policy loaded."""
+    validate_name(name)
+    state = ctx.store.load(name)
+    if state is not None and state.phase is Phase.CREATING:
+        raise GuestError(
+            f"sandbox {name!r} is still being created: its egress policy is not applied yet",
+            f"wait for `sandbox up --name {name}` to finish (or destroy it if that was "
+            "interrupted), then run again",
+        )
+    return ready_state(ctx, name)
+
+
 def is_local(uri: str) -> bool:
     """A URI whose hypervisor runs on this machine (no host part)."""
     from urllib.parse import urlparse
@@ -681,8 +783,16 @@ def logs_dir(ctx: Context, name: str) -> Path:
     return ctx.store.dir(name) / paths.LOGS_DIR
 
 
-def collect(ctx: Context, name: str, *, lock_timeout: float = 120.0) -> CollectReport:
-    """Bring the guest's new connection records and the resolver's new queries to the host."""
+def collect(
+    ctx: Context,
+    name: str,
+    *,
+    lock_timeout: float = 120.0,
+    guest: Guest | None = None,
+    after_run: bool = False,
+) -> CollectReport:
+    """Bring the guest's new connection records and the resolver's new queries to the host;
+    tie attempts to the runs (and PHP lines) that made them."""
     state = ready_state(ctx, name)
     # Collections of one sandbox take turns: the cursor moves forward exactly once per record.
     with file_lock(
@@ -690,10 +800,17 @@ def collect(ctx: Context, name: str, *, lock_timeout: float = 120.0) -> CollectR
         f"collecting the logs of sandbox {name!r}",
         timeout=lock_timeout,
     ):
-        return _collect_locked(ctx, state, final=False)
+        return _collect_locked(ctx, state, final=False, guest=guest, after_run=after_run)
 
 
-def _collect_locked(ctx: Context, state: SandboxState, *, final: bool) -> CollectReport:
+def _collect_locked(
+    ctx: Context,
+    state: SandboxState,
+    *,
+    final: bool,
+    guest: Guest | None = None,
+    after_run: bool = False,
+) -> CollectReport:
     from .guest import Guest
 
     logs = logs_dir(ctx, state.name)
@@ -704,14 +821,21 @@ def _collect_locked(ctx: Context, state: SandboxState, *, final: bool) -> Collec
         if cursor_path.exists()
         else monitor.Cursor()
     )
-    deadline = Deadline(60, f"SSH to sandbox {state.name!r} to collect its records")
-    with Guest.connect(endpoint(ctx, state), deadline) as guest:
+    if guest is not None:
         collected = monitor.collect_full(guest, cursor, final=final)
+    else:
+        deadline = Deadline(60, f"SSH to sandbox {state.name!r} to collect its records")
+        with Guest.connect(endpoint(ctx, state), deadline) as own:
+            collected = monitor.collect_full(own, cursor, final=final)
     queries = _dns_queries(ctx, state)
     new_dns = logview.append_dns(logs, queries)
     known_dns: list[DnsQuery] = logview.read_dns(logs)
     attempts: list[Attempt] = monitor.attach_dns_names(collected.attempts, known_dns)
-    new_attempts = logview.append_attempts(logs, attempts)
+    new_attempts = logview.append_attempts(logs, runs.annotate(attempts, logs))
+    if after_run:
+        # Attempts collected while the run was still going (a `logs --follow` beside it) could
+        # not be tied to its trace then; now its trace is here.
+        logview.rewrite_attempts(logs, lambda stored: runs.annotate(stored, logs))
     atomic_write(cursor_path, collected.cursor.to_json() + "\n")
     return CollectReport(new_attempts, new_dns, tuple(collected.warnings))
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from . import paths
 from .errors import UsageError
 from .records import Attempt, DnsQuery, LogRecordError, Verdict, parse_time
+from .state import atomic_write
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -60,12 +61,25 @@ def _ids(lines: Iterable[str]) -> set[str]:
     return found
 
 
+def _open_locked(path: Path, flags: int) -> int:
+    """Open and flock the log file. Two collectors at once (an `exec` and a `destroy`) must not
+    both add the same ids; and a rewrite replaces the file, so a lock won on the old file after a
+    rewrite is a lock on nothing: open again."""
+    while True:
+        fd = os.open(path, flags, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
 def _append(path: Path, records: Iterable[R]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+    fd = _open_locked(path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
     try:
-        # Two collectors at once (an `exec` and a `destroy`) must not both add the same ids.
-        fcntl.flock(fd, fcntl.LOCK_EX)
         size = os.fstat(fd).st_size
         data = os.pread(fd, size, 0) if size else b""
         end = data.rfind(b"\n") + 1
@@ -92,6 +106,26 @@ def append_attempts(logs_dir: Path, attempts: Iterable[Attempt]) -> int:
     """Append connection attempts to <logs_dir>/connections.jsonl, skipping ids already stored;
     return how many were new. Call after every collection from the guest (run, exec, destroy)."""
     return _append(logs_dir / paths.CONNECTIONS_LOG, attempts)
+
+
+def rewrite_attempts(logs_dir: Path, change: Callable[[list[Attempt]], list[Attempt]]) -> int:
+    """Replace the stored attempts by `change(stored)` (same ids, same order) when that changes
+    any; atomically, under the appenders' lock. Return how many records changed."""
+    path = logs_dir / paths.CONNECTIONS_LOG
+    if not path.exists():
+        return 0
+    fd = _open_locked(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        stored = [Attempt.from_json(line) for line in _complete_lines(os.pread(fd, size, 0))]
+        updated = change(stored)
+        changed = sum(1 for old, new in zip(stored, updated, strict=True) if old != new)
+        if changed:
+            # Readers hold no lock: they see the old file or the new one, never half of each.
+            atomic_write(path, "".join(a.to_json() + "\n" for a in updated))
+        return changed
+    finally:
+        os.close(fd)
 
 
 def append_dns(logs_dir: Path, queries: Iterable[DnsQuery]) -> int:
@@ -168,6 +202,7 @@ class Filter:
     allowed: bool = False
     since: datetime | None = None
     process: str | None = None
+    run: str | None = None  # a run id, or "last" resolved by the caller
 
     @classmethod
     def from_options(
@@ -177,19 +212,22 @@ class Filter:
         allowed: bool = False,
         since: str | None = None,
         process: str | None = None,
+        run: str | None = None,
         now: datetime | None = None,
     ) -> Filter:
         """Build from the CLI's flags; `since` as typed (see parse_since)."""
         moment = None
         if since is not None:
             moment = parse_since(since, now or datetime.now(UTC))
-        return cls(blocked=blocked, allowed=allowed, since=moment, process=process or None)
+        return cls(blocked=blocked, allowed=allowed, since=moment, process=process or None, run=run)
 
     def matches(self, attempt: Attempt) -> bool:
         # "allowed" is everything let through: the policy, DNS to the resolver, loopback.
         if self.blocked != self.allowed and (attempt.verdict in _BLOCKED) != self.blocked:
             return False
         if self.since is not None and parse_time(attempt.time) < self.since:
+            return False
+        if self.run is not None and attempt.run != self.run:
             return False
         if self.process:
             if self.process.isdigit():
@@ -247,8 +285,17 @@ def render_table(attempts: Sequence[Attempt]) -> Table:
     from rich.text import Text
 
     table = Table(title="connection attempts (UTC)", expand=False)
-    for column in ("time", "verdict", "process", "uid", "proto", "destination", "dns name"):
-        table.add_column(column, no_wrap=column in ("time", "destination"))
+    # Optional columns only when some attempt fills them: other software has no PHP stack, and
+    # most attempts have no DNS name.
+    names = any(a.dns_name for a in attempts)
+    source = any(a.stack for a in attempts)
+    columns = ["time", "verdict", "process", "uid", "proto", "destination"]
+    columns += ["dns name"] * names + ["php source"] * source
+    for column in columns:
+        table.add_column(
+            column,
+            no_wrap=column in ("time", "destination", "process"),
+        )
     for a in attempts:
         table.add_row(
             _short_time(a.time),
@@ -257,7 +304,9 @@ def render_table(attempts: Sequence[Attempt]) -> Table:
             "" if a.uid is None else str(a.uid),
             a.proto,
             destination(a.dst, a.dport),
-            a.dns_name or "",
+            *((a.dns_name or "",) if names else ()),
+            # A frame a line: the innermost call first, as in a stack trace.
+            *(("\n← ".join(f.describe() for f in a.stack),) if source else ()),
         )
     return table
 

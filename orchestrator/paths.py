@@ -34,9 +34,15 @@ DNS_LOG = "dns.jsonl"
 PCAP_FILE = "capture.pcap"
 CAPTURE_CURSOR = "capture-cursor.json"  # monitor.Cursor: how far the guest's logs were collected
 COLLECT_LOCK = ".collect.lock"  # collections of one sandbox take turns
+RUNS_DIR = "runs"  # one directory per `sandbox run`, named by its run id:
+RUN_FILE = "run.json"  # run.RunRecord: what ran, when, how it ended
+XDEBUG_DIR = "xdebug"  # the run's xdebug traces, profiles and coverage, fetched from the guest
 
 # Files the orchestrator removes at destroy; everything else in the state dir (logs) is kept.
 SECRET_FILES = (CLIENT_KEY, CLIENT_KEY_PUB, HOST_KEY_PUB, KNOWN_HOSTS, SEED_ISO)
+
+# In the guest: one directory per run, the run user's working directory (run.py).
+GUEST_RUNS_DIR = "/var/lib/sandbox/runs"
 
 CONFIG_FILE = "config.yaml"
 GLOBAL_LOCK = "global.lock"

@@ -73,6 +73,22 @@ def _known_fields(cls: type[Any], value: dict[str, Any], kind: str) -> dict[str,
 
 
 @dataclass(frozen=True)
+class Frame:
+    """One PHP stack frame behind an attempt: the function and the place it was called from."""
+
+    function: str  # "fsockopen", "Client->send", "{main}"
+    file: str  # the guest path of the calling file ("" for {main})
+    line: int  # the calling line (0 for {main})
+    args: str | None = None  # the call's arguments as xdebug printed them (innermost frame only)
+
+    def describe(self) -> str:
+        name = "main" if self.function == "{main}" else f"{self.function}()"
+        if not self.file:
+            return name
+        return f"{name} at {self.file.rsplit('/', 1)[-1]}:{self.line}"
+
+
+@dataclass(frozen=True)
 class Attempt:
     """One connection attempt; a line of logs/connections.jsonl."""
 
@@ -92,10 +108,21 @@ class Attempt:
     cmdline: str | None = None
     dns_name: str | None = None  # the name a DNS lookup returned this dst for, if any
     evidence: str = ""  # "audit+firewall" | "firewall" | "audit"
+    stack: tuple[Frame, ...] = ()  # PHP frames, innermost first, from the xdebug trace
+    run: str | None = None  # the `sandbox run` this attempt belongs to
+
+    @property
+    def origin(self) -> str:
+        """`fsockopen() at phone_home.php:12 <- main`, or "" without a PHP stack."""
+        return " ← ".join(frame.describe() for frame in self.stack)
 
     def to_json(self) -> str:
         value = asdict(self)
         value["verdict"] = self.verdict.value
+        if not self.stack:
+            del value["stack"]
+        if self.run is None:
+            del value["run"]
         return json.dumps(value, sort_keys=False, separators=(",", ":"))
 
     @classmethod
@@ -106,6 +133,12 @@ class Attempt:
         except ValueError:
             raise LogRecordError(
                 f"connection record with unknown verdict {value['verdict']!r}", _CORRUPT_HINT
+            ) from None
+        try:
+            value["stack"] = tuple(Frame(**frame) for frame in value.get("stack", ()))
+        except TypeError:
+            raise LogRecordError(
+                f"connection record with a malformed stack: {line[:80]!r}", _CORRUPT_HINT
             ) from None
         return cls(**value)
 

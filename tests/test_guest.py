@@ -384,3 +384,184 @@ def test_banner_never_sent_times_out() -> None:
 
 def test_banner_from_real_sshd(sshd: Sshd) -> None:
     assert wait_for_banner("127.0.0.1", sshd.port, deadline(5)).startswith("SSH-2.0-OpenSSH")
+
+
+# --- reverse tunnels ---------------------------------------------------------------------------
+# sshd listens on 127.0.0.1 like the guest's loopback, so the test process stands in for a
+# program in the guest by connecting to the forwarded port itself.
+
+
+def echo(conn: socket.socket, n: int) -> None:
+    with contextlib.suppress(OSError), conn:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+
+def read_until_eof(sock: socket.socket, timeout: float = 5) -> bytes:
+    """Everything the peer sends until it closes; a timeout fails the test."""
+    sock.settimeout(timeout)
+    chunks = []
+    while data := sock.recv(65536):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def read_exactly(sock: socket.socket, size: int, timeout: float = 5) -> bytes:
+    sock.settimeout(timeout)
+    buffer = b""
+    while len(buffer) < size:
+        data = sock.recv(size - len(buffer))
+        assert data, f"EOF after {len(buffer)} of {size} bytes"
+        buffer += data
+    return buffer
+
+
+def tunnel_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("tunnel-")]
+
+
+def test_reverse_forward_carries_bytes_both_ways(guest: Guest) -> None:
+    with listener(echo) as host_port, guest.reverse_forward("127.0.0.1", host_port) as port:
+        assert port > 0
+        big = bytes(range(256)) * 8192  # 2 MiB: more than the SSH windows both ways
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.sendall(b"hello")
+            assert read_exactly(conn, 5) == b"hello"
+            sender = threading.Thread(target=conn.sendall, args=(big,))
+            sender.start()
+            assert read_exactly(conn, len(big), timeout=20) == big
+            sender.join(5)
+
+
+def test_reverse_forward_passes_eof_on_both_ways(guest: Guest) -> None:
+    """A half-close travels through: the host side reads the request to EOF, then answers."""
+
+    def answer(conn: socket.socket, n: int) -> None:
+        with conn:
+            request = read_until_eof(conn)
+            conn.sendall(b"got " + request)
+
+    with (
+        listener(answer) as host_port,
+        guest.reverse_forward("127.0.0.1", host_port) as port,
+        socket.create_connection(("127.0.0.1", port), timeout=5) as conn,
+    ):
+        conn.sendall(b"request")
+        conn.shutdown(socket.SHUT_WR)
+        assert read_until_eof(conn) == b"got request"
+
+
+def test_reverse_forward_serves_several_connections(guest: Guest) -> None:
+    with listener(echo) as host_port, guest.reverse_forward("127.0.0.1", host_port) as port:
+        conns = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(5)]
+        try:
+            # All open at once, answered out of order.
+            for i, conn in reversed(list(enumerate(conns))):
+                conn.sendall(f"conn {i}".encode())
+            for i, conn in enumerate(conns):
+                assert read_exactly(conn, len(f"conn {i}")) == f"conn {i}".encode()
+        finally:
+            for conn in conns:
+                conn.close()
+        for i in range(3):  # and one after the other
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                conn.sendall(b"again %d" % i)
+                assert read_exactly(conn, 7) == b"again %d" % i
+
+
+def test_reverse_forward_host_side_refusing(guest: Guest) -> None:
+    nothing = free_port()
+    messages: list[str] = []
+    called = threading.Event()
+
+    def refused(message: str) -> None:
+        messages.append(message)
+        called.set()
+
+    with guest.reverse_forward("127.0.0.1", nothing, on_refused=refused) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            assert read_until_eof(conn) == b""  # the guest side sees the close
+        assert called.wait(5)
+        assert len(messages) == 1
+        assert f"nothing is listening on 127.0.0.1:{nothing}" in messages[0]
+        assert f"127.0.0.1:{port}" in messages[0]
+        # Still listening: a debugger started later is reached.
+        with (
+            listener(echo) as host_port,
+            guest.reverse_forward("127.0.0.1", host_port) as other,
+            socket.create_connection(("127.0.0.1", other), timeout=5) as conn,
+        ):
+            conn.sendall(b"x")
+            assert read_exactly(conn, 1) == b"x"
+    assert len(messages) == 1
+
+
+def test_reverse_forward_exit_cancels_and_closes(guest: Guest) -> None:
+    with listener(echo) as host_port:
+        with guest.reverse_forward("127.0.0.1", host_port) as port:
+            conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+            conn.sendall(b"open")
+            assert read_exactly(conn, 4) == b"open"
+            assert tunnel_threads()
+            start = time.monotonic()
+        assert time.monotonic() - start < 2
+        with conn:
+            assert read_until_eof(conn) == b""  # the open connection was closed
+        assert not tunnel_threads()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_reverse_forwards_side_by_side(guest: Guest) -> None:
+    def tagged(tag: bytes) -> Callable[[socket.socket, int], None]:
+        def handle(conn: socket.socket, n: int) -> None:
+            with conn:
+                conn.sendall(tag)
+
+        return handle
+
+    with (
+        listener(tagged(b"A")) as port_a,
+        listener(tagged(b"B")) as port_b,
+        guest.reverse_forward("127.0.0.1", port_a) as guest_a,
+    ):
+        with guest.reverse_forward("127.0.0.1", port_b) as guest_b:
+            for port, tag in [(guest_a, b"A"), (guest_b, b"B"), (guest_a, b"A")]:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                    assert read_until_eof(conn) == tag
+        # Closing B left A's listener and routing intact.
+        with socket.create_connection(("127.0.0.1", guest_a), timeout=5) as conn:
+            assert read_until_eof(conn) == b"A"
+
+
+def test_reverse_forward_fixed_port_and_port_taken(guest: Guest, sshd: Sshd) -> None:
+    wanted = free_port()
+    with listener(echo) as host_port:
+        with guest.reverse_forward("127.0.0.1", host_port, remote_port=wanted) as port:
+            assert port == wanted
+        with (
+            pytest.raises(GuestError) as caught,
+            guest.reverse_forward("127.0.0.1", host_port, remote_port=sshd.port),
+        ):
+            pass
+    assert "refused to listen on 127.0.0.1:" in str(caught.value)
+    assert caught.value.hint and "AllowTcpForwarding" in caught.value.hint
+
+
+def test_reverse_forward_on_a_closed_guest(sshd: Sshd) -> None:
+    g = Guest.connect(sshd.endpoint(), deadline())
+    g.close()
+    with pytest.raises(GuestError, match="closed"), g.reverse_forward("127.0.0.1", 1):
+        pass
+
+
+def test_reverse_forward_survives_the_connection_dropping(sshd: Sshd) -> None:
+    with listener(echo) as host_port, Guest.connect(sshd.endpoint(), deadline()) as g:
+        with g.reverse_forward("127.0.0.1", host_port) as port:
+            conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+            conn.sendall(b"x")
+            assert read_exactly(conn, 1) == b"x"
+            g.close()
+            with conn:
+                assert read_until_eof(conn) == b""
+        assert not tunnel_threads()

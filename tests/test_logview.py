@@ -256,3 +256,58 @@ def test_sockets_command_output_parses(tmp_path: Path) -> None:
     assert any(
         s.local == f"127.0.0.1:{port}" and s.state == "LISTEN" and s.proto == "tcp" for s in mine
     ), mine
+
+
+# ---- rewriting (tying attempts to runs after the fact) ---------------------------------------
+
+
+def test_rewrite_changes_records_in_place_and_counts_them(tmp_path: Path) -> None:
+    logview.append_attempts(tmp_path, ALL)
+    changed = logview.rewrite_attempts(
+        tmp_path, lambda stored: [replace(a, run="r1") if a.pid == 777 else a for a in stored]
+    )
+    assert changed == 1
+    again = logview.read_attempts(tmp_path)
+    assert [a.id for a in again] == [a.id for a in ALL]
+    assert [a.run for a in again] == [None, "r1", None, None]
+    assert logview.rewrite_attempts(tmp_path, lambda stored: stored) == 0
+
+
+def test_an_append_waiting_on_the_old_file_lands_in_the_new_one(tmp_path: Path) -> None:
+    import fcntl
+    import threading
+    import time
+
+    from orchestrator.state import atomic_write
+
+    logview.append_attempts(tmp_path, [CURL])
+    path = tmp_path / paths.CONNECTIONS_LOG
+    # A rewrite holds the lock on the old file; an appender opens that file and waits.
+    held = os.open(path, os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    appender = threading.Thread(target=logview.append_attempts, args=(tmp_path, [PHP_V6]))
+    appender.start()
+    time.sleep(0.2)  # let it open the old file and block on the lock
+    atomic_write(path, replace(CURL, run="r").to_json() + "\n")
+    fcntl.flock(held, fcntl.LOCK_UN)
+    os.close(held)
+    appender.join(10)
+    assert not appender.is_alive()
+    stored = logview.read_attempts(tmp_path)
+    assert [(a.id, a.run) for a in stored] == [(CURL.id, "r"), (PHP_V6.id, None)]
+
+
+def test_the_php_source_column_appears_with_a_stack() -> None:
+    from orchestrator.records import Frame
+
+    plain = _text(logview.render_table([CURL]))
+    assert "php source" not in plain
+    traced = replace(
+        PHP_V6,
+        stack=(
+            Frame("fsockopen", "/var/lib/sandbox/runs/r/x.php", 12, "'h', 80"),
+            Frame("{main}", "", 0),
+        ),
+    )
+    text = _text(logview.render_table([CURL, traced]))
+    assert "php source" in text and "fsockopen() at x.php:12" in text and "← main" in text
