@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import select
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -126,6 +127,27 @@ def test_run(cli: Cli, tmp_path: Path) -> None:
     assert time.monotonic() - start < 120
     left = cli.run("exec", "--name", NAME, "--", "pgrep", "-u", "sandbox")
     assert left.returncode == 1, f"processes of the run survived the timeout: {left.stdout}"
+
+    # Ctrl-C on this side stops the run in the guest too.
+    interrupted = subprocess.Popen(
+        cli.argv("run", "--name", NAME, str(hang)),
+        env=cli.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert interrupted.stdout is not None
+        ready, _, _ = select.select([interrupted.stdout], [], [], 120)
+        assert ready and interrupted.stdout.readline() == b"started\n"
+        interrupted.send_signal(signal.SIGINT)
+        interrupted.communicate(timeout=120)
+    finally:
+        interrupted.kill()
+        interrupted.wait()
+    assert interrupted.returncode == 130
+    left = cli.run("exec", "--name", NAME, "--", "pgrep", "-u", "sandbox")
+    assert left.returncode == 1, f"processes of an interrupted run survived: {left.stdout}"
 
     # A command from the image, and an uploaded directory with a command inside it.
     assert cli.ok("run", "--name", NAME, "--", "id", "-un").stdout == "sandbox\n"

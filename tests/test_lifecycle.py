@@ -218,6 +218,35 @@ def test_guest_access_needs_a_ready_sandbox(ctx: lifecycle.Context) -> None:
         lifecycle.ssh_argv(ctx, "early", [])
 
 
+def test_run_needs_an_applied_policy_and_local_files_first(
+    ctx: lifecycle.Context, tmp_path: Path
+) -> None:
+    from orchestrator import run as runs
+    from orchestrator.errors import GuestError
+
+    script = tmp_path / "x.php"
+    script.write_text("<?php")
+
+    def run(name: str, argv: tuple[str, ...]) -> None:
+        lifecycle.run_target(
+            ctx,
+            name,
+            runs.RunRequest(argv=argv, php=True),
+            stdout=print,
+            stderr=print,
+            on_warning=print,
+        )
+
+    with pytest.raises(NotFoundError, match="does not exist"):
+        run("nope", (str(script),))
+    half_built(ctx, "early")
+    with pytest.raises(GuestError, match="policy is not applied yet"):
+        run("early", (str(script),))
+    # A missing script is reported before the sandbox is even looked at.
+    with pytest.raises(NotFoundError, match="no such PHP script"):
+        run("early", (str(tmp_path / "missing.php"),))
+
+
 def test_lock_excludes_concurrent_work(ctx: lifecycle.Context) -> None:
     with ctx.store.lock("busy"), pytest.raises(ConflictError, match="busy"):
         lifecycle.destroy(ctx, "busy")
