@@ -8,7 +8,8 @@ prints back, so verification is a comparison of lines, not a parse of iptables s
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import shlex
+from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Address, IPv6Address
 
 from .errors import UsageError
@@ -198,6 +199,29 @@ def differences(expected: str, saved: str) -> list[str]:
             found += _report("missing", want[a1:a2])
         if op in ("insert", "replace"):
             found += _report("unexpected", have[b1:b2])
+    return found
+
+
+_SAVE_SPLIT = "----- sandbox: end of IPv4 rules -----"
+
+
+def save_script() -> list[str]:
+    """Shell lines printing both filter tables, IPv4 first, for `mismatches` to check."""
+    return [
+        shlex.join(restore_commands(4)[1]),
+        f"echo {shlex.quote(_SAVE_SPLIT)}",
+        shlex.join(restore_commands(6)[1]),
+    ]
+
+
+def mismatches(expected: Mapping[int, str], printed: str) -> dict[int, list[str]]:
+    """What `save_script`'s output differs in from the expected tables, per IP version."""
+    saved4, _, saved6 = printed.partition(_SAVE_SPLIT + "\n")
+    found = {}
+    for version, text in ((4, saved4), (6, saved6)):
+        diff = differences(expected[version], text)
+        if diff:
+            found[version] = diff
     return found
 
 

@@ -334,9 +334,6 @@ def _up_locked(
     return state
 
 
-_SAVE_SPLIT = runs.SPLIT
-
-
 def files_script(files: dict[str, str]) -> list[str]:
     """Shell lines that write files into the guest (mode 0644), contents inline."""
     import base64
@@ -369,7 +366,7 @@ def apply_guest_policy(
     unless the kernel holds exactly what was meant; write `files` too. One SSH round trip: under
     TCG every extra channel costs a noticeable part of a second."""
     rules = guest_rules(policy, net)
-    (restore4, save4), (restore6, save6) = (firewall.restore_commands(v) for v in (4, 6))
+    restore4, restore6 = (firewall.restore_commands(v)[0] for v in (4, 6))
     script = "\n".join(
         [
             "set -e",
@@ -380,21 +377,17 @@ def apply_guest_policy(
             f"{shlex.join(restore6)} <<'SANDBOX_RULES_V6'",
             rules[6].rstrip("\n"),
             "SANDBOX_RULES_V6",
-            shlex.join(save4),
-            f"echo {shlex.quote(_SAVE_SPLIT)}",
-            shlex.join(save6),
+            *firewall.save_script(),
         ]
     )
-    saved = guest.check(["sh", "-c", script], timeout=60)
-    saved4, _, saved6 = saved.partition(_SAVE_SPLIT + "\n")
-    for version, text in ((4, saved4), (6, saved6)):
-        diff = firewall.differences(rules[version], text)
-        if diff:
-            raise GuestError(
-                f"the guest's IPv{version} firewall differs from the policy after loading it:\n"
-                + "\n".join(diff),
-                "something in the guest changed the rules; destroy the sandbox and report this",
-            )
+    for version, diff in firewall.mismatches(
+        rules, guest.check(["sh", "-c", script], timeout=60)
+    ).items():
+        raise GuestError(
+            f"the guest's IPv{version} firewall differs from the policy after loading it:\n"
+            + "\n".join(diff),
+            "something in the guest changed the rules; destroy the sandbox and report this",
+        )
 
 
 def _forget_earlier_vm(logs: Path) -> None:

@@ -175,14 +175,9 @@ def prepare_script(run_id: str, *, root: bool, output_dir: str) -> str:
         f"mkdir -p -m 0700 {shlex.quote(guest_dir(run_id))} {shlex.quote(output_dir)}",
         owner,
         "date +%s.%N",
-        shlex.join(firewall.restore_commands(4)[1]),
-        f"echo {shlex.quote(SPLIT)}",
-        shlex.join(firewall.restore_commands(6)[1]),
+        *firewall.save_script(),
     ]
     return "\n".join(line for line in lines if line)
-
-
-SPLIT = "----- sandbox: end of IPv4 rules -----"
 
 
 def run_script(run_id: str, plan: Plan, env: Mapping[str, str], *, root: bool) -> str:
@@ -410,16 +405,13 @@ def execute(
         timeout=60,
     )
     clock, _, saved = prepared.partition("\n")
-    saved4, _, saved6 = saved.partition(SPLIT + "\n")
-    for version, text in ((4, saved4), (6, saved6)):
-        diff = firewall.differences(expected_rules[version], text)
-        if diff:
-            raise GuestError(
-                f"the guest's IPv{version} firewall no longer matches the sandbox's policy:\n"
-                + "\n".join(diff[:10]),
-                "something in the guest (an earlier --root run?) changed the rules; "
-                "destroy the sandbox and create it again",
-            )
+    for version, diff in firewall.mismatches(expected_rules, saved).items():
+        raise GuestError(
+            f"the guest's IPv{version} firewall no longer matches the sandbox's policy:\n"
+            + "\n".join(diff[:10]),
+            "something in the guest (an earlier --root run?) changed the rules; "
+            "destroy the sandbox and create it again",
+        )
     directory = guest_dir(run_id)
     if the_plan.upload_file is not None:
         guest.put(
