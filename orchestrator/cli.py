@@ -186,9 +186,14 @@ def exec_(
     """Run a command in the sandbox over SSH; its exit code is passed back."""
     ctx = _context()
     code = lifecycle.exec_command(
-        ctx, name, command, stdout=_sink(sys.stdout), stderr=_sink(sys.stderr), timeout=timeout
+        ctx,
+        name,
+        command,
+        stdout=_sink(sys.stdout),
+        stderr=_sink(sys.stderr),
+        timeout=timeout,
+        on_warning=_warn,
     )
-    _collect_quietly(ctx, name)
     raise typer.Exit(code)
 
 
@@ -265,21 +270,14 @@ def run(
             f"{command[0]!r} is not a .php script",
             f"to run a command, put it after --: sandbox run -- {' '.join(command)}",
         )
-    context = _context()
-
-    def warn(message: str) -> None:
-        err.print(f"[yellow]warning:[/] {escape(message)}")
-
     outcome = lifecycle.run_target(
-        context,
+        _context(),
         name,
         request,
         stdout=_sink(sys.stdout),
         stderr=_sink(sys.stderr),
-        on_warning=warn,
+        on_warning=_warn,
     )
-    for warning in outcome.warnings:
-        warn(warning)
     record = outcome.result.record
     if record.timed_out:
         err.print(
@@ -310,16 +308,8 @@ def _sink(stream: Any) -> Any:
     return sink
 
 
-def _collect_quietly(ctx: lifecycle.Context, name: str) -> None:
-    """Bring the connection records home after a command; a failure here must not change the
-    command's exit code, but it must be said."""
-    try:
-        report = lifecycle.collect(ctx, name)
-    except SandboxError as exc:
-        err.print(f"[yellow]warning:[/] connection records not collected: {escape(exc.message)}")
-        return
-    for warning in report.warnings:
-        err.print(f"[yellow]warning:[/] {escape(warning)}")
+def _warn(message: str) -> None:
+    err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -467,7 +457,7 @@ def logs(
     seen: set[str] = set()
     while True:
         if state is not None and state.phase is Phase.READY:
-            _collect_quietly(ctx, name)
+            lifecycle.collect_quietly(ctx, name, _warn)
         if dns:
             records: list[Any] = logview.apply_dns(chosen, logview.read_dns(directory))
         else:

@@ -630,18 +630,41 @@ def exec_command(
     stdout: Callable[[bytes], None],
     stderr: Callable[[bytes], None],
     timeout: float | None = None,
+    on_warning: Callable[[str], None],
 ) -> int:
+    """Run a command in the guest as root, then bring its connection records home over the same
+    SSH connection. A failed collection is a warning: it must not change the exit code."""
     if not argv:
         raise UsageError("no command given", "usage: sandbox exec -- CMD [ARGS...]")
     with open_guest(ctx, name) as guest:
-        return guest.run(list(argv), stdout=stdout, stderr=stderr, timeout=timeout)
+        code = guest.run(list(argv), stdout=stdout, stderr=stderr, timeout=timeout)
+        collect_quietly(ctx, name, on_warning, guest=guest)
+    return code
+
+
+def collect_quietly(
+    ctx: Context,
+    name: str,
+    on_warning: Callable[[str], None],
+    *,
+    guest: Guest | None = None,
+    after_run: bool = False,
+) -> CollectReport | None:
+    """`collect`, with its failure and its capture warnings said through `on_warning`."""
+    try:
+        report = collect(ctx, name, guest=guest, after_run=after_run)
+    except SandboxError as exc:
+        on_warning(f"connection records not collected: {exc.message}")
+        return None
+    for warning in report.warnings:
+        on_warning(warning)
+    return report
 
 
 @dataclass(frozen=True)
 class RunOutcome:
     result: runs.RunResult
-    collected: CollectReport | None
-    warnings: tuple[str, ...]
+    collected: CollectReport | None  # None when it failed (a warning said why)
 
 
 def run_target(
@@ -670,17 +693,12 @@ def run_target(
             stderr=stderr,
             on_warning=on_warning,
         )
-        warnings: list[str] = []
-        collected: CollectReport | None = None
         # The run's last records are complete once the settle window has passed since its end
         # (younger halves wait for the next collection): wait out the rest of it, so that
         # `sandbox logs` right after `run` shows everything the run did.
         time.sleep(max(0.0, monitor.SETTLE_SECONDS - (time.monotonic() - result.finished)))
-        try:
-            collected = collect(ctx, name, guest=guest, after_run=True)
-        except SandboxError as exc:
-            warnings.append(f"connection records not collected: {exc.message}")
-    return RunOutcome(result, collected, tuple(warnings))
+        collected = collect_quietly(ctx, name, on_warning, guest=guest, after_run=True)
+    return RunOutcome(result, collected)
 
 
 def runnable_state(ctx: Context, name: str) -> SandboxState:
