@@ -44,6 +44,17 @@ def xdebug_files(cli: Cli, run_id: str) -> list[Path]:
     return sorted(directory.iterdir()) if directory.is_dir() else []
 
 
+def background(cli: Cli, *args: str) -> subprocess.Popen[bytes]:
+    """The CLI in the background, its output piped (to watch it stream)."""
+    return subprocess.Popen(
+        cli.argv(*args),
+        env=cli.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+
+
 def run_logs(cli: Cli, *args: str) -> list[dict[str, Any]]:
     out = cli.ok("logs", "--name", NAME, "--json", *args).stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
@@ -92,13 +103,7 @@ def test_run(cli: Cli, tmp_path: Path) -> None:
     # Output is streamed while the script runs, not delivered at its end.
     slow = tmp_path / "slow.php"
     slow.write_text('<?php\necho "first\\n"; flush();\nsleep(8);\necho "second\\n";\n')
-    proc = subprocess.Popen(
-        cli.argv("run", "--name", NAME, str(slow)),
-        env=cli.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-    )
+    proc = background(cli, "run", "--name", NAME, str(slow))
     try:
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], 120)
@@ -129,13 +134,7 @@ def test_run(cli: Cli, tmp_path: Path) -> None:
     assert left.returncode == 1, f"processes of the run survived the timeout: {left.stdout}"
 
     # Ctrl-C on this side stops the run in the guest too.
-    interrupted = subprocess.Popen(
-        cli.argv("run", "--name", NAME, str(hang)),
-        env=cli.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-    )
+    interrupted = background(cli, "run", "--name", NAME, str(hang))
     try:
         assert interrupted.stdout is not None
         ready, _, _ = select.select([interrupted.stdout], [], [], 120)
@@ -245,21 +244,16 @@ def test_run(cli: Cli, tmp_path: Path) -> None:
     # reaches it through the reverse tunnel on the management SSH connection.
     stepper = stepper_script(tmp_path)
     with DbgpListener(netns=cli.lab.netns) as ide:
-        proc = subprocess.Popen(
-            cli.argv(
-                "run",
-                "--name",
-                NAME,
-                "--xdebug",
-                "debug",
-                "--debug-port",
-                str(ide.port),
-                str(stepper),
-            ),
-            env=cli.env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
+        proc = background(
+            cli,
+            "run",
+            "--name",
+            NAME,
+            "--xdebug",
+            "debug",
+            "--debug-port",
+            str(ide.port),
+            str(stepper),
         )
         try:
             with ide.accept(timeout=120) as session:
