@@ -19,6 +19,18 @@ from .policy import Allow, Blocked, EgressPolicy, IPNetwork, Proto
 LOG_ALLOW = "SBX-ALLOW "
 LOG_BLOCK = "SBX-BLOCK "
 LOG_DNS = "SBX-DNS "
+# Packets 2..ESTABLISHED_LOG_PACKETS of an answered UDP flow, by its first packet's verdict. A new
+# socket that gets the source port of a flow conntrack still holds (UDP flows live 30-120 s after
+# their last packet; a burst of UDP connects hits one every few dozen) rides it as ESTABLISHED
+# and is never NEW: without these its attempt has no firewall record. The connection log tells
+# the flow's own next datagram (IPv4 ID +1) from another socket's (a random ID) and never counts
+# one of these records without a connect() of its own (orchestrator/monitor.py).
+LOG_ALLOW_EST = "SBX-ALLOW-EST "
+LOG_DNS_EST = "SBX-DNS-EST "
+ESTABLISHED_LOG_PACKETS = 16
+# The verdict of a flow's first packet, kept on the conntrack entry (connmark bits 0-1).
+_MARK_ALLOW = "0x1/0x3"
+_MARK_DNS = "0x2/0x3"
 
 CHAIN_ALLOW = "SBX-ALLOW"
 CHAIN_BLOCK = "SBX-BLOCK"
@@ -92,8 +104,20 @@ def render_rules(
     lines += [f":{chain} {target} [0:0]" for chain, target in _BUILTIN_POLICIES]
     lines += [f":{chain} - [0:0]" for chain in _USER_CHAINS]
 
+    established_udp = (
+        "-A OUTPUT -p udp -m conntrack --ctstate ESTABLISHED --ctdir ORIGINAL -m connmark --mark "
+        "{mark} -m connbytes --connbytes 2:{packets} --connbytes-mode packets --connbytes-dir "
+        'original -j LOG --log-prefix "{prefix}" --log-uid'
+    )
+    gateway: IPv4Address | IPv6Address | None = resolver if version == 4 else resolver6
+    dns = policy.dns and gateway is not None
+    marks = [(_MARK_ALLOW, LOG_ALLOW_EST), *([(_MARK_DNS, LOG_DNS_EST)] if dns else [])]
     out = [
         "-A OUTPUT -o lo -j ACCEPT",
+        *(
+            established_udp.format(mark=mark, packets=ESTABLISHED_LOG_PACKETS, prefix=prefix)
+            for mark, prefix in marks
+        ),
         # Replies of flows already known, above all the management SSH session from the host.
         "-A OUTPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
         # A TCP flow that was open before these rules first loaded conntrack is first seen
@@ -103,7 +127,6 @@ def render_rules(
         "-A OUTPUT -p tcp -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN "
         "-m conntrack --ctstate NEW -j ACCEPT",
     ]
-    gateway: IPv4Address | IPv6Address | None = resolver if version == 4 else resolver6
     if version == 4:
         # DHCP renewals: pinned to the gateway and broadcast, never to any address (a bare
         # 68→67 rule is a way out).
@@ -116,7 +139,7 @@ def render_rules(
         dhcp6 = [IPv6Address("ff02::1:2"), *([resolver6] if resolver6 else [])]
         for server in dhcp6:
             out.append(f"-A OUTPUT -d {server}/128 {_proto_port('udp', 547, sport=546)}-j ACCEPT")
-    if policy.dns and gateway is not None:
+    if dns and gateway is not None:
         prefix = 32 if version == 4 else 128
         out += [
             f"-A OUTPUT -d {gateway}/{prefix} {_proto_port(p, 53)}-j {CHAIN_DNS}"
@@ -127,7 +150,11 @@ def render_rules(
     out.append(f"-A OUTPUT -j {CHAIN_BLOCK}")
 
     # Rules grouped by chain in the order iptables-save prints them (user chains by name).
-    out += [_log(CHAIN_ALLOW, LOG_ALLOW), f"-A {CHAIN_ALLOW} -j ACCEPT"]
+    out += [
+        _log(CHAIN_ALLOW, LOG_ALLOW),
+        f"-A {CHAIN_ALLOW} -j CONNMARK --set-xmark {_MARK_ALLOW}",
+        f"-A {CHAIN_ALLOW} -j ACCEPT",
+    ]
     out.append(_log(CHAIN_BLOCK, LOG_BLOCK))
     if policy.blocked is Blocked.REJECT:
         unreachable = "icmp-port-unreachable" if version == 4 else "icmp6-port-unreachable"
@@ -138,7 +165,11 @@ def render_rules(
         ]
     else:
         out.append(f"-A {CHAIN_BLOCK} -j DROP")
-    out += [_log(CHAIN_DNS, LOG_DNS), f"-A {CHAIN_DNS} -j ACCEPT"]
+    out += [
+        _log(CHAIN_DNS, LOG_DNS),
+        f"-A {CHAIN_DNS} -j CONNMARK --set-xmark {_MARK_DNS}",
+        f"-A {CHAIN_DNS} -j ACCEPT",
+    ]
     return "\n".join([*lines, *out, "COMMIT", ""])
 
 

@@ -2,19 +2,21 @@
 joined into `records.Attempt`s.
 
 Two sources, both written by the guest's kernel at the moment of the attempt:
-- the firewall's LOG records (orchestrator/firewall.py: SBX-ALLOW, SBX-BLOCK, SBX-DNS; the boot
-  rules' SBX-BOOT) in the kernel log, read from /dev/kmsg: the verdict, protocol, addresses and
-  ports, and the socket owner's uid. Each record has a sequence number, so a collection takes each
-  record exactly once and sees any it missed (a gap, or a buffer that wrapped) instead of
-  guessing.
+- the firewall's LOG records (orchestrator/firewall.py: SBX-ALLOW, SBX-BLOCK, SBX-DNS for the
+  first packet of a flow, SBX-ALLOW-EST and SBX-DNS-EST for the next ones of an answered UDP flow;
+  the boot rules' SBX-BOOT) in the kernel log, read from /dev/kmsg: the verdict, protocol,
+  addresses and ports, and the socket owner's uid. Each record has a sequence number, so a
+  collection takes each record exactly once and sees any it missed (a gap, or a buffer that
+  wrapped) instead of guessing.
 - auditd's connect() events (images/rootfs/etc/audit/rules.d/audit.rules, key sbx-connect),
   read with `ausearch --input-logs --raw`: which process (pid, ppid, uid, exe, PROCTITLE) made it.
   PHP's connects are non-blocking, so audit says EINPROGRESS for allowed and blocked alike: the
   verdict always comes from the firewall record.
 
 A firewall record is joined with the audit event of the same destination address and port (and
-uid), in time order, within JOIN_WINDOW. Parsing and joining are pure functions of the text the
-guest returns; `collect` is the one side effect: one SSH command per collection.
+uid), in time order, within JOIN_WINDOW (see join() for records that may not be attempts).
+Parsing and joining are pure functions of the text the guest returns; `collect` is the one side
+effect: one SSH command per collection.
 """
 
 from __future__ import annotations
@@ -39,12 +41,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 AUDIT_KEY = "sbx-connect"
+# How many rules carry AUDIT_KEY in images/rootfs/etc/audit/rules.d/audit.rules: each collection
+# counts them in the guest, which guest root can change.
+AUDIT_RULES = 6
 LOG_BOOT = "SBX-BOOT "
-_PREFIXES = {
-    firewall.LOG_ALLOW: Verdict.ALLOWED,
-    firewall.LOG_BLOCK: Verdict.BLOCKED,
-    firewall.LOG_DNS: Verdict.DNS,
-    LOG_BOOT: Verdict.BOOT,
+# The second flag: a packet of a flow conntrack already knew (firewall.LOG_ALLOW_EST), never an
+# attempt by itself, only with a connect() of its own.
+_PREFIXES: dict[str, tuple[Verdict, bool]] = {
+    firewall.LOG_ALLOW: (Verdict.ALLOWED, False),
+    firewall.LOG_BLOCK: (Verdict.BLOCKED, False),
+    firewall.LOG_DNS: (Verdict.DNS, False),
+    LOG_BOOT: (Verdict.BOOT, False),
+    firewall.LOG_ALLOW_EST: (Verdict.ALLOWED, True),
+    firewall.LOG_DNS_EST: (Verdict.DNS, True),
 }
 
 # A firewall record and its audit event are taken within one syscall; the two clocks (the kernel
@@ -61,9 +70,13 @@ FLOW_MEMORY_SECONDS = 180.0
 AUDIT_REORDER = 64
 
 COLLECT_TIMEOUT = 120.0
+# The longest a collection waits for auditd to take the kernel's backlog (see collect_script).
+DRAIN_SECONDS = 30.0
 START_TIMEOUT = 60.0
 
-_RESEND_ID_STEP = 16
+# Each packet a socket sends takes the next IPv4 ID; a little slack for packets that were not
+# logged. A new socket on the same flow starts at a random ID: 4 in 65536 look like a resend.
+_RESEND_ID_STEP = 4
 _RESEND_MIN_SECONDS = 0.5
 _INET = {2: 4, 10: 6}  # AF_INET, AF_INET6 → family
 _EINPROGRESS = -115
@@ -103,8 +116,9 @@ def start(guest: Guest) -> None:
 # ---- the collection command ------------------------------------------------------------------
 
 # Section markers on lines of their own; the awk filters keep every other line away from them.
-_BOOT, _CLOCK, _AUDIT_STATUS, _AUDIT, _KMSG, _KMSG_ERR, _END = (
+_BOOT, _AUDIT_POS, _CLOCK, _AUDIT_STATUS, _AUDIT, _KMSG, _KMSG_ERR, _END = (
     "@@boot",
+    "@@auditpos",
     "@@clock",
     "@@auditstatus",
     "@@audit",
@@ -112,6 +126,43 @@ _BOOT, _CLOCK, _AUDIT_STATUS, _AUDIT, _KMSG, _KMSG_ERR, _END = (
     "@@kmsgerr",
     "@@end",
 )
+
+AUDIT_LOG = "/var/log/audit/audit.log"
+# Each collection reads the audit log from where the last one ended (a re-read of the whole log
+# took seconds more per 10,000 connects logged): from this many bytes before the end, which holds
+# the events AUDIT_REORDER re-reads and any event auditd was still writing.
+AUDIT_REREAD_BYTES = 256 * 1024
+
+
+def audit_log_script(inode: int, offset: int, log_path: str = AUDIT_LOG) -> str:
+    """Shell that prints `@@auditpos INODE SIZE` of the audit log, then on stdout the raw log from
+    byte `offset` of the file `inode` onwards: if auditd rotated since (max_log_file), the rest of
+    the rotated file and every newer one first; a file never seen (inode 0, or gone) is read
+    whole. A read that starts inside a line drops that line (an earlier collection read it)."""
+    return f"""\
+a={shlex.quote(log_path)}; ino={inode}; off={offset}
+set -- $(stat -c '%i %s' "$a" 2>/dev/null || echo 0 0); cur=$1; size=$2
+echo "@@auditpos $cur $size" >&2
+# rest FILE OFFSET [SIZE]: bytes OFFSET..SIZE of FILE (tail seeks: only new bytes are read)
+rest() {{
+  tail -c +$(($2 + 1)) "$1" | if [ -n "${{3:-}}" ]; then head -c $(($3 - $2)); else cat; fi |
+    if [ "$2" -gt 0 ]; then tail -n +2; else cat; fi
+}}
+if [ "$cur" != "$ino" ]; then
+  # oldest first: audit.log.N is older the higher N
+  files=$(ls "$a".* 2>/dev/null | awk -F. '{{ print $NF, $0 }}' | sort -k1,1rn | cut -d' ' -f2-)
+  take=1
+  for f in $files; do [ "$(stat -c %i "$f")" = "$ino" ] && take=0; done
+  for f in $files; do
+    if [ "$(stat -c %i "$f")" = "$ino" ]; then take=1; rest "$f" "$off"
+    elif [ $take = 1 ]; then cat "$f"; fi
+  done
+  off=0
+fi
+[ "$size" -ge "$off" ] || off=0
+if [ "$size" -gt 0 ]; then rest "$a" "$off" "$size"; fi
+"""
+
 
 # Audit lines whose serial is above `after`.
 _AUDIT_AWK = r"""
@@ -152,9 +203,23 @@ def collect_script(cursor: Cursor) -> str:
             "export LC_ALL=C",
             f'echo "{_BOOT} $(cat /proc/sys/kernel/random/boot_id)"',
             f"echo {_AUDIT_STATUS}; auditctl -s 2>&1",
+            f"rules=$(auditctl -l 2>/dev/null | grep -c 'key={AUDIT_KEY}'); echo \"rules $rules\"",
+            # Reported above as found; put back for what follows (a reboot, or guest root, may
+            # have stopped auditd or changed the rules). A restarted auditd gets the records the
+            # kernel held meanwhile.
+            "if auditctl -s | grep -qx 'pid 0';"
+            " then systemctl start auditd.service >/dev/null 2>&1;"
+            f' elif [ "$rules" != {AUDIT_RULES} ]; then augenrules --load >/dev/null 2>&1; fi',
+            # Records still in the kernel's audit backlog are not in the log yet: after a burst
+            # auditd can be seconds behind, longer than the settle window. Wait for it to drain.
+            f"i=0; while [ $i -lt {int(DRAIN_SECONDS * 10)} ] && auditctl -s 2>/dev/null"
+            " | grep -q '^backlog [1-9]'; do sleep 0.1; i=$((i + 1)); done",
             f"echo {_AUDIT}",
-            f"ausearch --input-logs -k {AUDIT_KEY} --raw 2>/dev/null"
+            # ausearch reads the raw log from stdin; the position goes to stderr and after.
+            f"{{ {audit_log_script(cursor.audit_inode, cursor.audit_offset)}}} 2>/run/sbx-pos"
+            f" | ausearch -k {AUDIT_KEY} --raw 2>/dev/null"
             f" | awk -v after={audit_after} {shlex.quote(_AUDIT_AWK)}",
+            "cat /run/sbx-pos",
             'read up idle < /proc/uptime; echo "' + _CLOCK + ' $(date +%s.%N) $up"',
             # The kernel log's stamps are its own monotonic clock, which drifts from the wall
             # clock (measured under TCG: ~0.1 s after two minutes against /proc/uptime). A mark
@@ -185,7 +250,12 @@ class FirewallRecord:
     dport: int | None
     uid: int | None
     ident: int | None = None  # the IPv4 header's ID
-    retry: bool = False  # a flow already logged: maybe a resent packet, maybe a new connect
+    # A packet of a flow conntrack already knew (SBX-ALLOW-EST, SBX-DNS-EST): a new socket that
+    # reuses the flow, or the flow's own next datagram.
+    established: bool = False
+    # An attempt only if a connect of its own is left over for it: a flow already logged (maybe a
+    # resent packet, maybe a new connect that reuses the port), or an established one.
+    retry: bool = False
 
     def flow(self) -> str:
         return f"{self.proto} {self.src} {self.sport} {self.dst} {self.dport}"
@@ -331,9 +401,10 @@ def parse_firewall_line(line: str, boot_offset: float) -> FirewallRecord | None:
     """One line of the collection's kernel-log section, `SEQ USEC TEXT`; None if TEXT is not one
     of our firewall records. boot_offset: wall clock minus the kernel log's clock, in seconds."""
     seq_text, usec_text, text = [*line.split(" ", 2), "", ""][:3]
-    verdict = next((v for p, v in _PREFIXES.items() if text.startswith(p)), None)
-    if verdict is None or not seq_text.isdigit() or not usec_text.isdigit():
+    kind = next((v for p, v in _PREFIXES.items() if text.startswith(p)), None)
+    if kind is None or not seq_text.isdigit() or not usec_text.isdigit():
         return None
+    verdict, established = kind
     values = dict(part.split("=", 1) for part in text.split() if "=" in part)
     try:
         # IPv6 addresses come fully expanded (2001:0db8:0001:...): compare them canonical.
@@ -358,6 +429,7 @@ def parse_firewall_line(line: str, boot_offset: float) -> FirewallRecord | None:
         uid=_int(values.get("UID")),
         # ICMP echo records have an ID of their own after the header's; the first is the header's.
         ident=_int(_first_value(text, "ID")) if family == 4 else None,
+        established=established,
     )
 
 
@@ -378,6 +450,10 @@ class Snapshot:
     uptime: float
     audit_running: bool
     audit_lost: int | None
+    audit_rules: int | None  # rules with AUDIT_KEY loaded (None: not reported)
+    # The audit log's inode and size when read (None: not reported, as by an older collector).
+    audit_inode: int | None
+    audit_size: int | None
     audit: tuple[AuditConnect, ...]
     firewall: tuple[FirewallRecord, ...]
     kmsg_first: int | None  # the oldest record /dev/kmsg still held
@@ -391,7 +467,11 @@ def parse_snapshot(text: str) -> Snapshot:
     current: list[str] | None = None
     clock: list[str] = []
     boot_id = ""
+    audit_pos: list[str] = []
     for line in text.splitlines():
+        if line.startswith(_AUDIT_POS + " "):
+            audit_pos = line.split()[1:]
+            continue
         if line.startswith(_CLOCK + " "):
             clock = line.split()[1:]
             continue
@@ -434,6 +514,9 @@ def parse_snapshot(text: str) -> Snapshot:
         uptime=uptime,
         audit_running=status.get("enabled") in ("1", "2") and status.get("pid", "0") != "0",
         audit_lost=_int(status.get("lost")),
+        audit_rules=_int(status.get("rules")),
+        audit_inode=_int(audit_pos[0]) if len(audit_pos) == 2 else None,
+        audit_size=_int(audit_pos[1]) if len(audit_pos) == 2 else None,
         audit=tuple(parse_audit("\n".join(sections.get(_AUDIT, [])))),
         firewall=tuple(records),
         kmsg_first=first,
@@ -452,8 +535,10 @@ class Cursor:
     (paths.CAPTURE_CURSOR).
 
     boot_id: the guest boot the positions belong to (a reboot starts them again). kmsg_seq: the
-    last kernel log record read (-1: none yet). audit_serial: the highest audit serial seen;
-    audit_seen: those above audit_serial - AUDIT_REORDER (re-read each time, dropped by serial).
+    last kernel log record read (-1: none yet). audit_inode, audit_offset: the audit log file and
+    the byte the next collection reads it from (0, 0: all of it). audit_serial: the highest audit
+    serial seen; audit_seen: those above audit_serial - AUDIT_REORDER (re-read each time, dropped
+    by serial).
     pending / pending_audit: items read but not emitted yet, waiting for their other half.
     flows: recently logged flows → [time, IPv4 ID or None] of their last record (a resent packet
     is logged again).
@@ -465,6 +550,8 @@ class Cursor:
     audit_serial: int = 0
     audit_seen: tuple[int, ...] = ()
     audit_lost: int = 0
+    audit_inode: int = 0
+    audit_offset: int = 0
     pending: tuple[dict[str, Any], ...] = ()
     pending_audit: tuple[dict[str, Any], ...] = ()
     flows: dict[str, tuple[float, int | None]] = field(default_factory=dict)
@@ -484,6 +571,8 @@ class Cursor:
                 audit_serial=int(value["audit_serial"]),
                 audit_seen=tuple(int(s) for s in value.get("audit_seen", [])),
                 audit_lost=int(value.get("audit_lost", 0)),
+                audit_inode=int(value.get("audit_inode", 0)),
+                audit_offset=int(value.get("audit_offset", 0)),
                 pending=tuple(dict(p) for p in value.get("pending", [])),
                 pending_audit=tuple(dict(p) for p in value.get("pending_audit", [])),
                 flows={
@@ -579,36 +668,122 @@ def join(
 ) -> list[tuple[FirewallRecord | None, AuditConnect | None]]:
     """Pair firewall records with audit connects, each used at most once.
 
-    Within one (destination, port) the n-th record goes with the n-th event when both are within
-    JOIN_WINDOW of each other: in a burst of connects to one address that keeps the order (a
-    "closest in time" pick can swap pids when the two clocks are a few ms apart). Unpaired items
-    come back alone.
+    Within one (destination, port), in two steps:
+    - Records that open a flow take events in order, the n-th record the n-th event within
+      JOIN_WINDOW: in a burst of connects to one address that keeps the order (a "closest in time"
+      pick can swap pids when the two clocks are a few ms apart).
+    - A `retry` record (a flow seen before: a resend, or a new connect that got the same source
+      port; or a packet of an established flow) is an attempt only if an event is left for it.
+      Skipping one that was in fact a new connect shifts every later pair of the burst by one
+      place, and the event left over is the last one, seconds away from it. So each event left
+      over goes to the nearest retry record for which the pairs in between can each move one place
+      and stay within JOIN_WINDOW (an augmenting path in matching terms): the number of pairs is
+      the largest possible, and retry records only pair where an event would otherwise be lost.
+
+    Unpaired items come back alone.
     """
     by_key: dict[tuple[str, int | None], list[AuditConnect]] = {}
     for event in sorted(events, key=lambda e: (e.time, e.serial)):
         by_key.setdefault((event.dst, event.dport), []).append(event)
-    used: set[int] = set()
-    pairs: list[tuple[FirewallRecord | None, AuditConnect | None]] = []
+    records_by_key: dict[tuple[str, int | None], list[FirewallRecord]] = {}
     for record in sorted(records, key=lambda r: r.seq):
-        candidates = by_key.get((record.dst, record.dport), [])
-        # The earliest unused event that can match; events too old for this record are too old
-        # for every later one too (records come in time order), so they are skipped for good.
-        chosen = None
-        for event in candidates:
-            if event.serial in used:
-                continue
-            if event.time < record.time - JOIN_WINDOW:
+        records_by_key.setdefault((record.dst, record.dport), []).append(record)
+    paired: dict[int, AuditConnect] = {}  # record seq → its event
+    for key, key_records in records_by_key.items():
+        key_events = by_key.get(key, [])
+        for record_index, event_index in _join_key(key_records, key_events):
+            paired[key_records[record_index].seq] = key_events[event_index]
+    used = {event.serial for event in paired.values()}
+    pairs: list[tuple[FirewallRecord | None, AuditConnect | None]] = [
+        (record, paired.get(record.seq)) for record in sorted(records, key=lambda r: r.seq)
+    ]
+    pairs += [(None, e) for e in events if e.serial not in used]
+    return pairs
+
+
+# How many retry records an event left over tries, nearest first, before it stays alone.
+_AUGMENT_TRIES = 32
+
+
+def _join_key(
+    records: Sequence[FirewallRecord], events: Sequence[AuditConnect]
+) -> list[tuple[int, int]]:
+    """join() for one (destination, port): records in sequence order, events in time order;
+    (record index, event index) pairs in record order."""
+    taken = [False] * len(events)
+    rec_of: list[int] = []  # matched record indices, increasing
+    ev_of: list[int] = []  # their events, same positions
+    start = 0
+    for index, record in enumerate(records):
+        if record.retry:
+            continue
+        # Events too old for this record are too old for every later one too (records come in
+        # time order): skipped for good.
+        while start < len(events) and (
+            taken[start] or events[start].time < record.time - JOIN_WINDOW
+        ):
+            start += 1
+        for j in range(start, len(events)):
+            event = events[j]
+            if taken[j]:
                 continue
             if event.time > record.time + JOIN_WINDOW:
                 break
             if _matches(record, event):
-                chosen = event
+                taken[j] = True
+                rec_of.append(index)
+                ev_of.append(j)
                 break
-        if chosen is not None:
-            used.add(chosen.serial)
-        pairs.append((record, chosen))
-    pairs += [(None, e) for e in events if e.serial not in used]
-    return pairs
+
+    free = [i for i, r in enumerate(records) if r.retry]  # retry records not paired yet
+    free_times = [records[i].time for i in free]
+    for j, was_taken in enumerate(taken):
+        if not free:
+            break
+        if was_taken or _loopback(events[j].dst):
+            continue
+        # The free records nearest to event j in time, both sides, the shortest path first.
+        q = bisect.bisect_left(ev_of, j)
+        pivot = bisect.bisect_left(free_times, events[j].time)
+        around = free[max(pivot - _AUGMENT_TRIES, 0) : pivot + _AUGMENT_TRIES]
+        nearest = sorted(
+            around,
+            key=lambda i: (
+                abs(bisect.bisect_left(rec_of, i) - q),
+                abs(records[i].time - events[j].time),
+            ),
+        )
+        for i in nearest[:_AUGMENT_TRIES]:
+            if _augment(records, events, rec_of, ev_of, i, j):
+                k = free.index(i)
+                del free[k], free_times[k]
+                break
+    return list(zip(rec_of, ev_of, strict=True))
+
+
+def _augment(
+    records: Sequence[FirewallRecord],
+    events: Sequence[AuditConnect],
+    rec_of: list[int],
+    ev_of: list[int],
+    i: int,
+    j: int,
+) -> bool:
+    """Pair unpaired record i and unpaired event j by moving each pair between them one place
+    (rec_of and ev_of are changed in place); False, and nothing changed, if a moved pair would
+    not match."""
+    p = bisect.bisect_left(rec_of, i)
+    q = bisect.bisect_left(ev_of, j)
+    # With i inserted at p and j at q, each position between them pairs a record with the event
+    # of its neighbour.
+    for k in range(min(p, q), max(p, q) + 1):
+        record = i if k == p else rec_of[k] if k < p else rec_of[k - 1]
+        event = j if k == q else ev_of[k] if k < q else ev_of[k - 1]
+        if not _matches(records[record], events[event]):
+            return False
+    rec_of.insert(p, i)
+    ev_of.insert(q, j)
+    return True
 
 
 @dataclass(frozen=True)
@@ -644,7 +819,15 @@ def _loss_warnings(snapshot: Snapshot, cursor: Cursor, rebooted: bool) -> list[s
         warnings.append(f"{stamp}: reading the kernel log failed: {snapshot.kmsg_error}")
     if not snapshot.audit_running:
         warnings.append(
-            f"{stamp}: auditd is not running in the guest: attempts have no process attribution"
+            f"{stamp}: auditd was not running in the guest (stopped by guest root, or the guest "
+            "rebooted): attempts since the last collection may have no process attribution; the "
+            "collection started it again"
+        )
+    elif snapshot.audit_rules is not None and snapshot.audit_rules != AUDIT_RULES:
+        warnings.append(
+            f"{stamp}: {snapshot.audit_rules} of the {AUDIT_RULES} audit rules for connect() were "
+            "loaded in the guest (guest root changed them): attempts since the last collection "
+            "may have no process attribution; the collection loaded them again"
         )
     if snapshot.audit_lost is not None and snapshot.audit_lost > cursor.audit_lost:
         warnings.append(
@@ -663,8 +846,10 @@ def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Colle
     """
     rebooted = bool(cursor.boot_id) and snapshot.boot_id != cursor.boot_id
     if rebooted:
-        # Sequence numbers and audit serials start again at every boot.
-        cursor = Cursor(losses=cursor.losses)
+        # Sequence numbers and audit serials start again at every boot; the audit log is kept.
+        cursor = Cursor(
+            losses=cursor.losses, audit_inode=cursor.audit_inode, audit_offset=cursor.audit_offset
+        )
     warnings = _loss_warnings(snapshot, cursor, rebooted)
     boot_time = snapshot.wall - snapshot.uptime
 
@@ -687,15 +872,19 @@ def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Colle
         # is left over once the other records have theirs.
         if record.sport is not None:
             previous = flows.get(record.flow())
-            if previous is not None and _maybe_resent(record, *previous):
-                record = replace(record, retry=True)
             flows[record.flow()] = (record.time, record.ident)
+            if record.established:
+                # The flow's own next datagram is no attempt; another socket's may be.
+                if previous is not None and _same_socket(record, previous[1]):
+                    continue
+                record = replace(record, retry=True)
+            elif previous is not None and _maybe_resent(record, *previous):
+                record = replace(record, retry=True)
+        elif record.established:
+            continue
         records.append(record)
 
-    first_pass = join([r for r in records if not r.retry], events)
-    leftover = [e for r, e in first_pass if r is None and e is not None]
-    second_pass = join([r for r in records if r.retry], leftover)
-    pairs = [p for p in first_pass if p[0] is not None] + second_pass
+    pairs = join(records, events)
 
     attempts: list[Attempt] = []
     pending: list[FirewallRecord] = []
@@ -724,6 +913,7 @@ def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Colle
         audit_serial=high,
         audit_seen=tuple(sorted(s for s in all_serials if s > high - AUDIT_REORDER)),
         audit_lost=snapshot.audit_lost if snapshot.audit_lost is not None else cursor.audit_lost,
+        **_next_audit_position(snapshot, cursor),
         pending=tuple(_to_json(r) for r in pending),
         pending_audit=tuple(_to_json(e) for e in pending_audit),
         flows=flows,
@@ -734,14 +924,34 @@ def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Colle
     return Collected(attempts, new_cursor, warnings)
 
 
+def _next_audit_position(snapshot: Snapshot, cursor: Cursor) -> dict[str, int]:
+    if snapshot.audit_inode is None or snapshot.audit_size is None:
+        return {"audit_inode": cursor.audit_inode, "audit_offset": cursor.audit_offset}
+    start = cursor.audit_offset if snapshot.audit_inode == cursor.audit_inode else 0
+    if snapshot.audit_size < start:
+        start = 0  # the file was truncated: it was read whole
+    offset = max(snapshot.audit_size - AUDIT_REREAD_BYTES, start)
+    return {"audit_inode": snapshot.audit_inode, "audit_offset": offset}
+
+
 def _maybe_resent(record: FirewallRecord, last_time: float, last_ident: int | None) -> bool:
     """Whether a record of a flow already logged may be a resend rather than a new connect that
-    reuses the port. IPv4 tells: a socket numbers its packets from a random start (Linux sets
-    inet_id at connect), so a resend's ID follows the last one's and a new socket's does not.
-    Otherwise only time tells: TCP's first resend comes after a 1 s timeout."""
+    reuses the port. IPv4 tells: a connected socket numbers its packets from a random start
+    (Linux sets inet_id at connect), so a resend's ID follows the last one's and a new socket's
+    does not (except by chance: join() copes with that). Otherwise only time tells: TCP's first
+    resend comes after a 1 s timeout."""
     if record.ident is not None and last_ident is not None:
-        return 0 < (record.ident - last_ident) % 65536 <= _RESEND_ID_STEP
+        return _same_socket(record, last_ident)
     return record.time - last_time >= _RESEND_MIN_SECONDS
+
+
+def _same_socket(record: FirewallRecord, last_ident: int | None) -> bool:
+    """Whether an IPv4 record's ID follows the flow's last one (ID 0 twice: an unconnected
+    socket, whose datagrams with DF set all carry 0)."""
+    if record.ident is None or last_ident is None:
+        return False
+    step = (record.ident - last_ident) % 65536
+    return 0 < step <= _RESEND_ID_STEP or record.ident == last_ident == 0
 
 
 def _audit_only(event: AuditConnect) -> bool:

@@ -23,9 +23,12 @@ import pytest
 
 from orchestrator.errors import UsageError
 from orchestrator.firewall import (
+    ESTABLISHED_LOG_PACKETS,
     LOG_ALLOW,
+    LOG_ALLOW_EST,
     LOG_BLOCK,
     LOG_DNS,
+    LOG_DNS_EST,
     differences,
     normalize,
     render_rules,
@@ -553,3 +556,42 @@ def test_log_records_one_per_new_attempt(fw: FwLab) -> None:
     assert count(LOG_BLOCK, BLOCKED, 80) == 1, mine
     assert count(LOG_DNS, str(RESOLVER), 53) == 1, mine
     assert all(" UID=" in r for r in mine), mine
+
+
+@pytest.mark.root
+def test_a_new_socket_on_a_live_udp_flow_is_logged(fw: FwLab) -> None:
+    """A UDP socket that gets the source port of an answered flow conntrack still holds rides that
+    flow (ESTABLISHED, never NEW): the established-flow rules log it, by the flow's verdict, for
+    the flow's first ESTABLISHED_LOG_PACKETS packets."""
+    if not _NF_LOG_ALL.exists():
+        pytest.skip("no nf_log_all_netns sysctl")
+    fw.load(policy(BLOCKED))  # the server answers UDP on BLOCKED:53; allowed here
+
+    def exchange(host: str, port: int, datagrams: int = 1) -> int:
+        """A new socket from source port `port` (0: any); the port it used."""
+        with fw.sock(host, socket.SOCK_DGRAM) as u:
+            u.settimeout(2)
+            u.bind(("0.0.0.0", port))
+            u.connect((host, 53))
+            for _ in range(datagrams):
+                u.send(b"query")
+                u.recv(2048)
+            port_used: int = u.getsockname()[1]
+            return port_used
+
+    with kernel_log() as records:
+        for host in (BLOCKED, str(RESOLVER)):
+            port = exchange(host, 0)
+            exchange(host, port)
+            exchange(host, port)
+        exchange(BLOCKED, 0, datagrams=ESTABLISHED_LOG_PACKETS + 4)
+    mine = [r.split(";", 1)[-1] for r in records if f"OUT={fw.veth} " in r]
+
+    def count(prefix: str, dst: str) -> int:
+        pattern = re.compile(rf"{prefix}IN= OUT={fw.veth} .*DST={re.escape(dst)} .*DPT=53 ")
+        return sum(bool(pattern.search(r)) for r in mine)
+
+    assert (count(LOG_ALLOW, BLOCKED), count(LOG_DNS, str(RESOLVER))) == (2, 1), mine
+    # Two reusing sockets each, and packets 2..ESTABLISHED_LOG_PACKETS of the long exchange.
+    assert count(LOG_ALLOW_EST, BLOCKED) == 2 + ESTABLISHED_LOG_PACKETS - 1, mine
+    assert count(LOG_DNS_EST, str(RESOLVER)) == 2, mine

@@ -3,8 +3,10 @@ captured with the VM test below), loss detection, exactly-once, and one real VM 
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -14,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator import monitor
+from orchestrator import firewall, monitor
 from orchestrator.errors import GuestError
 from orchestrator.lab import in_lab
 from orchestrator.records import Attempt, DnsQuery, Verdict
@@ -26,7 +28,8 @@ DATA = Path(__file__).parent / "data" / "monitor"
 
 
 def _snapshot(name: str) -> monitor.Snapshot:
-    return monitor.parse_snapshot((DATA / name).read_text())
+    raw = (DATA / name).read_bytes()
+    return monitor.parse_snapshot((gzip.decompress(raw) if name.endswith(".gz") else raw).decode())
 
 
 def _jsonl(attempts: list[Attempt]) -> str:
@@ -122,6 +125,8 @@ def _output(
     lost: int = 0,
     boot: str = "b00710ad-0000-0000-0000-000000000000",
     first: int = 0,
+    status: tuple[str, ...] = ("enabled 1", "pid 321"),
+    audit_pos: tuple[int, int] | None = None,
 ) -> str:
     """collect_script's output around the given kernel log lines (already `SEQ USEC TEXT`)."""
     seqs = [int(line.split()[0]) for line in kmsg if line[0].isdigit()]
@@ -131,11 +136,11 @@ def _output(
         [
             f"@@boot {boot}",
             "@@auditstatus",
-            "enabled 1",
-            "pid 321",
+            *status,
             f"lost {lost}",
             "@@audit",
             audit.rstrip("\n"),
+            *([f"@@auditpos {audit_pos[0]} {audit_pos[1]}"] if audit_pos else []),
             f"@@clock {wall:.9f} {uptime:.2f}",
             "@@kmsg",
             *oldest,
@@ -191,6 +196,140 @@ def test_a_new_connect_reusing_a_port_is_an_attempt_of_its_own() -> None:
     assert [(a.id.split(".")[0], a.pid) for a in out.attempts] == [("k10", 1), ("k11", 2)]
 
 
+def test_a_new_connect_taken_for_a_resend_loses_nothing_in_a_real_burst() -> None:
+    """The burst test's 1-in-10,000 miss, on real records. burst-slice.txt.gz: 5,041 blocked
+    connects from one PHP process, cut from a 10,000 burst (TCG) of which the old join got 9,999.
+    A quarter of the connects of such a burst get a source port used before (2,232 there); a new
+    socket starts at a random IPv4 ID, and the resend check took it for a resend when that ID
+    followed the flow's last one by 1..16: record 15714 reuses the port of record 12404 with an ID
+    7 above. The old join then shifted every later pair of the burst by one place and lost the
+    last connect. With the ID as captured, and made to follow by 1 (a possible resend for the
+    check still), every connect keeps its own record."""
+    snapshot = _snapshot("burst-slice.txt.gz")
+    assert snapshot.kmsg_first is not None
+    cursor = monitor.Cursor(kmsg_seq=snapshot.kmsg_first - 1)
+    records = {r.seq: r for r in snapshot.firewall}
+    first, again = records[12404], records[15714]
+    assert again.flow() == first.flow()
+    assert again.ident is not None and first.ident is not None
+    assert (again.ident - first.ident) % 65536 == 7
+
+    def attempts(firewall: tuple[monitor.FirewallRecord, ...]) -> list[Attempt]:
+        out = monitor.process(replace(snapshot, firewall=firewall), cursor, final=True)
+        assert out.warnings == []
+        return [a for a in out.attempts if a.dst == "198.51.100.9"]
+
+    captured = attempts(snapshot.firewall)
+    assert len(captured) == len(records) == 5041
+    assert {(a.verdict, a.evidence) for a in captured} == {(Verdict.BLOCKED, "audit+firewall")}
+    # In order: the n-th record with the n-th connect (audit's times follow the records' order).
+    by_record = sorted(captured, key=lambda a: int(a.id[1:].split(".")[0]))
+    assert [a.time for a in by_record] == sorted(a.time for a in captured)
+    unlucky = replace(again, ident=(first.ident + 1) % 65536)
+    resent = attempts(tuple(unlucky if r.seq == again.seq else r for r in snapshot.firewall))
+    assert [(a.id, a.time, a.pid) for a in resent] == [(a.id, a.time, a.pid) for a in captured]
+
+
+def _record6(seq: int, t: float, sport: int) -> str:
+    return (
+        f"{seq} {int(t * 1e6)} SBX-BLOCK IN= OUT=enp1s0 "
+        "SRC=2001:0db8:00d5:0000:0000:0000:0000:0005 DST=2001:0db8:0001:0000:0000:0000:0000:0009 "
+        f"LEN=80 TC=0 HOPLIMIT=64 FLOWLBL=1 PROTO=TCP SPT={sport} DPT=80 WINDOW=64800 RES=0x00 "
+        "SYN URGP=0 UID=0 GID=0"
+    )
+
+
+def test_an_ipv6_burst_that_reuses_ports_loses_nothing() -> None:
+    # IPv6 has no ID: a record of a flow seen 0.5 s or more before is a possible resend. In a
+    # burst over 500 ports, some reuses come sooner than that and some later; each is a connect.
+    n = 3000
+    ports = random.Random(4)
+    kmsg = [_record6(i, 50.0 + i * 0.002, 30000 + ports.randrange(500)) for i in range(n)]
+    inet6 = "0A00" + "0050" + "00000000" + "20010DB8000100000000000000000009"
+    audit = "".join(
+        _audit(i + 1, 950.001 + i * 0.002, exit_code=-115).replace("02000050C6336409", inet6)
+        for i in range(n)
+    )
+    text = _output(kmsg, audit, wall=970.0, uptime=70.0)
+    out = monitor.process(monitor.parse_snapshot(text), monitor.Cursor())
+    assert [(a.id.split(".")[0], a.pid) for a in out.attempts] == [
+        (f"k{i}", i + 1) for i in range(n)
+    ]
+    assert {a.dst for a in out.attempts} == {"2001:db8:1::9"}
+
+
+def _udp_record(seq: int, t: float, sport: int, ident: int, prefix: str) -> str:
+    return (
+        f"{seq} {int(t * 1e6)} {prefix}IN= OUT=enp1s0 SRC=192.168.122.5 DST=203.0.113.7 LEN=29 "
+        f"TOS=0x00 PREC=0x00 TTL=64 ID={ident} DF PROTO=UDP SPT={sport} DPT=5353 LEN=9 UID=0 GID=0"
+    )
+
+
+def test_established_records_are_attempts_only_with_a_connect_of_their_own() -> None:
+    allow, again = "SBX-ALLOW ", firewall.LOG_ALLOW_EST
+    kmsg = [
+        _udp_record(10, 50.0, 7, 100, allow),  # a connect, answered
+        _udp_record(11, 50.2, 7, 101, again),  # that socket's next datagram
+        _udp_record(12, 51.0, 7, 30000, again),  # a new socket that got port 7
+        _udp_record(13, 51.5, 7, 30001, again),  # its next datagram
+        _udp_record(14, 56.0, 7, 9000, again),  # a socket with no connect (unconnected sendto)
+    ]
+    udp = "CB007107"  # 203.0.113.7
+    audit = (
+        _audit(1, 950.0, udp, 0).replace("02000050", "020014E9")
+        + _audit(2, 950.2, udp, 0).replace("02000050", "02000000")  # a getaddrinfo probe, port 0
+        + _audit(3, 951.0, udp, 0).replace("02000050", "020014E9")
+        + _audit(4, 951.4, udp, 0).replace("02000050", "020014E9")  # sends nothing
+    )
+    out = monitor.process(monitor.parse_snapshot(_output(kmsg, audit)), monitor.Cursor())
+    assert [(a.id.split(".")[0], a.pid, a.verdict, a.proto, a.dport) for a in out.attempts] == [
+        ("k10", 1, Verdict.ALLOWED, "udp", 5353),
+        ("k12", 3, Verdict.ALLOWED, "udp", 5353),
+    ]
+
+
+def test_udp_connects_on_a_live_flow_are_attempts_in_a_real_guest() -> None:
+    """udp-reuse.txt.gz: 1,000 allowed UDP connects (+ one datagram each) from one PHP process
+    (pid 504), with the established-flow log rules proposed for firewall.py loaded. The fake
+    internet answers UDP, so conntrack keeps each flow 30 s; 27 sockets got the source port of a
+    flow still held and sent on it as ESTABLISHED, never NEW. Each is an attempt of its own."""
+    snapshot = _snapshot("udp-reuse.txt.gz")
+    out = monitor.process(snapshot, monitor.Cursor(), final=True)
+    mine = [a for a in out.attempts if a.pid == 504]
+    assert len(mine) == 1000
+    assert {(a.verdict, a.proto, a.dst, a.dport, a.evidence) for a in mine} == {
+        (Verdict.ALLOWED, "udp", "203.0.113.7", 5353, "audit+firewall")
+    }
+    established = [r for r in snapshot.firewall if r.established]
+    assert len(established) == 27
+    assert len({a.sport for a in mine}) <= 1000 - 27
+    # Without those records (the firewall as it is) the 27 are lost: what completeness missed.
+    before = replace(snapshot, firewall=tuple(r for r in snapshot.firewall if not r.established))
+    lost = monitor.process(before, monitor.Cursor(), final=True).attempts
+    assert len([a for a in lost if a.pid == 504]) == 1000 - 27
+
+
+def test_getaddrinfo_probes_are_not_attempts_in_a_real_guest() -> None:
+    """udp-probes.txt.gz: 300 times stream_socket_client("udp://multi.test:5353") and a datagram,
+    from one PHP process (pid 535), multi.test having two addresses in /etc/hosts (203.0.113.7
+    allowed, 198.51.100.9 blocked). glibc sorts the two by connect()ing a UDP socket to each
+    (port 0) and sends nothing: 600 connects with no packet, while flows to 203.0.113.7 are alive.
+    Exactly the 300 real connects are attempts, 16 of them on a flow conntrack still held."""
+    snapshot = _snapshot("udp-probes.txt.gz")
+    php = [e for e in snapshot.audit if e.pid == 535]
+    assert sorted({(e.dst, e.dport) for e in php}) == [
+        ("198.51.100.9", 0),
+        ("203.0.113.7", 0),
+        ("203.0.113.7", 5353),
+    ]
+    assert len(php) == 900
+    out = monitor.process(snapshot, monitor.Cursor(), final=True)
+    mine = [a for a in out.attempts if a.pid == 535]
+    assert len(mine) == 300
+    assert {(a.verdict, a.dst, a.dport) for a in mine} == {(Verdict.ALLOWED, "203.0.113.7", 5353)}
+    assert len([r for r in snapshot.firewall if r.established]) == 16
+
+
 def test_sequence_gap_is_reported_not_ignored() -> None:
     first = monitor.process(monitor.parse_snapshot(_output([_record(10, 50.0)])), monitor.Cursor())
     assert first.warnings == []
@@ -212,7 +351,7 @@ def test_audit_loss_and_stopped_auditd_are_reported() -> None:
     text = _output([_record(10, 50.0)], lost=5).replace("pid 321", "pid 0")
     out = monitor.process(monitor.parse_snapshot(text), cursor)
     assert any("dropped 3 audit records" in w for w in out.warnings)
-    assert any("auditd is not running" in w for w in out.warnings)
+    assert any("auditd was not running" in w for w in out.warnings)
 
 
 def test_exactly_once_across_collections_with_a_late_audit_event() -> None:
@@ -257,6 +396,93 @@ def test_a_reboot_restarts_positions_and_ids_stay_unique() -> None:
     assert len(second.attempts) == 1
     assert second.attempts[0].id != first.attempts[0].id
     assert any("rebooted" in w for w in second.warnings)
+
+
+def _audit_line(serial: int) -> str:
+    return f'type=SYSCALL msg=audit(1000.{serial:03d}:{serial:02d}): syscall=42 key="sbx-connect"\n'
+
+
+def _read_audit_log(log: Path, cursor: monitor.Cursor) -> tuple[list[int], monitor.Cursor]:
+    """Runs audit_log_script on real files; the serials it printed, and the cursor after it."""
+    result = subprocess.run(
+        ["sh", "-c", monitor.audit_log_script(cursor.audit_inode, cursor.audit_offset, str(log))],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    _, inode, size = result.stderr.split()
+    snapshot = monitor.parse_snapshot(_output([], audit_pos=(int(inode), int(size))))
+    serials = [int(line.split(":")[1].split(")")[0]) for line in result.stdout.splitlines()]
+    return serials, monitor.process(snapshot, cursor).cursor
+
+
+def test_the_audit_log_is_read_from_where_the_last_collection_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A small re-read window, so that these few lines cross it.
+    monkeypatch.setattr(monitor, "AUDIT_REREAD_BYTES", len(_audit_line(1)) * 3 + 7)
+    log = tmp_path / "audit.log"
+    (tmp_path / "audit.log.1").write_text(_audit_line(0))  # rotated before the sandbox's time
+    log.write_text("".join(_audit_line(s) for s in range(1, 11)))
+    first, cursor = _read_audit_log(log, monitor.Cursor())
+    assert first == list(range(11))
+    assert cursor.audit_inode == log.stat().st_ino
+    assert cursor.audit_offset == log.stat().st_size - monitor.AUDIT_REREAD_BYTES
+
+    with log.open("a") as f:
+        f.write("".join(_audit_line(s) for s in range(11, 14)))
+    second, cursor = _read_audit_log(log, cursor)
+    # The window starts inside line 7: that line is dropped, 8..10 are read again.
+    assert second == list(range(8, 14))
+
+    # auditd rotates (max_log_file) after writing 14: the file read so far becomes audit.log.1.
+    (tmp_path / "audit.log.1").rename(tmp_path / "audit.log.2")
+    with log.open("a") as f:
+        f.write(_audit_line(14))
+    log.rename(tmp_path / "audit.log.1")
+    log.write_text("".join(_audit_line(s) for s in range(15, 17)))
+    third, cursor = _read_audit_log(log, cursor)
+    assert third == list(range(11, 17))
+    assert cursor.audit_inode == log.stat().st_ino
+
+    # Nothing new: only the re-read window, never the rotated files again.
+    fourth, cursor = _read_audit_log(log, cursor)
+    assert fourth == [15, 16]
+    # A cursor from before this position existed reads every file, oldest first.
+    everything, _ = _read_audit_log(log, monitor.Cursor())
+    assert everything == [0, *range(1, 17)]
+
+
+def test_a_reboot_keeps_the_audit_log_position() -> None:
+    cursor = monitor.Cursor(boot_id="earlier", audit_inode=12, audit_offset=3000)
+    text = _output([], audit_pos=(12, 9000))
+    after = monitor.process(monitor.parse_snapshot(text), cursor).cursor
+    expected = max(9000 - monitor.AUDIT_REREAD_BYTES, 3000)
+    assert (after.audit_inode, after.audit_offset) == (12, expected)
+    again = monitor.Cursor.from_json(after.to_json())
+    assert (again.audit_inode, again.audit_offset) == (12, after.audit_offset)
+
+
+def test_changed_audit_rules_and_a_stopped_auditd_are_reported() -> None:
+    def warnings(*status: str) -> list[str]:
+        text = _output([], status=("enabled 1", *status))
+        return monitor.process(monitor.parse_snapshot(text), monitor.Cursor()).warnings
+
+    assert warnings("pid 321", f"rules {monitor.AUDIT_RULES}") == []
+    deleted = warnings("pid 321", "rules 0")
+    assert len(deleted) == 1 and f"0 of the {monitor.AUDIT_RULES} audit rules" in deleted[0]
+    stopped = warnings("pid 0", "rules 0")
+    assert len(stopped) == 1 and "auditd was not running" in stopped[0]
+
+
+def test_the_image_loads_as_many_connect_rules_as_collections_expect() -> None:
+    rules = Path(__file__).parent.parent / "images/rootfs/etc/audit/rules.d/audit.rules"
+    loaded = [
+        line
+        for line in rules.read_text().splitlines()
+        if line.startswith("-a always,exit") and line.endswith(f"-k {monitor.AUDIT_KEY}")
+    ]
+    assert len(loaded) == monitor.AUDIT_RULES
 
 
 def test_incomplete_output_is_an_error() -> None:
@@ -383,8 +609,42 @@ def test_capture_in_a_real_guest(cli: Cli, tmp_path: Path) -> None:
         time.sleep(monitor.SETTLE_SECONDS)
         first = _drive(cli, "collect", name, cursor)
         second = _drive(cli, "collect", name, cursor)
+        # Guest root removes the audit rules, then kills auditd: the collection after each (the
+        # one `exec` makes) says so and puts things back, so later attempts are attributed.
+        deleted = cli.ok("exec", "--name", name, "--", "auditctl", "-D")
+        killed = cli.ok(
+            "exec",
+            "--name",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "pkill -x auditd; while pgrep -x auditd >/dev/null; do sleep 0.1; done",
+        )
+        later = cli.ok(
+            "exec",
+            "--name",
+            name,
+            "--",
+            "runuser",
+            "-u",
+            "sandbox",
+            "--",
+            "bash",
+            "-c",
+            "echo $$; exec 3<>/dev/tcp/198.51.100.9/81 || true",
+        )
+        time.sleep(monitor.SETTLE_SECONDS)
+        logged = cli.ok("logs", "--name", name, "--json").stdout
     finally:
         cli.run("destroy", "--name", name, timeout=300)
+    assert f"0 of the {monitor.AUDIT_RULES} audit rules" in deleted.stderr
+    assert "auditd was not running" in killed.stderr
+    later_pid = int(later.stdout.split()[0])
+    healed = [Attempt.from_json(line) for line in logged.splitlines()]
+    assert [(a.exe, a.dport, a.evidence) for a in healed if a.pid == later_pid] == [
+        ("/usr/bin/bash", 81, "audit+firewall")
+    ]
     samples = os.environ.get("SANDBOX_MONITOR_SAMPLES")
     if samples:
         Path(samples, "collect-1.txt").write_text(first["raw"])
@@ -431,10 +691,6 @@ echo getmypid(), "\\n";
 
 @pytest.mark.vm
 @pytest.mark.root
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 4 is open: in 1 of 3 CI runs the join missed 1 attempt in a 10,000 burst",
-)
 def test_a_burst_of_attempts_loses_nothing(cli: Cli, tmp_path: Path) -> None:
     name = "monburst"
     cli.ok("up", "--name", name, "--allow", "203.0.113.7")
