@@ -611,6 +611,15 @@ def _drive(cli: Cli, action: str, name: str, cursor: Path) -> dict[str, Any]:
     return value
 
 
+def _bash_connect(cli: Cli, name: str, port: int) -> int:
+    """A blocked TCP attempt by bash as user sandbox, through `exec`; bash's pid."""
+    script = f"echo $$; exec 3<>/dev/tcp/198.51.100.9/{port} || true"
+    bash = cli.ok(
+        "exec", "--name", name, "--", "runuser", "-u", "sandbox", "--", "bash", "-c", script
+    )
+    return int(bash.stdout.split()[0])
+
+
 @pytest.mark.vm
 @pytest.mark.root
 def test_capture_in_a_real_guest(cli: Cli, tmp_path: Path) -> None:
@@ -622,20 +631,7 @@ def test_capture_in_a_real_guest(cli: Cli, tmp_path: Path) -> None:
         print(f"capture start took {start['seconds']:.2f} s")
         php = cli.ok("exec", "--name", name, "--", "php", "-r", _PHP)
         php_pid = int(php.stdout.split()[-1])
-        bash = cli.ok(
-            "exec",
-            "--name",
-            name,
-            "--",
-            "runuser",
-            "-u",
-            "sandbox",
-            "--",
-            "bash",
-            "-c",
-            "echo $$; exec 3<>/dev/tcp/198.51.100.9/80 || true",
-        )
-        bash_pid = int(bash.stdout.split()[0])
+        bash_pid = _bash_connect(cli, name, 80)
         # Past the settle time nothing is held back for the next collection.
         time.sleep(monitor.SETTLE_SECONDS)
         first = _drive(cli, "collect", name, cursor)
@@ -652,26 +648,13 @@ def test_capture_in_a_real_guest(cli: Cli, tmp_path: Path) -> None:
             "-c",
             "pkill -x auditd; while pgrep -x auditd >/dev/null; do sleep 0.1; done",
         )
-        later = cli.ok(
-            "exec",
-            "--name",
-            name,
-            "--",
-            "runuser",
-            "-u",
-            "sandbox",
-            "--",
-            "bash",
-            "-c",
-            "echo $$; exec 3<>/dev/tcp/198.51.100.9/81 || true",
-        )
+        later_pid = _bash_connect(cli, name, 81)
         time.sleep(monitor.SETTLE_SECONDS)
         logged = cli.ok("logs", "--name", name, "--json").stdout
     finally:
         cli.run("destroy", "--name", name, timeout=300)
     assert f"0 of the {monitor.AUDIT_RULES} audit rules" in deleted.stderr
     assert "auditd was not running" in killed.stderr
-    later_pid = int(later.stdout.split()[0])
     healed = [Attempt.from_json(line) for line in logged.splitlines()]
     assert [(a.exe, a.dport, a.evidence) for a in healed if a.pid == later_pid] == [
         ("/usr/bin/bash", 81, "audit+firewall")
