@@ -173,10 +173,7 @@ match($0, /msg=audit\([0-9.]+:[0-9]+\)/) {
 """
 # /dev/kmsg records ("prio,seq,usec,flags;text", continuation lines start with a space): the
 # firewall's ones above `after`, plus the first and last sequence numbers read and every break in
-# the sequence, which is how loss is seen. And the newest clock mark (below), and how many audit
-# records the kernel printed instead of handing them to auditd: records it could not deliver,
-# which a kernel booted without audit=1 drops without counting them as lost (type 2000 is the
-# audit subsystem's own start-up message).
+# the sequence, which is how loss is seen. And the newest clock mark (below).
 _KMSG_AWK = r"""
 /^ / { next }
 {
@@ -187,13 +184,8 @@ _KMSG_AWK = r"""
   n++; prev = seq
   if (seq > after + 0 && substr($0, i + 1, 4) == "SBX-") print h[2] " " h[3] " " substr($0, i + 1)
   if (substr($0, i + 1, 10) == "sbx-clock ") mark = h[3] " " substr($0, i + 11)
-  kept = seq > after + 0 && substr($0, i + 1, 12) == "audit: type="
-  if (kept && substr($0, i + 13, 5) != "2000 ") printed++
 }
-END {
-  if (n > 0) print "@@last " prev; if (mark != "") print "@@mark " mark
-  if (printed > 0) print "@@auditprinted " printed
-}
+END { if (n > 0) print "@@last " prev; if (mark != "") print "@@mark " mark }
 """
 
 
@@ -468,7 +460,6 @@ class Snapshot:
     kmsg_last: int | None  # the newest record read
     kmsg_gaps: tuple[tuple[int, int], ...]  # (last read, next read) where the sequence jumped
     kmsg_error: str
-    audit_printed: int = 0  # audit records the kernel printed to its log: not delivered to auditd
 
 
 def parse_snapshot(text: str) -> Snapshot:
@@ -500,7 +491,6 @@ def parse_snapshot(text: str) -> Snapshot:
     wall, uptime = float(clock[0]), float(clock[1])
     status = dict([*line.split(" ", 1), ""][:2] for line in sections.get(_AUDIT_STATUS, []) if line)
     first = last = None
-    printed = 0
     gaps: list[tuple[int, int]] = []
     lines = []
     offset = wall - uptime
@@ -509,8 +499,6 @@ def parse_snapshot(text: str) -> Snapshot:
             first = int(line.split()[1])
         elif line.startswith("@@last "):
             last = int(line.split()[1])
-        elif line.startswith("@@auditprinted "):
-            printed = int(line.split()[1])
         elif line.startswith("@@gap "):
             _, before, after = line.split()
             gaps.append((int(before), int(after)))
@@ -535,7 +523,6 @@ def parse_snapshot(text: str) -> Snapshot:
         kmsg_last=last,
         kmsg_gaps=tuple(gaps),
         kmsg_error="\n".join(sections.get(_KMSG_ERR, [])).strip(),
-        audit_printed=printed,
     )
 
 
@@ -841,12 +828,6 @@ def _loss_warnings(snapshot: Snapshot, cursor: Cursor, rebooted: bool) -> list[s
             f"{stamp}: {snapshot.audit_rules} of the {AUDIT_RULES} audit rules for connect() were "
             "loaded in the guest (guest root changed them): attempts since the last collection "
             "may have no process attribution; the collection loaded them again"
-        )
-    if snapshot.audit_printed:
-        warnings.append(
-            f"{stamp}: the kernel could not hand {snapshot.audit_printed} audit records to auditd "
-            "(it printed them to its own log, a few per second at most, and dropped them): some "
-            "attempts have no process attribution"
         )
     if snapshot.audit_lost is not None and snapshot.audit_lost > cursor.audit_lost:
         warnings.append(

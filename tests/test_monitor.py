@@ -485,37 +485,6 @@ def test_the_image_loads_as_many_connect_rules_as_collections_expect() -> None:
     assert len(loaded) == monitor.AUDIT_RULES
 
 
-def test_audit_records_the_kernel_printed_instead_of_delivering_are_reported() -> None:
-    # /dev/kmsg as dd reads it, through the collection's own awk program.
-    kmsg = "\n".join(
-        [
-            "5,0,978351,-;audit: type=2000 audit(1795455126.576:1): state=initialized",
-            "4,1,2000000,-;SBX-BLOCK IN= OUT=eth0 SRC=10.0.0.2 DST=198.51.100.9 LEN=60 "
-            "PROTO=TCP SPT=40000 DPT=80 UID=0",
-            "5,2,2000100,-;audit: type=1300 audit(1795455130.100:700): arch=c000003e syscall=42",
-            "5,3,2000200,-;audit: type=1306 audit(1795455130.100:700): saddr=0200",
-            "",
-        ]
-    )
-    awk = subprocess.run(
-        ["awk", "-v", "after=-1", monitor._KMSG_AWK],
-        input=kmsg,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    text = _output([]).replace("@@kmsg\n", "@@kmsg\n" + awk)
-    snapshot = monitor.parse_snapshot(text)
-    assert snapshot.audit_printed == 2 and len(snapshot.firewall) == 1
-    warnings = monitor.process(snapshot, monitor.Cursor()).warnings
-    assert len(warnings) == 1 and "could not hand 2 audit records" in warnings[0]
-    # Only records after the cursor count.
-    later = subprocess.run(
-        ["awk", "-v", "after=2", monitor._KMSG_AWK], input=kmsg, capture_output=True, text=True
-    ).stdout
-    assert "@@auditprinted 1" in later
-
-
 def test_incomplete_output_is_an_error() -> None:
     with pytest.raises(GuestError):
         monitor.parse_snapshot(_output([]).replace("@@end", ""))
@@ -707,8 +676,9 @@ echo getmypid(), "\\n";
 @pytest.mark.root
 @pytest.mark.xfail(
     strict=False,
-    reason="issue 4: 1 CI run of 6 lost 50 consecutive audit events (serials 641-690) of a "
-    "10,000 burst with `lost 0`; not reproduced in 3 more bursts; see the stop 8 note",
+    reason="issue 4: 1 CI run of 6 lost 50 consecutive audit events of a 10,000 burst with "
+    "`lost 0`, most likely the kernel's uncounted drop when booted without audit=1 (now set): "
+    "strict once CI runs show it gone",
 )
 def test_a_burst_of_attempts_loses_nothing(cli: Cli, tmp_path: Path) -> None:
     name = "monburst"
