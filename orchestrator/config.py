@@ -54,6 +54,9 @@ class Settings:
     # Under TCG a cold boot with cloud-init takes 40-80 s here (PLATFORM.md), more on a loaded
     # machine; with KVM it is a few seconds. The deadline is generous, not a target.
     boot_timeout: float = 400.0
+    # Seconds between collections of the connection records while `run` or `exec` runs (0: only
+    # at its end). The guest's kernel log holds about 20,000 firewall records between two.
+    collect_every: float = 10.0
     network: NetworkSettings = field(default_factory=NetworkSettings)
     pool: PoolSettings = field(default_factory=PoolSettings)
     image: ImageSettings = field(default_factory=ImageSettings)
@@ -94,6 +97,7 @@ def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
             "memory",
             "vcpus",
             "boot_timeout",
+            "collect_every",
             "network",
             "pool",
             "image",
@@ -118,6 +122,13 @@ def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
         changes["boot_timeout"] = float(
             _expect(data["boot_timeout"], (int, float), "boot_timeout", source)
         )
+    if "collect_every" in data:
+        every = float(_expect(data["collect_every"], (int, float), "collect_every", source))
+        if every < 0:
+            raise UsageError(
+                f"{source}: collect_every must be 0 (only at the end) or more seconds", "fix it"
+            )
+        changes["collect_every"] = every
     if "network" in data:
         net = _expect(data["network"], dict, "network", source)
         _check_keys(net, {"name", "bridge", "subnet", "subnet6"}, "network.", source)

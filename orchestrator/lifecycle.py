@@ -9,6 +9,7 @@ import hashlib
 import os
 import secrets
 import shlex
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -637,9 +638,37 @@ def exec_command(
     if not argv:
         raise UsageError("no command given", "usage: sandbox exec -- CMD [ARGS...]")
     with open_guest(ctx, name) as guest:
-        code = guest.run(list(argv), stdout=stdout, stderr=stderr, timeout=timeout)
+        with collecting_meanwhile(ctx, name, on_warning, guest):
+            code = guest.run(list(argv), stdout=stdout, stderr=stderr, timeout=timeout)
         collect_quietly(ctx, name, on_warning, guest=guest)
     return code
+
+
+@contextlib.contextmanager
+def collecting_meanwhile(
+    ctx: Context, name: str, on_warning: Callable[[str], None], guest: Guest
+) -> Iterator[None]:
+    """Collections every `collect_every` seconds while the body runs, each on a channel of its
+    own on the same SSH connection: a long run's records reach the host as it goes, and its
+    firewall records never pile up past what the guest's kernel log holds. The body's own end
+    waits for a collection under way (they take turns with every other one on the lock)."""
+    every = ctx.settings.collect_every
+    if every <= 0:
+        yield
+        return
+    stop = threading.Event()
+
+    def collect_until_stopped() -> None:
+        while not stop.wait(every):
+            collect_quietly(ctx, name, on_warning, guest=guest)
+
+    thread = threading.Thread(target=collect_until_stopped, name=f"collect {name}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(monitor.COLLECT_TIMEOUT)
 
 
 def collect_quietly(
@@ -683,16 +712,17 @@ def run_target(
     logs = logs_dir(ctx, name)
     expected = guest_rules(EgressPolicy.from_dict(state.policy), ctx.network_spec())
     with open_guest(ctx, name) as guest:
-        result = runs.execute(
-            guest,
-            request,
-            logs=logs,
-            expected_rules=expected,
-            default_mode=xdebug.XdebugMode(state.xdebug),
-            stdout=stdout,
-            stderr=stderr,
-            on_warning=on_warning,
-        )
+        with collecting_meanwhile(ctx, name, on_warning, guest):
+            result = runs.execute(
+                guest,
+                request,
+                logs=logs,
+                expected_rules=expected,
+                default_mode=xdebug.XdebugMode(state.xdebug),
+                stdout=stdout,
+                stderr=stderr,
+                on_warning=on_warning,
+            )
         # The run's last records are complete once the settle window has passed since its end
         # (younger halves wait for the next collection): wait out the rest of it, so that
         # `sandbox logs` right after `run` shows everything the run did.

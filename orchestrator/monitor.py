@@ -65,9 +65,11 @@ SETTLE_SECONDS = 3.0
 # TCP retries its SYN (and a blocked UDP flow resends) as long as this; every copy is NEW to
 # conntrack and logged again: they are the same attempt.
 FLOW_MEMORY_SECONDS = 180.0
-# Audit serials are taken at syscall exit and may reach the log slightly out of order across CPUs:
-# each collection re-reads this many serials below the highest seen and drops the ones it has.
-AUDIT_REORDER = 64
+# Audit events reach the log out of serial order: across CPUs slightly, and by thousands when
+# kauditd could not hand records to a busy auditd and sent them again later (its retry queue).
+# Each collection re-reads the end of what the last one read (AUDIT_REREAD_BYTES) and drops the
+# events it has seen: the serials of this many of the last events read, in the log's order.
+AUDIT_SEEN = 4096
 
 COLLECT_TIMEOUT = 120.0
 # The longest a collection waits for auditd to take the kernel's backlog (see collect_script).
@@ -130,7 +132,7 @@ _BOOT, _AUDIT_POS, _CLOCK, _AUDIT_STATUS, _AUDIT, _KMSG, _KMSG_ERR, _END = (
 AUDIT_LOG = "/var/log/audit/audit.log"
 # Each collection reads the audit log from where the last one ended (a re-read of the whole log
 # took seconds more per 10,000 connects logged): from this many bytes before the end, which holds
-# the events AUDIT_REORDER re-reads and any event auditd was still writing.
+# any event auditd was still writing (far fewer than AUDIT_SEEN events).
 AUDIT_REREAD_BYTES = 256 * 1024
 
 
@@ -164,13 +166,6 @@ if [ "$size" -gt 0 ]; then rest "$a" "$off" "$size"; fi
 """
 
 
-# Audit lines whose serial is above `after`.
-_AUDIT_AWK = r"""
-match($0, /msg=audit\([0-9.]+:[0-9]+\)/) {
-  s = substr($0, RSTART + 10, RLENGTH - 11); sub(/^[0-9.]+:/, "", s)
-  if (s + 0 > after + 0) print
-}
-"""
 # /dev/kmsg records ("prio,seq,usec,flags;text", continuation lines start with a space): the
 # firewall's ones above `after`, plus the first and last sequence numbers read and every break in
 # the sequence, which is how loss is seen. And the newest clock mark (below).
@@ -197,7 +192,6 @@ def collect_script(cursor: Cursor) -> str:
     collection or an earlier one. Each /dev/kmsg read() returns one record; O_NONBLOCK ends the
     read at the newest one (dd then reports EAGAIN, which is expected).
     """
-    audit_after = max(cursor.audit_serial - AUDIT_REORDER, 0)
     return "\n".join(
         [
             "export LC_ALL=C",
@@ -207,18 +201,24 @@ def collect_script(cursor: Cursor) -> str:
             # Reported above as found; put back for what follows (a reboot, or guest root, may
             # have stopped auditd or changed the rules). A restarted auditd gets the records the
             # kernel held meanwhile.
+            "auditctl -s | grep -qx 'enabled 0' && auditctl -e 1 >/dev/null",
             "if auditctl -s | grep -qx 'pid 0';"
             " then systemctl start auditd.service >/dev/null 2>&1;"
             f' elif [ "$rules" != {AUDIT_RULES} ]; then augenrules --load >/dev/null 2>&1; fi',
-            # Records still in the kernel's audit backlog are not in the log yet: after a burst
-            # auditd can be seconds behind, longer than the settle window. Wait for it to drain.
-            f"i=0; while [ $i -lt {int(DRAIN_SECONDS * 10)} ] && auditctl -s 2>/dev/null"
-            " | grep -q '^backlog [1-9]'; do sleep 0.1; i=$((i + 1)); done",
+            # Records not in the log yet: in the kernel's queues (after a burst auditd can be
+            # seconds behind; kauditd re-sends what auditd could not take only when it next
+            # wakes), or in auditd. A marker sent now through the same queues comes out after
+            # all of them: wait until auditd has written it.
+            'mark="sbx-flush-$(cat /proc/sys/kernel/random/uuid)"',
+            'if auditctl -m "$mark" 2>/dev/null; then',
+            f"  i=0; while [ $i -lt {int(DRAIN_SECONDS * 10)} ] &&"
+            f' ! tail -c {AUDIT_REREAD_BYTES} {AUDIT_LOG} | grep -qF "$mark";'
+            " do sleep 0.1; i=$((i + 1)); done",
+            "fi",
             f"echo {_AUDIT}",
             # ausearch reads the raw log from stdin; the position goes to stderr and after.
             f"{{ {audit_log_script(cursor.audit_inode, cursor.audit_offset)}}} 2>/run/sbx-pos"
-            f" | ausearch -k {AUDIT_KEY} --raw 2>/dev/null"
-            f" | awk -v after={audit_after} {shlex.quote(_AUDIT_AWK)}",
+            f" | ausearch -k {AUDIT_KEY} --raw 2>/dev/null",
             "cat /run/sbx-pos",
             'read up idle < /proc/uptime; echo "' + _CLOCK + ' $(date +%s.%N) $up"',
             # The kernel log's stamps are its own monotonic clock, which drifts from the wall
@@ -356,7 +356,8 @@ def _is_connect(syscall: dict[str, str]) -> bool:
 
 
 def parse_audit(text: str) -> list[AuditConnect]:
-    """`ausearch --raw` output → the inet connect events in it (one per serial)."""
+    """`ausearch --raw` output → the inet connect events in it (one per serial, in the order of
+    their first record)."""
     events: dict[int, dict[str, dict[str, str]]] = {}
     times: dict[int, float] = {}
     for line in text.splitlines():
@@ -368,7 +369,7 @@ def parse_audit(text: str) -> list[AuditConnect]:
         times[serial] = float(match.group(1))
         events.setdefault(serial, {})[kind] = _fields(line[match.end() :])
     result = []
-    for serial in sorted(events):
+    for serial in events:  # the log's order (see AUDIT_SEEN)
         records = events[serial]
         syscall, sockaddr = records.get("SYSCALL"), records.get("SOCKADDR")
         # `ausearch -k` also returns other events naming the key (auditctl's own rule changes).
@@ -537,8 +538,8 @@ class Cursor:
     boot_id: the guest boot the positions belong to (a reboot starts them again). kmsg_seq: the
     last kernel log record read (-1: none yet). audit_inode, audit_offset: the audit log file and
     the byte the next collection reads it from (0, 0: all of it). audit_serial: the highest audit
-    serial seen; audit_seen: those above audit_serial - AUDIT_REORDER (re-read each time, dropped
-    by serial).
+    serial seen; audit_seen: the serials of the last AUDIT_SEEN connect events read, in the log's
+    order (the next collection re-reads some of them).
     pending / pending_audit: items read but not emitted yet, waiting for their other half.
     flows: recently logged flows → [time, IPv4 ID or None] of their last record (a resent packet
     is logged again).
@@ -902,8 +903,8 @@ def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Colle
             attempts.append(_attempt(half, event, snapshot.boot_id))
     attempts.sort(key=lambda a: (a.time, a.id))
 
-    all_serials = seen | {e.serial for e in snapshot.audit}
-    high = max([cursor.audit_serial, *all_serials])
+    read = [*cursor.audit_seen, *(e.serial for e in snapshot.audit if e.serial not in seen)]
+    high = max([cursor.audit_serial, *read])
     kmsg_seq = max([cursor.kmsg_seq, *(r.seq for r in snapshot.firewall)])
     if snapshot.kmsg_last is not None:
         kmsg_seq = max(kmsg_seq, snapshot.kmsg_last)
@@ -911,7 +912,7 @@ def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Colle
         boot_id=snapshot.boot_id,
         kmsg_seq=kmsg_seq,
         audit_serial=high,
-        audit_seen=tuple(sorted(s for s in all_serials if s > high - AUDIT_REORDER)),
+        audit_seen=tuple(read[-AUDIT_SEEN:]),
         audit_lost=snapshot.audit_lost if snapshot.audit_lost is not None else cursor.audit_lost,
         **_next_audit_position(snapshot, cursor),
         pending=tuple(_to_json(r) for r in pending),

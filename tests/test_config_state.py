@@ -32,8 +32,9 @@ def test_defaults_and_full_config(tmp_path: Path) -> None:
     cfg.write_text(
         "connect: qemu+ssh://root@hv/system\naccel: tcg\nmemory: 384\nvcpus: 1\n"
         "network: {subnet: 10.99.0.0/24, bridge: br-sbx}\npool: {path: /srv/sbx}\n"
-        "image: {name: web, packages: [php-mysql]}\nallow: [203.0.113.7]\n"
+        "image: {name: web, packages: [php-mysql]}\nallow: [203.0.113.7]\ncollect_every: 2.5\n"
     )
+    assert load_settings(None, tmp_path / "absent.yaml", env={}).collect_every == 10.0
     s = load_settings(cfg, tmp_path / "unused", env={})
     assert s.connect == "qemu+ssh://root@hv/system"
     assert s.accel is Accel.TCG and s.memory_mib == 384 and s.vcpus == 1
@@ -42,6 +43,7 @@ def test_defaults_and_full_config(tmp_path: Path) -> None:
     assert s.pool.path == "/srv/sbx"
     assert s.image.name == "web" and s.image.packages == ("php-mysql",)
     assert s.allow == ("203.0.113.7",)
+    assert s.collect_every == 2.5
 
 
 def test_environment_overrides_file(tmp_path: Path) -> None:
@@ -64,6 +66,8 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ({"network": {"bridge": "a-very-long-bridge-name"}}, "longer than 15"),
         ({"network": {"mask": 1}}, "unknown setting network.mask"),
         ({"image": {"packages": "php-mysql"}}, "image.packages must be a list"),
+        ({"collect_every": -1}, "collect_every must be 0"),
+        ({"collect_every": "often"}, "collect_every must be a int or float"),
     ],
 )
 def test_bad_config_is_a_usage_error(data: dict[str, object], message: str) -> None:
