@@ -229,6 +229,39 @@ def test_run(cli: Cli, tmp_path: Path) -> None:
     assert [p.name.startswith("trace.") for p in traces] == [True], traces
     assert "phone_home.php" in traces[0].read_text()
 
+    # A long run's records reach the host while it is still going (collect_every), and are tied
+    # to it and to their PHP lines once it ends.
+    cli.config.write_text(cli.config.read_text() + "collect_every: 2\n")
+    long_run = tmp_path / "long.php"
+    long_run.write_text(
+        "<?php\n"
+        '@fsockopen("198.51.100.9", 81, $e, $s, 5);\n'
+        "sleep(20);\n"
+        '@fsockopen("198.51.100.9", 82, $e, $s, 5);\n'
+    )
+    stored = cli.sandbox_dir(NAME) / paths.LOGS_DIR / paths.CONNECTIONS_LOG
+
+    def stored_ports() -> list[int]:
+        lines = stored.read_text().splitlines() if stored.exists() else []
+        return [a["dport"] for a in map(json.loads, lines) if a["dst"] == "198.51.100.9"]
+
+    before = stored_ports()
+    proc = background(cli, "run", "--name", NAME, str(long_run))
+    try:
+        deadline = time.monotonic() + 120
+        while 81 not in stored_ports() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        early = 81 in stored_ports() and proc.poll() is None
+        _, long_err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert early, "the run's first attempt reached the host only at its end"
+    assert proc.returncode == 0, long_err
+    assert sorted(stored_ports()) == sorted([*before, 81, 82])  # each once
+    long_attempts = run_logs(cli, "--run", run_id_of(long_err.decode()))
+    assert sorted((a["dport"], frames(a)[0][2]) for a in long_attempts) == [(81, 2), (82, 4)]
+
     # Profiles and coverage are fetched to the host too.
     profiled = cli.ok("run", "--name", NAME, "--xdebug", "profile", str(stepper_script(tmp_path)))
     (profile,) = xdebug_files(cli, run_id_of(profiled.stderr))
