@@ -9,7 +9,8 @@ Two sources, both written by the guest's kernel at the moment of the attempt:
   collection takes each record exactly once and sees any it missed (a gap, or a buffer that
   wrapped) instead of guessing.
 - auditd's connect() events (images/rootfs/etc/audit/rules.d/audit.rules, key sbx-connect),
-  read with `ausearch --input-logs --raw`: which process (pid, ppid, uid, exe, PROCTITLE) made it.
+  read with `ausearch --raw` from where the last collection ended: which process (pid, ppid,
+  uid, exe, PROCTITLE) made it.
   PHP's connects are non-blocking, so audit says EINPROGRESS for allowed and blocked alike: the
   verdict always comes from the firewall record.
 
@@ -72,7 +73,7 @@ FLOW_MEMORY_SECONDS = 180.0
 AUDIT_SEEN = 4096
 
 COLLECT_TIMEOUT = 120.0
-# The longest a collection waits for auditd to take the kernel's backlog (see collect_script).
+# The longest a collection waits for auditd to write its flush marker (see collect_script).
 DRAIN_SECONDS = 30.0
 START_TIMEOUT = 60.0
 
@@ -196,13 +197,14 @@ def collect_script(cursor: Cursor) -> str:
         [
             "export LC_ALL=C",
             f'echo "{_BOOT} $(cat /proc/sys/kernel/random/boot_id)"',
-            f"echo {_AUDIT_STATUS}; auditctl -s 2>&1",
+            "status=$(auditctl -s 2>&1)",
+            f'echo {_AUDIT_STATUS}; echo "$status"',
             f"rules=$(auditctl -l 2>/dev/null | grep -c 'key={AUDIT_KEY}'); echo \"rules $rules\"",
             # Reported above as found; put back for what follows (a reboot, or guest root, may
             # have stopped auditd or changed the rules). A restarted auditd gets the records the
             # kernel held meanwhile.
-            "auditctl -s | grep -qx 'enabled 0' && auditctl -e 1 >/dev/null",
-            "if auditctl -s | grep -qx 'pid 0';"
+            """echo "$status" | grep -qx 'enabled 0' && auditctl -e 1 >/dev/null""",
+            """if echo "$status" | grep -qx 'pid 0';"""
             " then systemctl start auditd.service >/dev/null 2>&1;"
             f' elif [ "$rules" != {AUDIT_RULES} ]; then augenrules --load >/dev/null 2>&1; fi',
             # Records not in the log yet: in the kernel's queues (after a burst auditd can be
@@ -537,9 +539,8 @@ class Cursor:
 
     boot_id: the guest boot the positions belong to (a reboot starts them again). kmsg_seq: the
     last kernel log record read (-1: none yet). audit_inode, audit_offset: the audit log file and
-    the byte the next collection reads it from (0, 0: all of it). audit_serial: the highest audit
-    serial seen; audit_seen: the serials of the last AUDIT_SEEN connect events read, in the log's
-    order (the next collection re-reads some of them).
+    the byte the next collection reads it from (0, 0: all of it). audit_seen: the serials of the
+    last AUDIT_SEEN connect events read, in the log's order (the next collection re-reads some).
     pending / pending_audit: items read but not emitted yet, waiting for their other half.
     flows: recently logged flows → [time, IPv4 ID or None] of their last record (a resent packet
     is logged again).
@@ -548,7 +549,6 @@ class Cursor:
 
     boot_id: str = ""
     kmsg_seq: int = -1
-    audit_serial: int = 0
     audit_seen: tuple[int, ...] = ()
     audit_lost: int = 0
     audit_inode: int = 0
@@ -569,7 +569,6 @@ class Cursor:
             return cls(
                 boot_id=str(value.get("boot_id", "")),
                 kmsg_seq=int(value["kmsg_seq"]),
-                audit_serial=int(value["audit_serial"]),
                 audit_seen=tuple(int(s) for s in value.get("audit_seen", [])),
                 audit_lost=int(value.get("audit_lost", 0)),
                 audit_inode=int(value.get("audit_inode", 0)),
@@ -904,14 +903,12 @@ def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Colle
     attempts.sort(key=lambda a: (a.time, a.id))
 
     read = [*cursor.audit_seen, *(e.serial for e in snapshot.audit if e.serial not in seen)]
-    high = max([cursor.audit_serial, *read])
     kmsg_seq = max([cursor.kmsg_seq, *(r.seq for r in snapshot.firewall)])
     if snapshot.kmsg_last is not None:
         kmsg_seq = max(kmsg_seq, snapshot.kmsg_last)
     new_cursor = Cursor(
         boot_id=snapshot.boot_id,
         kmsg_seq=kmsg_seq,
-        audit_serial=high,
         audit_seen=tuple(read[-AUDIT_SEEN:]),
         audit_lost=snapshot.audit_lost if snapshot.audit_lost is not None else cursor.audit_lost,
         **_next_audit_position(snapshot, cursor),
