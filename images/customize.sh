@@ -21,10 +21,14 @@ chroot "$root" systemctl mask --quiet \
     systemd-tmpfiles-clean.timer phpsessionclean.timer systemd-pstore.service \
     cloud-config.service cloud-final.service \
     cloud-init-local.service
-# auditd stays installed and startable on demand (`systemctl start auditd`), just not at boot.
-chroot "$root" systemctl disable --quiet auditd.service
 chroot "$root" systemctl enable --quiet systemd-networkd.service
 chroot "$root" systemctl enable --quiet sandbox-boot-firewall.service
+
+# The connect() capture (orchestrator/monitor.py), built on the host by images/capture/build.sh
+# into $SANDBOX_CAPTURE_BUILD; attached at boot by sandbox-capture.service.
+install -D -m 0755 "$SANDBOX_CAPTURE_BUILD/sbx-capture" "$root/usr/sbin/sbx-capture"
+install -D -m 0644 "$SANDBOX_CAPTURE_BUILD/connect.bpf.o" "$root/usr/lib/sandbox/connect.bpf.o"
+chroot "$root" systemctl enable --quiet sandbox-capture.service
 
 # Debian's php-xdebug enables itself for every PHP run. Off here: `sandbox run` loads it for its
 # own processes only (PHP_INI_SCAN_DIR), so nothing else in the guest runs with a debugger.
@@ -35,6 +39,6 @@ chroot "$root" useradd --uid 1000 --user-group --create-home --shell /bin/bash s
 
 # Leftovers of the build that would leak the build host's state into every guest.
 rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb
-# Empty: every sandbox gets its own machine id at boot. That boot then counts as a first boot,
-# where systemd applies presets: images/rootfs/etc/systemd/system-preset/ keeps auditd disabled.
+# Empty: every sandbox gets its own machine id at boot (a first boot, where systemd applies its
+# presets; Debian's enable what the steps above enabled).
 : > "$root"/etc/machine-id

@@ -21,7 +21,8 @@ What the guest relies on (see images/rootfs/ and customize.sh):
 - sshd has no host key until cloud-init writes the seed's ed25519 key (ssh.service is ordered
   after cloud-init.service): booting without a seed gives no sshd.
 - systemd-networkd does DHCPv4 (client id = MAC) on en*/eth*; no IPv6 addresses are configured.
-- auditd is installed, disabled, startable with `systemctl start auditd`.
+- sandbox-capture.service attaches the connect() capture at boot (images/capture/, built on the
+  host with clang and cc before mmdebstrap runs): `sbx-capture check|drain|load` in the guest.
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ RECIPE_DIR = Path(__file__).resolve().parent.parent / "images"
 BUILD_VERSION = "1"
 
 BASE_PACKAGES: tuple[str, ...] = (
-    "auditd",
     "ca-certificates",
     "cloud-init",
     "conntrack",
@@ -75,16 +75,9 @@ BASE_PACKAGES: tuple[str, ...] = (
 # log_buf_len: the firewall's log records wait in the kernel log until the next collection
 # (orchestrator/monitor.py); the default 128 KiB holds ~500 of them, 4 MiB ~18,000 (it costs
 # ~18 MiB of guest memory with the ring's descriptors).
-# audit=1: a kernel booted without it drops, uncounted, any audit record it fails to hand to
-# auditd (kernel/audit.c kauditd_hold_skb: "can we just silently drop the message?"); with it the
-# record is held for auditd, and only a full hold queue drops it, counted in `auditctl -s` lost,
-# which every collection reports. A CI run lost 50 connect events of a 10,000 burst that way.
-# audit_backlog_limit: the records of the boot, before `sandbox up` starts auditd, wait in that
-# queue (the default of 64 would drop most of them).
-KERNEL_CMDLINE = (
-    "root=/dev/vda rw console=ttyS0 quiet systemd.show_status=0 log_buf_len=4M"
-    " audit=1 audit_backlog_limit=65536"
-)
+# audit=0: nothing in the guest uses the kernel's audit (the connect() capture is eBPF); with it
+# on, every syscall of every task would pass audit's entry and exit hooks.
+KERNEL_CMDLINE = "root=/dev/vda rw console=ttyS0 quiet systemd.show_status=0 log_buf_len=4M audit=0"
 
 DEFAULT_SUITE = "bookworm"
 DEFAULT_NAME = "default"
@@ -116,7 +109,10 @@ _UNKNOWN_PACKAGE_RES = (
     re.compile(r"Couldn't find any package by (?:glob|regex) '([^']+)'"),
 )
 
-_BUILD_HINT = "install the tools with `apt-get install mmdebstrap e2fsprogs qemu-utils`"
+_BUILD_HINT = (
+    "install the tools with `apt-get install mmdebstrap e2fsprogs qemu-utils clang gcc "
+    "libbpf-dev libelf-dev zlib1g-dev` (or run scripts/install.sh)"
+)
 _MISSING_HINT = "run `sandbox image build` to build it"
 _REBUILD_HINT = "rebuild it with `sandbox image build --force`"
 
@@ -579,7 +575,8 @@ def _check_build_host() -> None:
             "building an image needs root (mmdebstrap installs packages into a chroot)",
             "run it as root, e.g. `sudo sandbox image build`",
         )
-    missing = [tool for tool in ("mmdebstrap", "mkfs.ext4", "qemu-img") if not shutil.which(tool)]
+    tools = ("mmdebstrap", "mkfs.ext4", "qemu-img", "clang", "cc")
+    missing = [tool for tool in tools if not shutil.which(tool)]
     if missing:
         raise ImageError(f"missing build tools: {', '.join(missing)}", _BUILD_HINT)
 
@@ -674,6 +671,14 @@ def _build(
     rootfs = workdir / "rootfs"
     log = workdir / "mmdebstrap.log"
     sources_args = _sources_argument(recipe, workdir, apt_dir)
+    capture = workdir / "capture"
+    capture.mkdir()
+    progress("building the connect() capture (eBPF)")
+    _run(
+        ["sh", str(recipe_dir / "capture" / "build.sh"), str(capture)],
+        "the capture build",
+        STEP_TIMEOUT,
+    )
     progress(f"installing {len(recipe.packages)} packages with mmdebstrap ({recipe.suite})")
     cmd = mmdebstrap_command(recipe, rootfs, sources_args)
     deadline = Deadline(BUILD_TIMEOUT, "mmdebstrap", "check the package sources and retry")
@@ -686,7 +691,11 @@ def _build(
             text=True,
             timeout=deadline.remaining(),
             check=False,
-            env={**os.environ, "SANDBOX_RECIPE_DIR": str(recipe_dir)},
+            env={
+                **os.environ,
+                "SANDBOX_RECIPE_DIR": str(recipe_dir),
+                "SANDBOX_CAPTURE_BUILD": str(capture),
+            },
         )
     except subprocess.TimeoutExpired as exc:
         raise deadline.error() from exc

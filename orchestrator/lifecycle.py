@@ -317,7 +317,7 @@ def _up_locked(
                     apply_guest_policy(
                         guest, policy, net_spec, files=xdebug.guest_files(xdebug_mode)
                     )
-                with report.step("starting connection capture (auditd)"):
+                with report.step("checking connection capture (eBPF)"):
                     monitor.start(guest)
         except SandboxError as exc:
             text = hv.console_text(conn, pool, vols.console)
@@ -393,8 +393,8 @@ def apply_guest_policy(
 
 def _forget_earlier_vm(logs: Path) -> None:
     """The logs of a destroyed sandbox of the same name stay, but its capture cursor described
-    that VM's kernel and audit logs: starting from it, the new VM would look like a reboot with
-    records lost. Keep only the losses it recorded."""
+    that VM's kernel log and connect events: starting from it, the new VM would look like a
+    reboot with records lost. Keep only the losses it recorded."""
     cursor_path = logs / paths.CAPTURE_CURSOR
     if cursor_path.exists():
         earlier = monitor.Cursor.from_json(cursor_path.read_text())

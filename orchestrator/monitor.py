@@ -8,14 +8,17 @@ Two sources, both written by the guest's kernel at the moment of the attempt:
   addresses and ports, and the socket owner's uid. Each record has a sequence number, so a
   collection takes each record exactly once and sees any it missed (a gap, or a buffer that
   wrapped) instead of guessing.
-- auditd's connect() events (images/rootfs/etc/audit/rules.d/audit.rules, key sbx-connect),
-  read with `ausearch --raw` from where the last collection ended: which process (pid, ppid,
-  uid, exe, PROCTITLE) made it.
-  PHP's connects are non-blocking, so audit says EINPROGRESS for allowed and blocked alike: the
-  verdict always comes from the firewall record.
+- an eBPF program on the return of every connect() to an inet or inet6 address
+  (images/capture/connect.bpf.c, loaded at boot by `sbx-capture load`): which process (pid,
+  parent, uid, executable, argv as it is at that moment) and its result. It writes into a ring
+  buffer that nothing reads while the software runs; each collection drains it into a file of
+  the guest (`sbx-capture drain`, one line per connect) and reads that file from where the last
+  collection ended.
+  PHP's connects are non-blocking, so connect() says EINPROGRESS for allowed and blocked alike:
+  the verdict always comes from the firewall record.
 
-A firewall record is joined with the audit event of the same destination address and port (and
-uid), in time order, within JOIN_WINDOW (see join() for records that may not be attempts).
+A firewall record is joined with the connect event of the same destination address and port
+(and uid), in time order, within JOIN_WINDOW (see join() for records that may not be attempts).
 Parsing and joining are pure functions of the text the guest returns; `collect` is the one side
 effect: one SSH command per collection.
 """
@@ -41,10 +44,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-AUDIT_KEY = "sbx-connect"
-# How many rules carry AUDIT_KEY in images/rootfs/etc/audit/rules.d/audit.rules: each collection
-# counts them in the guest, which guest root can change.
-AUDIT_RULES = 6
+# In the image (images/customize.sh installs them from images/capture/).
+CAPTURE_TOOL = "/usr/sbin/sbx-capture"
+CAPTURE_OBJECT = "/usr/lib/sandbox/connect.bpf.o"
+# Drained events, one file per boot (the ring buffer and its sequence start again at each boot).
+EVENTS_DIR = "/var/lib/sandbox/capture"
+
 LOG_BOOT = "SBX-BOOT "
 # The second flag: a packet of a flow conntrack already knew (firewall.LOG_ALLOW_EST), never an
 # attempt by itself, only with a connect() of its own.
@@ -57,57 +62,44 @@ _PREFIXES: dict[str, tuple[Verdict, bool]] = {
     firewall.LOG_DNS_EST: (Verdict.DNS, True),
 }
 
-# A firewall record and its audit event are taken within one syscall; the two clocks (the kernel
-# log's monotonic stamp converted to wall time, audit's coarse wall clock) differ by far less.
+# A firewall record and its connect event are taken within one syscall; the two clocks (the
+# kernel log's stamp and CLOCK_MONOTONIC, each converted to wall time) differ by far less.
 JOIN_WINDOW = 2.0
-# A firewall record may be read before auditd has written its event: records younger than this
-# at collection time wait for the next collection (kept in the cursor) before they go out alone.
+# A firewall record may be read before its connect() has returned (the packet leaves inside the
+# syscall, the event is written at its end): records younger than this at collection time wait
+# for the next collection (kept in the cursor) before they go out alone.
 SETTLE_SECONDS = 3.0
 # TCP retries its SYN (and a blocked UDP flow resends) as long as this; every copy is NEW to
 # conntrack and logged again: they are the same attempt.
 FLOW_MEMORY_SECONDS = 180.0
-# Audit events reach the log out of serial order: across CPUs slightly, and by thousands when
-# kauditd could not hand records to a busy auditd and sent them again later (its retry queue).
-# Each collection re-reads the end of what the last one read (AUDIT_REREAD_BYTES) and drops the
-# events it has seen: the serials of this many of the last events read, in the log's order.
-AUDIT_SEEN = 4096
 
 COLLECT_TIMEOUT = 120.0
-# The longest a collection waits for auditd to write its flush marker (see collect_script).
-DRAIN_SECONDS = 30.0
 START_TIMEOUT = 60.0
 
 # Each packet a socket sends takes the next IPv4 ID; a little slack for packets that were not
 # logged. A new socket on the same flow starts at a random ID: 4 in 65536 look like a resend.
 _RESEND_ID_STEP = 4
 _RESEND_MIN_SECONDS = 0.5
-_INET = {2: 4, 10: 6}  # AF_INET, AF_INET6 → family
 _EINPROGRESS = -115
 _NOT_REFUSED = {0, _EINPROGRESS, -114, -106}  # ok, EINPROGRESS, EALREADY, EISCONN
 
 START_HINT = (
-    "the guest image may predate connection capture: rebuild it with "
+    "the guest image may predate connection capture with eBPF: rebuild it with "
     "`sandbox image build --force` and create the sandbox again"
 )
 
-# Started after the policy is loaded (every earlier attempt is still in the kernel log as
-# SBX-BOOT). The auditd unit's ExecStartPost runs `augenrules --load`; the rule list is read back.
+# The image's sandbox-capture.service loads the program at boot, before the network is up; this
+# checks it is attached (and attaches it if guest root or a failed boot step left it out).
 START_SCRIPT = f"""\
 set -u
-systemctl start auditd.service || {{ echo "auditd did not start" >&2; exit 1; }}
-rules=$(auditctl -l) || exit 1
-case "$rules" in
-  *"key={AUDIT_KEY}"*) ;;
-  *) echo "the audit rules for connect are not loaded; auditctl -l says:" >&2
-     echo "$rules" >&2; exit 1 ;;
-esac
-auditctl -s | grep -qx 'enabled 1' || {{ echo "auditing is not enabled" >&2; exit 1; }}
+{CAPTURE_TOOL} check >/dev/null 2>&1 || {CAPTURE_TOOL} load {CAPTURE_OBJECT} || exit 1
+{CAPTURE_TOOL} check >&2 || {{ echo "the connect() capture is not attached" >&2; exit 1; }}
 """
 START_COMMAND: list[str] = ["sh", "-c", START_SCRIPT]
 
 
 def start(guest: Guest) -> None:
-    """Start auditd with our rules in the guest; GuestError if the rules are not in place."""
+    """Check that the connect() capture is attached in the guest; GuestError if it cannot be."""
     try:
         guest.check(START_COMMAND, timeout=START_TIMEOUT)
     except GuestError as error:
@@ -119,52 +111,17 @@ def start(guest: Guest) -> None:
 # ---- the collection command ------------------------------------------------------------------
 
 # Section markers on lines of their own; the awk filters keep every other line away from them.
-_BOOT, _AUDIT_POS, _CLOCK, _AUDIT_STATUS, _AUDIT, _KMSG, _KMSG_ERR, _END = (
+_BOOT, _CAPTURE, _EVENTS_POS, _CLOCK, _EVENTS, _KMSG, _KMSG_ERR, _END = (
     "@@boot",
-    "@@auditpos",
+    "@@capture",
+    "@@eventspos",
     "@@clock",
-    "@@auditstatus",
-    "@@audit",
+    "@@events",
     "@@kmsg",
     "@@kmsgerr",
     "@@end",
 )
-
-AUDIT_LOG = "/var/log/audit/audit.log"
-# Each collection reads the audit log from where the last one ended (a re-read of the whole log
-# took seconds more per 10,000 connects logged): from this many bytes before the end, which holds
-# any event auditd was still writing (far fewer than AUDIT_SEEN events).
-AUDIT_REREAD_BYTES = 256 * 1024
-
-
-def audit_log_script(inode: int, offset: int, log_path: str = AUDIT_LOG) -> str:
-    """Shell that prints `@@auditpos INODE SIZE` of the audit log, then on stdout the raw log from
-    byte `offset` of the file `inode` onwards: if auditd rotated since (max_log_file), the rest of
-    the rotated file and every newer one first; a file never seen (inode 0, or gone) is read
-    whole. A read that starts inside a line drops that line (an earlier collection read it)."""
-    return f"""\
-a={shlex.quote(log_path)}; ino={inode}; off={offset}
-set -- $(stat -c '%i %s' "$a" 2>/dev/null || echo 0 0); cur=$1; size=$2
-echo "@@auditpos $cur $size" >&2
-# rest FILE OFFSET [SIZE]: bytes OFFSET..SIZE of FILE (tail seeks: only new bytes are read)
-rest() {{
-  tail -c +$(($2 + 1)) "$1" | if [ -n "${{3:-}}" ]; then head -c $(($3 - $2)); else cat; fi |
-    if [ "$2" -gt 0 ]; then tail -n +2; else cat; fi
-}}
-if [ "$cur" != "$ino" ]; then
-  # oldest first: audit.log.N is older the higher N
-  files=$(ls "$a".* 2>/dev/null | awk -F. '{{ print $NF, $0 }}' | sort -k1,1rn | cut -d' ' -f2-)
-  take=1
-  for f in $files; do [ "$(stat -c %i "$f")" = "$ino" ] && take=0; done
-  for f in $files; do
-    if [ "$(stat -c %i "$f")" = "$ino" ]; then take=1; rest "$f" "$off"
-    elif [ $take = 1 ]; then cat "$f"; fi
-  done
-  off=0
-fi
-[ "$size" -ge "$off" ] || off=0
-if [ "$size" -gt 0 ]; then rest "$a" "$off" "$size"; fi
-"""
+_CAPTURE_CLOCK = "@@captureclock"
 
 
 # /dev/kmsg records ("prio,seq,usec,flags;text", continuation lines start with a space): the
@@ -185,43 +142,38 @@ END { if (n > 0) print "@@last " prev; if (mark != "") print "@@mark " mark }
 """
 
 
+def events_script(inode: int, offset: int) -> str:
+    """Shell that drains the ring buffer into this boot's events file, prints what the drain
+    said (`@@capture ok|missing ...`, `@@captureclock`), `@@eventspos INODE SIZE`, then under
+    `@@events` the file from byte `offset` (of the file `inode`; another file, or a shorter one,
+    is read whole). A capture found missing is loaded again, for what follows."""
+    return f"""\
+d={EVENTS_DIR}; f="$d/$(cat /proc/sys/kernel/random/boot_id).log"; mkdir -p "$d"
+drained=$({CAPTURE_TOOL} drain "$f" 2>&1); echo "$drained"
+case "$drained" in
+  *"{_CAPTURE} missing"*) {CAPTURE_TOOL} load {CAPTURE_OBJECT} >/dev/null 2>&1 ;;
+esac
+set -- $(stat -c '%i %s' "$f" 2>/dev/null || echo 0 0); off={offset}
+echo "{_EVENTS_POS} $1 $2"
+[ "$1" = {inode} ] && [ "$2" -ge "$off" ] || off=0
+echo {_EVENTS}
+if [ "$2" -gt "$off" ]; then tail -c +$((off + 1)) "$f" | head -c $(($2 - off)); fi
+"""
+
+
 def collect_script(cursor: Cursor) -> str:
     """The one shell command a collection runs in the guest (as root).
 
-    The audit log is read before the kernel log: a connect's firewall record is in the kernel log
-    before its syscall returns, so every audit event read has its firewall record in this
-    collection or an earlier one. Each /dev/kmsg read() returns one record; O_NONBLOCK ends the
-    read at the newest one (dd then reports EAGAIN, which is expected).
+    The connect events are drained before the kernel log is read: a connect's firewall record is
+    in the kernel log before its syscall returns, so every event read has its firewall record in
+    this collection or an earlier one. Each /dev/kmsg read() returns one record; O_NONBLOCK ends
+    the read at the newest one (dd then reports EAGAIN, which is expected).
     """
     return "\n".join(
         [
             "export LC_ALL=C",
             f'echo "{_BOOT} $(cat /proc/sys/kernel/random/boot_id)"',
-            "status=$(auditctl -s 2>&1)",
-            f'echo {_AUDIT_STATUS}; echo "$status"',
-            f"rules=$(auditctl -l 2>/dev/null | grep -c 'key={AUDIT_KEY}'); echo \"rules $rules\"",
-            # Reported above as found; put back for what follows (a reboot, or guest root, may
-            # have stopped auditd or changed the rules). A restarted auditd gets the records the
-            # kernel held meanwhile.
-            """echo "$status" | grep -qx 'enabled 0' && auditctl -e 1 >/dev/null""",
-            """if echo "$status" | grep -qx 'pid 0';"""
-            " then systemctl start auditd.service >/dev/null 2>&1;"
-            f' elif [ "$rules" != {AUDIT_RULES} ]; then augenrules --load >/dev/null 2>&1; fi',
-            # Records not in the log yet: in the kernel's queues (after a burst auditd can be
-            # seconds behind; kauditd re-sends what auditd could not take only when it next
-            # wakes), or in auditd. A marker sent now through the same queues comes out after
-            # all of them: wait until auditd has written it.
-            'mark="sbx-flush-$(cat /proc/sys/kernel/random/uuid)"',
-            'if auditctl -m "$mark" 2>/dev/null; then',
-            f"  i=0; while [ $i -lt {int(DRAIN_SECONDS * 10)} ] &&"
-            f' ! tail -c {AUDIT_REREAD_BYTES} {AUDIT_LOG} | grep -qF "$mark";'
-            " do sleep 0.1; i=$((i + 1)); done",
-            "fi",
-            f"echo {_AUDIT}",
-            # ausearch reads the raw log from stdin; the position goes to stderr and after.
-            f"{{ {audit_log_script(cursor.audit_inode, cursor.audit_offset)}}} 2>/run/sbx-pos"
-            f" | ausearch -k {AUDIT_KEY} --raw 2>/dev/null",
-            "cat /run/sbx-pos",
+            events_script(cursor.events_inode, cursor.events_offset),
             'read up idle < /proc/uptime; echo "' + _CLOCK + ' $(date +%s.%N) $up"',
             # The kernel log's stamps are its own monotonic clock, which drifts from the wall
             # clock (measured under TCG: ~0.1 s after two minutes against /proc/uptime). A mark
@@ -264,23 +216,31 @@ class FirewallRecord:
 
 
 @dataclass(frozen=True)
-class AuditConnect:
-    serial: int
-    time: float
+class ConnectEvent:
+    """One connect() to an inet or inet6 address, as the eBPF program saw it return."""
+
+    seq: int  # the program's own count (starts again when it is loaded again)
+    mono_ns: int  # CLOCK_MONOTONIC at the return, nanoseconds
+    tid: int
+    time: float  # the same moment, guest wall clock, epoch seconds
     family: int  # 4 | 6 (IPv4-mapped IPv6 addresses count as 4: that is what leaves the guest)
+    proto: str  # the socket's protocol, as the firewall names it ("tcp", "udp", ...; "": unknown)
     dst: str
     dport: int
-    exit: int
+    exit: int  # what connect() returned: 0 or -errno
     pid: int | None
     ppid: int | None
     uid: int | None
     exe: str | None
     cmdline: str | None
 
+    @property
+    def key(self) -> str:
+        """Unique within a boot, even across a capture loaded again (its seq starts at 0 again):
+        one thread returns from one connect() per nanosecond at most."""
+        return f"{self.mono_ns}-{self.tid}-{self.seq}"
 
-_FIELD = re.compile(r'(\w+)=("[^"]*"|\S*)')
-_MSG = re.compile(r"msg=audit\((\d+(?:\.\d+)?):(\d+)\)")
-_HEX = re.compile(r"(?:[0-9A-Fa-f]{2})+")
+
 _PROTO_NAMES = {
     "TCP": "tcp",
     "UDP": "udp",
@@ -288,23 +248,9 @@ _PROTO_NAMES = {
     "ICMPV6": "icmpv6",
     "UDPLITE": "udplite",
 }
-
-
-def _fields(text: str) -> dict[str, str]:
-    # ENRICHED logs append interpreted fields after a GS (0x1d) byte: the raw part is enough.
-    return {m.group(1): m.group(2) for m in _FIELD.finditer(text.split("\x1d", 1)[0])}
-
-
-def _untagged(value: str) -> str | None:
-    """An audit string field: quoted text as is, unquoted text is hex (used when the value has
-    spaces or control characters), `(null)` or `?` is nothing."""
-    if value.startswith('"') and value.endswith('"') and len(value) >= 2:
-        return value[1:-1]
-    if value in ("(null)", "?", "(none)", ""):
-        return None
-    if _HEX.fullmatch(value):
-        return bytes.fromhex(value).decode("utf-8", "replace")
-    return value
+_ESCAPE = re.compile(rb"\\x([0-9a-f]{2})")
+# IP protocol numbers (a socket's sk_protocol) → the firewall log's names.
+_PROTO_NUMBERS = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6", 136: "udplite", 132: "sctp"}
 
 
 def _int(value: str | None) -> int | None:
@@ -316,88 +262,55 @@ def _int(value: str | None) -> int | None:
         return None
 
 
-def decode_proctitle(value: str) -> str | None:
-    """PROCTITLE's argv (NUL-separated, hex when it has NULs or spaces) as a shell-quoted line.
-    The kernel keeps at most the first 128 bytes."""
-    text = _untagged(value)
-    if text is None:
+def _unescape(text: str) -> bytes:
+    """sbx-capture's escaping (bytes outside '!'..'~', and '\\', as \\xNN) undone."""
+    return _ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), text.encode("ascii", "replace"))
+
+
+def decode_argv(text: str) -> str | None:
+    """The argv sbx-capture printed (NUL-separated, escaped; `-` for none) as a shell-quoted
+    line. The program keeps at most the first 128 bytes."""
+    if text == "-":
         return None
-    return shlex.join(arg for arg in text.split("\0") if arg) or None
+    raw = _unescape(text).decode("utf-8", "replace")
+    return shlex.join(arg for arg in raw.split("\0") if arg) or None
 
 
-def decode_sockaddr(hex_text: str) -> tuple[int, str, int] | None:
-    """(family, address, port) of an AF_INET/AF_INET6 sockaddr in audit's hex; None for any
-    other family (AF_UNIX, netlink, AF_UNSPEC disconnects)."""
-    if not _HEX.fullmatch(hex_text):
+def parse_event_line(line: str, mono_offset: float) -> ConnectEvent | None:
+    """One line of the events file (images/capture/sbx-capture.c: `c SEQ MONO_NS PID TID PPID
+    UID RET FAMILY PROTOCOL ADDRESS PORT EXE ARGV`); None if it is not one. mono_offset: wall
+    clock minus CLOCK_MONOTONIC, in seconds."""
+    parts = line.split(" ")
+    if len(parts) != 14 or parts[0] != "c":
         return None
-    raw = bytes.fromhex(hex_text)
-    if len(raw) < 2:
+    numbers = [_int(p) for p in parts[1:10]]
+    port = _int(parts[11])
+    if any(n is None for n in numbers) or port is None:
         return None
-    family = _INET.get(int.from_bytes(raw[:2], "little"))
-    if family == 4 and len(raw) >= 8:
-        return 4, str(ipaddress.IPv4Address(raw[4:8])), int.from_bytes(raw[2:4], "big")
-    if family == 6 and len(raw) >= 24:
-        address = ipaddress.IPv6Address(raw[8:24])
-        port = int.from_bytes(raw[2:4], "big")
-        if address.ipv4_mapped is not None:
-            return 4, str(address.ipv4_mapped), port
-        return 6, str(address), port
-    return None
-
-
-# connect's syscall number per audit arch: x86_64, and i386 (connect, and socketcall whose a0=3
-# is SYS_CONNECT).
-_CONNECT_SYSCALLS = {"c000003e": {"42"}, "40000003": {"362", "102"}}
-
-
-def _is_connect(syscall: dict[str, str]) -> bool:
-    number = syscall.get("syscall", "")
-    if number not in _CONNECT_SYSCALLS.get(syscall.get("arch", ""), set()):
-        return False
-    return number != "102" or syscall.get("a0") == "3"
-
-
-def parse_audit(text: str) -> list[AuditConnect]:
-    """`ausearch --raw` output → the inet connect events in it (one per serial, in the order of
-    their first record)."""
-    events: dict[int, dict[str, dict[str, str]]] = {}
-    times: dict[int, float] = {}
-    for line in text.splitlines():
-        match = _MSG.search(line)
-        if not match or not line.startswith("type="):
-            continue
-        kind = line[5 : line.index(" ")] if " " in line else line[5:]
-        serial = int(match.group(2))
-        times[serial] = float(match.group(1))
-        events.setdefault(serial, {})[kind] = _fields(line[match.end() :])
-    result = []
-    for serial in events:  # the log's order (see AUDIT_SEEN)
-        records = events[serial]
-        syscall, sockaddr = records.get("SYSCALL"), records.get("SOCKADDR")
-        # `ausearch -k` also returns other events naming the key (auditctl's own rule changes).
-        if syscall is None or sockaddr is None or not _is_connect(syscall):
-            continue
-        target = decode_sockaddr(sockaddr.get("saddr", ""))
-        if target is None:
-            continue
-        family, dst, dport = target
-        proctitle = records.get("PROCTITLE", {}).get("proctitle")
-        result.append(
-            AuditConnect(
-                serial=serial,
-                time=times[serial],
-                family=family,
-                dst=dst,
-                dport=dport,
-                exit=_int(syscall.get("exit")) or 0,
-                pid=_int(syscall.get("pid")),
-                ppid=_int(syscall.get("ppid")),
-                uid=_int(syscall.get("uid")),
-                exe=_untagged(syscall.get("exe", "")),
-                cmdline=decode_proctitle(proctitle) if proctitle else None,
-            )
-        )
-    return result
+    seq, mono_ns, pid, tid, ppid, uid, ret, _family, protocol = (n or 0 for n in numbers)
+    try:
+        address = ipaddress.ip_address(parts[10])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    exe = None if parts[12] == "-" else _unescape(parts[12]).decode("utf-8", "replace")
+    return ConnectEvent(
+        seq=seq,
+        mono_ns=mono_ns,
+        tid=tid,
+        time=mono_offset + mono_ns / 1e9,
+        family=address.version,
+        proto=_PROTO_NUMBERS.get(protocol, str(protocol) if protocol else ""),
+        dst=str(address),
+        dport=port,
+        exit=ret,
+        pid=pid,
+        ppid=ppid,
+        uid=uid,
+        exe=exe,
+        cmdline=decode_argv(parts[13]),
+    )
 
 
 def parse_firewall_line(line: str, boot_offset: float) -> FirewallRecord | None:
@@ -451,48 +364,56 @@ class Snapshot:
     boot_id: str
     wall: float  # the guest's wall clock (epoch seconds) when it ran
     uptime: float
-    audit_running: bool
-    audit_lost: int | None
-    audit_rules: int | None  # rules with AUDIT_KEY loaded (None: not reported)
-    # The audit log's inode and size when read (None: not reported, as by an older collector).
-    audit_inode: int | None
-    audit_size: int | None
-    audit: tuple[AuditConnect, ...]
+    # Whether the connect() capture was attached when the collection drained it; its count of
+    # events seen and of those dropped (ring buffer full) since it was loaded (None: not said).
+    capture_loaded: bool
+    capture_seq: int | None
+    capture_dropped: int | None
+    # The events file's inode and size when read (None: not reported).
+    events_inode: int | None
+    events_size: int | None
+    events: tuple[ConnectEvent, ...]
     firewall: tuple[FirewallRecord, ...]
     kmsg_first: int | None  # the oldest record /dev/kmsg still held
     kmsg_last: int | None  # the newest record read
     kmsg_gaps: tuple[tuple[int, int], ...]  # (last read, next read) where the sequence jumped
     kmsg_error: str
+    capture_error: str = ""  # what the drain said when it failed
 
 
 def parse_snapshot(text: str) -> Snapshot:
     sections: dict[str, list[str]] = {}
     current: list[str] | None = None
     clock: list[str] = []
+    capture_clock: list[str] = []
+    capture: list[str] = []
+    capture_error: list[str] = []
     boot_id = ""
-    audit_pos: list[str] = []
+    events_pos: list[str] = []
     for line in text.splitlines():
-        if line.startswith(_AUDIT_POS + " "):
-            audit_pos = line.split()[1:]
-            continue
-        if line.startswith(_CLOCK + " "):
+        head = line.split(" ", 1)[0]
+        if head == _EVENTS_POS:
+            events_pos = line.split()[1:]
+        elif head == _CLOCK:
             clock = line.split()[1:]
-            continue
-        if line.startswith(_BOOT + " "):
+        elif head == _CAPTURE_CLOCK:
+            capture_clock = line.split()[1:]
+        elif head == _CAPTURE:
+            capture = line.split()[1:]
+        elif head == _BOOT:
             boot_id = line.split()[1]
-            continue
-        if line in (_AUDIT_STATUS, _AUDIT, _KMSG, _KMSG_ERR, _END):
+        elif line in (_EVENTS, _KMSG, _KMSG_ERR, _END):
             current = sections.setdefault(line, [])
-            continue
-        if current is not None:
+        elif current is not None:
             current.append(line)
+        elif line.startswith("sbx-capture:"):
+            capture_error.append(line)
     if _END not in sections or len(clock) != 2:
         raise GuestError(
             "the connection capture's output from the guest is incomplete",
-            "the guest may be out of memory or disk; check `sandbox exec -- df -h /var/log`",
+            "the guest may be out of memory or disk; check `sandbox exec -- df -h /var/lib`",
         )
     wall, uptime = float(clock[0]), float(clock[1])
-    status = dict([*line.split(" ", 1), ""][:2] for line in sections.get(_AUDIT_STATUS, []) if line)
     first = last = None
     gaps: list[tuple[int, int]] = []
     lines = []
@@ -511,21 +432,30 @@ def parse_snapshot(text: str) -> Snapshot:
         else:
             lines.append(line)
     records = [r for r in (parse_firewall_line(line, offset) for line in lines) if r is not None]
+    # CLOCK_MONOTONIC and the wall clock, read together by the drain; /proc/uptime otherwise.
+    mono_offset = (
+        float(capture_clock[1]) - float(capture_clock[0])
+        if len(capture_clock) == 2
+        else wall - uptime
+    )
+    events = [parse_event_line(line, mono_offset) for line in sections.get(_EVENTS, [])]
+    loaded = len(capture) >= 1 and capture[0] == "ok"
     return Snapshot(
         boot_id=boot_id,
         wall=wall,
         uptime=uptime,
-        audit_running=status.get("enabled") in ("1", "2") and status.get("pid", "0") != "0",
-        audit_lost=_int(status.get("lost")),
-        audit_rules=_int(status.get("rules")),
-        audit_inode=_int(audit_pos[0]) if len(audit_pos) == 2 else None,
-        audit_size=_int(audit_pos[1]) if len(audit_pos) == 2 else None,
-        audit=tuple(parse_audit("\n".join(sections.get(_AUDIT, [])))),
+        capture_loaded=loaded,
+        capture_seq=_int(capture[2]) if loaded and len(capture) >= 4 else None,
+        capture_dropped=_int(capture[3]) if loaded and len(capture) >= 4 else None,
+        events_inode=_int(events_pos[0]) if len(events_pos) == 2 else None,
+        events_size=_int(events_pos[1]) if len(events_pos) == 2 else None,
+        events=tuple(e for e in events if e is not None),
         firewall=tuple(records),
         kmsg_first=first,
         kmsg_last=last,
         kmsg_gaps=tuple(gaps),
         kmsg_error="\n".join(sections.get(_KMSG_ERR, [])).strip(),
+        capture_error="\n".join(capture_error),
     )
 
 
@@ -538,23 +468,23 @@ class Cursor:
     (paths.CAPTURE_CURSOR).
 
     boot_id: the guest boot the positions belong to (a reboot starts them again). kmsg_seq: the
-    last kernel log record read (-1: none yet). audit_inode, audit_offset: the audit log file and
-    the byte the next collection reads it from (0, 0: all of it). audit_seen: the serials of the
-    last AUDIT_SEEN connect events read, in the log's order (the next collection re-reads some).
-    pending / pending_audit: items read but not emitted yet, waiting for their other half.
-    flows: recently logged flows → [time, IPv4 ID or None] of their last record (a resent packet
-    is logged again).
-    losses: every loss ever detected, for `sandbox logs` to show next to the records.
+    last kernel log record read (-1: none yet). events_inode, events_offset: this boot's events
+    file and the byte the next collection reads it from (0, 0: all of it). capture_seq,
+    capture_dropped: the capture's counts at the last collection (they start again when it is
+    loaded again). pending / pending_events: items read but not emitted yet, waiting for their
+    other half. flows: recently logged flows → [time, IPv4 ID or None] of their last record (a
+    resent packet is logged again). losses: every loss ever detected, for `sandbox logs` to show
+    next to the records.
     """
 
     boot_id: str = ""
     kmsg_seq: int = -1
-    audit_seen: tuple[int, ...] = ()
-    audit_lost: int = 0
-    audit_inode: int = 0
-    audit_offset: int = 0
+    events_inode: int = 0
+    events_offset: int = 0
+    capture_seq: int = 0
+    capture_dropped: int = 0
     pending: tuple[dict[str, Any], ...] = ()
-    pending_audit: tuple[dict[str, Any], ...] = ()
+    pending_events: tuple[dict[str, Any], ...] = ()
     flows: dict[str, tuple[float, int | None]] = field(default_factory=dict)
     losses: tuple[str, ...] = ()
 
@@ -569,12 +499,12 @@ class Cursor:
             return cls(
                 boot_id=str(value.get("boot_id", "")),
                 kmsg_seq=int(value["kmsg_seq"]),
-                audit_seen=tuple(int(s) for s in value.get("audit_seen", [])),
-                audit_lost=int(value.get("audit_lost", 0)),
-                audit_inode=int(value.get("audit_inode", 0)),
-                audit_offset=int(value.get("audit_offset", 0)),
+                events_inode=int(value.get("events_inode", 0)),
+                events_offset=int(value.get("events_offset", 0)),
+                capture_seq=int(value.get("capture_seq", 0)),
+                capture_dropped=int(value.get("capture_dropped", 0)),
                 pending=tuple(dict(p) for p in value.get("pending", [])),
-                pending_audit=tuple(dict(p) for p in value.get("pending_audit", [])),
+                pending_events=tuple(dict(p) for p in value.get("pending_events", [])),
                 flows={
                     str(k): (float(t), None if i is None else int(i))
                     for k, (t, i) in value.get("flows", {}).items()
@@ -589,7 +519,7 @@ class Cursor:
             ) from None
 
 
-def _to_json(item: FirewallRecord | AuditConnect) -> dict[str, Any]:
+def _to_json(item: FirewallRecord | ConnectEvent) -> dict[str, Any]:
     value = asdict(item)
     if isinstance(item, FirewallRecord):
         value["verdict"] = item.verdict.value
@@ -600,8 +530,8 @@ def _record_from_json(value: dict[str, Any]) -> FirewallRecord:
     return FirewallRecord(**{**value, "verdict": Verdict(value["verdict"])})
 
 
-def _event_from_json(value: dict[str, Any]) -> AuditConnect:
-    return AuditConnect(**value)
+def _event_from_json(value: dict[str, Any]) -> ConnectEvent:
+    return ConnectEvent(**value)
 
 
 # ---- the join (pure) -------------------------------------------------------------------------
@@ -611,13 +541,15 @@ def _loopback(address: str) -> bool:
     return ipaddress.ip_address(address).is_loopback
 
 
-def _attempt(record: FirewallRecord | None, event: AuditConnect | None, boot_id: str) -> Attempt:
-    # Ids carry the boot: sequence numbers and serials start again when the guest reboots.
+def _attempt(record: FirewallRecord | None, event: ConnectEvent | None, boot_id: str) -> Attempt:
+    # Ids carry the boot: kernel log sequence numbers and clocks start again when the guest
+    # reboots.
     boot = boot_id.replace("-", "")[:8]
     if record is not None:
         return Attempt(
             id=f"k{record.seq}.{boot}",
-            # audit's clock is the guest's wall clock itself; the kernel log's is converted.
+            # The connect's own time: the moment it returned, which is inside the call that
+            # made it (orchestrator/xdebug.py attributes by it).
             time=iso_time(event.time if event is not None else record.time),
             verdict=record.verdict,
             proto=record.proto,
@@ -631,17 +563,15 @@ def _attempt(record: FirewallRecord | None, event: AuditConnect | None, boot_id:
             ppid=event.ppid if event else None,
             exe=event.exe if event else None,
             cmdline=event.cmdline if event else None,
-            evidence="audit+firewall" if event else "firewall",
+            evidence="connect+firewall" if event else "firewall",
         )
     assert event is not None
     loopback = _loopback(event.dst)
     return Attempt(
-        id=f"a{event.serial}.{boot}",
+        id=f"c{event.key}.{boot}",
         time=iso_time(event.time),
         verdict=Verdict.LOOPBACK if loopback else Verdict.BLOCKED,
-        # audit does not say which protocol the socket speaks. A connect the kernel refused
-        # before sending anything is TCP in practice (a UDP connect sends nothing to refuse).
-        proto="" if loopback else "tcp",
+        proto=event.proto,
         family=event.family,
         dst=event.dst,
         dport=event.dport,
@@ -650,23 +580,24 @@ def _attempt(record: FirewallRecord | None, event: AuditConnect | None, boot_id:
         ppid=event.ppid,
         exe=event.exe,
         cmdline=event.cmdline,
-        evidence="audit",
+        evidence="connect",
     )
 
 
-def _matches(record: FirewallRecord, event: AuditConnect) -> bool:
+def _matches(record: FirewallRecord, event: ConnectEvent) -> bool:
     return (
         record.dst == event.dst
         and record.dport == event.dport
+        and event.proto in ("", record.proto)
         and (record.uid is None or event.uid is None or record.uid == event.uid)
         and abs(record.time - event.time) <= JOIN_WINDOW
     )
 
 
 def join(
-    records: Sequence[FirewallRecord], events: Sequence[AuditConnect]
-) -> list[tuple[FirewallRecord | None, AuditConnect | None]]:
-    """Pair firewall records with audit connects, each used at most once.
+    records: Sequence[FirewallRecord], events: Sequence[ConnectEvent]
+) -> list[tuple[FirewallRecord | None, ConnectEvent | None]]:
+    """Pair firewall records with connect events, each used at most once.
 
     Within one (destination, port), in two steps:
     - Records that open a flow take events in order, the n-th record the n-th event within
@@ -682,22 +613,22 @@ def join(
 
     Unpaired items come back alone.
     """
-    by_key: dict[tuple[str, int | None], list[AuditConnect]] = {}
-    for event in sorted(events, key=lambda e: (e.time, e.serial)):
+    by_key: dict[tuple[str, int | None], list[ConnectEvent]] = {}
+    for event in sorted(events, key=lambda e: (e.time, e.seq, e.key)):
         by_key.setdefault((event.dst, event.dport), []).append(event)
     records_by_key: dict[tuple[str, int | None], list[FirewallRecord]] = {}
     for record in sorted(records, key=lambda r: r.seq):
         records_by_key.setdefault((record.dst, record.dport), []).append(record)
-    paired: dict[int, AuditConnect] = {}  # record seq → its event
+    paired: dict[int, ConnectEvent] = {}  # record seq → its event
     for key, key_records in records_by_key.items():
         key_events = by_key.get(key, [])
         for record_index, event_index in _join_key(key_records, key_events):
             paired[key_records[record_index].seq] = key_events[event_index]
-    used = {event.serial for event in paired.values()}
-    pairs: list[tuple[FirewallRecord | None, AuditConnect | None]] = [
+    used = {event.key for event in paired.values()}
+    pairs: list[tuple[FirewallRecord | None, ConnectEvent | None]] = [
         (record, paired.get(record.seq)) for record in sorted(records, key=lambda r: r.seq)
     ]
-    pairs += [(None, e) for e in events if e.serial not in used]
+    pairs += [(None, e) for e in events if e.key not in used]
     return pairs
 
 
@@ -706,7 +637,7 @@ _AUGMENT_TRIES = 32
 
 
 def _join_key(
-    records: Sequence[FirewallRecord], events: Sequence[AuditConnect]
+    records: Sequence[FirewallRecord], events: Sequence[ConnectEvent]
 ) -> list[tuple[int, int]]:
     """join() for one (destination, port): records in sequence order, events in time order;
     (record index, event index) pairs in record order."""
@@ -763,7 +694,7 @@ def _join_key(
 
 def _augment(
     records: Sequence[FirewallRecord],
-    events: Sequence[AuditConnect],
+    events: Sequence[ConnectEvent],
     rec_of: list[int],
     ev_of: list[int],
     i: int,
@@ -817,22 +748,24 @@ def _loss_warnings(snapshot: Snapshot, cursor: Cursor, rebooted: bool) -> list[s
             )
     if snapshot.kmsg_error:
         warnings.append(f"{stamp}: reading the kernel log failed: {snapshot.kmsg_error}")
-    if not snapshot.audit_running:
+    if not snapshot.capture_loaded:
+        detail = f" ({snapshot.capture_error})" if snapshot.capture_error else ""
         warnings.append(
-            f"{stamp}: auditd was not running in the guest (stopped by guest root, or the guest "
-            "rebooted): attempts since the last collection may have no process attribution; the "
-            "collection started it again"
+            f"{stamp}: the connect() capture was not attached in the guest{detail} (guest root "
+            "removed it, or the boot did not load it): attempts since the last collection have "
+            "no process attribution; the collection attached it again"
         )
-    elif snapshot.audit_rules is not None and snapshot.audit_rules != AUDIT_RULES:
+    elif snapshot.capture_seq is not None and snapshot.capture_seq < cursor.capture_seq:
         warnings.append(
-            f"{stamp}: {snapshot.audit_rules} of the {AUDIT_RULES} audit rules for connect() were "
-            "loaded in the guest (guest root changed them): attempts since the last collection "
-            "may have no process attribution; the collection loaded them again"
+            f"{stamp}: the connect() capture was loaded again in the guest since the last "
+            "collection (by guest root): connect events before that are lost"
         )
-    if snapshot.audit_lost is not None and snapshot.audit_lost > cursor.audit_lost:
+    elif snapshot.capture_dropped is not None and snapshot.capture_dropped > cursor.capture_dropped:
         warnings.append(
-            f"{stamp}: the kernel dropped {snapshot.audit_lost - cursor.audit_lost} audit records "
-            "(backlog full): some attempts have no process attribution"
+            f"{stamp}: the connect() capture's buffer was full: "
+            f"{snapshot.capture_dropped - cursor.capture_dropped} connect events were dropped, "
+            "so some attempts have no process attribution (collections come every "
+            "`collect_every` seconds during `run` and `exec`, not during `sandbox ssh`)"
         )
     return warnings
 
@@ -840,25 +773,16 @@ def _loss_warnings(snapshot: Snapshot, cursor: Cursor, rebooted: bool) -> list[s
 def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Collected:
     """Turn one collection's raw material into attempts, exactly once given the cursor.
 
-    Items that may still get their other half (a firewall record whose audit event auditd has
-    not written yet, a UDP connect whose first datagram has not left yet) wait in the cursor for
+    Items that may still get their other half (a firewall record whose connect() had not
+    returned yet, a UDP connect whose first datagram has not left yet) wait in the cursor for
     the next collection while younger than SETTLE_SECONDS; `final` (at destroy) holds nothing back.
     """
     rebooted = bool(cursor.boot_id) and snapshot.boot_id != cursor.boot_id
     if rebooted:
-        # Sequence numbers and audit serials start again at every boot; the audit log is kept.
-        cursor = Cursor(
-            losses=cursor.losses, audit_inode=cursor.audit_inode, audit_offset=cursor.audit_offset
-        )
+        # Sequence numbers, the capture and its events file start again at every boot.
+        cursor = Cursor(losses=cursor.losses)
     warnings = _loss_warnings(snapshot, cursor, rebooted)
-    boot_time = snapshot.wall - snapshot.uptime
-
-    seen = set(cursor.audit_seen)
-    # The audit log outlives a reboot (the disk is kept); events of an earlier boot are not ours.
-    fresh_events = [
-        e for e in snapshot.audit if e.serial not in seen and e.time >= boot_time - JOIN_WINDOW
-    ]
-    events = [_event_from_json(p) for p in cursor.pending_audit] + fresh_events
+    events = [_event_from_json(p) for p in cursor.pending_events] + list(snapshot.events)
 
     flows = {k: v for k, v in cursor.flows.items() if v[0] > snapshot.wall - FLOW_MEMORY_SECONDS}
     records = [_record_from_json(p) for p in cursor.pending]
@@ -888,32 +812,32 @@ def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Colle
 
     attempts: list[Attempt] = []
     pending: list[FirewallRecord] = []
-    pending_audit: list[AuditConnect] = []
+    pending_events: list[ConnectEvent] = []
     young = snapshot.wall - SETTLE_SECONDS
     for half, event in pairs:
         if half is not None and event is None and not final and half.time > young:
-            pending.append(half)  # its connect may not be in the audit log yet
+            pending.append(half)  # its connect() may not have returned yet
         elif half is not None and event is None and half.retry:
             continue
-        elif half is None and event is not None and not _audit_only(event):
+        elif half is None and event is not None and not _event_only(event):
             if not final and event.time > young:
-                pending_audit.append(event)  # a UDP connect whose first datagram may follow
+                pending_events.append(event)  # a UDP connect whose first datagram may follow
         else:
             attempts.append(_attempt(half, event, snapshot.boot_id))
     attempts.sort(key=lambda a: (a.time, a.id))
 
-    read = [*cursor.audit_seen, *(e.serial for e in snapshot.audit if e.serial not in seen)]
     kmsg_seq = max([cursor.kmsg_seq, *(r.seq for r in snapshot.firewall)])
     if snapshot.kmsg_last is not None:
         kmsg_seq = max(kmsg_seq, snapshot.kmsg_last)
     new_cursor = Cursor(
         boot_id=snapshot.boot_id,
         kmsg_seq=kmsg_seq,
-        audit_seen=tuple(read[-AUDIT_SEEN:]),
-        audit_lost=snapshot.audit_lost if snapshot.audit_lost is not None else cursor.audit_lost,
-        **_next_audit_position(snapshot, cursor),
+        # A capture attached again counts from 0 again.
+        capture_seq=snapshot.capture_seq or 0,
+        capture_dropped=snapshot.capture_dropped or 0,
+        **_next_events_position(snapshot, cursor),
         pending=tuple(_to_json(r) for r in pending),
-        pending_audit=tuple(_to_json(e) for e in pending_audit),
+        pending_events=tuple(_to_json(e) for e in pending_events),
         flows=flows,
         losses=cursor.losses + tuple(warnings),
     )
@@ -922,14 +846,12 @@ def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Colle
     return Collected(attempts, new_cursor, warnings)
 
 
-def _next_audit_position(snapshot: Snapshot, cursor: Cursor) -> dict[str, int]:
-    if snapshot.audit_inode is None or snapshot.audit_size is None:
-        return {"audit_inode": cursor.audit_inode, "audit_offset": cursor.audit_offset}
-    start = cursor.audit_offset if snapshot.audit_inode == cursor.audit_inode else 0
-    if snapshot.audit_size < start:
-        start = 0  # the file was truncated: it was read whole
-    offset = max(snapshot.audit_size - AUDIT_REREAD_BYTES, start)
-    return {"audit_inode": snapshot.audit_inode, "audit_offset": offset}
+def _next_events_position(snapshot: Snapshot, cursor: Cursor) -> dict[str, int]:
+    """Where the next collection reads the events file from: its end as read now (the drain
+    writes whole lines, and none while this one read it)."""
+    if snapshot.events_inode is None or snapshot.events_size is None:
+        return {"events_inode": cursor.events_inode, "events_offset": cursor.events_offset}
+    return {"events_inode": snapshot.events_inode, "events_offset": snapshot.events_size}
 
 
 def _maybe_resent(record: FirewallRecord, last_time: float, last_ident: int | None) -> bool:
@@ -952,11 +874,14 @@ def _same_socket(record: FirewallRecord, last_ident: int | None) -> bool:
     return 0 < step <= _RESEND_ID_STEP or record.ident == last_ident == 0
 
 
-def _audit_only(event: AuditConnect) -> bool:
-    """Whether an audit connect with no firewall record is an attempt of its own: to loopback
-    (never logged by the firewall), or refused by the kernel before any packet (no route). A
-    non-blocking or successful connect with no packet is a UDP socket that never sent."""
-    return _loopback(event.dst) or event.exit not in _NOT_REFUSED
+def _event_only(event: ConnectEvent) -> bool:
+    """Whether a connect event with no firewall record is an attempt of its own: a TCP connect
+    to loopback (never logged by the firewall), or one the kernel refused before any packet (no
+    route). A non-blocking or successful UDP connect with no packet is a socket that never sent:
+    glibc's getaddrinfo connects one to each address it sorts, loopback ones included."""
+    if _loopback(event.dst):
+        return event.proto != "udp"
+    return event.exit not in _NOT_REFUSED
 
 
 # ---- DNS names -------------------------------------------------------------------------------

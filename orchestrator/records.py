@@ -3,7 +3,8 @@
 Both producers (the guest-side capture in monitor.py and the host-side DNS log reader) write these
 shapes, and the readers never see anything else: a record is its own schema. `id` is the dedupe key
 a re-collection checks before appending, so it must be derived from the source's own sequence
-numbers (kernel log sequence, audit serial, resolver log line), never from a counter of ours.
+numbers and clocks (kernel log sequence, connect() return time, resolver log line), never from a
+counter of ours.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class Attempt:
     exe: str | None = None
     cmdline: str | None = None
     dns_name: str | None = None  # the name a DNS lookup returned this dst for, if any
-    evidence: str = ""  # "audit+firewall" | "firewall" | "audit"
+    evidence: str = ""  # "connect+firewall" | "firewall" | "connect"
     stack: tuple[Frame, ...] = ()  # PHP frames, innermost first, from the xdebug trace
     run: str | None = None  # the `sandbox run` this attempt belongs to
 

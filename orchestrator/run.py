@@ -41,8 +41,8 @@ SLICE = "sandbox.slice"
 _UPLOAD_TAR = ".sandbox-upload.tar"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RUN_ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{4}$")
-# A record of a run that ended may still be on its way (the firewall's and audit's halves meet
-# within monitor's settle window): attempts this long after the end still count as the run's.
+# A record of a run that ended may still be on its way (the firewall's and connect()'s halves
+# meet within monitor's settle window): attempts this long after the end still count as the run's.
 _AFTER_END = 5.0
 
 
@@ -210,11 +210,6 @@ def run_script(run_id: str, plan: Plan, env: Mapping[str, str], *, root: bool) -
             "--no-new-privs",
             "--",
         ]
-    # The kernel keeps a task's audit PROCTITLE from its first audited syscall, across execve:
-    # the connect()s of systemd-run (D-Bus) and setpriv (name service) would stand as the
-    # target's command line in all its attempts. A fork gives the target a task of its own;
-    # `; exit` keeps sh from exec'ing in place of forking.
-    command += ["sh", "-c", '"$@"; exit $?', "sandbox-run"]
     command += ["env", "-i", *(f"{k}={v}" for k, v in env.items()), *plan.argv]
     # Not `exec`: the shell turns a death by signal into 128+N, which paramiko would lose.
     lines += ["set +e", shlex.join(command)]

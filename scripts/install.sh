@@ -12,8 +12,8 @@ packages=(
   tcpdump
   # the host side of the network: bridges, NAT, namespaces for the lab
   iproute2 iptables
-  # the base image recipe
-  mmdebstrap e2fsprogs
+  # the base image recipe, and its connect() capture (eBPF program and loader, images/capture/)
+  mmdebstrap e2fsprogs clang libbpf-dev libelf-dev zlib1g-dev
   # libvirt-python builds from source against these
   libvirt-dev pkg-config gcc python3-venv python3-dev
   # `sandbox ssh`, and the real sshd the SSH tests run against

@@ -55,7 +55,7 @@ def test_real_sample_attributes_every_attempt_of_the_script() -> None:
         + [("blocked", "udp", "198.51.100.9", 53), ("blocked", "tcp", "2001:db8:1::9", 80)]
     )
     assert len({a.pid for a in php}) == 1
-    assert all(a.evidence == "audit+firewall" and a.uid == 0 for a in php)
+    assert all(a.evidence == "connect+firewall" and a.uid == 0 for a in php)
     assert all(a.cmdline and a.cmdline.startswith("php ") for a in php)
     bash = [a for a in attempts if a.exe == "/usr/bin/bash"]
     assert [(a.verdict, a.dst, a.dport, a.uid) for a in bash] == [
@@ -63,36 +63,32 @@ def test_real_sample_attributes_every_attempt_of_the_script() -> None:
     ]
 
 
-def test_parse_audit_decodes_sockaddr_proctitle_and_drops_unix() -> None:
-    unix = (
-        "type=SYSCALL msg=audit(1700000000.100:7): arch=c000003e syscall=42 success=yes exit=0 "
-        'ppid=1 pid=2 uid=0 comm="systemctl" exe="/usr/bin/systemctl" key="sbx-connect"\n'
-        "type=SOCKADDR msg=audit(1700000000.100:7): saddr=01002F72756E2F73797374656D64\n"
-    )
-    inet6 = (
-        "type=SYSCALL msg=audit(1700000001.250:8): arch=c000003e syscall=42 success=no "
-        'exit=-115 ppid=10 pid=11 uid=1000 comm="php" exe="/usr/bin/php8.2" '
-        'key="sbx-connect"\x1dARCH=x86_64 SYSCALL=connect UID="sandbox"\n'
-        "type=SOCKADDR msg=audit(1700000001.250:8): "
-        "saddr=0A000050000000002001ABCD000000000000000000000009" + "00000000\n"
-        "type=PROCTITLE msg=audit(1700000001.250:8): proctitle=706870002D72006563686F2031\n"
-    )
-    mapped = (
-        "type=SYSCALL msg=audit(1700000002.000:9): arch=c000003e syscall=42 success=no "
-        "exit=-111 ppid=1 pid=3 uid=0 exe=2F746D702F6D7920657865 key=sbx-connect\n"
-        "type=SOCKADDR msg=audit(1700000002.000:9): "
-        "saddr=0A0001BB0000000000000000000000000000FFFFCB007107" + "00000000\n"
-        'type=PROCTITLE msg=audit(1700000002.000:9): proctitle="curl"\n'
-    )
-    sendto = mapped.replace("syscall=42", "syscall=44").replace(":9)", ":10)")
-    events = monitor.parse_audit(unix + inet6 + mapped + sendto)
-    assert [(e.serial, e.family, e.dst, e.dport, e.exit) for e in events] == [
-        (8, 6, "2001:abcd::9", 80, -115),
-        (9, 4, "203.0.113.7", 443, -111),
+def test_parse_event_line_decodes_addresses_exe_and_argv() -> None:
+    # As sbx-capture prints them (taken from a real guest, then one with a name with a space).
+    lines = [
+        "c 0 504955132900 1648 1648 1645 0 -115 4 6 203.0.113.7 80 /usr/bin/php8.2 "
+        'php\\x00-r\\x00fsockopen("203.0.113.7",80);\\x20@fsockopen("198.51.100.9",80);\\x00',
+        "c 2 504973355250 1648 1649 1645 1000 -101 6 17 2001:db8:1::9 53 /usr/bin/php8.2 -",
+        "c 6 509707782160 1663 1663 1660 0 -111 4 6 198.51.100.9 81 /dev/shm/a/b/my\\x20bash "
+        "/dev/shm/a/b/my\\x20bash\\x00-c\\x00echo\\x20>\\x20/dev/tcp/198.51.100.9/81\\x00",
+        "c 7 510234162630 1664 1664 1660 0 0 6 99 ::ffff:203.0.113.7 53 - -",
+        "c 8 510234162630 1664 1664 1660 0 0 6 17 not-an-address 53 - -",
+        "c 9 1 2 3",
     ]
-    assert events[0].cmdline == "php -r 'echo 1'"
-    assert (events[0].pid, events[0].ppid, events[0].uid) == (11, 10, 1000)
-    assert events[1].exe == "/tmp/my exe" and events[1].cmdline == "curl"
+    events = [monitor.parse_event_line(line, 1000.0) for line in lines]
+    assert events[4] is None and events[5] is None
+    php, v6, bash, mapped = (e for e in events if e is not None)
+    assert (php.pid, php.tid, php.ppid, php.uid, php.exit) == (1648, 1648, 1645, 0, -115)
+    assert (php.family, php.dst, php.dport, php.exe) == (4, "203.0.113.7", 80, "/usr/bin/php8.2")
+    assert (php.proto, v6.proto, mapped.proto) == ("tcp", "udp", "99")
+    assert php.cmdline == 'php -r \'fsockopen("203.0.113.7",80); @fsockopen("198.51.100.9",80);\''
+    assert php.time == pytest.approx(1000.0 + 504.9551329)
+    assert (v6.family, v6.dst, v6.tid, v6.uid, v6.cmdline) == (6, "2001:db8:1::9", 1649, 1000, None)
+    assert bash.exe == "/dev/shm/a/b/my bash"
+    assert bash.cmdline == "'/dev/shm/a/b/my bash' -c 'echo > /dev/tcp/198.51.100.9/81'"
+    # An IPv4-mapped destination is what leaves the guest: IPv4.
+    assert (mapped.family, mapped.dst, mapped.exe) == (4, "203.0.113.7", None)
+    assert len({e.key for e in (php, v6, bash, mapped)}) == 4
 
 
 def _record(
@@ -107,40 +103,49 @@ def _record(
     )
 
 
-def _audit(serial: int, t: float, dst_hex: str = "C6336409", exit_code: int = -111) -> str:
-    head = f"msg=audit({t:.3f}:{serial}):"
+def _event(
+    seq: int,
+    t: float,
+    dst: str = "198.51.100.9",
+    port: int = 80,
+    ret: int = -111,
+    protocol: int = 6,
+) -> str:
+    """An events-file line as sbx-capture writes it: bash (pid `seq`) connect()ing at wall time
+    `t` (_output's clocks: wall = 900 + monotonic)."""
+    mono_ns = round((t - 900.0) * 1e9)
     return (
-        f"type=SYSCALL {head} arch=c000003e syscall=42 success=no exit={exit_code} ppid=1 "
-        f'pid={serial} uid=0 comm="bash" exe="/usr/bin/bash" key="sbx-connect"\n'
-        f"type=SOCKADDR {head} saddr=02000050{dst_hex}0000000000000000\n"
+        f"c {seq} {mono_ns} {seq} {seq} 1 0 {ret} 4 {protocol} {dst} {port} /usr/bin/bash "
+        "bash\\x00-c\\x00true\\x00\n"
     )
 
 
 def _output(
     kmsg: list[str],
-    audit: str = "",
+    events: str = "",
     *,
     wall: float = 1000.0,
     uptime: float = 100.0,
-    lost: int = 0,
     boot: str = "b00710ad-0000-0000-0000-000000000000",
     first: int = 0,
-    status: tuple[str, ...] = ("enabled 1", "pid 321"),
-    audit_pos: tuple[int, int] | None = None,
+    capture: str | None = None,
+    events_pos: tuple[int, int] | None = None,
 ) -> str:
-    """collect_script's output around the given kernel log lines (already `SEQ USEC TEXT`)."""
+    """collect_script's output around the given kernel log lines (already `SEQ USEC TEXT`) and
+    events-file lines."""
     seqs = [int(line.split()[0]) for line in kmsg if line[0].isdigit()]
     oldest = [f"@@first {first}"] if seqs else []
     last = [f"@@last {max(seqs)}"] if seqs else []
+    count = events.count("\n")
+    size = events_pos or (7, len(events))
     return "\n".join(
         [
             f"@@boot {boot}",
-            "@@auditstatus",
-            *status,
-            f"lost {lost}",
-            "@@audit",
-            audit.rstrip("\n"),
-            *([f"@@auditpos {audit_pos[0]} {audit_pos[1]}"] if audit_pos else []),
+            capture or f"@@capture ok {count} {count} 0",
+            f"@@captureclock {uptime:.9f} {wall:.9f}",
+            f"@@eventspos {size[0]} {size[1]}",
+            "@@events",
+            events.rstrip("\n"),
             f"@@clock {wall:.9f} {uptime:.2f}",
             "@@kmsg",
             *oldest,
@@ -156,22 +161,22 @@ def _output(
 # Guest booted at wall 900.0: kernel stamp t ↔ wall 900 + t.
 def test_join_pairs_in_order_within_a_key_and_uses_each_event_once() -> None:
     kmsg = [_record(10, 50.0, sport=1), _record(11, 50.004, sport=2), _record(12, 50.008, sport=3)]
-    audit = _audit(1, 950.001) + _audit(2, 950.003) + _audit(3, 950.009)
-    out = monitor.process(monitor.parse_snapshot(_output(kmsg, audit)), monitor.Cursor())
+    events = _event(1, 950.001) + _event(2, 950.003) + _event(3, 950.009)
+    out = monitor.process(monitor.parse_snapshot(_output(kmsg, events)), monitor.Cursor())
     assert [(a.sport, a.pid) for a in out.attempts] == [(1, 1), (2, 2), (3, 3)]
-    assert {a.evidence for a in out.attempts} == {"audit+firewall"}
+    assert {a.evidence for a in out.attempts} == {"connect+firewall"}
 
 
 def test_retries_of_one_flow_are_one_attempt_and_do_not_steal_events() -> None:
     # SYN of flow 1, its resend one second later, then a new connect: the resend is not an
-    # attempt and must not take the second connect's audit event.
+    # attempt and must not take the second connect's event.
     kmsg = [
         _record(10, 50.0, sport=1, ident=500),
         _record(11, 51.0, sport=1, ident=501),
         _record(12, 51.5, sport=2),
     ]
-    audit = _audit(1, 950.0) + _audit(2, 951.5)
-    out = monitor.process(monitor.parse_snapshot(_output(kmsg, audit)), monitor.Cursor())
+    events = _event(1, 950.0) + _event(2, 951.5)
+    out = monitor.process(monitor.parse_snapshot(_output(kmsg, events)), monitor.Cursor())
     assert [(a.sport, a.pid) for a in out.attempts] == [(1, 1), (2, 2)]
     # A resend collected later is still the same attempt.
     again = monitor.process(
@@ -190,8 +195,8 @@ def test_a_new_connect_reusing_a_port_is_an_attempt_of_its_own() -> None:
         _record(11, 51.5, sport=7, ident=30000),
         _record(12, 53.0, sport=7, ident=30001),
     ]
-    audit = _audit(1, 950.0) + _audit(2, 951.5)
-    out = monitor.process(monitor.parse_snapshot(_output(kmsg, audit)), monitor.Cursor())
+    events = _event(1, 950.0) + _event(2, 951.5)
+    out = monitor.process(monitor.parse_snapshot(_output(kmsg, events)), monitor.Cursor())
     # The third record has no connect of its own: a resend of the second.
     assert [(a.id.split(".")[0], a.pid) for a in out.attempts] == [("k10", 1), ("k11", 2)]
 
@@ -204,7 +209,8 @@ def test_a_new_connect_taken_for_a_resend_loses_nothing_in_a_real_burst() -> Non
     followed the flow's last one by 1..16: record 15714 reuses the port of record 12404 with an ID
     7 above. The old join then shifted every later pair of the burst by one place and lost the
     last connect. With the ID as captured, and made to follow by 1 (a possible resend for the
-    check still), every connect keeps its own record."""
+    check still), every connect keeps its own record. (Captured when the process half came from
+    auditd: its connect events carried over field by field into sbx-capture's format.)"""
     snapshot = _snapshot("burst-slice.txt.gz")
     assert snapshot.kmsg_first is not None
     cursor = monitor.Cursor(kmsg_seq=snapshot.kmsg_first - 1)
@@ -221,8 +227,8 @@ def test_a_new_connect_taken_for_a_resend_loses_nothing_in_a_real_burst() -> Non
 
     captured = attempts(snapshot.firewall)
     assert len(captured) == len(records) == 5041
-    assert {(a.verdict, a.evidence) for a in captured} == {(Verdict.BLOCKED, "audit+firewall")}
-    # In order: the n-th record with the n-th connect (audit's times follow the records' order).
+    assert {(a.verdict, a.evidence) for a in captured} == {(Verdict.BLOCKED, "connect+firewall")}
+    # In order: the n-th record with the n-th connect (the events' times follow the records').
     by_record = sorted(captured, key=lambda a: int(a.id[1:].split(".")[0]))
     assert [a.time for a in by_record] == sorted(a.time for a in captured)
     unlucky = replace(again, ident=(first.ident + 1) % 65536)
@@ -245,12 +251,13 @@ def test_an_ipv6_burst_that_reuses_ports_loses_nothing() -> None:
     n = 3000
     ports = random.Random(4)
     kmsg = [_record6(i, 50.0 + i * 0.002, 30000 + ports.randrange(500)) for i in range(n)]
-    inet6 = "0A00" + "0050" + "00000000" + "20010DB8000100000000000000000009"
-    audit = "".join(
-        _audit(i + 1, 950.001 + i * 0.002, exit_code=-115).replace("02000050C6336409", inet6)
+    events = "".join(
+        _event(i + 1, 950.001 + i * 0.002, dst="2001:db8:1::9", ret=-115).replace(
+            " 4 6 2001", " 6 6 2001"
+        )
         for i in range(n)
     )
-    text = _output(kmsg, audit, wall=970.0, uptime=70.0)
+    text = _output(kmsg, events, wall=970.0, uptime=70.0)
     out = monitor.process(monitor.parse_snapshot(text), monitor.Cursor())
     assert [(a.id.split(".")[0], a.pid) for a in out.attempts] == [
         (f"k{i}", i + 1) for i in range(n)
@@ -274,14 +281,14 @@ def test_established_records_are_attempts_only_with_a_connect_of_their_own() -> 
         _udp_record(13, 51.5, 7, 30001, again),  # its next datagram
         _udp_record(14, 56.0, 7, 9000, again),  # a socket with no connect (unconnected sendto)
     ]
-    udp = "CB007107"  # 203.0.113.7
-    audit = (
-        _audit(1, 950.0, udp, 0).replace("02000050", "020014E9")
-        + _audit(2, 950.2, udp, 0).replace("02000050", "02000000")  # a getaddrinfo probe, port 0
-        + _audit(3, 951.0, udp, 0).replace("02000050", "020014E9")
-        + _audit(4, 951.4, udp, 0).replace("02000050", "020014E9")  # sends nothing
+    udp = "203.0.113.7"
+    events = (
+        _event(1, 950.0, udp, 5353, 0, 17)
+        + _event(2, 950.2, udp, 0, 0, 17)  # a getaddrinfo probe, port 0
+        + _event(3, 951.0, udp, 5353, 0, 17)
+        + _event(4, 951.4, udp, 5353, 0, 17)  # sends nothing
     )
-    out = monitor.process(monitor.parse_snapshot(_output(kmsg, audit)), monitor.Cursor())
+    out = monitor.process(monitor.parse_snapshot(_output(kmsg, events)), monitor.Cursor())
     assert [(a.id.split(".")[0], a.pid, a.verdict, a.proto, a.dport) for a in out.attempts] == [
         ("k10", 1, Verdict.ALLOWED, "udp", 5353),
         ("k12", 3, Verdict.ALLOWED, "udp", 5353),
@@ -292,13 +299,14 @@ def test_udp_connects_on_a_live_flow_are_attempts_in_a_real_guest() -> None:
     """udp-reuse.txt.gz: 1,000 allowed UDP connects (+ one datagram each) from one PHP process
     (pid 504), with the established-flow log rules proposed for firewall.py loaded. The fake
     internet answers UDP, so conntrack keeps each flow 30 s; 27 sockets got the source port of a
-    flow still held and sent on it as ESTABLISHED, never NEW. Each is an attempt of its own."""
+    flow still held and sent on it as ESTABLISHED, never NEW. Each is an attempt of its own.
+    (Captured with auditd as the process half, carried over into sbx-capture's format.)"""
     snapshot = _snapshot("udp-reuse.txt.gz")
     out = monitor.process(snapshot, monitor.Cursor(), final=True)
     mine = [a for a in out.attempts if a.pid == 504]
     assert len(mine) == 1000
     assert {(a.verdict, a.proto, a.dst, a.dport, a.evidence) for a in mine} == {
-        (Verdict.ALLOWED, "udp", "203.0.113.7", 5353, "audit+firewall")
+        (Verdict.ALLOWED, "udp", "203.0.113.7", 5353, "connect+firewall")
     }
     established = [r for r in snapshot.firewall if r.established]
     assert len(established) == 27
@@ -314,9 +322,10 @@ def test_getaddrinfo_probes_are_not_attempts_in_a_real_guest() -> None:
     from one PHP process (pid 535), multi.test having two addresses in /etc/hosts (203.0.113.7
     allowed, 198.51.100.9 blocked). glibc sorts the two by connect()ing a UDP socket to each
     (port 0) and sends nothing: 600 connects with no packet, while flows to 203.0.113.7 are alive.
-    Exactly the 300 real connects are attempts, 16 of them on a flow conntrack still held."""
+    Exactly the 300 real connects are attempts, 16 of them on a flow conntrack still held.
+    (Captured with auditd as the process half, carried over into sbx-capture's format.)"""
     snapshot = _snapshot("udp-probes.txt.gz")
-    php = [e for e in snapshot.audit if e.pid == 535]
+    php = [e for e in snapshot.events if e.pid == 535]
     assert sorted({(e.dst, e.dport) for e in php}) == [
         ("198.51.100.9", 0),
         ("203.0.113.7", 0),
@@ -346,62 +355,67 @@ def test_sequence_gap_is_reported_not_ignored() -> None:
     assert any("27..29" in w for w in third.warnings)
 
 
-def test_audit_loss_and_stopped_auditd_are_reported() -> None:
-    cursor = monitor.Cursor(kmsg_seq=9, audit_lost=2)
-    text = _output([_record(10, 50.0)], lost=5).replace("pid 321", "pid 0")
-    out = monitor.process(monitor.parse_snapshot(text), cursor)
-    assert any("dropped 3 audit records" in w for w in out.warnings)
-    assert any("auditd was not running" in w for w in out.warnings)
+def test_dropped_events_and_a_missing_or_reloaded_capture_are_reported() -> None:
+    def warnings(cursor: monitor.Cursor, capture: str) -> list[str]:
+        text = _output([_record(10, 50.0)], capture=capture)
+        return monitor.process(monitor.parse_snapshot(text), cursor).warnings
+
+    cursor = monitor.Cursor(kmsg_seq=9, capture_seq=500, capture_dropped=2)
+    assert warnings(cursor, "@@capture ok 3 800 2") == []
+    [dropped] = warnings(cursor, "@@capture ok 3 800 5")
+    assert "3 connect events were dropped" in dropped
+    [missing] = warnings(cursor, "@@capture missing")
+    assert "was not attached" in missing and "attached it again" in missing
+    failed = "@@capture missing\nsbx-capture: cannot open /run/x: No space left on device"
+    assert "No space left on device" in warnings(cursor, failed)[0]
+    # Attached again by someone else between two collections: its count went back.
+    [reloaded] = warnings(cursor, "@@capture ok 3 40 0")
+    assert "loaded again" in reloaded
+    # What the cursor keeps is the new count: the next collection compares with it.
+    text = _output([_record(10, 50.0)], capture="@@capture ok 3 40 0")
+    after = monitor.process(monitor.parse_snapshot(text), cursor).cursor
+    assert (after.capture_seq, after.capture_dropped) == (40, 0)
 
 
-def test_exactly_once_across_collections_with_a_late_audit_event() -> None:
-    # Collection 1 sees a fresh firewall record whose audit event is not written yet: it waits.
+def test_exactly_once_across_collections_with_a_late_connect_event() -> None:
+    # Collection 1 sees a fresh firewall record whose connect() has not returned yet: it waits.
     first_text = _output([_record(10, 99.5, sport=1)], wall=1000.0, uptime=100.0)
     first = monitor.process(monitor.parse_snapshot(first_text), monitor.Cursor())
     assert first.attempts == [] and len(first.cursor.pending) == 1
     cursor = monitor.Cursor.from_json(first.cursor.to_json())
     assert cursor == first.cursor
-    # Collection 2: the same kernel log again plus a new record, and the late audit event.
+    # Collection 2: the same kernel log again plus a new record, and the late event.
     kmsg = [_record(10, 99.5, sport=1), _record(11, 100.5, sport=2)]
-    audit = _audit(40, 999.5) + _audit(41, 1000.5)
-    second_text = _output(kmsg, audit, wall=1010.0, uptime=110.0)
+    events = _event(40, 999.5) + _event(41, 1000.5)
+    second_text = _output(kmsg, events, wall=1010.0, uptime=110.0)
     second = monitor.process(monitor.parse_snapshot(second_text), cursor)
     assert [(a.id.split(".")[0], a.pid) for a in second.attempts] == [("k10", 40), ("k11", 41)]
-    # Collection 3 re-reads the same logs (the audit log's re-read window): nothing new.
-    third = monitor.process(monitor.parse_snapshot(second_text), second.cursor)
+    # Collection 3 finds nothing new in either log.
+    third_text = _output(
+        kmsg,
+        "",
+        wall=1020.0,
+        uptime=120.0,
+        events_pos=(7, len(events)),
+        capture="@@capture ok 0 2 0",
+    )
+    third = monitor.process(monitor.parse_snapshot(third_text), second.cursor)
     assert third.attempts == [] and third.warnings == []
 
 
-def test_audit_events_written_late_and_out_of_order_are_taken_once() -> None:
-    # Refused connects: attempts from their audit event alone. kauditd re-sends events auditd
-    # could not take (its retry queue) after newer ones, so serials 50..59 come after 199.
-    def events(serials: list[int]) -> str:
-        return "".join(_audit(s, 950.0 + s / 1000) for s in serials)
-
-    first_text = _output([], events(list(range(100, 200))), wall=1000.0, uptime=100.0)
-    first = monitor.process(monitor.parse_snapshot(first_text), monitor.Cursor())
-    assert sorted(a.pid or 0 for a in first.attempts) == list(range(100, 200))
-    # The next collection re-reads the end of the log (150..199), then what came since.
-    again = [*range(150, 200), *range(50, 60), *range(200, 210)]
-    second_text = _output([], events(again), wall=1010.0, uptime=110.0)
-    cursor = monitor.Cursor.from_json(first.cursor.to_json())
-    second = monitor.process(monitor.parse_snapshot(second_text), cursor)
-    assert sorted(a.pid or 0 for a in second.attempts) == [*range(50, 60), *range(200, 210)]
-    third = monitor.process(monitor.parse_snapshot(second_text), second.cursor)
-    assert third.attempts == []
-    assert second.cursor.audit_seen[-20:] == (*range(50, 60), *range(200, 210))
-
-
-def test_audit_only_attempts_loopback_refused_and_udp_without_packets() -> None:
-    audit = (
-        _audit(1, 950.0, dst_hex="7F000001", exit_code=-115)  # loopback
-        + _audit(2, 950.1, dst_hex="C6336409", exit_code=-101)  # ENETUNREACH: nothing sent
-        + _audit(3, 950.2, dst_hex="C6336409", exit_code=0)  # a UDP connect that never sent
+def test_connect_only_attempts_loopback_refused_and_udp_without_packets() -> None:
+    events = (
+        _event(1, 950.0, dst="127.0.0.1", ret=-115)  # loopback
+        + _event(2, 950.1, ret=-101)  # ENETUNREACH: nothing sent
+        + _event(3, 950.2, ret=0, protocol=17)  # a UDP connect that never sent
+        + _event(4, 950.3, dst="::1", ret=0, protocol=17).replace(" 4 17 ", " 6 17 ")  # probe
+        + _event(5, 950.4, dst="2001:db8::1", ret=-101, protocol=17).replace(" 4 17 ", " 6 17 ")
     )
-    out = monitor.process(monitor.parse_snapshot(_output([], audit)), monitor.Cursor(), final=True)
-    assert [(a.verdict, a.pid, a.evidence) for a in out.attempts] == [
-        (Verdict.LOOPBACK, 1, "audit"),
-        (Verdict.BLOCKED, 2, "audit"),
+    out = monitor.process(monitor.parse_snapshot(_output([], events)), monitor.Cursor(), final=True)
+    assert [(a.verdict, a.proto, a.pid, a.evidence) for a in out.attempts] == [
+        (Verdict.LOOPBACK, "tcp", 1, "connect"),
+        (Verdict.BLOCKED, "tcp", 2, "connect"),
+        (Verdict.BLOCKED, "udp", 5, "connect"),
     ]
 
 
@@ -418,91 +432,63 @@ def test_a_reboot_restarts_positions_and_ids_stay_unique() -> None:
     assert any("rebooted" in w for w in second.warnings)
 
 
-def _audit_line(serial: int) -> str:
-    return f'type=SYSCALL msg=audit(1000.{serial:03d}:{serial:02d}): syscall=42 key="sbx-connect"\n'
+def _read_events(directory: Path, cursor: monitor.Cursor) -> tuple[list[int], monitor.Cursor]:
+    """Runs events_script on a real file, with a stand-in for sbx-capture that drains nothing;
+    the seqs of the events it printed, and the cursor after it."""
+    script = monitor.events_script(cursor.events_inode, cursor.events_offset)
+    stub = 'sbx_capture() { echo "@@capture ok 0 0 0"; }\n'
+    script = stub + script.replace(monitor.CAPTURE_TOOL, "sbx_capture")
+    script = script.replace(monitor.EVENTS_DIR, str(directory))
+    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True)
+    text = "@@boot b\n" + result.stdout + "\n@@clock 1000.0 100.0\n@@kmsg\n@@kmsgerr\n@@end\n"
+    snapshot = monitor.parse_snapshot(text)
+    assert snapshot.capture_loaded
+    return [e.seq for e in snapshot.events], monitor.process(snapshot, cursor).cursor
 
 
-def _read_audit_log(log: Path, cursor: monitor.Cursor) -> tuple[list[int], monitor.Cursor]:
-    """Runs audit_log_script on real files; the serials it printed, and the cursor after it."""
-    result = subprocess.run(
-        ["sh", "-c", monitor.audit_log_script(cursor.audit_inode, cursor.audit_offset, str(log))],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    _, inode, size = result.stderr.split()
-    snapshot = monitor.parse_snapshot(_output([], audit_pos=(int(inode), int(size))))
-    serials = [int(line.split(":")[1].split(")")[0]) for line in result.stdout.splitlines()]
-    return serials, monitor.process(snapshot, cursor).cursor
-
-
-def test_the_audit_log_is_read_from_where_the_last_collection_ended(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A small re-read window, so that these few lines cross it.
-    monkeypatch.setattr(monitor, "AUDIT_REREAD_BYTES", len(_audit_line(1)) * 3 + 7)
-    log = tmp_path / "audit.log"
-    (tmp_path / "audit.log.1").write_text(_audit_line(0))  # rotated before the sandbox's time
-    log.write_text("".join(_audit_line(s) for s in range(1, 11)))
-    first, cursor = _read_audit_log(log, monitor.Cursor())
-    assert first == list(range(11))
-    assert cursor.audit_inode == log.stat().st_ino
-    assert cursor.audit_offset == log.stat().st_size - monitor.AUDIT_REREAD_BYTES
-
+def test_the_events_file_is_read_from_where_the_last_collection_ended(tmp_path: Path) -> None:
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    log = tmp_path / f"{boot}.log"
+    log.write_text("".join(_event(s, 950.0 + s / 1000, ret=-101) for s in range(1, 11)))
+    first, cursor = _read_events(tmp_path, monitor.Cursor(boot_id="b"))
+    assert first == list(range(1, 11))
+    assert (cursor.events_inode, cursor.events_offset) == (log.stat().st_ino, log.stat().st_size)
     with log.open("a") as f:
-        f.write("".join(_audit_line(s) for s in range(11, 14)))
-    second, cursor = _read_audit_log(log, cursor)
-    # The window starts inside line 7: that line is dropped, 8..10 are read again.
-    assert second == list(range(8, 14))
-
-    # auditd rotates (max_log_file) after writing 14: the file read so far becomes audit.log.1.
-    (tmp_path / "audit.log.1").rename(tmp_path / "audit.log.2")
-    with log.open("a") as f:
-        f.write(_audit_line(14))
-    log.rename(tmp_path / "audit.log.1")
-    log.write_text("".join(_audit_line(s) for s in range(15, 17)))
-    third, cursor = _read_audit_log(log, cursor)
-    assert third == list(range(11, 17))
-    assert cursor.audit_inode == log.stat().st_ino
-
-    # Nothing new: only the re-read window, never the rotated files again.
-    fourth, cursor = _read_audit_log(log, cursor)
-    assert fourth == [15, 16]
-    # A cursor from before this position existed reads every file, oldest first.
-    everything, _ = _read_audit_log(log, monitor.Cursor())
-    assert everything == [0, *range(1, 17)]
+        f.write("".join(_event(s, 950.0 + s / 1000, ret=-101) for s in range(11, 14)))
+    second, cursor = _read_events(tmp_path, cursor)
+    assert second == [11, 12, 13]
+    third, cursor = _read_events(tmp_path, cursor)
+    assert third == []
+    # Another file in its place (guest root removed it): read whole.
+    log.unlink()
+    log.write_text(_event(20, 951.0, ret=-101))
+    fourth, _ = _read_events(tmp_path, cursor)
+    assert fourth == [20]
 
 
-def test_a_reboot_keeps_the_audit_log_position() -> None:
-    cursor = monitor.Cursor(boot_id="earlier", audit_inode=12, audit_offset=3000)
-    text = _output([], audit_pos=(12, 9000))
-    after = monitor.process(monitor.parse_snapshot(text), cursor).cursor
-    expected = max(9000 - monitor.AUDIT_REREAD_BYTES, 3000)
-    assert (after.audit_inode, after.audit_offset) == (12, expected)
-    again = monitor.Cursor.from_json(after.to_json())
-    assert (again.audit_inode, again.audit_offset) == (12, after.audit_offset)
+def test_a_reboot_starts_on_the_new_boots_events_file() -> None:
+    cursor = monitor.Cursor(boot_id="earlier", events_inode=12, events_offset=3000, capture_seq=9)
+    text = _output([], _event(1, 950.0, ret=-101), events_pos=(13, 90))
+    out = monitor.process(monitor.parse_snapshot(text), cursor)
+    assert [a.pid for a in out.attempts] == [1]
+    assert (out.cursor.events_inode, out.cursor.events_offset) == (13, 90)
+    assert not any("loaded again" in w for w in out.warnings)  # a new boot counts from 0
+    again = monitor.Cursor.from_json(out.cursor.to_json())
+    assert again == out.cursor
 
 
-def test_changed_audit_rules_and_a_stopped_auditd_are_reported() -> None:
-    def warnings(*status: str) -> list[str]:
-        text = _output([], status=("enabled 1", *status))
-        return monitor.process(monitor.parse_snapshot(text), monitor.Cursor()).warnings
-
-    assert warnings("pid 321", f"rules {monitor.AUDIT_RULES}") == []
-    deleted = warnings("pid 321", "rules 0")
-    assert len(deleted) == 1 and f"0 of the {monitor.AUDIT_RULES} audit rules" in deleted[0]
-    stopped = warnings("pid 0", "rules 0")
-    assert len(stopped) == 1 and "auditd was not running" in stopped[0]
-
-
-def test_the_image_loads_as_many_connect_rules_as_collections_expect() -> None:
-    rules = Path(__file__).parent.parent / "images/rootfs/etc/audit/rules.d/audit.rules"
-    loaded = [
-        line
-        for line in rules.read_text().splitlines()
-        if line.startswith("-a always,exit") and line.endswith(f"-k {monitor.AUDIT_KEY}")
-    ]
-    assert len(loaded) == monitor.AUDIT_RULES
+def test_a_cursor_of_the_auditd_collector_still_loads() -> None:
+    old = {
+        "boot_id": "b",
+        "kmsg_seq": 41,
+        "audit_seen": [1, 2],
+        "audit_inode": 5,
+        "audit_offset": 9,
+        "pending_audit": [],
+        "losses": ["x"],
+    }
+    cursor = monitor.Cursor.from_json(json.dumps(old))
+    assert (cursor.kmsg_seq, cursor.events_offset, cursor.losses) == (41, 0, ("x",))
 
 
 def test_incomplete_output_is_an_error() -> None:
@@ -540,13 +526,13 @@ def test_parsing_speed() -> None:
     """Records per second the pure side handles (printed; the bound only catches a blow-up)."""
     n = 5000
     kmsg = [_record(i, 50.0 + i * 0.001, sport=10000 + i) for i in range(n)]
-    audit = "".join(_audit(i + 1, 950.0 + i * 0.001) for i in range(n))
-    text = _output(kmsg, audit, wall=960.0, uptime=60.0)
+    events = "".join(_event(i + 1, 950.0 + i * 0.001) for i in range(n))
+    text = _output(kmsg, events, wall=960.0, uptime=60.0)
     started = time.perf_counter()
     out = monitor.process(monitor.parse_snapshot(text), monitor.Cursor())
     seconds = time.perf_counter() - started
-    print(f"{n} attempts (firewall + audit) joined in {seconds:.2f} s: {n / seconds:.0f}/s")
-    assert len(out.attempts) == n and all(a.evidence == "audit+firewall" for a in out.attempts)
+    print(f"{n} attempts (firewall + connect) joined in {seconds:.2f} s: {n / seconds:.0f}/s")
+    assert len(out.attempts) == n and all(a.evidence == "connect+firewall" for a in out.attempts)
     assert seconds < 30
 
 
@@ -625,28 +611,28 @@ def test_capture_in_a_real_guest(cli: Cli, tmp_path: Path) -> None:
         time.sleep(monitor.SETTLE_SECONDS)
         first = _drive(cli, "collect", name, cursor)
         second = _drive(cli, "collect", name, cursor)
-        # Guest root removes the audit rules, then kills auditd: the collection after each (the
-        # one `exec` makes) says so and puts things back, so later attempts are attributed.
-        deleted = cli.ok("exec", "--name", name, "--", "auditctl", "-D")
-        killed = cli.ok(
-            "exec",
-            "--name",
-            name,
-            "--",
-            "sh",
-            "-c",
-            "pkill -x auditd; while pgrep -x auditd >/dev/null; do sleep 0.1; done",
+        # Guest root detaches the capture and an attempt follows: the collection after it (the
+        # one `exec` makes) says so and attaches it again, so later attempts are attributed.
+        detached = (
+            "sbx-capture unload; runuser -u sandbox -- "
+            "bash -c 'echo $$; exec 3<>/dev/tcp/198.51.100.9/82' || true"
         )
+        removed = cli.ok("exec", "--name", name, "--", "sh", "-c", detached)
+        unattributed_pid = int(removed.stdout.split()[0])
         later_pid = _bash_connect(cli, name, 81)
         time.sleep(monitor.SETTLE_SECONDS)
         logged = cli.ok("logs", "--name", name, "--json").stdout
     finally:
         cli.run("destroy", "--name", name, timeout=300)
-    assert f"0 of the {monitor.AUDIT_RULES} audit rules" in deleted.stderr
-    assert "auditd was not running" in killed.stderr
+    assert "the connect() capture was not attached" in removed.stderr
     healed = [Attempt.from_json(line) for line in logged.splitlines()]
     assert [(a.exe, a.dport, a.evidence) for a in healed if a.pid == later_pid] == [
-        ("/usr/bin/bash", 81, "audit+firewall")
+        ("/usr/bin/bash", 81, "connect+firewall")
+    ]
+    # The attempt made while it was detached is still there, from the firewall alone.
+    assert unattributed_pid not in {a.pid for a in healed}
+    assert [(a.dport, a.uid, a.evidence) for a in healed if a.dport == 82] == [
+        (82, 1000, "firewall")
     ]
     samples = os.environ.get("SANDBOX_MONITOR_SAMPLES")
     if samples:
@@ -660,6 +646,9 @@ def test_capture_in_a_real_guest(cli: Cli, tmp_path: Path) -> None:
 
     mine = [a for a in attempts if a.pid == php_pid]
     assert {a.exe for a in mine} == {"/usr/bin/php8.2"}
+    # argv as it was at each connect (the first 128 bytes): one process, one command line.
+    assert len({a.cmdline for a in mine}) == 1
+    assert all(a.cmdline and a.cmdline.startswith("php -r ") for a in mine)
     assert sorted(
         (a.verdict.value, a.proto, a.family, a.dst, a.dport, a.uid) for a in mine
     ) == sorted(
@@ -670,7 +659,7 @@ def test_capture_in_a_real_guest(cli: Cli, tmp_path: Path) -> None:
             ("blocked", "tcp", 6, "2001:db8:1::9", 80, 0),
         ]
     )
-    assert all(a.evidence == "audit+firewall" for a in mine)
+    assert all(a.evidence == "connect+firewall" for a in mine)
     by_bash = [a for a in attempts if a.pid == bash_pid]
     assert [(a.exe, a.verdict, a.proto, a.dst, a.dport, a.uid) for a in by_bash] == [
         ("/usr/bin/bash", Verdict.BLOCKED, "tcp", "198.51.100.9", 80, 1000)
@@ -682,7 +671,7 @@ def test_second_real_collection_adds_nothing() -> None:
     assert len(first.attempts) == 8 and first.cursor.pending == ()
     second = monitor.process(_snapshot("collect-2.txt"), first.cursor)
     assert second.attempts == [] and second.warnings == []
-    assert second.cursor.kmsg_seq == 544
+    assert second.cursor.kmsg_seq == _snapshot("collect-2.txt").kmsg_last == 542
 
 
 _BURST = 10_000
@@ -694,12 +683,6 @@ echo getmypid(), "\\n";
 
 @pytest.mark.vm
 @pytest.mark.root
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 4: 1 CI run of 6 lost 50 consecutive audit events of a 10,000 burst with "
-    "`lost 0`: kauditd's uncounted drop (no audit=1) of records an idle-priority auditd could "
-    "not take; all three are fixed since; strict once more CI runs show it gone",
-)
 def test_a_burst_of_attempts_loses_nothing(cli: Cli, tmp_path: Path) -> None:
     name = "monburst"
     cli.ok("up", "--name", name, "--allow", "203.0.113.7")
@@ -721,5 +704,5 @@ def test_a_burst_of_attempts_loses_nothing(cli: Cli, tmp_path: Path) -> None:
     mine = [a for a in attempts if a.pid == php_pid]
     assert len(mine) == _BURST
     assert {(a.verdict, a.dst, a.dport, a.evidence) for a in mine} == {
-        (Verdict.BLOCKED, "198.51.100.9", 80, "audit+firewall")
+        (Verdict.BLOCKED, "198.51.100.9", 80, "connect+firewall")
     }

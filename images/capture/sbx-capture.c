@@ -1,0 +1,218 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * sbx-capture: loads connect.bpf.o and keeps it attached with no process of its own (its links
+ * and maps pinned in bpffs), and drains its ring buffer when a collection asks.
+ *
+ *   sbx-capture load OBJECT   attach (nothing to do if it is attached already)
+ *   sbx-capture check         exit 0 if attached; else say what is missing, exit 1
+ *   sbx-capture drain FILE    append every event waiting in the ring buffer to FILE, one line
+ *                             each; print the counters and both clocks on stdout
+ *   sbx-capture unload        detach (the events not drained are gone)
+ *
+ * An event line: "c SEQ MONO_NS PID TID PPID UID RET FAMILY PROTOCOL ADDRESS PORT EXE ARGV"
+ * (PROTOCOL: the socket's IP protocol number), EXE and ARGV
+ * escaped (bytes outside '!'..'~', and '\', as \xNN; ARGV's NULs between arguments too);
+ * EXE is "-" when the process has none, and starts with "..." when deeper than the event holds.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
+
+#include "event.h"
+
+#define PIN_DIR "/sys/fs/bpf/sandbox"
+#define PIN_EVENTS PIN_DIR "/sbx_events"
+#define PIN_COUNTS PIN_DIR "/sbx_counts"
+#define PIN_LINK PIN_DIR "/link_sbx_connect"
+
+static int print_libbpf(enum libbpf_print_level level, const char *format, va_list args)
+{
+	if (level == LIBBPF_DEBUG)
+		return 0;
+	return vfprintf(stderr, format, args);
+}
+
+static void escaped(FILE *out, const char *data, size_t len)
+{
+	for (size_t i = 0; i < len; i++) {
+		unsigned char c = (unsigned char)data[i];
+
+		if (c < '!' || c > '~' || c == '\\')
+			fprintf(out, "\\x%02x", c);
+		else
+			fputc(c, out);
+	}
+}
+
+static int print_event(void *ctx, void *data, size_t size)
+{
+	FILE *out = ctx;
+	const struct sbx_event *e = data;
+	char address[INET6_ADDRSTRLEN] = "?";
+	int depth;
+
+	if (size < sizeof(*e))
+		return 0;
+	inet_ntop(e->family == 2 ? AF_INET : AF_INET6, e->addr, address, sizeof(address));
+	fprintf(out, "c %llu %llu %u %u %u %u %d %u %u %s %u ", (unsigned long long)e->seq,
+		(unsigned long long)e->time_ns, (unsigned)(e->pid_tgid >> 32),
+		(unsigned)(e->pid_tgid & 0xffffffff), e->ppid, (unsigned)(e->uid_gid & 0xffffffff),
+		e->ret, e->family == 2 ? 4 : 6, e->protocol, address, ntohs(e->port));
+	depth = e->exe_depth & ~SBX_EXE_TRUNCATED;
+	if (depth == 0 && !(e->exe_depth & SBX_EXE_TRUNCATED))
+		fputc('-', out);
+	if (e->exe_depth & SBX_EXE_TRUNCATED)
+		fputs("...", out);
+	for (int i = depth - 1; i >= 0 && i < SBX_EXE_DEPTH; i--) {
+		fputc('/', out);
+		escaped(out, e->exe[i], strnlen(e->exe[i], SBX_NAME_BYTES));
+	}
+	fputc(' ', out);
+	if (e->argv_len == 0)
+		fputc('-', out);
+	escaped(out, e->argv, e->argv_len < SBX_ARGV_BYTES ? e->argv_len : SBX_ARGV_BYTES);
+	fputc('\n', out);
+	return 0;
+}
+
+static int load(const char *path)
+{
+	struct bpf_object *obj;
+	struct bpf_program *prog;
+	struct bpf_link *link;
+	int err;
+
+	if (access(PIN_LINK, F_OK) == 0)
+		return 0;
+	obj = bpf_object__open_file(path, NULL);
+	if (!obj) {
+		fprintf(stderr, "sbx-capture: cannot open %s: %s\n", path, strerror(errno));
+		return 1;
+	}
+	err = bpf_object__load(obj);
+	if (err) {
+		fprintf(stderr, "sbx-capture: the kernel refused %s: %s\n", path, strerror(-err));
+		return 1;
+	}
+	if (mkdir(PIN_DIR, 0700) && errno != EEXIST) {
+		fprintf(stderr, "sbx-capture: mkdir %s: %s\n", PIN_DIR, strerror(errno));
+		return 1;
+	}
+	/* maps from an earlier, half-done load would hold the wrong ring: start afresh */
+	unlink(PIN_EVENTS);
+	unlink(PIN_COUNTS);
+	err = bpf_object__pin_maps(obj, PIN_DIR);
+	if (err) {
+		fprintf(stderr, "sbx-capture: pinning the maps: %s\n", strerror(-err));
+		return 1;
+	}
+	bpf_object__for_each_program(prog, obj) {
+		link = bpf_program__attach(prog);
+		if (!link) {
+			fprintf(stderr, "sbx-capture: attaching %s: %s\n", bpf_program__name(prog),
+				strerror(errno));
+			return 1;
+		}
+		err = bpf_link__pin(link, PIN_LINK);
+		if (err) {
+			fprintf(stderr, "sbx-capture: pinning %s: %s\n", PIN_LINK, strerror(-err));
+			return 1;
+		}
+	}
+	return 0;
+}
+
+static int check(void)
+{
+	const char *pins[] = {PIN_LINK, PIN_EVENTS, PIN_COUNTS};
+	int missing = 0;
+
+	for (size_t i = 0; i < sizeof(pins) / sizeof(pins[0]); i++) {
+		int fd = bpf_obj_get(pins[i]);
+
+		if (fd < 0) {
+			printf("missing %s\n", pins[i]);
+			missing = 1;
+		} else {
+			close(fd);
+		}
+	}
+	return missing;
+}
+
+static double clock_seconds(clockid_t id)
+{
+	struct timespec ts;
+
+	clock_gettime(id, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static int drain(const char *path)
+{
+	struct ring_buffer *ring;
+	int events, counts, n;
+	__u64 values[SBX_COUNTERS] = {0};
+	FILE *out;
+
+	events = bpf_obj_get(PIN_EVENTS);
+	counts = bpf_obj_get(PIN_COUNTS);
+	if (events < 0 || counts < 0) {
+		printf("@@capture missing\n");
+		return 0;
+	}
+	out = fopen(path, "a");
+	if (!out) {
+		fprintf(stderr, "sbx-capture: cannot open %s: %s\n", path, strerror(errno));
+		return 1;
+	}
+	ring = ring_buffer__new(events, print_event, out, NULL);
+	if (!ring) {
+		fprintf(stderr, "sbx-capture: cannot read the ring buffer: %s\n", strerror(errno));
+		return 1;
+	}
+	n = ring_buffer__consume(ring);
+	if (fclose(out)) {
+		fprintf(stderr, "sbx-capture: writing %s: %s\n", path, strerror(errno));
+		return 1;
+	}
+	for (__u32 i = 0; i < SBX_COUNTERS; i++)
+		bpf_map_lookup_elem(counts, &i, &values[i]);
+	printf("@@capture ok %d %llu %llu\n", n, (unsigned long long)values[SBX_COUNT_SEQ],
+	       (unsigned long long)values[SBX_COUNT_DROPPED]);
+	/* both clocks at one moment: event times are CLOCK_MONOTONIC */
+	printf("@@captureclock %.9f %.9f\n", clock_seconds(CLOCK_MONOTONIC),
+	       clock_seconds(CLOCK_REALTIME));
+	return n < 0;
+}
+
+static int unload(void)
+{
+	unlink(PIN_LINK);
+	unlink(PIN_EVENTS);
+	unlink(PIN_COUNTS);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	libbpf_set_print(print_libbpf);
+	if (argc == 3 && strcmp(argv[1], "load") == 0)
+		return load(argv[2]);
+	if (argc == 2 && strcmp(argv[1], "check") == 0)
+		return check();
+	if (argc == 3 && strcmp(argv[1], "drain") == 0)
+		return drain(argv[2]);
+	if (argc == 2 && strcmp(argv[1], "unload") == 0)
+		return unload();
+	fprintf(stderr, "usage: sbx-capture load OBJECT | check | drain FILE | unload\n");
+	return 2;
+}
