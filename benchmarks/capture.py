@@ -5,19 +5,16 @@ UDP allowed, UDP blocked. Printed from the same run: the share of attempts each 
 and the program's run time under each capture configuration against capture off. Runs inside the
 namespace lab (it re-executes itself there), as root.
 
-    python benchmarks/capture.py [--counts 1000 10000] [--rounds 2]
-    python benchmarks/capture.py --counts --variants off on flush-none no-proctitle --rounds 4
+    python benchmarks/capture.py [--counts 1000 10000] [--rounds 3]
+    python benchmarks/capture.py --counts --variants bare off on --rounds 5
 
-Configurations (--variants) change the running guest's auditd.conf and audit rules, never the
-image, and restart auditd before every timed run, the image's own configuration included:
-- disabled: auditing off (`auditctl -e 0`): no audit work in any syscall, the true "capture off";
-- off: no audit rules, auditd runs (syscalls still pass the kernel's audit entry and exit hooks);
-- on: the image's configuration; inet-only: connect audited for inet and inet6 addresses only;
-- flush-none, no-proctitle, no-eoe, lean (flush-none and no-proctitle), leanest (all of them and
-  inet-only), no-boost (priority_boost 0), idle (auditd and kauditd SCHED_IDLE), lean-idle
-  (leanest and idle), proposed (idle, no-eoe and inet-only: every field kept): candidates;
-- no-write (auditd receives and does not write) and no-match (the connect rule is loaded but
-  never matches) split what remains: the kernel's syscall path, the records, the daemon, the disk.
+Configurations (--variants) change the running guest, never the image:
+- on: as the image boots: the firewall's LOG rules and the eBPF connect() capture attached;
+- off: the capture detached (`sbx-capture unload`), the LOG rules kept: what the capture's
+  program costs inside connect();
+- bare: the capture detached and the firewall's LOG rules taken out (the recipe's plain
+  accept/reject rules): no record of anything, the true "capture off".
+The capture is attached again (and the rules put back) after the timed runs.
 `--setup` runs a shell snippet in the guest once after `up` (e.g. firewall rules to try).
 """
 
@@ -62,67 +59,41 @@ LSOF_LOOP = (
     "while :; do lsof -i -nP -a -c php -F pn 2>/dev/null; echo @@; sleep 1; done > /tmp/lsof.out"
 )
 
-# The image's auditd configuration, kept aside once so that every variant starts from it.
+# The policy's rules as `up` loaded them, kept aside once so that every variant starts from them.
 _SAVED = "/root/sbx-bench"
 _SAVE = (
-    f"mkdir -p {_SAVED}; [ -e {_SAVED}/auditd.conf ] || "
-    f"cp /etc/audit/auditd.conf /etc/audit/rules.d/audit.rules {_SAVED}/"
+    f"mkdir -p {_SAVED}; [ -e {_SAVED}/v4.rules ] || "
+    f"{{ iptables-save > {_SAVED}/v4.rules && ip6tables-save > {_SAVED}/v6.rules; }}"
 )
-_CONF = "/etc/audit/auditd.conf"
-_RULES = "/etc/audit/rules.d/audit.rules"
-_EXCLUDE_PROCTITLE = f"echo '-a never,exclude -F msgtype=PROCTITLE' >> {_RULES}"
-# The end-of-event marker the kernel sends after every multi-record event: auditd does not write
-# it in RAW logs and ausearch groups records by serial without it.
-_EXCLUDE_EOE = f"echo '-a never,exclude -F msgtype=EOE' >> {_RULES}"
-_FLUSH_NONE = f"sed -i 's/^flush = .*/flush = NONE/' {_CONF}"
-# Only inet and inet6 destinations (connects to AF_UNIX sockets, e.g. /dev/log, make four records
-# each, a PATH among them, and are not attempts).
-_INET_ONLY = (
-    f"sed -i -e 's/-S connect -k/-S connect -F saddr_fam=2 -k/p' "
-    f"-e 's/-S connect -F saddr_fam=2 -k/-S connect -F saddr_fam=10 -k/' {_RULES}"
+_ATTACH = f"{monitor.CAPTURE_TOOL} load {monitor.CAPTURE_OBJECT}"
+_DETACH = f"{monitor.CAPTURE_TOOL} unload"
+_NO_LOG = (
+    f"grep -v -- '-j LOG' {_SAVED}/v4.rules | iptables-restore && "
+    f"grep -v -- '-j LOG' {_SAVED}/v6.rules | ip6tables-restore"
 )
 VARIANTS = {
-    "disabled": "",
-    "off": "",
-    "on": "",
-    "inet-only": _INET_ONLY,
-    "flush-none": _FLUSH_NONE,
-    "no-proctitle": _EXCLUDE_PROCTITLE,
-    "no-eoe": _EXCLUDE_EOE,
-    "lean": f"{_FLUSH_NONE}; {_EXCLUDE_PROCTITLE}",
-    "leanest": f"{_FLUSH_NONE}; {_EXCLUDE_PROCTITLE}; {_EXCLUDE_EOE}; {_INET_ONLY}",
-    "no-boost": f"sed -i 's/^priority_boost = .*/priority_boost = 0/' {_CONF}",
-    "idle": f"sed -i 's/^priority_boost = .*/priority_boost = 0/' {_CONF}",
-    "lean-idle": f"sed -i 's/^priority_boost = .*/priority_boost = 0/' {_CONF}; "
-    f"{_FLUSH_NONE}; {_EXCLUDE_PROCTITLE}; {_EXCLUDE_EOE}; {_INET_ONLY}",
-    # What keeps every field of an attempt (PROCTITLE is the command line).
-    "proposed": f"sed -i 's/^priority_boost = .*/priority_boost = 0/' {_CONF}; "
-    f"{_EXCLUDE_EOE}; {_INET_ONLY}",
-    "no-write": f"sed -i 's/^write_logs = .*/write_logs = no/' {_CONF}",
-    "no-match": f"sed -i 's/ -k sbx-connect/ -F uid=4242 -k sbx-connect/' {_RULES}",
+    "on": _ATTACH,
+    "off": _DETACH,
+    "bare": f"{_DETACH}; {_NO_LOG}",
 }
 
 
 def variant_script(name: str) -> str:
-    """Shell that puts the guest's auditd in configuration `name` (from the image's own)."""
-    lines = [
-        "set -e",
-        _SAVE,
-        f"cp {_SAVED}/auditd.conf {_CONF}",
-        f"cp {_SAVED}/audit.rules {_RULES}",
-        VARIANTS[name],
-        # The unit's ExecStartPost loads rules.d; a restart also rereads auditd.conf.
-        "systemctl restart auditd.service",
-        "auditctl -D >/dev/null" if name == "off" else "auditctl -l | grep -q sbx-connect",
-        "auditctl -e 0 >/dev/null" if name == "disabled" else "",
-        # auditd and kauditd only on a CPU nothing else wants: the records wait in the kernel's
-        # backlog (65536 records, ~16,000 connects) instead of taking the program's time.
-        "chrt --idle -p 0 $(pidof auditd) && chrt --idle -p 0 $(pgrep -x kauditd)"
-        if name in ("idle", "lean-idle", "proposed")
-        else "",
-        "sync",
-    ]
-    return "\n".join(line for line in lines if line)
+    """Shell that puts the guest in configuration `name` (from the policy's own rules), with
+    nothing left of the previous run: its TIME_WAIT sockets would make connect()'s search for a
+    free port slower (none are kept: tcp_max_tw_buckets 0), its flows would fill conntrack."""
+    return "\n".join(
+        [
+            "set -e",
+            _SAVE,
+            f"iptables-restore < {_SAVED}/v4.rules",
+            f"ip6tables-restore < {_SAVED}/v6.rules",
+            VARIANTS[name],
+            "sysctl -qw net.ipv4.tcp_max_tw_buckets=0",
+            "conntrack -F 2>/dev/null || true",
+            "sync",
+        ]
+    )
 
 
 class Sandbox:
@@ -196,7 +167,7 @@ def completeness(box: Sandbox, counts: list[int]) -> None:
 
 def overhead(box: Sandbox, n: int, variants: list[str], rounds: int) -> None:
     """Each round runs every variant once, in an order rotated by one per round (the machine's
-    load drifts: neighbours in time share it), and compares medians with `off`."""
+    load drifts: neighbours in time share it), and compares medians with `bare` (or `off`)."""
     times: dict[str, list[float]] = {v: [] for v in variants}
     for round_no in range(rounds):
         shift = round_no % len(variants)
@@ -205,23 +176,37 @@ def overhead(box: Sandbox, n: int, variants: list[str], rounds: int) -> None:
             times[name].append(box.run_program(n, collect=False))
             print(f"  round {round_no + 1} {name}: {times[name][-1]:.2f} s", flush=True)
     box.ssh(variant_script("on"))
-    reference = "disabled" if "disabled" in times else "off"
-    base = statistics.median(times[reference]) if reference in times else None
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    reference = "bare" if "bare" in times else "off"
+    base = medians.get(reference)
     print(f"run time of {n} attempts (median of {rounds}), against {reference}:")
     for name in variants:
-        median = statistics.median(times[name])
-        ratio = f"  {median / base:.3f} x ({(median / base - 1) * 100:+.1f} %)" if base else ""
+        ratio = ""
+        if base:
+            ratio = f"  {medians[name] / base:.3f} x ({(medians[name] / base - 1) * 100:+.1f} %)"
         runs = ", ".join(f"{t:.2f}" for t in times[name])
-        print(f"  {name:<13} {median:7.2f} s{ratio}   [{runs}]", flush=True)
-    if base and "on" in times:
+        print(f"  {name:<5} {medians[name]:7.2f} s{ratio}   [{runs}]", flush=True)
+    # Each round's variants ran next to each other: their ratios share that round's load.
+    for name, against in (("on", reference), ("on", "off"), ("off", "bare")):
+        if name in times and against in times and name != against:
+            paired = statistics.median(
+                a / b for a, b in zip(times[name], times[against], strict=True)
+            )
+            print(
+                f"  {name} against {against}, median of the rounds' ratios: {paired:.3f} x "
+                f"({(paired - 1) * 100:+.1f} %)"
+            )
+    if base and "on" in medians:
         print(f"target: on <= +5 % over {reference}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--counts", type=int, nargs="*", default=[1000, 10000])
-    parser.add_argument("--rounds", type=int, default=2, help="timed runs per variant")
-    parser.add_argument("--variants", nargs="+", default=["on", "off"], choices=list(VARIANTS))
+    parser.add_argument("--rounds", type=int, default=3, help="timed runs per variant")
+    parser.add_argument(
+        "--variants", nargs="+", default=["bare", "off", "on"], choices=list(VARIANTS)
+    )
     parser.add_argument("--attempts", type=int, help="N of the timed runs (default: max count)")
     parser.add_argument("--name", default="bench-capture", help="the sandbox's name")
     parser.add_argument(

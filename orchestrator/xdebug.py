@@ -442,12 +442,14 @@ NETWORK_FUNCTIONS = RESOLVER_FUNCTIONS | frozenset(
     }
 )
 
-# Audit's stamp is the kernel's coarse clock at connect() entry, cut to the millisecond: the
-# true time is at or after it. How far after is the tick's lag, which TCG stretches: the stamps
-# of 100 back-to-back connects came 0.9-9.6 ms before the fsockopen() that made them even
-# started (12.6 ms in another run). Within LATE every lag is taken as equally likely. A stamp
-# may also come out slightly after the call ended: both clocks are the guest's wall clock, but
-# xdebug's is anchored once at the process's start and a step or slew since then shows.
+# An attempt's stamp is its connect()'s return (CLOCK_MONOTONIC converted to wall time at the
+# collection), inside the call that made it. LATE covers the stamps of the samples in
+# tests/data/xdebug, taken when they came from auditd: the kernel's coarse clock at connect()
+# entry, cut to the millisecond, whose tick lag TCG stretches: the stamps of 100 back-to-back
+# connects came 0.9-9.6 ms before the fsockopen() that made them even started (12.6 ms in
+# another run). Within LATE every lag is taken as equally likely. A stamp may also come out
+# slightly after the call ended: both clocks are the guest's, but xdebug's is anchored once at
+# the process's start on the wall clock, and a step or slew since then shows.
 LATE = 0.025
 EARLY = 0.002
 _STAMP_WIDTH = 0.001

@@ -3,7 +3,7 @@
 #define SBX_EVENT_H
 
 #define SBX_RING_BYTES (16 * 1024 * 1024) /* ~40,000 events between two collections */
-#define SBX_ARGV_BYTES 128                /* as much of argv as audit's PROCTITLE kept */
+#define SBX_ARGV_BYTES 128                /* the first bytes of argv, NUL-separated */
 #define SBX_NAME_BYTES 32                 /* per name in the executable's path */
 #define SBX_EXE_DEPTH 8                   /* names in the path (a power of two) */
 #define SBX_EXE_MOUNTS 4                  /* mount points crossed on the way up */
