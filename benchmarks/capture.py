@@ -13,7 +13,9 @@ Configurations (--variants) change the running guest, never the image:
 - off: the capture detached (`sbx-capture unload`), the LOG rules kept: what the capture's
   program costs inside connect();
 - bare: the capture detached and the firewall's LOG rules taken out (the recipe's plain
-  accept/reject rules): no record of anything, the true "capture off".
+  accept/reject rules): no record of anything, the true "capture off";
+- nflog: as bare, but with every LOG rule an NFLOG rule to a group nobody reads: what the
+  verdict records would cost if they did not go through the kernel log (a candidate).
 The capture is attached again (and the rules put back) after the timed runs.
 `--setup` runs a shell snippet in the guest once after `up` (e.g. firewall rules to try).
 """
@@ -71,10 +73,18 @@ _NO_LOG = (
     f"grep -v -- '-j LOG' {_SAVED}/v4.rules | iptables-restore && "
     f"grep -v -- '-j LOG' {_SAVED}/v6.rules | ip6tables-restore"
 )
+_NFLOG = (
+    'sed -e \'s/-j LOG --log-prefix \\("[^"]*"\\) --log-uid/-j NFLOG --nflog-prefix \\1 '
+    f"--nflog-group 7/' {_SAVED}/v4.rules | iptables-restore && "
+    'sed -e \'s/-j LOG --log-prefix \\("[^"]*"\\) --log-uid/-j NFLOG --nflog-prefix \\1 '
+    f"--nflog-group 7/' {_SAVED}/v6.rules | ip6tables-restore && "
+    "iptables-save | grep -q -- '-j NFLOG'"
+)
 VARIANTS = {
     "on": _ATTACH,
     "off": _DETACH,
     "bare": f"{_DETACH}; {_NO_LOG}",
+    "nflog": f"{_DETACH}; {_NFLOG}",
 }
 
 

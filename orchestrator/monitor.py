@@ -8,12 +8,14 @@ Two sources, both written by the guest's kernel at the moment of the attempt:
   addresses and ports, and the socket owner's uid. Each record has a sequence number, so a
   collection takes each record exactly once and sees any it missed (a gap, or a buffer that
   wrapped) instead of guessing.
-- an eBPF program on the return of every connect() to an inet or inet6 address
+- an eBPF program on the entry and return of every connect() to an inet or inet6 address
   (images/capture/connect.bpf.c, loaded at boot by `sbx-capture load`): which process (pid,
-  parent, uid, executable, argv as it is at that moment) and its result. It writes into a ring
-  buffer that nothing reads while the software runs; each collection drains it into a file of
-  the guest (`sbx-capture drain`, one line per connect) and reads that file from where the last
-  collection ended.
+  parent, uid, executable, argv as it is at that moment), the socket's protocol and the result.
+  It writes into a ring buffer that nothing reads while the software runs; each collection
+  drains it into a file of the guest (`sbx-capture drain`, one line per connect) and reads that
+  file from where the last collection ended. A connect() still waiting (a blocking one whose
+  SYN gets no answer waits minutes) is printed "in flight": it can pair with its firewall record
+  now, and its return, later, is not taken a second time.
   PHP's connects are non-blocking, so connect() says EINPROGRESS for allowed and blocked alike:
   the verdict always comes from the firewall record.
 
@@ -81,6 +83,7 @@ START_TIMEOUT = 60.0
 _RESEND_ID_STEP = 4
 _RESEND_MIN_SECONDS = 0.5
 _EINPROGRESS = -115
+_IN_FLIGHT = 1  # images/capture/event.h SBX_RET_INFLIGHT
 _NOT_REFUSED = {0, _EINPROGRESS, -114, -106}  # ok, EINPROGRESS, EALREADY, EISCONN
 
 START_HINT = (
@@ -220,14 +223,14 @@ class ConnectEvent:
     """One connect() to an inet or inet6 address, as the eBPF program saw it return."""
 
     seq: int  # the program's own count (starts again when it is loaded again)
-    mono_ns: int  # CLOCK_MONOTONIC at the return, nanoseconds
+    mono_ns: int  # CLOCK_MONOTONIC at the entry, nanoseconds
     tid: int
     time: float  # the same moment, guest wall clock, epoch seconds
     family: int  # 4 | 6 (IPv4-mapped IPv6 addresses count as 4: that is what leaves the guest)
     proto: str  # the socket's protocol, as the firewall names it ("tcp", "udp", ...; "": unknown)
     dst: str
     dport: int
-    exit: int  # what connect() returned: 0 or -errno
+    exit: int  # what connect() returned: 0 or -errno (_IN_FLIGHT: not returned yet)
     pid: int | None
     ppid: int | None
     uid: int | None
@@ -281,7 +284,7 @@ def parse_event_line(line: str, mono_offset: float) -> ConnectEvent | None:
     UID RET FAMILY PROTOCOL ADDRESS PORT EXE ARGV`); None if it is not one. mono_offset: wall
     clock minus CLOCK_MONOTONIC, in seconds."""
     parts = line.split(" ")
-    if len(parts) != 14 or parts[0] != "c":
+    if len(parts) != 14 or parts[0] not in ("c", "i"):
         return None
     numbers = [_int(p) for p in parts[1:10]]
     port = _int(parts[11])
@@ -373,6 +376,7 @@ class Snapshot:
     events_inode: int | None
     events_size: int | None
     events: tuple[ConnectEvent, ...]
+    in_flight: tuple[ConnectEvent, ...]  # connects that had not returned when drained
     firewall: tuple[FirewallRecord, ...]
     kmsg_first: int | None  # the oldest record /dev/kmsg still held
     kmsg_last: int | None  # the newest record read
@@ -388,6 +392,7 @@ def parse_snapshot(text: str) -> Snapshot:
     capture_clock: list[str] = []
     capture: list[str] = []
     capture_error: list[str] = []
+    in_flight: list[str] = []
     boot_id = ""
     events_pos: list[str] = []
     for line in text.splitlines():
@@ -406,6 +411,8 @@ def parse_snapshot(text: str) -> Snapshot:
             current = sections.setdefault(line, [])
         elif current is not None:
             current.append(line)
+        elif line.startswith("i "):
+            in_flight.append(line)
         elif line.startswith("sbx-capture:"):
             capture_error.append(line)
     if _END not in sections or len(clock) != 2:
@@ -439,6 +446,7 @@ def parse_snapshot(text: str) -> Snapshot:
         else wall - uptime
     )
     events = [parse_event_line(line, mono_offset) for line in sections.get(_EVENTS, [])]
+    flying = [parse_event_line(line, mono_offset) for line in in_flight]
     loaded = len(capture) >= 1 and capture[0] == "ok"
     return Snapshot(
         boot_id=boot_id,
@@ -450,6 +458,7 @@ def parse_snapshot(text: str) -> Snapshot:
         events_inode=_int(events_pos[0]) if len(events_pos) == 2 else None,
         events_size=_int(events_pos[1]) if len(events_pos) == 2 else None,
         events=tuple(e for e in events if e is not None),
+        in_flight=tuple(e for e in flying if e is not None and e.exit == _IN_FLIGHT),
         firewall=tuple(records),
         kmsg_first=first,
         kmsg_last=last,
@@ -472,9 +481,10 @@ class Cursor:
     file and the byte the next collection reads it from (0, 0: all of it). capture_seq,
     capture_dropped: the capture's counts at the last collection (they start again when it is
     loaded again). pending / pending_events: items read but not emitted yet, waiting for their
-    other half. flows: recently logged flows → [time, IPv4 ID or None] of their last record (a
-    resent packet is logged again). losses: every loss ever detected, for `sandbox logs` to show
-    next to the records.
+    other half. in_flight_taken: the keys of connects paired while in flight, whose return is
+    not an attempt again. flows: recently logged flows → [time, IPv4 ID or None] of their last
+    record (a resent packet is logged again). losses: every loss ever detected, for `sandbox
+    logs` to show next to the records.
     """
 
     boot_id: str = ""
@@ -485,6 +495,7 @@ class Cursor:
     capture_dropped: int = 0
     pending: tuple[dict[str, Any], ...] = ()
     pending_events: tuple[dict[str, Any], ...] = ()
+    in_flight_taken: tuple[str, ...] = ()
     flows: dict[str, tuple[float, int | None]] = field(default_factory=dict)
     losses: tuple[str, ...] = ()
 
@@ -505,6 +516,7 @@ class Cursor:
                 capture_dropped=int(value.get("capture_dropped", 0)),
                 pending=tuple(dict(p) for p in value.get("pending", [])),
                 pending_events=tuple(dict(p) for p in value.get("pending_events", [])),
+                in_flight_taken=tuple(str(k) for k in value.get("in_flight_taken", [])),
                 flows={
                     str(k): (float(t), None if i is None else int(i))
                     for k, (t, i) in value.get("flows", {}).items()
@@ -548,8 +560,8 @@ def _attempt(record: FirewallRecord | None, event: ConnectEvent | None, boot_id:
     if record is not None:
         return Attempt(
             id=f"k{record.seq}.{boot}",
-            # The connect's own time: the moment it returned, which is inside the call that
-            # made it (orchestrator/xdebug.py attributes by it).
+            # The connect's own time: its entry, which is inside the call that made it
+            # (orchestrator/xdebug.py attributes by it).
             time=iso_time(event.time if event is not None else record.time),
             verdict=record.verdict,
             proto=record.proto,
@@ -782,7 +794,12 @@ def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Colle
         # Sequence numbers, the capture and its events file start again at every boot.
         cursor = Cursor(losses=cursor.losses)
     warnings = _loss_warnings(snapshot, cursor, rebooted)
-    events = [_event_from_json(p) for p in cursor.pending_events] + list(snapshot.events)
+    # A connect paired while in flight is not an attempt again when it returns.
+    taken = set(cursor.in_flight_taken)
+    returned = {e.key for e in snapshot.events}
+    events = [_event_from_json(p) for p in cursor.pending_events]
+    events += [e for e in (*snapshot.events, *snapshot.in_flight) if e.key not in taken]
+    taken -= returned
 
     flows = {k: v for k, v in cursor.flows.items() if v[0] > snapshot.wall - FLOW_MEMORY_SECONDS}
     records = [_record_from_json(p) for p in cursor.pending]
@@ -815,7 +832,11 @@ def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Colle
     pending_events: list[ConnectEvent] = []
     young = snapshot.wall - SETTLE_SECONDS
     for half, event in pairs:
-        if half is not None and event is None and not final and half.time > young:
+        if event is not None and event.exit == _IN_FLIGHT:
+            if half is not None:  # else it comes again: still in flight, or returned
+                attempts.append(_attempt(half, event, snapshot.boot_id))
+                taken.add(event.key)
+        elif half is not None and event is None and not final and half.time > young:
             pending.append(half)  # its connect() may not have returned yet
         elif half is not None and event is None and half.retry:
             continue
@@ -838,6 +859,7 @@ def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Colle
         **_next_events_position(snapshot, cursor),
         pending=tuple(_to_json(r) for r in pending),
         pending_events=tuple(_to_json(e) for e in pending_events),
+        in_flight_taken=tuple(sorted(taken)),
         flows=flows,
         losses=cursor.losses + tuple(warnings),
     )

@@ -130,6 +130,7 @@ def _output(
     first: int = 0,
     capture: str | None = None,
     events_pos: tuple[int, int] | None = None,
+    in_flight: str = "",
 ) -> str:
     """collect_script's output around the given kernel log lines (already `SEQ USEC TEXT`) and
     events-file lines."""
@@ -141,6 +142,7 @@ def _output(
     return "\n".join(
         [
             f"@@boot {boot}",
+            *in_flight.splitlines(),
             capture or f"@@capture ok {count} {count} 0",
             f"@@captureclock {uptime:.9f} {wall:.9f}",
             f"@@eventspos {size[0]} {size[1]}",
@@ -401,6 +403,39 @@ def test_exactly_once_across_collections_with_a_late_connect_event() -> None:
     )
     third = monitor.process(monitor.parse_snapshot(third_text), second.cursor)
     assert third.attempts == [] and third.warnings == []
+
+
+def test_a_connect_still_waiting_pairs_in_flight_and_its_return_is_not_taken_again() -> None:
+    # A blocking connect to a dropped destination: the SYN at 50.0 (logged), the syscall waits;
+    # the SYN is sent again at 51.0 and 53.0 (NEW each time: the dropped one was never
+    # confirmed), and connect() returns ETIMEDOUT two minutes later.
+    flying = _event(7, 950.0, ret=1).replace("c ", "i ", 1)
+    kmsg = [_record(10, 50.0, sport=4, ident=10), _record(11, 51.0, sport=4, ident=11)]
+    first = monitor.process(
+        monitor.parse_snapshot(_output(kmsg, "", in_flight=flying, wall=1005.0, uptime=105.0)),
+        monitor.Cursor(),
+    )
+    assert [(a.id.split(".")[0], a.pid, a.evidence) for a in first.attempts] == [
+        ("k10", 7, "connect+firewall")
+    ]
+    assert len(first.cursor.in_flight_taken) == 1
+    # Still waiting at the next collection: nothing new.
+    kmsg2 = [_record(12, 53.0, sport=4, ident=12)]
+    text = _output(kmsg2, "", in_flight=flying, wall=1010.0, uptime=110.0)
+    second = monitor.process(monitor.parse_snapshot(text), first.cursor)
+    assert second.attempts == [] and second.cursor.in_flight_taken == first.cursor.in_flight_taken
+    # Returned: the same connect, not another attempt; and forgotten.
+    returned = _event(7, 950.0, ret=-110)
+    text = _output([], returned, wall=1130.0, uptime=230.0, capture="@@capture ok 1 8 0")
+    third = monitor.process(monitor.parse_snapshot(text), second.cursor, final=True)
+    assert third.attempts == [] and third.cursor.in_flight_taken == ()
+    # Without the in-flight view the record went out alone and the return came as a second
+    # attempt: what this prevents.
+    alone = monitor.process(
+        monitor.parse_snapshot(_output(kmsg, "", wall=1005.0, uptime=105.0)), monitor.Cursor()
+    )
+    again = monitor.process(monitor.parse_snapshot(text), alone.cursor, final=True)
+    assert [a.evidence for a in alone.attempts + again.attempts] == ["firewall", "connect"]
 
 
 def test_connect_only_attempts_loopback_refused_and_udp_without_packets() -> None:
@@ -672,6 +707,39 @@ def test_second_real_collection_adds_nothing() -> None:
     second = monitor.process(_snapshot("collect-2.txt"), first.cursor)
     assert second.attempts == [] and second.warnings == []
     assert second.cursor.kmsg_seq == _snapshot("collect-2.txt").kmsg_last == 542
+
+
+@pytest.mark.vm
+@pytest.mark.root
+def test_a_connect_that_waits_is_attributed_while_in_flight(cli: Cli, tmp_path: Path) -> None:
+    """With `--blocked drop` a blocking connect() waits for minutes (its SYN is resent, never
+    answered). A collection meanwhile pairs the SYN's record with the connect in flight; when it
+    returns (here: killed), it is not an attempt again."""
+    name = "monwait"
+    cli.ok("up", "--name", name, "--allow", "203.0.113.7", "--blocked", "drop")
+    cursor = tmp_path / "cursor.json"
+    try:
+        _drive(cli, "collect", name, cursor)
+        waiting = (
+            "runuser -u sandbox -- bash -c 'exec 3<>/dev/tcp/198.51.100.9/80' "
+            ">/dev/null 2>&1 & echo $!; sleep 2"
+        )
+        started = cli.ok("ssh", "--name", name, "--", waiting)
+        runuser_pid = int(started.stdout.split()[0])
+        time.sleep(monitor.SETTLE_SECONDS)
+        during = _drive(cli, "collect", name, cursor)
+        cli.ok("ssh", "--name", name, "--", f"pkill -P {runuser_pid}; sleep 1")
+        after = _drive(cli, "collect", name, cursor)
+    finally:
+        cli.run("destroy", "--name", name, timeout=300)
+    assert during["warnings"] == [] and after["warnings"] == []
+    attempts = [Attempt.from_json(line) for line in during["attempts"]]
+    waited = [a for a in attempts if a.dst == "198.51.100.9"]
+    assert [(a.verdict, a.exe, a.uid, a.ppid, a.evidence) for a in waited] == [
+        (Verdict.BLOCKED, "/usr/bin/bash", 1000, runuser_pid, "connect+firewall")
+    ]
+    again = [Attempt.from_json(line) for line in after["attempts"]]
+    assert [a for a in again if a.dst == "198.51.100.9"] == []
 
 
 _BURST = 10_000

@@ -3,8 +3,10 @@
  * The guest's record of every connect() to an inet or inet6 address: which process made it
  * (pid, thread, parent, uid, executable, argv) and where to, with the syscall's result.
  *
- * fexit on __sys_connect_file: connect(2), socketcall(SYS_CONNECT) and io_uring's connect all
- * end there, with the address already copied into the kernel. Each event goes into a ring buffer
+ * fentry and fexit on __sys_connect_file: connect(2), socketcall(SYS_CONNECT) and io_uring's
+ * connect all end there, with the address already copied into the kernel. The event is made at
+ * the entry (its time is the entry's) and sent at the return with the result; while a connect
+ * waits, the drain finds it in flight. Each event goes into a ring buffer
  * that nothing reads until a collection drains it (sbx-capture drain): no daemon runs beside the
  * software under test, and the cost inside connect() is this program alone. A full ring buffer
  * counts the event as dropped (the collection reports it); every event, dropped or not, takes
@@ -88,6 +90,22 @@ struct {
 	__type(value, __u64);
 } sbx_counts SEC(".maps");
 
+/* connects in progress, by thread (pid_tgid): made at the entry, sent at the return */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SBX_INFLIGHT);
+	__type(key, __u64);
+	__type(value, struct sbx_event);
+} sbx_inflight SEC(".maps");
+
+/* the blank an in-flight entry starts from (the stack is too small for an event) */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sbx_event);
+} sbx_scratch SEC(".maps");
+
 static __always_inline __u64 *counter(__u32 index)
 {
 	return bpf_map_lookup_elem(&sbx_counts, &index);
@@ -133,36 +151,17 @@ static __always_inline void exe_path(struct sbx_event *e, struct mm_struct *mm)
 	e->exe_depth = n | SBX_EXE_TRUNCATED;
 }
 
-SEC("fexit/__sys_connect_file")
-int BPF_PROG(sbx_connect, struct file *file, struct sockaddr_storage *address, int addrlen,
-	     int file_flags, int ret)
+/* Everything but the result, seq and time: read at the entry, while the process waits. */
+static __always_inline void fill(struct sbx_event *e, struct file *file,
+				 struct sockaddr_storage *address, __u16 family)
 {
 	struct socket *sock;
 	struct task_struct *task;
 	struct mm_struct *mm;
-	struct sbx_event *e;
-	__u64 *seq, *dropped, id;
-	__u16 family = 0;
 	unsigned long start, len;
 
-	bpf_probe_read_kernel(&family, sizeof(family), address);
-	if (family != AF_INET && family != AF_INET6)
-		return 0;
-	seq = counter(SBX_COUNT_SEQ);
-	dropped = counter(SBX_COUNT_DROPPED);
-	if (!seq || !dropped)
-		return 0;
-	id = __sync_fetch_and_add(seq, 1);
-	e = bpf_ringbuf_reserve(&sbx_events, sizeof(*e), 0);
-	if (!e) {
-		__sync_fetch_and_add(dropped, 1);
-		return 0;
-	}
-	e->seq = id;
-	e->time_ns = bpf_ktime_get_ns();
 	e->pid_tgid = bpf_get_current_pid_tgid();
 	e->uid_gid = bpf_get_current_uid_gid();
-	e->ret = ret;
 	e->family = family;
 	__builtin_memset(e->addr, 0, sizeof(e->addr));
 	if (family == AF_INET) {
@@ -188,6 +187,79 @@ int BPF_PROG(sbx_connect, struct file *file, struct sockaddr_storage *address, i
 	if (len > 0 && bpf_probe_read_user(e->argv, len & (SBX_ARGV_BYTES * 2 - 1), (void *)start) == 0)
 		e->argv_len = len;
 	exe_path(e, mm);
+}
+
+static __always_inline __u16 inet_family(struct sockaddr_storage *address)
+{
+	__u16 family = 0;
+
+	bpf_probe_read_kernel(&family, sizeof(family), address);
+	return family == AF_INET || family == AF_INET6 ? family : 0;
+}
+
+/* The entry: the event is made here, kept per thread until the connect() returns. A blocking
+ * connect() may wait minutes (a dropped SYN): a collection meanwhile finds it here (sbx-capture
+ * drain prints what is in flight). */
+SEC("fentry/__sys_connect_file")
+int BPF_PROG(sbx_connect_entry, struct file *file, struct sockaddr_storage *address, int addrlen,
+	     int file_flags)
+{
+	__u16 family = inet_family(address);
+	__u64 key = bpf_get_current_pid_tgid();
+	__u32 zero = 0;
+	struct sbx_event *e, *blank;
+	__u64 *seq;
+
+	if (!family)
+		return 0;
+	seq = counter(SBX_COUNT_SEQ);
+	blank = bpf_map_lookup_elem(&sbx_scratch, &zero);
+	if (!seq || !blank)
+		return 0;
+	if (bpf_map_update_elem(&sbx_inflight, &key, blank, BPF_ANY))
+		return 0; /* full: the return makes the event on its own */
+	e = bpf_map_lookup_elem(&sbx_inflight, &key);
+	if (!e)
+		return 0;
+	e->seq = __sync_fetch_and_add(seq, 1);
+	e->time_ns = bpf_ktime_get_ns();
+	e->ret = SBX_RET_INFLIGHT;
+	fill(e, file, address, family);
+	return 0;
+}
+
+SEC("fexit/__sys_connect_file")
+int BPF_PROG(sbx_connect, struct file *file, struct sockaddr_storage *address, int addrlen,
+	     int file_flags, int ret)
+{
+	__u16 family = inet_family(address);
+	__u64 key = bpf_get_current_pid_tgid();
+	struct sbx_event *e, *entry;
+	__u64 *seq, *dropped;
+
+	if (!family)
+		return 0;
+	seq = counter(SBX_COUNT_SEQ);
+	dropped = counter(SBX_COUNT_DROPPED);
+	if (!seq || !dropped)
+		return 0;
+	entry = bpf_map_lookup_elem(&sbx_inflight, &key);
+	e = bpf_ringbuf_reserve(&sbx_events, sizeof(*e), 0);
+	if (!e) {
+		__sync_fetch_and_add(dropped, 1);
+		if (entry)
+			bpf_map_delete_elem(&sbx_inflight, &key);
+		return 0;
+	}
+	if (entry) {
+		__builtin_memcpy(e, entry, sizeof(*e));
+		bpf_map_delete_elem(&sbx_inflight, &key);
+	} else {
+		e->seq = __sync_fetch_and_add(seq, 1);
+		e->time_ns = bpf_ktime_get_ns();
+		fill(e, file, address, family);
+	}
+	e->ret = ret;
 	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 	return 0;
 }

@@ -9,16 +9,19 @@
 #define SBX_EXE_MOUNTS 4                  /* mount points crossed on the way up */
 #define SBX_EXE_TRUNCATED 0x80
 
+#define SBX_INFLIGHT 4096 /* threads in connect() at once */
+#define SBX_RET_INFLIGHT 1 /* the result of a connect() that has not returned */
+
 #define SBX_COUNT_SEQ 0
 #define SBX_COUNT_DROPPED 1
 #define SBX_COUNTERS 2
 
 struct sbx_event {
 	__u64 seq;
-	__u64 time_ns;  /* CLOCK_MONOTONIC */
+	__u64 time_ns;  /* CLOCK_MONOTONIC at the entry */
 	__u64 pid_tgid; /* tgid << 32 | thread id */
 	__u64 uid_gid;  /* gid << 32 | uid */
-	__s32 ret;      /* what connect() returned: 0, or -errno */
+	__s32 ret;      /* what connect() returned: 0, or -errno; SBX_RET_INFLIGHT */
 	__u32 ppid;
 	__u16 family;   /* AF_INET, AF_INET6 */
 	__u16 port;     /* network byte order */

@@ -6,7 +6,8 @@
  *   sbx-capture load OBJECT   attach (nothing to do if it is attached already)
  *   sbx-capture check         exit 0 if attached; else say what is missing, exit 1
  *   sbx-capture drain FILE    append every event waiting in the ring buffer to FILE, one line
- *                             each; print the counters and both clocks on stdout
+ *                             each; print the connects still in flight ("i" lines, RET 1), the
+ *                             counters and both clocks on stdout
  *   sbx-capture unload        detach (the events not drained are gone)
  *
  * An event line: "c SEQ MONO_NS PID TID PPID UID RET FAMILY PROTOCOL ADDRESS PORT EXE ARGV"
@@ -31,7 +32,13 @@
 #define PIN_DIR "/sys/fs/bpf/sandbox"
 #define PIN_EVENTS PIN_DIR "/sbx_events"
 #define PIN_COUNTS PIN_DIR "/sbx_counts"
-#define PIN_LINK PIN_DIR "/link_sbx_connect"
+#define PIN_INFLIGHT PIN_DIR "/sbx_inflight"
+#define PIN_LINK_ENTRY PIN_DIR "/link_sbx_connect_entry"
+#define PIN_LINK_EXIT PIN_DIR "/link_sbx_connect"
+
+static const char *const pins[] = {PIN_LINK_ENTRY, PIN_LINK_EXIT, PIN_EVENTS, PIN_COUNTS,
+				   PIN_INFLIGHT, PIN_DIR "/sbx_scratch"};
+#define PINS (sizeof(pins) / sizeof(pins[0]))
 
 static int print_libbpf(enum libbpf_print_level level, const char *format, va_list args)
 {
@@ -52,17 +59,13 @@ static void escaped(FILE *out, const char *data, size_t len)
 	}
 }
 
-static int print_event(void *ctx, void *data, size_t size)
+static void print_line(FILE *out, char kind, const struct sbx_event *e)
 {
-	FILE *out = ctx;
-	const struct sbx_event *e = data;
 	char address[INET6_ADDRSTRLEN] = "?";
 	int depth;
 
-	if (size < sizeof(*e))
-		return 0;
 	inet_ntop(e->family == 2 ? AF_INET : AF_INET6, e->addr, address, sizeof(address));
-	fprintf(out, "c %llu %llu %u %u %u %u %d %u %u %s %u ", (unsigned long long)e->seq,
+	fprintf(out, "%c %llu %llu %u %u %u %u %d %u %u %s %u ", kind, (unsigned long long)e->seq,
 		(unsigned long long)e->time_ns, (unsigned)(e->pid_tgid >> 32),
 		(unsigned)(e->pid_tgid & 0xffffffff), e->ppid, (unsigned)(e->uid_gid & 0xffffffff),
 		e->ret, e->family == 2 ? 4 : 6, e->protocol, address, ntohs(e->port));
@@ -80,7 +83,35 @@ static int print_event(void *ctx, void *data, size_t size)
 		fputc('-', out);
 	escaped(out, e->argv, e->argv_len < SBX_ARGV_BYTES ? e->argv_len : SBX_ARGV_BYTES);
 	fputc('\n', out);
+}
+
+static int print_event(void *ctx, void *data, size_t size)
+{
+	if (size >= sizeof(struct sbx_event))
+		print_line(ctx, 'c', data);
 	return 0;
+}
+
+/* The connects that have not returned yet (their event goes to the ring buffer when they do). */
+static int print_inflight(void)
+{
+	__u64 key, next, *prev = NULL;
+	struct sbx_event e;
+	int fd = bpf_obj_get(PIN_INFLIGHT);
+	int n = 0;
+
+	if (fd < 0)
+		return -1;
+	while (bpf_map_get_next_key(fd, prev, &next) == 0) {
+		if (bpf_map_lookup_elem(fd, &next, &e) == 0 && e.ret == SBX_RET_INFLIGHT) {
+			print_line(stdout, 'i', &e);
+			n++;
+		}
+		key = next;
+		prev = &key;
+	}
+	close(fd);
+	return n;
 }
 
 static int load(const char *path)
@@ -90,7 +121,7 @@ static int load(const char *path)
 	struct bpf_link *link;
 	int err;
 
-	if (access(PIN_LINK, F_OK) == 0)
+	if (access(PIN_LINK_EXIT, F_OK) == 0 && access(PIN_LINK_ENTRY, F_OK) == 0)
 		return 0;
 	obj = bpf_object__open_file(path, NULL);
 	if (!obj) {
@@ -106,24 +137,27 @@ static int load(const char *path)
 		fprintf(stderr, "sbx-capture: mkdir %s: %s\n", PIN_DIR, strerror(errno));
 		return 1;
 	}
-	/* maps from an earlier, half-done load would hold the wrong ring: start afresh */
-	unlink(PIN_EVENTS);
-	unlink(PIN_COUNTS);
+	/* pins from an earlier, half-done load would hold the wrong maps: start afresh */
+	for (size_t i = 0; i < PINS; i++)
+		unlink(pins[i]);
 	err = bpf_object__pin_maps(obj, PIN_DIR);
 	if (err) {
 		fprintf(stderr, "sbx-capture: pinning the maps: %s\n", strerror(-err));
 		return 1;
 	}
 	bpf_object__for_each_program(prog, obj) {
+		char pin[256];
+
 		link = bpf_program__attach(prog);
 		if (!link) {
 			fprintf(stderr, "sbx-capture: attaching %s: %s\n", bpf_program__name(prog),
 				strerror(errno));
 			return 1;
 		}
-		err = bpf_link__pin(link, PIN_LINK);
+		snprintf(pin, sizeof(pin), PIN_DIR "/link_%s", bpf_program__name(prog));
+		err = bpf_link__pin(link, pin);
 		if (err) {
-			fprintf(stderr, "sbx-capture: pinning %s: %s\n", PIN_LINK, strerror(-err));
+			fprintf(stderr, "sbx-capture: pinning %s: %s\n", pin, strerror(-err));
 			return 1;
 		}
 	}
@@ -132,10 +166,9 @@ static int load(const char *path)
 
 static int check(void)
 {
-	const char *pins[] = {PIN_LINK, PIN_EVENTS, PIN_COUNTS};
 	int missing = 0;
 
-	for (size_t i = 0; i < sizeof(pins) / sizeof(pins[0]); i++) {
+	for (size_t i = 0; i < PINS; i++) {
 		int fd = bpf_obj_get(pins[i]);
 
 		if (fd < 0) {
@@ -180,10 +213,12 @@ static int drain(const char *path)
 		return 1;
 	}
 	n = ring_buffer__consume(ring);
+	ring_buffer__free(ring);
 	if (fclose(out)) {
 		fprintf(stderr, "sbx-capture: writing %s: %s\n", path, strerror(errno));
 		return 1;
 	}
+	print_inflight();
 	for (__u32 i = 0; i < SBX_COUNTERS; i++)
 		bpf_map_lookup_elem(counts, &i, &values[i]);
 	printf("@@capture ok %d %llu %llu\n", n, (unsigned long long)values[SBX_COUNT_SEQ],
@@ -196,9 +231,8 @@ static int drain(const char *path)
 
 static int unload(void)
 {
-	unlink(PIN_LINK);
-	unlink(PIN_EVENTS);
-	unlink(PIN_COUNTS);
+	for (size_t i = 0; i < PINS; i++)
+		unlink(pins[i]);
 	return 0;
 }
 
