@@ -9,13 +9,13 @@ namespace lab (it re-executes itself there), as root.
     python benchmarks/capture.py --counts --variants bare off on --rounds 5
 
 Configurations (--variants) change the running guest, never the image:
-- on: as the image boots: the firewall's LOG rules and the eBPF connect() capture attached;
-- off: the capture detached (`sbx-capture unload`), the LOG rules kept: what the capture's
-  program costs inside connect();
-- bare: the capture detached and the firewall's LOG rules taken out (the recipe's plain
+- on: as the image boots: the firewall's NFLOG rules and the eBPF capture attached;
+- off: the capture detached (`sbx-capture unload`), the NFLOG rules kept (nothing takes their
+  packets then): what the capture's programs cost;
+- bare: the capture detached and the firewall's NFLOG rules taken out (the recipe's plain
   accept/reject rules): no record of anything, the true "capture off";
-- nflog: as bare, but with every LOG rule an NFLOG rule to a group nobody reads: what the
-  verdict records would cost if they did not go through the kernel log (a candidate).
+- kmsg: as bare, but with every NFLOG rule a LOG rule to the kernel log, as in the recipe (and
+  in this collector before the capture took the firewall's records), journald not reading it.
 The capture is attached again (and the rules put back) after the timed runs.
 `--setup` runs a shell snippet in the guest once after `up` (e.g. firewall rules to try).
 """
@@ -70,21 +70,26 @@ _SAVE = (
 _ATTACH = f"{monitor.CAPTURE_TOOL} load {monitor.CAPTURE_OBJECT}"
 _DETACH = f"{monitor.CAPTURE_TOOL} unload"
 _NO_LOG = (
-    f"grep -v -- '-j LOG' {_SAVED}/v4.rules | iptables-restore && "
-    f"grep -v -- '-j LOG' {_SAVED}/v6.rules | ip6tables-restore"
+    f"grep -v -- '-j NFLOG' {_SAVED}/v4.rules | iptables-restore && "
+    f"grep -v -- '-j NFLOG' {_SAVED}/v6.rules | ip6tables-restore"
 )
-_NFLOG = (
-    'sed -e \'s/-j LOG --log-prefix \\("[^"]*"\\) --log-uid/-j NFLOG --nflog-prefix \\1 '
-    f"--nflog-group 7/' {_SAVED}/v4.rules | iptables-restore && "
-    'sed -e \'s/-j LOG --log-prefix \\("[^"]*"\\) --log-uid/-j NFLOG --nflog-prefix \\1 '
-    f"--nflog-group 7/' {_SAVED}/v6.rules | ip6tables-restore && "
-    "iptables-save | grep -q -- '-j NFLOG'"
+_TO_LOG = (
+    r's/-j NFLOG --nflog-prefix \("[^"]*"\) --nflog-group [0-9]*/'
+    r"-j LOG --log-prefix \1 --log-uid/"
+)
+_KMSG = (
+    "mkdir -p /run/systemd/journald.conf.d && "
+    "printf '[Journal]\\nReadKMsg=no\\n' > /run/systemd/journald.conf.d/zz-bench.conf && "
+    "systemctl restart systemd-journald && "
+    f"sed -e '{_TO_LOG}' {_SAVED}/v4.rules | iptables-restore && "
+    f"sed -e '{_TO_LOG}' {_SAVED}/v6.rules | ip6tables-restore && "
+    "iptables-save | grep -q -- '-j LOG'"
 )
 VARIANTS = {
     "on": _ATTACH,
     "off": _DETACH,
     "bare": f"{_DETACH}; {_NO_LOG}",
-    "nflog": f"{_DETACH}; {_NFLOG}",
+    "kmsg": f"{_DETACH}; {_KMSG}",
 }
 
 

@@ -21,8 +21,9 @@ What the guest relies on (see images/rootfs/ and customize.sh):
 - sshd has no host key until cloud-init writes the seed's ed25519 key (ssh.service is ordered
   after cloud-init.service): booting without a seed gives no sshd.
 - systemd-networkd does DHCPv4 (client id = MAC) on en*/eth*; no IPv6 addresses are configured.
-- sandbox-capture.service attaches the connect() capture at boot (images/capture/, built on the
-  host with clang and cc before mmdebstrap runs): `sbx-capture check|drain|load` in the guest.
+- sandbox-capture.service attaches the connection capture at boot, after the boot firewall and
+  before the network (images/capture/, built on the host with clang and cc before mmdebstrap
+  runs): `sbx-capture check|drain|load|unload` in the guest.
 """
 
 from __future__ import annotations
@@ -72,12 +73,9 @@ BASE_PACKAGES: tuple[str, ...] = (
 )
 
 # `quiet` and `systemd.show_status=0` keep the serial console (slow under TCG) almost silent.
-# log_buf_len: the firewall's log records wait in the kernel log until the next collection
-# (orchestrator/monitor.py); the default 128 KiB holds ~500 of them, 4 MiB ~18,000 (it costs
-# ~18 MiB of guest memory with the ring's descriptors).
-# audit=0: nothing in the guest uses the kernel's audit (the connect() capture is eBPF); with it
+# audit=0: nothing in the guest uses the kernel's audit (the connection capture is eBPF); with it
 # on, every syscall of every task would pass audit's entry and exit hooks.
-KERNEL_CMDLINE = "root=/dev/vda rw console=ttyS0 quiet systemd.show_status=0 log_buf_len=4M audit=0"
+KERNEL_CMDLINE = "root=/dev/vda rw console=ttyS0 quiet systemd.show_status=0 audit=0"
 
 DEFAULT_SUITE = "bookworm"
 DEFAULT_NAME = "default"

@@ -393,7 +393,7 @@ def apply_guest_policy(
 
 def _forget_earlier_vm(logs: Path) -> None:
     """The logs of a destroyed sandbox of the same name stay, but its capture cursor described
-    that VM's kernel log and connect events: starting from it, the new VM would look like a
+    that VM's capture: starting from it, the new VM would look like a
     reboot with records lost. Keep only the losses it recorded."""
     cursor_path = logs / paths.CAPTURE_CURSOR
     if cursor_path.exists():
@@ -649,8 +649,8 @@ def collecting_meanwhile(
     ctx: Context, name: str, on_warning: Callable[[str], None], guest: Guest
 ) -> Iterator[None]:
     """Collections every `collect_every` seconds while the body runs, each on a channel of its
-    own on the same SSH connection: a long run's records reach the host as it goes, and its
-    firewall records never pile up past what the guest's kernel log holds. The body's own end
+    own on the same SSH connection: a long run's records reach the host as it goes, and they
+    never pile up past what the guest's capture buffer holds. The body's own end
     waits for a collection under way (they take turns with every other one on the lock)."""
     every = ctx.settings.collect_every
     if every <= 0:

@@ -1,28 +1,28 @@
 """Connection attempts in the guest: captured from the kernel's own events, collected over SSH,
 joined into `records.Attempt`s.
 
-Two sources, both written by the guest's kernel at the moment of the attempt:
-- the firewall's LOG records (orchestrator/firewall.py: SBX-ALLOW, SBX-BLOCK, SBX-DNS for the
-  first packet of a flow, SBX-ALLOW-EST and SBX-DNS-EST for the next ones of an answered UDP flow;
-  the boot rules' SBX-BOOT) in the kernel log, read from /dev/kmsg: the verdict, protocol,
-  addresses and ports, and the socket owner's uid. Each record has a sequence number, so a
-  collection takes each record exactly once and sees any it missed (a gap, or a buffer that
-  wrapped) instead of guessing.
-- an eBPF program on the entry and return of every connect() to an inet or inet6 address
-  (images/capture/connect.bpf.c, loaded at boot by `sbx-capture load`): which process (pid,
-  parent, uid, executable, argv as it is at that moment), the socket's protocol and the result.
-  It writes into a ring buffer that nothing reads while the software runs; each collection
-  drains it into a file of the guest (`sbx-capture drain`, one line per connect) and reads that
-  file from where the last collection ended. A connect() still waiting (a blocking one whose
-  SYN gets no answer waits minutes) is printed "in flight": it can pair with its firewall record
-  now, and its return, later, is not taken a second time.
-  PHP's connects are non-blocking, so connect() says EINPROGRESS for allowed and blocked alike:
-  the verdict always comes from the firewall record.
+One eBPF capture (images/capture/connect.bpf.c, attached at boot by `sbx-capture load`) writes
+two kinds of record into a ring buffer in the guest's kernel, at the moment of the attempt:
+- the firewall's: every packet an NFLOG rule of orchestrator/firewall.py logs (SBX-ALLOW,
+  SBX-BLOCK, SBX-DNS for the first packet of a flow, SBX-ALLOW-EST and SBX-DNS-EST for the next
+  ones of an answered UDP flow; the boot rules' SBX-BOOT), taken where nfnetlink_log is handed
+  it: the verdict (the rule's prefix), protocol, addresses, ports, IPv4 ID, and the socket
+  owner's uid. Nothing listens on the NFLOG group, so the packet costs nothing more.
+- the process's: the entry and return of every connect() to an inet or inet6 address: which
+  process (pid, parent, uid, executable, argv as it is at that moment), the socket's protocol
+  and the result. A connect() still waiting (a blocking one whose SYN gets no answer waits
+  minutes) is printed "in flight": it can pair with its firewall record now, and its return,
+  later, is not taken a second time.
+Nothing reads the ring buffer while the software runs; each collection drains it into a file of
+the guest (`sbx-capture drain`, one line per record) and reads that file from where the last
+collection ended: each record exactly once. A full buffer counts what it drops, and the
+collection reports it. PHP's connects are non-blocking, so connect() says EINPROGRESS for allowed
+and blocked alike: the verdict always comes from the firewall record.
 
-A firewall record is joined with the connect event of the same destination address and port
-(and uid), in time order, within JOIN_WINDOW (see join() for records that may not be attempts).
-Parsing and joining are pure functions of the text the guest returns; `collect` is the one side
-effect: one SSH command per collection.
+A firewall record is joined with the connect event of the same destination address, port and
+protocol (and uid), in time order, within JOIN_WINDOW (see join() for records that may not be
+attempts). Parsing and joining are pure functions of the text the guest returns; `collect` is
+the one side effect: one SSH command per collection.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ CAPTURE_OBJECT = "/usr/lib/sandbox/connect.bpf.o"
 # Drained events, one file per boot (the ring buffer and its sequence start again at each boot).
 EVENTS_DIR = "/var/lib/sandbox/capture"
 
-LOG_BOOT = "SBX-BOOT "
+LOG_BOOT = firewall.LOG_BOOT
 # The second flag: a packet of a flow conntrack already knew (firewall.LOG_ALLOW_EST), never an
 # attempt by itself, only with a connect() of its own.
 _PREFIXES: dict[str, tuple[Verdict, bool]] = {
@@ -64,12 +64,12 @@ _PREFIXES: dict[str, tuple[Verdict, bool]] = {
     firewall.LOG_DNS_EST: (Verdict.DNS, True),
 }
 
-# A firewall record and its connect event are taken within one syscall; the two clocks (the
-# kernel log's stamp and CLOCK_MONOTONIC, each converted to wall time) differ by far less.
+# A firewall record and its connect event are taken within one syscall, on one clock.
 JOIN_WINDOW = 2.0
-# A firewall record may be read before its connect() has returned (the packet leaves inside the
-# syscall, the event is written at its end): records younger than this at collection time wait
-# for the next collection (kept in the cursor) before they go out alone.
+# A UDP connect()'s first datagram, or a firewall record's connect event, may come in the next
+# collection (a datagram sent later; a drain between the two): records and events younger than
+# this at collection time wait for the next collection (kept in the cursor) before they go out
+# alone.
 SETTLE_SECONDS = 3.0
 # TCP retries its SYN (and a blocked UDP flow resends) as long as this; every copy is NEW to
 # conntrack and logged again: they are the same attempt.
@@ -114,35 +114,15 @@ def start(guest: Guest) -> None:
 # ---- the collection command ------------------------------------------------------------------
 
 # Section markers on lines of their own; the awk filters keep every other line away from them.
-_BOOT, _CAPTURE, _EVENTS_POS, _CLOCK, _EVENTS, _KMSG, _KMSG_ERR, _END = (
+_BOOT, _CAPTURE, _EVENTS_POS, _CLOCK, _EVENTS, _END = (
     "@@boot",
     "@@capture",
     "@@eventspos",
     "@@clock",
     "@@events",
-    "@@kmsg",
-    "@@kmsgerr",
     "@@end",
 )
 _CAPTURE_CLOCK = "@@captureclock"
-
-
-# /dev/kmsg records ("prio,seq,usec,flags;text", continuation lines start with a space): the
-# firewall's ones above `after`, plus the first and last sequence numbers read and every break in
-# the sequence, which is how loss is seen. And the newest clock mark (below).
-_KMSG_AWK = r"""
-/^ / { next }
-{
-  i = index($0, ";"); split(substr($0, 1, i - 1), h, ",")
-  seq = h[2] + 0
-  if (n == 0) print "@@first " h[2]
-  else if (seq != prev + 1) print "@@gap " prev " " h[2]
-  n++; prev = seq
-  if (seq > after + 0 && substr($0, i + 1, 4) == "SBX-") print h[2] " " h[3] " " substr($0, i + 1)
-  if (substr($0, i + 1, 10) == "sbx-clock ") mark = h[3] " " substr($0, i + 11)
-}
-END { if (n > 0) print "@@last " prev; if (mark != "") print "@@mark " mark }
-"""
 
 
 def events_script(inode: int, offset: int) -> str:
@@ -165,27 +145,13 @@ if [ "$2" -gt "$off" ]; then tail -c +$((off + 1)) "$f" | head -c $(($2 - off));
 
 
 def collect_script(cursor: Cursor) -> str:
-    """The one shell command a collection runs in the guest (as root).
-
-    The connect events are drained before the kernel log is read: a connect's firewall record is
-    in the kernel log before its syscall returns, so every event read has its firewall record in
-    this collection or an earlier one. Each /dev/kmsg read() returns one record; O_NONBLOCK ends
-    the read at the newest one (dd then reports EAGAIN, which is expected).
-    """
+    """The one shell command a collection runs in the guest (as root)."""
     return "\n".join(
         [
             "export LC_ALL=C",
             f'echo "{_BOOT} $(cat /proc/sys/kernel/random/boot_id)"',
             events_script(cursor.events_inode, cursor.events_offset),
             'read up idle < /proc/uptime; echo "' + _CLOCK + ' $(date +%s.%N) $up"',
-            # The kernel log's stamps are its own monotonic clock, which drifts from the wall
-            # clock (measured under TCG: ~0.1 s after two minutes against /proc/uptime). A mark
-            # written now carries both clocks; /proc/uptime is the fallback.
-            'echo "<14>sbx-clock $(date +%s.%N)" > /dev/kmsg',
-            f"echo {_KMSG}",
-            "dd if=/dev/kmsg iflag=nonblock bs=65536 status=none 2>/run/sbx-kmsg.err"
-            f" | awk -v after={cursor.kmsg_seq} {shlex.quote(_KMSG_AWK)}",
-            f"echo {_KMSG_ERR}; grep -v 'Resource temporarily unavailable' /run/sbx-kmsg.err",
             f"echo {_END}",
         ]
     )
@@ -196,8 +162,8 @@ def collect_script(cursor: Cursor) -> str:
 
 @dataclass(frozen=True)
 class FirewallRecord:
-    seq: int  # the kernel log's sequence number
-    time: float  # wall clock, epoch seconds (converted from the kernel's monotonic stamp)
+    seq: int  # the capture's count of firewall records (starts again when it is loaded again)
+    time: float  # wall clock, epoch seconds (converted from CLOCK_MONOTONIC)
     verdict: Verdict
     proto: str
     family: int
@@ -213,6 +179,12 @@ class FirewallRecord:
     # An attempt only if a connect of its own is left over for it: a flow already logged (maybe a
     # resent packet, maybe a new connect that reuses the port), or an established one.
     retry: bool = False
+    mono_ns: int = 0  # CLOCK_MONOTONIC when the rule logged it
+
+    @property
+    def key(self) -> str:
+        """Unique within a boot, even across a capture loaded again (its seq starts again)."""
+        return f"{self.seq}-{self.mono_ns}"
 
     def flow(self) -> str:
         return f"{self.proto} {self.src} {self.sport} {self.dst} {self.dport}"
@@ -316,45 +288,41 @@ def parse_event_line(line: str, mono_offset: float) -> ConnectEvent | None:
     )
 
 
-def parse_firewall_line(line: str, boot_offset: float) -> FirewallRecord | None:
-    """One line of the collection's kernel-log section, `SEQ USEC TEXT`; None if TEXT is not one
-    of our firewall records. boot_offset: wall clock minus the kernel log's clock, in seconds."""
-    seq_text, usec_text, text = [*line.split(" ", 2), "", ""][:3]
-    kind = next((v for p, v in _PREFIXES.items() if text.startswith(p)), None)
-    if kind is None or not seq_text.isdigit() or not usec_text.isdigit():
+def parse_packet_line(line: str, mono_offset: float) -> FirewallRecord | None:
+    """One firewall record of the events file (images/capture/sbx-capture.c: `f SEQ MONO_NS UID
+    FAMILY PROTOCOL SRC SPORT DST DPORT IPID PREFIX`); None if it is not one of ours."""
+    parts = line.split(" ")
+    if len(parts) != 12 or parts[0] != "f":
         return None
-    verdict, established = kind
-    values = dict(part.split("=", 1) for part in text.split() if "=" in part)
+    prefix = _unescape(parts[11]).decode("ascii", "replace")
+    kind = next((v for p, v in _PREFIXES.items() if prefix == p), None)
+    numbers = [_int(p) for p in (*parts[1:6], parts[7], parts[9], parts[10])]
+    if kind is None or any(n is None for n in numbers):
+        return None
+    seq, mono_ns, uid, _family, protocol, sport, dport, ident = (n or 0 for n in numbers)
     try:
-        # IPv6 addresses come fully expanded (2001:0db8:0001:...): compare them canonical.
-        address = ipaddress.ip_address(values.get("DST", ""))
-        src = str(ipaddress.ip_address(values["SRC"])) if "SRC" in values else None
+        src = ipaddress.ip_address(parts[6])
+        dst = ipaddress.ip_address(parts[8])
     except ValueError:
         return None
-    dst, family = str(address), address.version
-    proto_text = values.get("PROTO", "")
-    proto = _PROTO_NAMES.get(proto_text.upper(), proto_text.lower() or "unknown")
+    verdict, established = kind
+    proto = _PROTO_NUMBERS.get(protocol, str(protocol))
     ports = proto in ("tcp", "udp", "udplite", "sctp")
     return FirewallRecord(
-        seq=int(seq_text),
-        time=boot_offset + int(usec_text) / 1e6,
+        seq=seq,
+        time=mono_offset + mono_ns / 1e9,
         verdict=verdict,
         proto=proto,
-        family=family,
-        src=src,
-        dst=dst,
-        sport=_int(values.get("SPT")) if ports else None,
-        dport=_int(values.get("DPT")) if ports else None,
-        uid=_int(values.get("UID")),
-        # ICMP echo records have an ID of their own after the header's; the first is the header's.
-        ident=_int(_first_value(text, "ID")) if family == 4 else None,
+        family=dst.version,
+        src=str(src),
+        dst=str(dst),
+        sport=sport if ports else None,
+        dport=dport if ports else None,
+        uid=None if uid < 0 else uid,
+        ident=ident if dst.version == 4 else None,
         established=established,
+        mono_ns=mono_ns,
     )
-
-
-def _first_value(text: str, key: str) -> str | None:
-    match = re.search(rf"(?:^| ){key}=(\S*)", text)
-    return match.group(1) if match else None
 
 
 # ---- the collection's output -----------------------------------------------------------------
@@ -367,21 +335,20 @@ class Snapshot:
     boot_id: str
     wall: float  # the guest's wall clock (epoch seconds) when it ran
     uptime: float
-    # Whether the connect() capture was attached when the collection drained it; its count of
-    # events seen and of those dropped (ring buffer full) since it was loaded (None: not said).
+    # Whether the capture was attached when the collection drained it; its counts, since it was
+    # loaded, of connect events and of firewall records seen, and of those dropped (ring buffer
+    # full) (None: not said).
     capture_loaded: bool
     capture_seq: int | None
     capture_dropped: int | None
+    packets_seq: int | None
+    packets_dropped: int | None
     # The events file's inode and size when read (None: not reported).
     events_inode: int | None
     events_size: int | None
     events: tuple[ConnectEvent, ...]
     in_flight: tuple[ConnectEvent, ...]  # connects that had not returned when drained
     firewall: tuple[FirewallRecord, ...]
-    kmsg_first: int | None  # the oldest record /dev/kmsg still held
-    kmsg_last: int | None  # the newest record read
-    kmsg_gaps: tuple[tuple[int, int], ...]  # (last read, next read) where the sequence jumped
-    kmsg_error: str
     capture_error: str = ""  # what the drain said when it failed
 
 
@@ -407,7 +374,7 @@ def parse_snapshot(text: str) -> Snapshot:
             capture = line.split()[1:]
         elif head == _BOOT:
             boot_id = line.split()[1]
-        elif line in (_EVENTS, _KMSG, _KMSG_ERR, _END):
+        elif line in (_EVENTS, _END):
             current = sections.setdefault(line, [])
         elif current is not None:
             current.append(line)
@@ -421,49 +388,32 @@ def parse_snapshot(text: str) -> Snapshot:
             "the guest may be out of memory or disk; check `sandbox exec -- df -h /var/lib`",
         )
     wall, uptime = float(clock[0]), float(clock[1])
-    first = last = None
-    gaps: list[tuple[int, int]] = []
-    lines = []
-    offset = wall - uptime
-    for line in sections.get(_KMSG, []):
-        if line.startswith("@@first "):
-            first = int(line.split()[1])
-        elif line.startswith("@@last "):
-            last = int(line.split()[1])
-        elif line.startswith("@@gap "):
-            _, before, after = line.split()
-            gaps.append((int(before), int(after)))
-        elif line.startswith("@@mark "):
-            _, usec, mark_wall = line.split()
-            offset = float(mark_wall) - int(usec) / 1e6
-        else:
-            lines.append(line)
-    records = [r for r in (parse_firewall_line(line, offset) for line in lines) if r is not None]
     # CLOCK_MONOTONIC and the wall clock, read together by the drain; /proc/uptime otherwise.
     mono_offset = (
         float(capture_clock[1]) - float(capture_clock[0])
         if len(capture_clock) == 2
         else wall - uptime
     )
-    events = [parse_event_line(line, mono_offset) for line in sections.get(_EVENTS, [])]
+    lines = sections.get(_EVENTS, [])
+    events = [parse_event_line(line, mono_offset) for line in lines if line.startswith("c ")]
+    records = [parse_packet_line(line, mono_offset) for line in lines if line.startswith("f ")]
     flying = [parse_event_line(line, mono_offset) for line in in_flight]
     loaded = len(capture) >= 1 and capture[0] == "ok"
+    counts = [_int(c) for c in capture[2:6]] if loaded and len(capture) >= 6 else [None] * 4
     return Snapshot(
         boot_id=boot_id,
         wall=wall,
         uptime=uptime,
         capture_loaded=loaded,
-        capture_seq=_int(capture[2]) if loaded and len(capture) >= 4 else None,
-        capture_dropped=_int(capture[3]) if loaded and len(capture) >= 4 else None,
+        capture_seq=counts[0],
+        capture_dropped=counts[1],
+        packets_seq=counts[2],
+        packets_dropped=counts[3],
         events_inode=_int(events_pos[0]) if len(events_pos) == 2 else None,
         events_size=_int(events_pos[1]) if len(events_pos) == 2 else None,
         events=tuple(e for e in events if e is not None),
         in_flight=tuple(e for e in flying if e is not None and e.exit == _IN_FLIGHT),
-        firewall=tuple(records),
-        kmsg_first=first,
-        kmsg_last=last,
-        kmsg_gaps=tuple(gaps),
-        kmsg_error="\n".join(sections.get(_KMSG_ERR, [])).strip(),
+        firewall=tuple(r for r in records if r is not None),
         capture_error="\n".join(capture_error),
     )
 
@@ -476,23 +426,24 @@ class Cursor:
     """How far the guest's logs have been collected; kept on the host between collections
     (paths.CAPTURE_CURSOR).
 
-    boot_id: the guest boot the positions belong to (a reboot starts them again). kmsg_seq: the
-    last kernel log record read (-1: none yet). events_inode, events_offset: this boot's events
-    file and the byte the next collection reads it from (0, 0: all of it). capture_seq,
-    capture_dropped: the capture's counts at the last collection (they start again when it is
-    loaded again). pending / pending_events: items read but not emitted yet, waiting for their
-    other half. in_flight_taken: the keys of connects paired while in flight, whose return is
-    not an attempt again. flows: recently logged flows → [time, IPv4 ID or None] of their last
-    record (a resent packet is logged again). losses: every loss ever detected, for `sandbox
-    logs` to show next to the records.
+    boot_id: the guest boot the positions belong to (a reboot starts them again).
+    events_inode, events_offset: this boot's events file and the byte the next collection reads
+    it from (0, 0: all of it). capture_seq, capture_dropped, packets_seq, packets_dropped: the
+    capture's counts at the last collection (they start again when it is loaded again).
+    pending / pending_events: items read but not emitted yet, waiting for their other half.
+    in_flight_taken: the keys of connects paired while in flight, whose return is not an attempt
+    again. flows: recently logged flows → [time, IPv4 ID or None] of their last record (a resent
+    packet is logged again). losses: every loss ever detected, for `sandbox logs` to show next
+    to the records.
     """
 
     boot_id: str = ""
-    kmsg_seq: int = -1
     events_inode: int = 0
     events_offset: int = 0
     capture_seq: int = 0
     capture_dropped: int = 0
+    packets_seq: int = 0
+    packets_dropped: int = 0
     pending: tuple[dict[str, Any], ...] = ()
     pending_events: tuple[dict[str, Any], ...] = ()
     in_flight_taken: tuple[str, ...] = ()
@@ -509,11 +460,12 @@ class Cursor:
             value = json.loads(text)
             return cls(
                 boot_id=str(value.get("boot_id", "")),
-                kmsg_seq=int(value["kmsg_seq"]),
                 events_inode=int(value.get("events_inode", 0)),
                 events_offset=int(value.get("events_offset", 0)),
                 capture_seq=int(value.get("capture_seq", 0)),
                 capture_dropped=int(value.get("capture_dropped", 0)),
+                packets_seq=int(value.get("packets_seq", 0)),
+                packets_dropped=int(value.get("packets_dropped", 0)),
                 pending=tuple(dict(p) for p in value.get("pending", [])),
                 pending_events=tuple(dict(p) for p in value.get("pending_events", [])),
                 in_flight_taken=tuple(str(k) for k in value.get("in_flight_taken", [])),
@@ -549,17 +501,22 @@ def _event_from_json(value: dict[str, Any]) -> ConnectEvent:
 # ---- the join (pure) -------------------------------------------------------------------------
 
 
+def _record_order(record: FirewallRecord) -> tuple[int, int]:
+    """The order the firewall logged them in (seq alone starts again with a capture loaded
+    again)."""
+    return record.mono_ns, record.seq
+
+
 def _loopback(address: str) -> bool:
     return ipaddress.ip_address(address).is_loopback
 
 
 def _attempt(record: FirewallRecord | None, event: ConnectEvent | None, boot_id: str) -> Attempt:
-    # Ids carry the boot: kernel log sequence numbers and clocks start again when the guest
-    # reboots.
+    # Ids carry the boot: the capture's counts and clocks start again when the guest reboots.
     boot = boot_id.replace("-", "")[:8]
     if record is not None:
         return Attempt(
-            id=f"k{record.seq}.{boot}",
+            id=f"k{record.key}.{boot}",
             # The connect's own time: its entry, which is inside the call that made it
             # (orchestrator/xdebug.py attributes by it).
             time=iso_time(event.time if event is not None else record.time),
@@ -629,16 +586,16 @@ def join(
     for event in sorted(events, key=lambda e: (e.time, e.seq, e.key)):
         by_key.setdefault((event.dst, event.dport), []).append(event)
     records_by_key: dict[tuple[str, int | None], list[FirewallRecord]] = {}
-    for record in sorted(records, key=lambda r: r.seq):
+    for record in sorted(records, key=_record_order):
         records_by_key.setdefault((record.dst, record.dport), []).append(record)
-    paired: dict[int, ConnectEvent] = {}  # record seq → its event
+    paired: dict[str, ConnectEvent] = {}  # record key → its event
     for key, key_records in records_by_key.items():
         key_events = by_key.get(key, [])
         for record_index, event_index in _join_key(key_records, key_events):
-            paired[key_records[record_index].seq] = key_events[event_index]
+            paired[key_records[record_index].key] = key_events[event_index]
     used = {event.key for event in paired.values()}
     pairs: list[tuple[FirewallRecord | None, ConnectEvent | None]] = [
-        (record, paired.get(record.seq)) for record in sorted(records, key=lambda r: r.seq)
+        (record, paired.get(record.key)) for record in sorted(records, key=_record_order)
     ]
     pairs += [(None, e) for e in events if e.key not in used]
     return pairs
@@ -741,53 +698,44 @@ def _loss_warnings(snapshot: Snapshot, cursor: Cursor, rebooted: bool) -> list[s
     warnings = []
     if rebooted:
         warnings.append(
-            f"{stamp}: the guest rebooted since the last collection: kernel log records of the "
-            "previous boot that were not collected are lost"
+            f"{stamp}: the guest rebooted since the last collection: records of the previous "
+            "boot that were not collected are lost"
         )
-    # The oldest record still held is past the one we expected next, or the sequence jumped while
-    # we read (the ring buffer wrapped under the reader).
-    expected = cursor.kmsg_seq + 1
-    if snapshot.kmsg_first is not None and snapshot.kmsg_first > expected:
-        warnings.append(
-            f"{stamp}: kernel log records {expected}..{snapshot.kmsg_first - 1} were overwritten "
-            "before they were collected: firewall records among them are lost"
-        )
-    for before, after in snapshot.kmsg_gaps:
-        if after > expected:
-            warnings.append(
-                f"{stamp}: kernel log records {before + 1}..{after - 1} were overwritten while "
-                "they were read: firewall records among them are lost"
-            )
-    if snapshot.kmsg_error:
-        warnings.append(f"{stamp}: reading the kernel log failed: {snapshot.kmsg_error}")
     if not snapshot.capture_loaded:
         detail = f" ({snapshot.capture_error})" if snapshot.capture_error else ""
         warnings.append(
-            f"{stamp}: the connect() capture was not attached in the guest{detail} (guest root "
-            "removed it, or the boot did not load it): attempts since the last collection have "
-            "no process attribution; the collection attached it again"
+            f"{stamp}: the capture was not attached in the guest{detail} (guest root removed "
+            "it, or the boot did not load it): attempts since the last collection are not "
+            "recorded (the host's DNS log and --pcap still are); the collection attached it again"
         )
-    elif snapshot.capture_seq is not None and snapshot.capture_seq < cursor.capture_seq:
+        return warnings
+    if (snapshot.capture_seq is not None and snapshot.capture_seq < cursor.capture_seq) or (
+        snapshot.packets_seq is not None and snapshot.packets_seq < cursor.packets_seq
+    ):
         warnings.append(
-            f"{stamp}: the connect() capture was loaded again in the guest since the last "
-            "collection (by guest root): connect events before that are lost"
+            f"{stamp}: the capture was loaded again in the guest since the last collection (by "
+            "guest root): records before that are lost"
         )
-    elif snapshot.capture_dropped is not None and snapshot.capture_dropped > cursor.capture_dropped:
-        warnings.append(
-            f"{stamp}: the connect() capture's buffer was full: "
-            f"{snapshot.capture_dropped - cursor.capture_dropped} connect events were dropped, "
-            "so some attempts have no process attribution (collections come every "
-            "`collect_every` seconds during `run` and `exec`, not during `sandbox ssh`)"
-        )
+        return warnings
+    for what, now, before in (
+        ("connect events", snapshot.capture_dropped, cursor.capture_dropped),
+        ("firewall records", snapshot.packets_dropped, cursor.packets_dropped),
+    ):
+        if now is not None and now > before:
+            warnings.append(
+                f"{stamp}: the capture's buffer was full: {now - before} {what} were dropped "
+                "(collections come every `collect_every` seconds during `run` and `exec`, not "
+                "during `sandbox ssh`)"
+            )
     return warnings
 
 
 def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Collected:
     """Turn one collection's raw material into attempts, exactly once given the cursor.
 
-    Items that may still get their other half (a firewall record whose connect() had not
-    returned yet, a UDP connect whose first datagram has not left yet) wait in the cursor for
-    the next collection while younger than SETTLE_SECONDS; `final` (at destroy) holds nothing back.
+    Items that may still get their other half (a firewall record and its connect event drained
+    apart, a UDP connect whose first datagram has not left yet) wait in the cursor for the next
+    collection while younger than SETTLE_SECONDS; `final` (at destroy) holds nothing back.
     """
     rebooted = bool(cursor.boot_id) and snapshot.boot_id != cursor.boot_id
     if rebooted:
@@ -803,9 +751,7 @@ def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Colle
 
     flows = {k: v for k, v in cursor.flows.items() if v[0] > snapshot.wall - FLOW_MEMORY_SECONDS}
     records = [_record_from_json(p) for p in cursor.pending]
-    for record in sorted(snapshot.firewall, key=lambda r: r.seq):
-        if record.seq <= cursor.kmsg_seq:
-            continue
+    for record in sorted(snapshot.firewall, key=_record_order):
         # TCP resends its SYN and a blocked UDP flow resends datagrams: conntrack calls every
         # copy NEW and the firewall logs it again. But a new connect may also reuse the port of
         # an earlier one to the same place (thousands of connects in a burst do). So a record of
@@ -847,15 +793,13 @@ def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Colle
             attempts.append(_attempt(half, event, snapshot.boot_id))
     attempts.sort(key=lambda a: (a.time, a.id))
 
-    kmsg_seq = max([cursor.kmsg_seq, *(r.seq for r in snapshot.firewall)])
-    if snapshot.kmsg_last is not None:
-        kmsg_seq = max(kmsg_seq, snapshot.kmsg_last)
     new_cursor = Cursor(
         boot_id=snapshot.boot_id,
-        kmsg_seq=kmsg_seq,
         # A capture attached again counts from 0 again.
         capture_seq=snapshot.capture_seq or 0,
         capture_dropped=snapshot.capture_dropped or 0,
+        packets_seq=snapshot.packets_seq or 0,
+        packets_dropped=snapshot.packets_dropped or 0,
         **_next_events_position(snapshot, cursor),
         pending=tuple(_to_json(r) for r in pending),
         pending_events=tuple(_to_json(e) for e in pending_events),

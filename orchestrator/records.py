@@ -3,7 +3,7 @@
 Both producers (the guest-side capture in monitor.py and the host-side DNS log reader) write these
 shapes, and the readers never see anything else: a record is its own schema. `id` is the dedupe key
 a re-collection checks before appending, so it must be derived from the source's own sequence
-numbers and clocks (kernel log sequence, connect() return time, resolver log line), never from a
+numbers and clocks (the guest capture's counts and clock, the resolver's log line), never from a
 counter of ours.
 """
 

@@ -4,12 +4,11 @@ two network namespaces (client = the guest, server = the outside world)."""
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
-import re
 import selectors
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -17,7 +16,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
-from pathlib import Path
 
 import pytest
 
@@ -29,6 +27,7 @@ from orchestrator.firewall import (
     LOG_BLOCK,
     LOG_DNS,
     LOG_DNS_EST,
+    NFLOG_GROUP,
     differences,
     normalize,
     render_rules,
@@ -126,7 +125,8 @@ def test_dhcp_pinned_to_gateway_and_broadcast_v4_only() -> None:
 def test_log_prefixes_and_block_actions() -> None:
     text = rules(policy(), 4)
     for chain, prefix in (("SBX-ALLOW", LOG_ALLOW), ("SBX-BLOCK", LOG_BLOCK), ("SBX-DNS", LOG_DNS)):
-        assert f'-A {chain} -j LOG --log-prefix "{prefix}" --log-uid' in text
+        nflog = f'-A {chain} -j NFLOG --nflog-prefix "{prefix}" --nflog-group {NFLOG_GROUP}'
+        assert nflog in text
     assert "--reject-with tcp-reset" in text
     assert "icmp6-port-unreachable" in rules(policy(), 6)
     dropping = rules(policy(blocked=Blocked.DROP), 6)
@@ -156,7 +156,7 @@ SAVED_SAMPLE = """\
 -A SBX-B -j DROP
 [3:120] -A OUTPUT -o lo -j ACCEPT
 -A OUTPUT -j SBX-B
--A SBX-A -j LOG --log-prefix "A " --log-uid
+-A SBX-A -j NFLOG --nflog-prefix "A " --nflog-group 7
 -A SBX-A -j ACCEPT
 COMMIT
 # Completed on Mon Nov 23 11:14:16 2026
@@ -172,7 +172,7 @@ def test_normalize() -> None:
         ":SBX-B -",
         "-A OUTPUT -o lo -j ACCEPT",
         "-A OUTPUT -j SBX-B",
-        '-A SBX-A -j LOG --log-prefix "A " --log-uid',
+        '-A SBX-A -j NFLOG --nflog-prefix "A " --nflog-group 7',
         "-A SBX-A -j ACCEPT",
         "-A SBX-B -j DROP",
         "COMMIT",
@@ -508,54 +508,109 @@ def test_saved_rules_match_and_tampering_shows(fw: FwLab) -> None:
     assert differences(rules(REPRESENTATIVE, 4), fw.saved(4)) == []
 
 
-_NF_LOG_ALL = Path("/proc/sys/net/netfilter/nf_log_all_netns")
+@dataclass(frozen=True)
+class Logged:
+    """One packet an NFLOG rule logged, as nfnetlink_log hands it to a listener."""
+
+    prefix: str
+    dst: str
+    dport: int | None
+    uid: int | None
+
+
+_NFNL_SUBSYS_ULOG = 4
+_NFULNL_MSG_CONFIG = 1
+_NFULA_CFG_CMD, _NFULA_CFG_MODE, _NFULA_CFG_QTHRESH = 1, 2, 5
+_NFULNL_CFG_CMD_BIND = 1
+_NFULNL_COPY_PACKET = 2
+_NFULA_PAYLOAD, _NFULA_PREFIX, _NFULA_UID = 9, 10, 11
+
+
+def _nl_attr(kind: int, value: bytes) -> bytes:
+    data = struct.pack("=HH", 4 + len(value), kind) + value
+    return data + b"\0" * (-len(data) % 4)
+
+
+def _nl_attrs(data: bytes) -> dict[int, bytes]:
+    attrs = {}
+    while len(data) >= 4:
+        length, kind = struct.unpack("=HH", data[:4])
+        if length < 4:
+            break
+        attrs[kind & 0x3FFF] = data[4:length]
+        data = data[(length + 3) & ~3 :]
+    return attrs
+
+
+def _logged(family: int, attrs: dict[int, bytes]) -> Logged | None:
+    payload = attrs.get(_NFULA_PAYLOAD, b"")
+    prefix = attrs.get(_NFULA_PREFIX, b"").rstrip(b"\0").decode()
+    uid = struct.unpack(">I", attrs[_NFULA_UID])[0] if _NFULA_UID in attrs else None
+    if family == socket.AF_INET and len(payload) >= 20:
+        l4, proto, dst = (payload[0] & 0x0F) * 4, payload[9], str(IPv4Address(payload[16:20]))
+    elif family == socket.AF_INET6 and len(payload) >= 40:
+        l4, proto, dst = 40, payload[6], str(IPv6Address(payload[24:40]))
+    else:
+        return None
+    ports = proto in (socket.IPPROTO_TCP, socket.IPPROTO_UDP) and len(payload) >= l4 + 4
+    dport = struct.unpack(">H", payload[l4 + 2 : l4 + 4])[0] if ports else None
+    return Logged(prefix, dst, dport, uid)
 
 
 @contextmanager
-def kernel_log() -> Iterator[list[str]]:
-    """Kernel log records written while inside; LOG from a non-init netns needs a sysctl."""
-    before = _NF_LOG_ALL.read_text()
-    records: list[str] = []
-    fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+def nflog_records(netns: str) -> Iterator[list[Logged]]:
+    """The packets the firewall's NFLOG rules logged in `netns` while inside: a listener on
+    NFLOG_GROUP (nfnetlink_log, the netlink protocol ulogd speaks)."""
+    with inside(netns):
+        nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)  # NETLINK_NETFILTER
+    records: list[Logged] = []
     try:
-        os.lseek(fd, 0, os.SEEK_END)
-        _NF_LOG_ALL.write_text("1")
+        nl.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        nl.bind((0, 0))
+        kind = (_NFNL_SUBSYS_ULOG << 8) | _NFULNL_MSG_CONFIG
+        for attr in (
+            _nl_attr(_NFULA_CFG_CMD, bytes([_NFULNL_CFG_CMD_BIND])),
+            _nl_attr(_NFULA_CFG_MODE, struct.pack(">IBx", 0xFFFF, _NFULNL_COPY_PACKET)),
+            # one packet a message (the default batches 100, or 1 s)
+            _nl_attr(_NFULA_CFG_QTHRESH, struct.pack(">I", 1)),
+        ):
+            body = struct.pack(">BBH", socket.AF_UNSPEC, 0, NFLOG_GROUP) + attr
+            nl.send(struct.pack("=IHHII", 16 + len(body), kind, 0x1 | 0x4, 0, 0) + body)
         yield records
         time.sleep(0.1)
         while True:
             try:
-                records.append(os.read(fd, 8192).decode(errors="replace"))
+                data = nl.recv(1 << 20, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
-            except OSError as exc:  # EPIPE: records overwritten while we read; keep going
-                if exc.errno != errno.EPIPE:
-                    raise
+            while len(data) >= 16:
+                length, msg_type = struct.unpack("=IH", data[:6])
+                if msg_type == _NFNL_SUBSYS_ULOG << 8:  # NFULNL_MSG_PACKET
+                    record = _logged(data[16], _nl_attrs(data[20:length]))
+                    if record is not None:
+                        records.append(record)
+                data = data[(length + 3) & ~3 :]
     finally:
-        _NF_LOG_ALL.write_text(before)
-        os.close(fd)
+        nl.close()
 
 
 @pytest.mark.root
 def test_log_records_one_per_new_attempt(fw: FwLab) -> None:
-    if not _NF_LOG_ALL.exists():
-        pytest.skip("no nf_log_all_netns sysctl")
     fw.load(policy(ALLOWED))
-    with kernel_log() as records:
+    with nflog_records(fw.client) as mine:
         with fw.connect(ALLOWED, 80) as s:
             for _ in range(3):
                 _echo(s, b"x")
         fw.refused(BLOCKED, 80)
         fw.udp_exchange(str(RESOLVER))
-    mine = [r.split(";", 1)[-1] for r in records if f"OUT={fw.veth} " in r]
 
     def count(prefix: str, dst: str, dpt: int) -> int:
-        pattern = re.compile(rf"{prefix}IN= OUT={fw.veth} .*DST={re.escape(dst)} .*DPT={dpt} ")
-        return sum(bool(pattern.search(r)) for r in mine)
+        return sum(r.prefix == prefix and r.dst == dst and r.dport == dpt for r in mine)
 
     assert count(LOG_ALLOW, ALLOWED, 80) == 1, mine
     assert count(LOG_BLOCK, BLOCKED, 80) == 1, mine
     assert count(LOG_DNS, str(RESOLVER), 53) == 1, mine
-    assert all(" UID=" in r for r in mine), mine
+    assert all(r.uid == os.getuid() for r in mine), mine
 
 
 @pytest.mark.root
@@ -563,8 +618,6 @@ def test_a_new_socket_on_a_live_udp_flow_is_logged(fw: FwLab) -> None:
     """A UDP socket that gets the source port of an answered flow conntrack still holds rides that
     flow (ESTABLISHED, never NEW): the established-flow rules log it, by the flow's verdict, for
     the flow's first ESTABLISHED_LOG_PACKETS packets."""
-    if not _NF_LOG_ALL.exists():
-        pytest.skip("no nf_log_all_netns sysctl")
     fw.load(policy(BLOCKED))  # the server answers UDP on BLOCKED:53; allowed here
 
     def exchange(host: str, port: int, datagrams: int = 1) -> int:
@@ -579,17 +632,15 @@ def test_a_new_socket_on_a_live_udp_flow_is_logged(fw: FwLab) -> None:
             port_used: int = u.getsockname()[1]
             return port_used
 
-    with kernel_log() as records:
+    with nflog_records(fw.client) as mine:
         for host in (BLOCKED, str(RESOLVER)):
             port = exchange(host, 0)
             exchange(host, port)
             exchange(host, port)
         exchange(BLOCKED, 0, datagrams=ESTABLISHED_LOG_PACKETS + 4)
-    mine = [r.split(";", 1)[-1] for r in records if f"OUT={fw.veth} " in r]
 
     def count(prefix: str, dst: str) -> int:
-        pattern = re.compile(rf"{prefix}IN= OUT={fw.veth} .*DST={re.escape(dst)} .*DPT=53 ")
-        return sum(bool(pattern.search(r)) for r in mine)
+        return sum(r.prefix == prefix and r.dst == dst and r.dport == 53 for r in mine)
 
     assert (count(LOG_ALLOW, BLOCKED), count(LOG_DNS, str(RESOLVER))) == (2, 1), mine
     # Two reusing sockets each, and packets 2..ESTABLISHED_LOG_PACKETS of the long exchange.

@@ -63,6 +63,18 @@ struct socket {
 	struct sock *sk;
 } __attribute__((preserve_access_index));
 
+struct sk_buff {
+	unsigned char *head;
+	__u16 network_header;
+	struct sock *sk;
+} __attribute__((preserve_access_index));
+
+struct sock___uid {
+	struct {
+		__u32 val;
+	} sk_uid;
+} __attribute__((preserve_access_index));
+
 struct mm_struct {
 	unsigned long arg_start;
 	unsigned long arg_end;
@@ -221,6 +233,7 @@ int BPF_PROG(sbx_connect_entry, struct file *file, struct sockaddr_storage *addr
 	e = bpf_map_lookup_elem(&sbx_inflight, &key);
 	if (!e)
 		return 0;
+	e->kind = SBX_KIND_CONNECT;
 	e->seq = __sync_fetch_and_add(seq, 1);
 	e->time_ns = bpf_ktime_get_ns();
 	e->ret = SBX_RET_INFLIGHT;
@@ -255,12 +268,77 @@ int BPF_PROG(sbx_connect, struct file *file, struct sockaddr_storage *address, i
 		__builtin_memcpy(e, entry, sizeof(*e));
 		bpf_map_delete_elem(&sbx_inflight, &key);
 	} else {
+		e->kind = SBX_KIND_CONNECT;
 		e->seq = __sync_fetch_and_add(seq, 1);
 		e->time_ns = bpf_ktime_get_ns();
 		fill(e, file, address, family);
 	}
 	e->ret = ret;
 	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+	return 0;
+}
+
+/* Every packet an NFLOG rule of the guest's firewall logs (orchestrator/firewall.py: one per new
+ * attempt, with the verdict in the prefix). nfnetlink_log hands it here whether or not anything
+ * listens on the group; with nothing listening it does no more. */
+SEC("fentry/nfulnl_log_packet")
+int BPF_PROG(sbx_packet, void *net, __u8 pf, unsigned int hooknum, struct sk_buff *skb,
+	     void *in, void *out, void *loginfo, const char *prefix)
+{
+	struct sbx_packet *p;
+	struct sock *sk;
+	unsigned char *head, *l3;
+	__u64 *seq, *dropped;
+	__u8 ihl = 0, proto = 0;
+	__u32 l4;
+
+	if (pf != AF_INET && pf != AF_INET6)
+		return 0;
+	seq = counter(SBX_COUNT_PACKETS);
+	dropped = counter(SBX_COUNT_PACKETS_DROPPED);
+	if (!seq || !dropped)
+		return 0;
+	p = bpf_ringbuf_reserve(&sbx_events, sizeof(*p), 0);
+	if (!p) {
+		__sync_fetch_and_add(seq, 1);
+		__sync_fetch_and_add(dropped, 1);
+		return 0;
+	}
+	p->kind = SBX_KIND_PACKET;
+	p->seq = __sync_fetch_and_add(seq, 1);
+	p->time_ns = bpf_ktime_get_ns();
+	p->family = pf;
+	p->sport = p->dport = p->ipid = 0;
+	__builtin_memset(p->src, 0, sizeof(p->src));
+	__builtin_memset(p->dst, 0, sizeof(p->dst));
+	sk = BPF_CORE_READ(skb, sk);
+	p->uid = sk ? BPF_CORE_READ((struct sock___uid *)sk, sk_uid.val) : (__u32)-1;
+	head = BPF_CORE_READ(skb, head);
+	l3 = head + BPF_CORE_READ(skb, network_header);
+	if (pf == AF_INET) {
+		/* struct iphdr: version/ihl, tos, tot_len, id, frag_off, ttl, protocol, check, saddr,
+		 * daddr */
+		bpf_probe_read_kernel(&ihl, 1, l3);
+		bpf_probe_read_kernel(&p->ipid, 2, l3 + 4);
+		bpf_probe_read_kernel(&proto, 1, l3 + 9);
+		bpf_probe_read_kernel(p->src, 4, l3 + 12);
+		bpf_probe_read_kernel(p->dst, 4, l3 + 16);
+		l4 = (ihl & 0x0f) * 4;
+	} else {
+		/* struct ipv6hdr: version/class/flow (4), payload_len, nexthdr, hop_limit, saddr,
+		 * daddr */
+		bpf_probe_read_kernel(&proto, 1, l3 + 6);
+		bpf_probe_read_kernel(p->src, 16, l3 + 8);
+		bpf_probe_read_kernel(p->dst, 16, l3 + 24);
+		l4 = 40;
+	}
+	p->protocol = proto;
+	if (proto == 6 || proto == 17 || proto == 136 || proto == 132) {
+		bpf_probe_read_kernel(&p->sport, 2, l3 + (l4 & 0x3f));
+		bpf_probe_read_kernel(&p->dport, 2, l3 + (l4 & 0x3f) + 2);
+	}
+	bpf_probe_read_kernel_str(p->prefix, sizeof(p->prefix), prefix);
+	bpf_ringbuf_submit(p, BPF_RB_NO_WAKEUP);
 	return 0;
 }
 

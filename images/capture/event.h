@@ -2,7 +2,7 @@
 #ifndef SBX_EVENT_H
 #define SBX_EVENT_H
 
-#define SBX_RING_BYTES (16 * 1024 * 1024) /* ~40,000 events between two collections */
+#define SBX_RING_BYTES (16 * 1024 * 1024) /* ~28,000 attempts (a connect and a packet each) */
 #define SBX_ARGV_BYTES 128                /* the first bytes of argv, NUL-separated */
 #define SBX_NAME_BYTES 32                 /* per name in the executable's path */
 #define SBX_EXE_DEPTH 8                   /* names in the path (a power of two) */
@@ -14,9 +14,17 @@
 
 #define SBX_COUNT_SEQ 0
 #define SBX_COUNT_DROPPED 1
-#define SBX_COUNTERS 2
+#define SBX_COUNT_PACKETS 2         /* firewall records seen */
+#define SBX_COUNT_PACKETS_DROPPED 3 /* of them, not stored */
+#define SBX_COUNTERS 4
+
+#define SBX_KIND_CONNECT 1
+#define SBX_KIND_PACKET 2
+#define SBX_PREFIX_BYTES 32
 
 struct sbx_event {
+	__u32 kind;     /* SBX_KIND_CONNECT */
+	__u32 pad32;
 	__u64 seq;
 	__u64 time_ns;  /* CLOCK_MONOTONIC at the entry */
 	__u64 pid_tgid; /* tgid << 32 | thread id */
@@ -33,6 +41,25 @@ struct sbx_event {
 	__u8 addr[16];
 	char argv[SBX_ARGV_BYTES];
 	char exe[SBX_EXE_DEPTH][SBX_NAME_BYTES]; /* innermost first */
+};
+
+/* A packet the firewall logged (an NFLOG rule: its prefix says the verdict), as the packet was
+ * when it passed the rule. */
+struct sbx_packet {
+	__u32 kind;     /* SBX_KIND_PACKET */
+	__u32 uid;      /* the sending socket's owner; (__u32)-1 if the packet has no socket */
+	__u64 seq;
+	__u64 time_ns;  /* CLOCK_MONOTONIC */
+	__u16 family;   /* AF_INET, AF_INET6 */
+	__u16 protocol; /* IPPROTO_* of the transport header (IPv6: the first next header) */
+	__u16 sport;    /* network byte order; 0 without ports */
+	__u16 dport;
+	__u16 ipid;     /* the IPv4 header's ID (network byte order); 0 for IPv6 */
+	__u16 pad16;
+	__u32 pad;
+	__u8 src[16];
+	__u8 dst[16];
+	char prefix[SBX_PREFIX_BYTES];
 };
 
 #endif

@@ -35,9 +35,10 @@
 #define PIN_INFLIGHT PIN_DIR "/sbx_inflight"
 #define PIN_LINK_ENTRY PIN_DIR "/link_sbx_connect_entry"
 #define PIN_LINK_EXIT PIN_DIR "/link_sbx_connect"
+#define PIN_LINK_PACKET PIN_DIR "/link_sbx_packet"
 
-static const char *const pins[] = {PIN_LINK_ENTRY, PIN_LINK_EXIT, PIN_EVENTS, PIN_COUNTS,
-				   PIN_INFLIGHT, PIN_DIR "/sbx_scratch"};
+static const char *const pins[] = {PIN_LINK_ENTRY, PIN_LINK_EXIT, PIN_LINK_PACKET, PIN_EVENTS,
+				   PIN_COUNTS, PIN_INFLIGHT, PIN_DIR "/sbx_scratch"};
 #define PINS (sizeof(pins) / sizeof(pins[0]))
 
 static int print_libbpf(enum libbpf_print_level level, const char *format, va_list args)
@@ -85,10 +86,28 @@ static void print_line(FILE *out, char kind, const struct sbx_event *e)
 	fputc('\n', out);
 }
 
+static void print_packet(FILE *out, const struct sbx_packet *p)
+{
+	int af = p->family == 2 ? AF_INET : AF_INET6;
+	char src[INET6_ADDRSTRLEN] = "?", dst[INET6_ADDRSTRLEN] = "?";
+
+	inet_ntop(af, p->src, src, sizeof(src));
+	inet_ntop(af, p->dst, dst, sizeof(dst));
+	fprintf(out, "f %llu %llu %d %u %u %s %u %s %u %u ", (unsigned long long)p->seq,
+		(unsigned long long)p->time_ns, (int)p->uid, p->family == 2 ? 4 : 6, p->protocol,
+		src, ntohs(p->sport), dst, ntohs(p->dport), ntohs(p->ipid));
+	escaped(out, p->prefix, strnlen(p->prefix, SBX_PREFIX_BYTES));
+	fputc('\n', out);
+}
+
 static int print_event(void *ctx, void *data, size_t size)
 {
-	if (size >= sizeof(struct sbx_event))
+	__u32 kind = size >= sizeof(__u32) ? *(__u32 *)data : 0;
+
+	if (kind == SBX_KIND_CONNECT && size >= sizeof(struct sbx_event))
 		print_line(ctx, 'c', data);
+	else if (kind == SBX_KIND_PACKET && size >= sizeof(struct sbx_packet))
+		print_packet(ctx, data);
 	return 0;
 }
 
@@ -121,8 +140,12 @@ static int load(const char *path)
 	struct bpf_link *link;
 	int err;
 
-	if (access(PIN_LINK_EXIT, F_OK) == 0 && access(PIN_LINK_ENTRY, F_OK) == 0)
+	if (access(PIN_LINK_EXIT, F_OK) == 0 && access(PIN_LINK_ENTRY, F_OK) == 0 &&
+	    access(PIN_LINK_PACKET, F_OK) == 0)
 		return 0;
+	/* the firewall's NFLOG rules load it; the program attaches to its nfulnl_log_packet */
+	if (system("modprobe -q nfnetlink_log") != 0)
+		fprintf(stderr, "sbx-capture: modprobe nfnetlink_log failed\n");
 	obj = bpf_object__open_file(path, NULL);
 	if (!obj) {
 		fprintf(stderr, "sbx-capture: cannot open %s: %s\n", path, strerror(errno));
@@ -221,8 +244,10 @@ static int drain(const char *path)
 	print_inflight();
 	for (__u32 i = 0; i < SBX_COUNTERS; i++)
 		bpf_map_lookup_elem(counts, &i, &values[i]);
-	printf("@@capture ok %d %llu %llu\n", n, (unsigned long long)values[SBX_COUNT_SEQ],
-	       (unsigned long long)values[SBX_COUNT_DROPPED]);
+	printf("@@capture ok %d %llu %llu %llu %llu\n", n, (unsigned long long)values[SBX_COUNT_SEQ],
+	       (unsigned long long)values[SBX_COUNT_DROPPED],
+	       (unsigned long long)values[SBX_COUNT_PACKETS],
+	       (unsigned long long)values[SBX_COUNT_PACKETS_DROPPED]);
 	/* both clocks at one moment: event times are CLOCK_MONOTONIC */
 	printf("@@captureclock %.9f %.9f\n", clock_seconds(CLOCK_MONOTONIC),
 	       clock_seconds(CLOCK_REALTIME));
