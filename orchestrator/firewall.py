@@ -16,10 +16,10 @@ from .errors import UsageError
 from .policy import Allow, Blocked, EgressPolicy, IPNetwork, Proto
 
 # NFLOG prefixes, one record per NEW attempt: the guest's capture takes every packet these rules
-# log (images/capture/connect.bpf.c, where nfnetlink_log is handed it), the connection log reads
-# the verdict from the prefix. Nothing listens on the group: the packet costs no more than that.
-# (LOG to the kernel log, as the recipe did, cost a burst of attempts ~10 % of its run time under
-# TCG, benchmarks/capture.py.)
+# log (images/capture/connect.bpf.c, where the rule runs), the connection log reads the verdict
+# from the prefix. Nothing listens on the group: the packet costs no more than that. (LOG to the
+# kernel log, as the recipe did, cost a burst of attempts 7-10 % of its run time under TCG, and
+# as much again while journald copied it: benchmarks/capture.py.)
 NFLOG_GROUP = 7
 LOG_ALLOW = "SBX-ALLOW "
 LOG_BLOCK = "SBX-BLOCK "

@@ -4,9 +4,9 @@
  * (pid, thread, parent, uid, executable, argv) and where to, with the syscall's result.
  *
  * fentry and fexit on __sys_connect_file: connect(2), socketcall(SYS_CONNECT) and io_uring's
- * connect all end there, with the address already copied into the kernel. The event is made at
- * the entry (its time is the entry's) and sent at the return with the result; while a connect
- * waits, the drain finds it in flight. Each event goes into a ring buffer
+ * connect all end there, with the address already copied into the kernel. The entry notes the
+ * time and the destination per thread; the return sends the event with the result; while a
+ * connect waits, the drain finds it in flight. Each event goes into a ring buffer
  * that nothing reads until a collection drains it (sbx-capture drain): no daemon runs beside the
  * software under test, and the cost inside connect() is this program alone. A full ring buffer
  * counts the event as dropped (the collection reports it); every event, dropped or not, takes
@@ -102,21 +102,14 @@ struct {
 	__type(value, __u64);
 } sbx_counts SEC(".maps");
 
-/* connects in progress, by thread (pid_tgid): made at the entry, sent at the return */
+/* connects in progress, by thread (pid_tgid): what the entry knew, for the return to send and
+ * for a collection meanwhile to see (the rest it reads from /proc: the process is still there) */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, SBX_INFLIGHT);
 	__type(key, __u64);
-	__type(value, struct sbx_event);
+	__type(value, struct sbx_pending);
 } sbx_inflight SEC(".maps");
-
-/* the blank an in-flight entry starts from (the stack is too small for an event) */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct sbx_event);
-} sbx_scratch SEC(".maps");
 
 static __always_inline __u64 *counter(__u32 index)
 {
@@ -218,26 +211,28 @@ int BPF_PROG(sbx_connect_entry, struct file *file, struct sockaddr_storage *addr
 {
 	__u16 family = inet_family(address);
 	__u64 key = bpf_get_current_pid_tgid();
-	__u32 zero = 0;
-	struct sbx_event *e, *blank;
+	struct sbx_pending pending = {};
+	struct socket *sock;
 	__u64 *seq;
 
 	if (!family)
 		return 0;
 	seq = counter(SBX_COUNT_SEQ);
-	blank = bpf_map_lookup_elem(&sbx_scratch, &zero);
-	if (!seq || !blank)
+	if (!seq)
 		return 0;
-	if (bpf_map_update_elem(&sbx_inflight, &key, blank, BPF_ANY))
-		return 0; /* full: the return makes the event on its own */
-	e = bpf_map_lookup_elem(&sbx_inflight, &key);
-	if (!e)
-		return 0;
-	e->kind = SBX_KIND_CONNECT;
-	e->seq = __sync_fetch_and_add(seq, 1);
-	e->time_ns = bpf_ktime_get_ns();
-	e->ret = SBX_RET_INFLIGHT;
-	fill(e, file, address, family);
+	pending.seq = __sync_fetch_and_add(seq, 1);
+	pending.time_ns = bpf_ktime_get_ns();
+	pending.uid = (__u32)bpf_get_current_uid_gid();
+	pending.family = family;
+	bpf_probe_read_kernel(&pending.port, 2, (void *)address + 2);
+	if (family == AF_INET)
+		bpf_probe_read_kernel(pending.addr, 4, (void *)address + 4);
+	else
+		bpf_probe_read_kernel(pending.addr, 16, (void *)address + 8);
+	sock = BPF_CORE_READ(file, private_data);
+	pending.protocol = BPF_CORE_READ(sock, sk, sk_protocol);
+	/* full: the return makes the event on its own */
+	bpf_map_update_elem(&sbx_inflight, &key, &pending, BPF_ANY);
 	return 0;
 }
 
@@ -247,7 +242,8 @@ int BPF_PROG(sbx_connect, struct file *file, struct sockaddr_storage *address, i
 {
 	__u16 family = inet_family(address);
 	__u64 key = bpf_get_current_pid_tgid();
-	struct sbx_event *e, *entry;
+	struct sbx_event *e;
+	struct sbx_pending *entry;
 	__u64 *seq, *dropped;
 
 	if (!family)
@@ -264,26 +260,46 @@ int BPF_PROG(sbx_connect, struct file *file, struct sockaddr_storage *address, i
 			bpf_map_delete_elem(&sbx_inflight, &key);
 		return 0;
 	}
+	e->kind = SBX_KIND_CONNECT;
 	if (entry) {
-		__builtin_memcpy(e, entry, sizeof(*e));
+		e->seq = entry->seq;
+		e->time_ns = entry->time_ns;
 		bpf_map_delete_elem(&sbx_inflight, &key);
 	} else {
-		e->kind = SBX_KIND_CONNECT;
 		e->seq = __sync_fetch_and_add(seq, 1);
 		e->time_ns = bpf_ktime_get_ns();
-		fill(e, file, address, family);
 	}
+	fill(e, file, address, family);
 	e->ret = ret;
 	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 	return 0;
 }
 
+/* The firewall's NFLOG rules, on either path iptables-nft may give them: a native nft `log`
+ * expression (nft_log_eval) or the xtables target (nflog_tg). Their prefix says the verdict. */
+struct nf_hook_state {
+	__u8 pf;
+} __attribute__((preserve_access_index));
+
+struct nft_pktinfo {
+	struct sk_buff *skb;
+	const struct nf_hook_state *state;
+} __attribute__((preserve_access_index));
+
+struct nft_log {
+	char *prefix;
+} __attribute__((preserve_access_index));
+
+struct nft_expr;
+
+struct xt_action_param {
+	const void *targinfo;
+	const struct nf_hook_state *state;
+} __attribute__((preserve_access_index));
+
 /* Every packet an NFLOG rule of the guest's firewall logs (orchestrator/firewall.py: one per new
- * attempt, with the verdict in the prefix). nfnetlink_log hands it here whether or not anything
- * listens on the group; with nothing listening it does no more. */
-SEC("fentry/nfulnl_log_packet")
-int BPF_PROG(sbx_packet, void *net, __u8 pf, unsigned int hooknum, struct sk_buff *skb,
-	     void *in, void *out, void *loginfo, const char *prefix)
+ * attempt, the verdict in the prefix), whether or not anything listens on the group. */
+static __always_inline void record_packet(struct sk_buff *skb, __u8 pf, const char *prefix)
 {
 	struct sbx_packet *p;
 	struct sock *sk;
@@ -293,16 +309,16 @@ int BPF_PROG(sbx_packet, void *net, __u8 pf, unsigned int hooknum, struct sk_buf
 	__u32 l4;
 
 	if (pf != AF_INET && pf != AF_INET6)
-		return 0;
+		return;
 	seq = counter(SBX_COUNT_PACKETS);
 	dropped = counter(SBX_COUNT_PACKETS_DROPPED);
 	if (!seq || !dropped)
-		return 0;
+		return;
 	p = bpf_ringbuf_reserve(&sbx_events, sizeof(*p), 0);
 	if (!p) {
 		__sync_fetch_and_add(seq, 1);
 		__sync_fetch_and_add(dropped, 1);
-		return 0;
+		return;
 	}
 	p->kind = SBX_KIND_PACKET;
 	p->seq = __sync_fetch_and_add(seq, 1);
@@ -337,8 +353,33 @@ int BPF_PROG(sbx_packet, void *net, __u8 pf, unsigned int hooknum, struct sk_buf
 		bpf_probe_read_kernel(&p->sport, 2, l3 + (l4 & 0x3f));
 		bpf_probe_read_kernel(&p->dport, 2, l3 + (l4 & 0x3f) + 2);
 	}
-	bpf_probe_read_kernel_str(p->prefix, sizeof(p->prefix), prefix);
+	p->prefix[0] = 0;
+	if (prefix)
+		bpf_probe_read_kernel_str(p->prefix, sizeof(p->prefix), prefix);
 	bpf_ringbuf_submit(p, BPF_RB_NO_WAKEUP);
+}
+
+SEC("fentry/nft_log_eval")
+int BPF_PROG(sbx_packet_nft, const struct nft_expr *expr, void *regs,
+	     const struct nft_pktinfo *pkt)
+{
+	/* nft_expr_priv(expr): the expression's private data follows its ops pointer */
+	struct nft_log *priv = (struct nft_log *)((void *)expr + sizeof(void *));
+
+	record_packet(BPF_CORE_READ(pkt, skb), BPF_CORE_READ(pkt, state, pf),
+		      BPF_CORE_READ(priv, prefix));
+	return 0;
+}
+
+/* struct xt_nflog_info (uapi): len, group, threshold, flags, pad, prefix[64] */
+#define XT_NFLOG_PREFIX_OFFSET 12
+
+SEC("fentry/nflog_tg")
+int BPF_PROG(sbx_packet_xt, struct sk_buff *skb, const struct xt_action_param *par)
+{
+	const char *info = BPF_CORE_READ(par, targinfo);
+
+	record_packet(skb, BPF_CORE_READ(par, state, pf), info + XT_NFLOG_PREFIX_OFFSET);
 	return 0;
 }
 

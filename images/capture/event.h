@@ -43,6 +43,19 @@ struct sbx_event {
 	char exe[SBX_EXE_DEPTH][SBX_NAME_BYTES]; /* innermost first */
 };
 
+/* A connect() that has not returned yet, as its entry saw it (sbx_inflight, by pid_tgid). */
+struct sbx_pending {
+	__u64 seq;
+	__u64 time_ns;
+	__u32 uid;
+	__u16 family;
+	__u16 port;
+	__u16 protocol;
+	__u16 pad16;
+	__u32 pad;
+	__u8 addr[16];
+};
+
 /* A packet the firewall logged (an NFLOG rule: its prefix says the verdict), as the packet was
  * when it passed the rule. */
 struct sbx_packet {

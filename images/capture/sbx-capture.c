@@ -17,6 +17,7 @@
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,10 +36,15 @@
 #define PIN_INFLIGHT PIN_DIR "/sbx_inflight"
 #define PIN_LINK_ENTRY PIN_DIR "/link_sbx_connect_entry"
 #define PIN_LINK_EXIT PIN_DIR "/link_sbx_connect"
-#define PIN_LINK_PACKET PIN_DIR "/link_sbx_packet"
+#define PIN_LINK_NFT PIN_DIR "/link_sbx_packet_nft"
+#define PIN_LINK_XT PIN_DIR "/link_sbx_packet_xt"
 
-static const char *const pins[] = {PIN_LINK_ENTRY, PIN_LINK_EXIT, PIN_LINK_PACKET, PIN_EVENTS,
-				   PIN_COUNTS, PIN_INFLIGHT, PIN_DIR "/sbx_scratch"};
+static const char *const pins[] = {PIN_LINK_ENTRY, PIN_LINK_EXIT, PIN_LINK_NFT, PIN_LINK_XT,
+				   PIN_EVENTS, PIN_COUNTS, PIN_INFLIGHT};
+/* what `check` wants: all of these, and one of the two packet links */
+static const char *const required[] = {PIN_LINK_ENTRY, PIN_LINK_EXIT, PIN_EVENTS, PIN_COUNTS,
+				       PIN_INFLIGHT};
+#define REQUIRED (sizeof(required) / sizeof(required[0]))
 #define PINS (sizeof(pins) / sizeof(pins[0]))
 
 static int print_libbpf(enum libbpf_print_level level, const char *format, va_list args)
@@ -111,18 +117,75 @@ static int print_event(void *ctx, void *data, size_t size)
 	return 0;
 }
 
+/* The rest of an in-flight connect's event, from /proc: its process is in connect() still. */
+static void from_proc(struct sbx_event *e)
+{
+	char path[64], exe[4096];
+	unsigned int tgid = (unsigned int)(e->pid_tgid >> 32);
+	ssize_t n;
+	FILE *f;
+	int fd;
+
+	snprintf(path, sizeof(path), "/proc/%u/stat", tgid);
+	f = fopen(path, "r");
+	if (f) {
+		/* pid (comm) state ppid: comm may hold spaces and parentheses */
+		char line[1024], *end;
+
+		if (fgets(line, sizeof(line), f) && (end = strrchr(line, ')')))
+			sscanf(end + 1, " %*c %u", &e->ppid);
+		fclose(f);
+	}
+	snprintf(path, sizeof(path), "/proc/%u/cmdline", tgid);
+	fd = open(path, O_RDONLY);
+	if (fd >= 0) {
+		n = read(fd, e->argv, SBX_ARGV_BYTES);
+		e->argv_len = n > 0 ? (__u16)n : 0;
+		close(fd);
+	}
+	snprintf(path, sizeof(path), "/proc/%u/exe", tgid);
+	n = readlink(path, exe, sizeof(exe) - 1);
+	e->exe_depth = 0;
+	if (n > 0) {
+		/* innermost name first, as the program fills it */
+		int depth = 0;
+		char *name;
+
+		exe[n] = 0;
+		while (depth < SBX_EXE_DEPTH && (name = strrchr(exe, '/'))) {
+			snprintf(e->exe[depth++], SBX_NAME_BYTES, "%s", name + 1);
+			*name = 0;
+		}
+		e->exe_depth = depth | (strrchr(exe, '/') ? SBX_EXE_TRUNCATED : 0);
+	}
+}
+
 /* The connects that have not returned yet (their event goes to the ring buffer when they do). */
 static int print_inflight(void)
 {
 	__u64 key, next, *prev = NULL;
-	struct sbx_event e;
+	struct sbx_pending pending;
 	int fd = bpf_obj_get(PIN_INFLIGHT);
 	int n = 0;
 
 	if (fd < 0)
 		return -1;
 	while (bpf_map_get_next_key(fd, prev, &next) == 0) {
-		if (bpf_map_lookup_elem(fd, &next, &e) == 0 && e.ret == SBX_RET_INFLIGHT) {
+		if (bpf_map_lookup_elem(fd, &next, &pending) == 0) {
+			struct sbx_event e;
+
+			memset(&e, 0, sizeof(e));
+			e.kind = SBX_KIND_CONNECT;
+			e.seq = pending.seq;
+			e.time_ns = pending.time_ns;
+			e.pid_tgid = next;
+			e.uid_gid = pending.uid;
+			e.ret = SBX_RET_INFLIGHT;
+			e.family = pending.family;
+			e.port = pending.port;
+			e.protocol = pending.protocol;
+			memcpy(e.addr, pending.addr, sizeof(e.addr));
+			from_proc(&e);
 			print_line(stdout, 'i', &e);
 			n++;
 		}
@@ -133,22 +196,60 @@ static int print_inflight(void)
 	return n;
 }
 
+/* Whether a function is in the running kernel (and its loaded modules). */
+static int kernel_has(const char *function)
+{
+	char line[512], name[256];
+	FILE *symbols = fopen("/proc/kallsyms", "r");
+	int found = 0;
+
+	if (!symbols)
+		return 0;
+	while (!found && fgets(line, sizeof(line), symbols))
+		found = sscanf(line, "%*s %*s %255s", name) == 1 && strcmp(name, function) == 0;
+	fclose(symbols);
+	return found;
+}
+
+static int check_quietly(void)
+{
+	int missing = access(PIN_LINK_NFT, F_OK) != 0 && access(PIN_LINK_XT, F_OK) != 0;
+
+	for (size_t i = 0; i < REQUIRED; i++)
+		missing |= access(required[i], F_OK) != 0;
+	return missing;
+}
+
 static int load(const char *path)
 {
 	struct bpf_object *obj;
 	struct bpf_program *prog;
 	struct bpf_link *link;
-	int err;
+	int err, packets;
 
-	if (access(PIN_LINK_EXIT, F_OK) == 0 && access(PIN_LINK_ENTRY, F_OK) == 0 &&
-	    access(PIN_LINK_PACKET, F_OK) == 0)
+	if (check_quietly() == 0)
 		return 0;
-	/* the firewall's NFLOG rules load it; the program attaches to its nfulnl_log_packet */
-	if (system("modprobe -q nfnetlink_log") != 0)
-		fprintf(stderr, "sbx-capture: modprobe nfnetlink_log failed\n");
 	obj = bpf_object__open_file(path, NULL);
 	if (!obj) {
 		fprintf(stderr, "sbx-capture: cannot open %s: %s\n", path, strerror(errno));
+		return 1;
+	}
+	/* The firewall's NFLOG rules run as nft's `log` or as the xtables target, whichever
+	 * iptables-nft chose (the boot rules loaded its module): attach to the one there is. */
+	packets = 0;
+	bpf_object__for_each_program(prog, obj) {
+		const char *target = strchr(bpf_program__section_name(prog), '/');
+
+		if (strncmp(bpf_program__name(prog), "sbx_packet", 10) != 0)
+			continue;
+		if (target && kernel_has(target + 1))
+			packets++;
+		else
+			bpf_program__set_autoload(prog, false);
+	}
+	if (packets == 0) {
+		fprintf(stderr, "sbx-capture: neither nft_log_eval nor nflog_tg is in the kernel: "
+				"the firewall's NFLOG rules are not loaded\n");
 		return 1;
 	}
 	err = bpf_object__load(obj);
@@ -171,6 +272,8 @@ static int load(const char *path)
 	bpf_object__for_each_program(prog, obj) {
 		char pin[256];
 
+		if (!bpf_program__autoload(prog))
+			continue;
 		link = bpf_program__attach(prog);
 		if (!link) {
 			fprintf(stderr, "sbx-capture: attaching %s: %s\n", bpf_program__name(prog),
@@ -189,17 +292,25 @@ static int load(const char *path)
 
 static int check(void)
 {
-	int missing = 0;
+	int missing = 0, fd;
 
-	for (size_t i = 0; i < PINS; i++) {
-		int fd = bpf_obj_get(pins[i]);
-
+	for (size_t i = 0; i < REQUIRED; i++) {
+		fd = bpf_obj_get(required[i]);
 		if (fd < 0) {
-			printf("missing %s\n", pins[i]);
+			printf("missing %s\n", required[i]);
 			missing = 1;
 		} else {
 			close(fd);
 		}
+	}
+	fd = bpf_obj_get(PIN_LINK_NFT);
+	if (fd < 0)
+		fd = bpf_obj_get(PIN_LINK_XT);
+	if (fd < 0) {
+		printf("missing %s or %s\n", PIN_LINK_NFT, PIN_LINK_XT);
+		missing = 1;
+	} else {
+		close(fd);
 	}
 	return missing;
 }
