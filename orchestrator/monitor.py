@@ -6,8 +6,9 @@ two kinds of record into a ring buffer in the guest's kernel, at the moment of t
 - the firewall's: every packet an NFLOG rule of orchestrator/firewall.py logs (SBX-ALLOW,
   SBX-BLOCK, SBX-DNS for the first packet of a flow, SBX-ALLOW-EST and SBX-DNS-EST for the next
   ones of an answered UDP flow; the boot rules' SBX-BOOT), taken where the rule runs (nft's
-  `log` expression or the xtables NFLOG target, whichever iptables-nft chose): the verdict (the rule's prefix), protocol, addresses, ports, IPv4 ID, and the socket
-  owner's uid. Nothing listens on the NFLOG group, so the packet costs nothing more.
+  `log` expression or the xtables NFLOG target, whichever iptables-nft chose): the verdict (the
+  rule's prefix), protocol, addresses, ports, IPv4 ID, and the socket owner's uid. Nothing
+  listens on the NFLOG group, so the packet costs nothing more.
 - the process's: the entry and return of every connect() to an inet or inet6 address: which
   process (pid, parent, uid, executable, argv as it is at that moment), the socket's protocol
   and the result. A connect() still waiting (a blocking one whose SYN gets no answer waits
