@@ -53,14 +53,13 @@ CAPTURE_OBJECT = "/usr/lib/sandbox/connect.bpf.o"
 # Drained events, one file per boot (the ring buffer and its sequence start again at each boot).
 EVENTS_DIR = "/var/lib/sandbox/capture"
 
-LOG_BOOT = firewall.LOG_BOOT
 # The second flag: a packet of a flow conntrack already knew (firewall.LOG_ALLOW_EST), never an
 # attempt by itself, only with a connect() of its own.
 _PREFIXES: dict[str, tuple[Verdict, bool]] = {
     firewall.LOG_ALLOW: (Verdict.ALLOWED, False),
     firewall.LOG_BLOCK: (Verdict.BLOCKED, False),
     firewall.LOG_DNS: (Verdict.DNS, False),
-    LOG_BOOT: (Verdict.BOOT, False),
+    firewall.LOG_BOOT: (Verdict.BOOT, False),
     firewall.LOG_ALLOW_EST: (Verdict.ALLOWED, True),
     firewall.LOG_DNS_EST: (Verdict.DNS, True),
 }
@@ -193,7 +192,8 @@ class FirewallRecord:
 
 @dataclass(frozen=True)
 class ConnectEvent:
-    """One connect() to an inet or inet6 address, as the eBPF program saw it return."""
+    """One connect() to an inet or inet6 address, as the eBPF programs saw it (returned, or in
+    flight)."""
 
     seq: int  # the program's own count (starts again when it is loaded again)
     mono_ns: int  # CLOCK_MONOTONIC at the entry, nanoseconds
@@ -213,17 +213,10 @@ class ConnectEvent:
     @property
     def key(self) -> str:
         """Unique within a boot, even across a capture loaded again (its seq starts at 0 again):
-        one thread returns from one connect() per nanosecond at most."""
+        one thread enters one connect() per nanosecond at most."""
         return f"{self.mono_ns}-{self.tid}-{self.seq}"
 
 
-_PROTO_NAMES = {
-    "TCP": "tcp",
-    "UDP": "udp",
-    "ICMP": "icmp",
-    "ICMPV6": "icmpv6",
-    "UDPLITE": "udplite",
-}
 _ESCAPE = re.compile(rb"\\x([0-9a-f]{2})")
 # IP protocol numbers (a socket's sk_protocol) → the firewall log's names.
 _PROTO_NUMBERS = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6", 136: "udplite", 132: "sctp"}
