@@ -1,16 +1,20 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * The guest's record of every connect() to an inet or inet6 address: which process made it
- * (pid, thread, parent, uid, executable, argv) and where to, with the syscall's result.
+ * The guest's connection capture: every connect() to an inet or inet6 address, with the process
+ * that made it (pid, thread, parent, uid, executable, argv) and its result, and every packet the
+ * firewall's NFLOG rules log (the verdict, in the rule's prefix).
  *
- * fentry and fexit on __sys_connect_file: connect(2), socketcall(SYS_CONNECT) and io_uring's
- * connect all end there, with the address already copied into the kernel. The entry notes the
- * time and the destination per thread; the return sends the event with the result; while a
- * connect waits, the drain finds it in flight. Each event goes into a ring buffer
- * that nothing reads until a collection drains it (sbx-capture drain): no daemon runs beside the
- * software under test, and the cost inside connect() is this program alone. A full ring buffer
- * counts the event as dropped (the collection reports it); every event, dropped or not, takes
- * the next sequence number.
+ * connect: fentry and fexit on __sys_connect_file. connect(2), socketcall(SYS_CONNECT) and
+ * io_uring's connect all end there, with the address already copied into the kernel. The entry
+ * notes the time and the destination per thread; the return sends the event with the result;
+ * while a connect waits, the drain finds it in flight.
+ * packets: fentry on nft_log_eval or nflog_tg, where an NFLOG rule runs (sbx-capture attaches
+ * whichever the kernel has).
+ *
+ * Both go into one ring buffer that nothing reads until a collection drains it (sbx-capture
+ * drain): no daemon runs beside the software under test, and the cost is these programs alone.
+ * A full ring buffer counts the record as dropped (the collection reports it); every record,
+ * dropped or not, takes the next sequence number of its kind.
  *
  * Kernel structures are declared with only the fields read here: libbpf relocates them against
  * the running kernel's BTF (CO-RE), so no kernel headers are needed to build this.

@@ -10,10 +10,12 @@
  *                             counters and both clocks on stdout
  *   sbx-capture unload        detach (the events not drained are gone)
  *
- * An event line: "c SEQ MONO_NS PID TID PPID UID RET FAMILY PROTOCOL ADDRESS PORT EXE ARGV"
- * (PROTOCOL: the socket's IP protocol number), EXE and ARGV
- * escaped (bytes outside '!'..'~', and '\', as \xNN; ARGV's NULs between arguments too);
- * EXE is "-" when the process has none, and starts with "..." when deeper than the event holds.
+ * A connect line: "c SEQ MONO_NS PID TID PPID UID RET FAMILY PROTOCOL ADDRESS PORT EXE ARGV"
+ * (PROTOCOL: the socket's IP protocol number); EXE and ARGV escaped (bytes outside '!'..'~', and
+ * '\', as \xNN; ARGV's NULs between arguments too); EXE is "-" when the process has none, and
+ * starts with "..." when deeper than the event holds.
+ * A packet line: "f SEQ MONO_NS UID FAMILY PROTOCOL SRC SPORT DST DPORT IPID PREFIX" (UID -1: no
+ * socket; PREFIX escaped).
  */
 #include <arpa/inet.h>
 #include <errno.h>
