@@ -92,10 +92,11 @@ START_HINT = (
 )
 
 # The image's sandbox-capture.service loads the program at boot, before the network is up; this
-# checks it is attached (and attaches it if guest root or a failed boot step left it out).
+# attaches it if guest root or a failed boot step left it out (`load` does nothing when it is
+# attached), then checks.
 START_SCRIPT = f"""\
 set -u
-{CAPTURE_TOOL} check >/dev/null 2>&1 || {CAPTURE_TOOL} load {CAPTURE_OBJECT} || exit 1
+{CAPTURE_TOOL} load {CAPTURE_OBJECT} || exit 1
 {CAPTURE_TOOL} check >&2 || {{ echo "the connect() capture is not attached" >&2; exit 1; }}
 """
 START_COMMAND: list[str] = ["sh", "-c", START_SCRIPT]

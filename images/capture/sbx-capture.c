@@ -213,12 +213,32 @@ static int kernel_has(const char *function)
 	return found;
 }
 
-static int check_quietly(void)
+/* 0 if every pin `load` makes is there (one of the two packet links); else 1, and, if
+ * `verbose`, what is missing on stdout. */
+static int check(int verbose)
 {
-	int missing = access(PIN_LINK_NFT, F_OK) != 0 && access(PIN_LINK_XT, F_OK) != 0;
+	int missing = 0, fd;
 
-	for (size_t i = 0; i < REQUIRED; i++)
-		missing |= access(required[i], F_OK) != 0;
+	for (size_t i = 0; i < REQUIRED; i++) {
+		fd = bpf_obj_get(required[i]);
+		if (fd < 0) {
+			if (verbose)
+				printf("missing %s\n", required[i]);
+			missing = 1;
+		} else {
+			close(fd);
+		}
+	}
+	fd = bpf_obj_get(PIN_LINK_NFT);
+	if (fd < 0)
+		fd = bpf_obj_get(PIN_LINK_XT);
+	if (fd < 0) {
+		if (verbose)
+			printf("missing %s or %s\n", PIN_LINK_NFT, PIN_LINK_XT);
+		missing = 1;
+	} else {
+		close(fd);
+	}
 	return missing;
 }
 
@@ -229,7 +249,7 @@ static int load(const char *path)
 	struct bpf_link *link;
 	int err, packets;
 
-	if (check_quietly() == 0)
+	if (check(0) == 0)
 		return 0;
 	obj = bpf_object__open_file(path, NULL);
 	if (!obj) {
@@ -290,31 +310,6 @@ static int load(const char *path)
 		}
 	}
 	return 0;
-}
-
-static int check(void)
-{
-	int missing = 0, fd;
-
-	for (size_t i = 0; i < REQUIRED; i++) {
-		fd = bpf_obj_get(required[i]);
-		if (fd < 0) {
-			printf("missing %s\n", required[i]);
-			missing = 1;
-		} else {
-			close(fd);
-		}
-	}
-	fd = bpf_obj_get(PIN_LINK_NFT);
-	if (fd < 0)
-		fd = bpf_obj_get(PIN_LINK_XT);
-	if (fd < 0) {
-		printf("missing %s or %s\n", PIN_LINK_NFT, PIN_LINK_XT);
-		missing = 1;
-	} else {
-		close(fd);
-	}
-	return missing;
 }
 
 static double clock_seconds(clockid_t id)
@@ -380,7 +375,7 @@ int main(int argc, char **argv)
 	if (argc == 3 && strcmp(argv[1], "load") == 0)
 		return load(argv[2]);
 	if (argc == 2 && strcmp(argv[1], "check") == 0)
-		return check();
+		return check(1);
 	if (argc == 3 && strcmp(argv[1], "drain") == 0)
 		return drain(argv[2]);
 	if (argc == 2 && strcmp(argv[1], "unload") == 0)
