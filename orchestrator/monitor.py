@@ -9,16 +9,16 @@ two kinds of record into a ring buffer in the guest's kernel, at the moment of t
   `log` expression or the xtables NFLOG target, whichever iptables-nft chose): the verdict (the
   rule's prefix), protocol, addresses, ports, IPv4 ID, and the socket owner's uid. Nothing
   listens on the NFLOG group, so the packet costs nothing more.
-- the process's: the entry and return of every connect() to an inet or inet6 address: which
-  process (pid, parent, uid, executable, argv as it is at that moment), the socket's protocol
-  and the result. A connect() still waiting (a blocking one whose SYN gets no answer waits
-  minutes) is printed "in flight": it can pair with its firewall record now, and its return,
-  later, is not taken a second time.
+- the process's: every connect to an inet or inet6 address, as the protocol makes it (TCP's
+  sends the SYN, a datagram socket's picks the route): which process (pid, parent, uid,
+  executable and argv, read once per process image), the socket's protocol and the result. A
+  blocking connect() that waits (its SYN gets no answer: minutes) is recorded before it waits.
 Nothing reads the ring buffer while the software runs; each collection drains it into a file of
 the guest (`sbx-capture drain`, one line per record) and reads that file from where the last
 collection ended: each record exactly once. A full buffer counts what it drops, and the
-collection reports it. PHP's connects are non-blocking, so connect() says EINPROGRESS for allowed
-and blocked alike: the verdict always comes from the firewall record.
+collection reports it. A TCP connect's result is 0 for allowed and blocked alike (the SYN went
+out; what became of it, the protocol's connect does not wait to see): the verdict always comes
+from the firewall record.
 
 A firewall record is joined with the connect event of the same destination address, port and
 protocol (and uid), in time order, within JOIN_WINDOW (see join() for records that may not be
@@ -64,7 +64,8 @@ _PREFIXES: dict[str, tuple[Verdict, bool]] = {
     firewall.LOG_DNS_EST: (Verdict.DNS, True),
 }
 
-# A firewall record and its connect event are taken within one syscall, on one clock.
+# A firewall record and its connect event are taken within one syscall, on one clock (a TCP
+# SYN's record comes first: the event is taken when tcp_v4_connect returns, the SYN sent).
 JOIN_WINDOW = 2.0
 # A UDP connect()'s first datagram, or a firewall record's connect event, may come in the next
 # collection (a datagram sent later; a drain between the two): records and events younger than
@@ -83,8 +84,9 @@ START_TIMEOUT = 60.0
 _RESEND_ID_STEP = 4
 _RESEND_MIN_SECONDS = 0.5
 _EINPROGRESS = -115
-_IN_FLIGHT = 1  # images/capture/event.h SBX_RET_INFLIGHT
-_NOT_REFUSED = {0, _EINPROGRESS, -114, -106}  # ok, EINPROGRESS, EALREADY, EISCONN
+# 0, or connect(2)'s EINPROGRESS, EALREADY, EISCONN (what the capture saw when it hooked the
+# syscall: the samples in tests/ keep them)
+_NOT_REFUSED = {0, _EINPROGRESS, -114, -106}
 
 START_HINT = (
     "the guest image may predate connection capture with eBPF: rebuild it with "
@@ -193,18 +195,18 @@ class FirewallRecord:
 
 @dataclass(frozen=True)
 class ConnectEvent:
-    """One connect() to an inet or inet6 address, as the eBPF programs saw it (returned, or in
-    flight)."""
+    """One connect to an inet or inet6 address, as the eBPF program saw it when the protocol's
+    connect returned."""
 
     seq: int  # the program's own count (starts again when it is loaded again)
-    mono_ns: int  # CLOCK_MONOTONIC at the entry, nanoseconds
+    mono_ns: int  # CLOCK_MONOTONIC then, nanoseconds
     tid: int
     time: float  # the same moment, guest wall clock, epoch seconds
     family: int  # 4 | 6 (IPv4-mapped IPv6 addresses count as 4: that is what leaves the guest)
     proto: str  # the socket's protocol, as the firewall names it ("tcp", "udp", ...; "": unknown)
     dst: str
     dport: int
-    exit: int  # what connect() returned: 0 or -errno (_IN_FLIGHT: not returned yet)
+    exit: int  # what the protocol's connect returned: 0 or -errno
     pid: int | None
     ppid: int | None
     uid: int | None
@@ -214,7 +216,7 @@ class ConnectEvent:
     @property
     def key(self) -> str:
         """Unique within a boot, even across a capture loaded again (its seq starts at 0 again):
-        one thread enters one connect() per nanosecond at most."""
+        one thread makes one connect per nanosecond at most."""
         return f"{self.mono_ns}-{self.tid}-{self.seq}"
 
 
@@ -239,7 +241,8 @@ def _unescape(text: str) -> bytes:
 
 def decode_argv(text: str) -> str | None:
     """The argv sbx-capture printed (NUL-separated, escaped; `-` for none) as a shell-quoted
-    line. The program keeps at most the first 128 bytes."""
+    line. The capture keeps at most the first 128 bytes, as they were at the process's first
+    connect."""
     if text == "-":
         return None
     raw = _unescape(text).decode("utf-8", "replace")
@@ -251,7 +254,7 @@ def parse_event_line(line: str, mono_offset: float) -> ConnectEvent | None:
     UID RET FAMILY PROTOCOL ADDRESS PORT EXE ARGV`); None if it is not one. mono_offset: wall
     clock minus CLOCK_MONOTONIC, in seconds."""
     parts = line.split(" ")
-    if len(parts) != 14 or parts[0] not in ("c", "i"):
+    if len(parts) != 14 or parts[0] != "c":
         return None
     numbers = [_int(p) for p in parts[1:10]]
     port = _int(parts[11])
@@ -342,7 +345,6 @@ class Snapshot:
     events_inode: int | None
     events_size: int | None
     events: tuple[ConnectEvent, ...]
-    in_flight: tuple[ConnectEvent, ...]  # connects that had not returned when drained
     firewall: tuple[FirewallRecord, ...]
     capture_error: str = ""  # what the drain said when it failed
 
@@ -354,7 +356,6 @@ def parse_snapshot(text: str) -> Snapshot:
     capture_clock: list[str] = []
     capture: list[str] = []
     capture_error: list[str] = []
-    in_flight: list[str] = []
     boot_id = ""
     events_pos: list[str] = []
     for line in text.splitlines():
@@ -373,8 +374,6 @@ def parse_snapshot(text: str) -> Snapshot:
             current = sections.setdefault(line, [])
         elif current is not None:
             current.append(line)
-        elif line.startswith("i "):
-            in_flight.append(line)
         elif line.startswith("sbx-capture:"):
             capture_error.append(line)
     if _END not in sections or len(clock) != 2:
@@ -392,7 +391,6 @@ def parse_snapshot(text: str) -> Snapshot:
     lines = sections.get(_EVENTS, [])
     events = [parse_event_line(line, mono_offset) for line in lines if line.startswith("c ")]
     records = [parse_packet_line(line, mono_offset) for line in lines if line.startswith("f ")]
-    flying = [parse_event_line(line, mono_offset) for line in in_flight]
     loaded = len(capture) >= 1 and capture[0] == "ok"
     counts = [_int(c) for c in capture[2:6]] if loaded and len(capture) >= 6 else [None] * 4
     return Snapshot(
@@ -407,7 +405,6 @@ def parse_snapshot(text: str) -> Snapshot:
         events_inode=_int(events_pos[0]) if len(events_pos) == 2 else None,
         events_size=_int(events_pos[1]) if len(events_pos) == 2 else None,
         events=tuple(e for e in events if e is not None),
-        in_flight=tuple(e for e in flying if e is not None and e.exit == _IN_FLIGHT),
         firewall=tuple(r for r in records if r is not None),
         capture_error="\n".join(capture_error),
     )
@@ -426,8 +423,7 @@ class Cursor:
     it from (0, 0: all of it). capture_seq, capture_dropped, packets_seq, packets_dropped: the
     capture's counts at the last collection (they start again when it is loaded again).
     pending / pending_events: items read but not emitted yet, waiting for their other half.
-    in_flight_taken: the keys of connects paired while in flight, whose return is not an attempt
-    again. flows: recently logged flows → [time, IPv4 ID or None] of their last record (a resent
+    flows: recently logged flows → [time, IPv4 ID or None] of their last record (a resent
     packet is logged again). losses: every loss ever detected, for `sandbox logs` to show next
     to the records.
     """
@@ -441,7 +437,6 @@ class Cursor:
     packets_dropped: int = 0
     pending: tuple[dict[str, Any], ...] = ()
     pending_events: tuple[dict[str, Any], ...] = ()
-    in_flight_taken: tuple[str, ...] = ()
     flows: dict[str, tuple[float, int | None]] = field(default_factory=dict)
     losses: tuple[str, ...] = ()
 
@@ -463,7 +458,6 @@ class Cursor:
                 packets_dropped=int(value.get("packets_dropped", 0)),
                 pending=tuple(dict(p) for p in value.get("pending", [])),
                 pending_events=tuple(dict(p) for p in value.get("pending_events", [])),
-                in_flight_taken=tuple(str(k) for k in value.get("in_flight_taken", [])),
                 flows={
                     str(k): (float(t), None if i is None else int(i))
                     for k, (t, i) in value.get("flows", {}).items()
@@ -737,12 +731,8 @@ def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Colle
         # Sequence numbers, the capture and its events file start again at every boot.
         cursor = Cursor(losses=cursor.losses)
     warnings = _loss_warnings(snapshot, cursor, rebooted)
-    # A connect paired while in flight is not an attempt again when it returns.
-    taken = set(cursor.in_flight_taken)
-    returned = {e.key for e in snapshot.events}
     events = [_event_from_json(p) for p in cursor.pending_events]
-    events += [e for e in (*snapshot.events, *snapshot.in_flight) if e.key not in taken]
-    taken -= returned
+    events += snapshot.events
 
     flows = {k: v for k, v in cursor.flows.items() if v[0] > snapshot.wall - FLOW_MEMORY_SECONDS}
     records = [_record_from_json(p) for p in cursor.pending]
@@ -773,12 +763,8 @@ def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Colle
     pending_events: list[ConnectEvent] = []
     young = snapshot.wall - SETTLE_SECONDS
     for half, event in pairs:
-        if event is not None and event.exit == _IN_FLIGHT:
-            if half is not None:  # else it comes again: still in flight, or returned
-                attempts.append(_attempt(half, event, snapshot.boot_id))
-                taken.add(event.key)
-        elif half is not None and event is None and not final and half.time > young:
-            pending.append(half)  # its connect() may not have returned yet
+        if half is not None and event is None and not final and half.time > young:
+            pending.append(half)  # its connect event may be drained next time
         elif half is not None and event is None and half.retry:
             continue
         elif half is None and event is not None and not _event_only(event):
@@ -798,7 +784,6 @@ def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Colle
         **_next_events_position(snapshot, cursor),
         pending=tuple(_to_json(r) for r in pending),
         pending_events=tuple(_to_json(e) for e in pending_events),
-        in_flight_taken=tuple(sorted(taken)),
         flows=flows,
         losses=cursor.losses + tuple(warnings),
     )

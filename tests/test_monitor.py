@@ -126,7 +126,6 @@ def _output(
     boot: str = "b00710ad-0000-0000-0000-000000000000",
     capture: str | None = None,
     events_pos: tuple[int, int] | None = None,
-    in_flight: str = "",
 ) -> str:
     """collect_script's output around the given events-file lines: firewall records (`f`) and
     connect events (`c`), as read this time."""
@@ -136,7 +135,6 @@ def _output(
     return "\n".join(
         [
             f"@@boot {boot}",
-            *in_flight.splitlines(),
             capture or f"@@capture ok {connects + packets} {connects} 0 {packets} 0",
             f"@@captureclock {uptime:.9f} {wall:.9f}",
             f"@@eventspos {size[0]} {size[1]}",
@@ -395,37 +393,30 @@ def test_exactly_once_across_collections_with_a_late_connect_event() -> None:
     assert third.attempts == [] and third.warnings == []
 
 
-def test_a_connect_still_waiting_pairs_in_flight_and_its_return_is_not_taken_again() -> None:
-    # A blocking connect to a dropped destination: the SYN at 50.0 (logged), the syscall waits;
-    # the SYN is sent again at 51.0 and 53.0 (NEW each time: the dropped one was never
-    # confirmed), and connect() returns ETIMEDOUT two minutes later.
-    flying = _event(7, 950.0, ret=1).replace("c ", "i ", 1)
+def test_a_connect_that_waits_pairs_with_its_first_syn_and_the_resends_are_not_attempts() -> None:
+    # A blocking connect to a dropped destination: the SYN at 50.0 (logged), and the event as
+    # tcp_v4_connect returns, just after; connect() then waits. The SYN is sent again at 51.0
+    # and 53.0 (NEW each time: the dropped one was never confirmed), its IPv4 ID the next one.
     records = [_record(10, 50.0, sport=4, ident=10), _record(11, 51.0, sport=4, ident=11)]
     first = monitor.process(
-        monitor.parse_snapshot(_output(records, "", in_flight=flying, wall=1005.0, uptime=105.0)),
+        monitor.parse_snapshot(
+            _output(records, _event(7, 950.001, ret=0), wall=1005.0, uptime=105.0)
+        ),
         monitor.Cursor(),
     )
     assert [(a.id.split("-")[0], a.pid, a.evidence) for a in first.attempts] == [
         ("k10", 7, "connect+firewall")
     ]
-    assert len(first.cursor.in_flight_taken) == 1
-    # Still waiting at the next collection: nothing new.
-    records2 = [_record(12, 53.0, sport=4, ident=12)]
-    text = _output(records2, "", in_flight=flying, wall=1010.0, uptime=110.0)
-    second = monitor.process(monitor.parse_snapshot(text), first.cursor)
-    assert second.attempts == [] and second.cursor.in_flight_taken == first.cursor.in_flight_taken
-    # Returned: the same connect, not another attempt; and forgotten.
-    returned = _event(7, 950.0, ret=-110)
-    text = _output([], returned, wall=1130.0, uptime=230.0, capture="@@capture ok 1 8 0")
-    third = monitor.process(monitor.parse_snapshot(text), second.cursor, final=True)
-    assert third.attempts == [] and third.cursor.in_flight_taken == ()
-    # Without the in-flight view the record went out alone and the return came as a second
-    # attempt: what this prevents.
-    alone = monitor.process(
-        monitor.parse_snapshot(_output(records, "", wall=1005.0, uptime=105.0)), monitor.Cursor()
+    # Still waiting at the next collection: its third SYN is not an attempt either.
+    text = _output(
+        [_record(12, 53.0, sport=4, ident=12)],
+        "",
+        wall=1010.0,
+        uptime=110.0,
+        capture="@@capture ok 1 1 0 3 0",
     )
-    again = monitor.process(monitor.parse_snapshot(text), alone.cursor, final=True)
-    assert [a.evidence for a in alone.attempts + again.attempts] == ["firewall", "connect"]
+    second = monitor.process(monitor.parse_snapshot(text), first.cursor, final=True)
+    assert second.attempts == [] and second.warnings == []
 
 
 def test_connect_only_attempts_loopback_refused_and_udp_without_packets() -> None:
@@ -632,6 +623,13 @@ def test_capture_in_a_real_guest(cli: Cli, tmp_path: Path) -> None:
         php = cli.ok("exec", "--name", name, "--", "php", "-r", _PHP)
         php_pid = int(php.stdout.split()[-1])
         bash_pid = _bash_connect(cli, name, 80)
+        # One pid, two process images: bash connects, then execs php, which connects.
+        exec_script = (
+            "echo $$; exec 3<>/dev/tcp/198.51.100.9/83 || true; "
+            "exec php -r '@fsockopen(\"198.51.100.9\", 84);'"
+        )
+        execd = cli.ok("exec", "--name", name, "--", "bash", "-c", exec_script)
+        execd_pid = int(execd.stdout.split()[0])
         # Past the settle time nothing is held back for the next collection.
         time.sleep(monitor.SETTLE_SECONDS)
         first = _drive(cli, "collect", name, cursor)
@@ -669,7 +667,7 @@ def test_capture_in_a_real_guest(cli: Cli, tmp_path: Path) -> None:
 
     mine = [a for a in attempts if a.pid == php_pid]
     assert {a.exe for a in mine} == {"/usr/bin/php8.2"}
-    # argv as it was at each connect (the first 128 bytes): one process, one command line.
+    # argv as it was at the first connect (the first 128 bytes): one process, one command line.
     assert len({a.cmdline for a in mine}) == 1
     assert all(a.cmdline and a.cmdline.startswith("php -r ") for a in mine)
     assert sorted(
@@ -683,6 +681,13 @@ def test_capture_in_a_real_guest(cli: Cli, tmp_path: Path) -> None:
         ]
     )
     assert all(a.evidence == "connect+firewall" for a in mine)
+    by_execd = [
+        (a.exe, a.dport, (a.cmdline or "").split(" ")[:2]) for a in attempts if a.pid == execd_pid
+    ]
+    assert sorted(by_execd) == [
+        ("/usr/bin/bash", 83, ["bash", "-c"]),
+        ("/usr/bin/php8.2", 84, ["php", "-r"]),
+    ]
     by_bash = [a for a in attempts if a.pid == bash_pid]
     assert [(a.exe, a.verdict, a.proto, a.dst, a.dport, a.uid) for a in by_bash] == [
         ("/usr/bin/bash", Verdict.BLOCKED, "tcp", "198.51.100.9", 80, 1000)
@@ -699,10 +704,10 @@ def test_second_real_collection_adds_nothing() -> None:
 
 @pytest.mark.vm
 @pytest.mark.root
-def test_a_connect_that_waits_is_attributed_while_in_flight(cli: Cli, tmp_path: Path) -> None:
+def test_a_connect_that_waits_is_attributed_before_it_returns(cli: Cli, tmp_path: Path) -> None:
     """With `--blocked drop` a blocking connect() waits for minutes (its SYN is resent, never
-    answered). A collection meanwhile pairs the SYN's record with the connect in flight; when it
-    returns (here: killed), it is not an attempt again."""
+    answered). Its event is taken when the SYN goes out, so a collection meanwhile pairs it with
+    the SYN's record; the resends and the end of the wait (here: killed) are no attempts."""
     name = "monwait"
     cli.ok("up", "--name", name, "--allow", "203.0.113.7", "--blocked", "drop")
     cursor = tmp_path / "cursor.json"

@@ -1,20 +1,26 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * The guest's connection capture: every connect() to an inet or inet6 address, with the process
+ * The guest's connection capture: every connect to an inet or inet6 address, with the process
  * that made it (pid, thread, parent, uid, executable, argv) and its result, and every packet the
  * firewall's NFLOG rules log (the verdict, in the rule's prefix).
  *
- * connect: fentry and fexit on __sys_connect_file. connect(2), socketcall(SYS_CONNECT) and
- * io_uring's connect all end there, with the address already copied into the kernel. The entry
- * notes the time and the destination per thread; the return sends the event with the result;
- * while a connect waits, the drain finds it in flight.
+ * connects: fexit on the protocols' connect: tcp_v4_connect, tcp_v6_connect (TCP: the SYN is out
+ * when they return; a blocking connect() waits after that, its event already sent, and TCP Fast
+ * Open's sendmsg comes here too) and inet_dgram_connect (UDP, ping and raw sockets, v4 and v6).
+ * connect(2), socketcall and io_uring all come to these. One program per connect, none at the
+ * syscall's entry: under emulation every program run and helper call is dear.
+ * The executable and argv go in a process record, sent once per process image (sbx_procs
+ * remembers which were sent); each event names its record.
  * packets: fentry on nft_log_eval or nflog_tg, where an NFLOG rule runs (sbx-capture attaches
  * whichever the kernel has).
  *
- * Both go into one ring buffer that nothing reads until a collection drains it (sbx-capture
+ * All go into one ring buffer that nothing reads until a collection drains it (sbx-capture
  * drain): no daemon runs beside the software under test, and the cost is these programs alone.
  * A full ring buffer counts the record as dropped (the collection reports it); every record,
  * dropped or not, takes the next sequence number of its kind.
+ *
+ * Fields are read by direct loads where the verifier knows the type (BTF), a helper call only
+ * for what it does not (the address, the packet's bytes, user memory, strings).
  *
  * Kernel structures are declared with only the fields read here: libbpf relocates them against
  * the running kernel's BTF (CO-RE), so no kernel headers are needed to build this.
@@ -56,11 +62,16 @@ struct path {
 
 struct file {
 	struct path f_path;
-	void *private_data; /* a socket's file: its struct socket */
 } __attribute__((preserve_access_index));
 
 struct sock {
+	struct {
+		__u16 skc_family;
+	} __sk_common;
 	__u16 sk_protocol;
+	struct {
+		__u32 val;
+	} sk_uid;
 } __attribute__((preserve_access_index));
 
 struct socket {
@@ -73,25 +84,32 @@ struct sk_buff {
 	struct sock *sk;
 } __attribute__((preserve_access_index));
 
-struct sock___uid {
-	struct {
-		__u32 val;
-	} sk_uid;
-} __attribute__((preserve_access_index));
-
 struct mm_struct {
 	unsigned long arg_start;
 	unsigned long arg_end;
 	struct file *exe_file;
 } __attribute__((preserve_access_index));
 
+struct cred {
+	struct {
+		__u32 val;
+	} uid;
+	struct {
+		__u32 val;
+	} gid;
+} __attribute__((preserve_access_index));
+
 struct task_struct {
+	int pid;
 	int tgid;
+	const struct cred *cred;
+	__u64 start_time;
 	struct task_struct *real_parent;
+	struct task_struct *group_leader;
 	struct mm_struct *mm;
 } __attribute__((preserve_access_index));
 
-struct sockaddr_storage;
+struct sockaddr;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -106,14 +124,14 @@ struct {
 	__type(value, __u64);
 } sbx_counts SEC(".maps");
 
-/* connects in progress, by thread (pid_tgid): what the entry knew, for the return to send and
- * for a collection meanwhile to see (the rest it reads from /proc: the process is still there) */
+/* The process record sent for each thread group, by tgid (the least recently used forgotten:
+ * a process that connects again then gets a new one) */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, SBX_INFLIGHT);
-	__type(key, __u64);
-	__type(value, struct sbx_pending);
-} sbx_inflight SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, SBX_PROCS);
+	__type(key, __u32);
+	__type(value, struct sbx_proc_seen);
+} sbx_procs SEC(".maps");
 
 static __always_inline __u64 *counter(__u32 index)
 {
@@ -122,14 +140,13 @@ static __always_inline __u64 *counter(__u32 index)
 
 /* The executable's path, innermost name first, across mount points; SBX_EXE_TRUNCATED if it is
  * deeper than SBX_EXE_DEPTH names (or a step could not be read). */
-static __always_inline void exe_path(struct sbx_event *e, struct mm_struct *mm)
+static __always_inline void exe_path(struct sbx_proc *p, struct file *exe)
 {
-	struct file *exe = BPF_CORE_READ(mm, exe_file);
 	struct dentry *d;
 	struct mount *mnt;
 	int n = 0;
 
-	e->exe_depth = 0;
+	p->exe_depth = 0;
 	if (!exe)
 		return;
 	d = BPF_CORE_READ(exe, f_path.dentry);
@@ -143,7 +160,7 @@ static __always_inline void exe_path(struct sbx_event *e, struct mm_struct *mm)
 			struct mount *up = BPF_CORE_READ(mnt, mnt_parent);
 
 			if (up == mnt || !up) {
-				e->exe_depth = n;
+				p->exe_depth = n;
 				return;
 			}
 			d = BPF_CORE_READ(mnt, mnt_mountpoint);
@@ -152,130 +169,132 @@ static __always_inline void exe_path(struct sbx_event *e, struct mm_struct *mm)
 		}
 		if (n >= SBX_EXE_DEPTH)
 			break;
-		bpf_probe_read_kernel_str(e->exe[n & (SBX_EXE_DEPTH - 1)], SBX_NAME_BYTES,
+		bpf_probe_read_kernel_str(p->exe[n & (SBX_EXE_DEPTH - 1)], SBX_NAME_BYTES,
 					  BPF_CORE_READ(d, d_name.name));
 		n++;
 		d = parent;
 	}
-	e->exe_depth = n | SBX_EXE_TRUNCATED;
+	p->exe_depth = n | SBX_EXE_TRUNCATED;
 }
 
-/* Everything but the result, seq and time: read at the entry, while the process waits. */
-static __always_inline void fill(struct sbx_event *e, struct file *file,
-				 struct sockaddr_storage *address, __u16 family)
+/* The id of the current process image's record, sending the record first if this thread group
+ * has none yet or exec'd since; -1 if the ring buffer had no room for it (the event is then
+ * dropped too: an event must not name a record that was never stored). */
+static __always_inline __u64 proc_id(struct task_struct *task, struct mm_struct *mm)
 {
-	struct socket *sock;
-	struct task_struct *task;
-	struct mm_struct *mm;
-	unsigned long start, len;
+	__u32 tgid = task->tgid;
+	__u64 born = task->group_leader->start_time;
+	struct sbx_proc_seen *seen = bpf_map_lookup_elem(&sbx_procs, &tgid);
+	struct sbx_proc_seen fresh;
+	struct sbx_proc *p;
+	__u64 *count;
 
-	e->pid_tgid = bpf_get_current_pid_tgid();
-	e->uid_gid = bpf_get_current_uid_gid();
-	e->family = family;
-	__builtin_memset(e->addr, 0, sizeof(e->addr));
-	if (family == AF_INET) {
-		/* struct sockaddr_in: family, port, address */
-		bpf_probe_read_kernel(&e->port, 2, (void *)address + 2);
-		bpf_probe_read_kernel(e->addr, 4, (void *)address + 4);
-	} else {
-		/* struct sockaddr_in6: family, port, flowinfo, address */
-		bpf_probe_read_kernel(&e->port, 2, (void *)address + 2);
-		bpf_probe_read_kernel(e->addr, 16, (void *)address + 8);
+	if (seen && seen->start_time == born && seen->mm == (__u64)mm)
+		return seen->id;
+	count = counter(SBX_COUNT_PROCS);
+	if (!count)
+		return -1;
+	p = bpf_ringbuf_reserve(&sbx_events, sizeof(*p), 0);
+	if (!p)
+		return -1;
+	p->kind = SBX_KIND_PROC;
+	p->id = __sync_fetch_and_add(count, 1);
+	p->argv_len = 0;
+	if (mm) {
+		unsigned long start = mm->arg_start, len = mm->arg_end - start;
+
+		if (len > SBX_ARGV_BYTES)
+			len = SBX_ARGV_BYTES;
+		if (len > 0 &&
+		    bpf_probe_read_user(p->argv, len & (SBX_ARGV_BYTES * 2 - 1), (void *)start) == 0)
+			p->argv_len = len;
 	}
-	/* the IP protocol of the socket connect() was called on */
-	sock = BPF_CORE_READ(file, private_data);
-	e->protocol = BPF_CORE_READ(sock, sk, sk_protocol);
-	task = (struct task_struct *)bpf_get_current_task();
-	e->ppid = BPF_CORE_READ(task, real_parent, tgid);
-	mm = BPF_CORE_READ(task, mm);
-	start = BPF_CORE_READ(mm, arg_start);
-	len = BPF_CORE_READ(mm, arg_end) - start;
-	if (len > SBX_ARGV_BYTES)
-		len = SBX_ARGV_BYTES;
-	e->argv_len = 0;
-	if (len > 0 && bpf_probe_read_user(e->argv, len & (SBX_ARGV_BYTES * 2 - 1), (void *)start) == 0)
-		e->argv_len = len;
-	exe_path(e, mm);
+	exe_path(p, mm ? mm->exe_file : 0);
+	fresh.start_time = born;
+	fresh.mm = (__u64)mm;
+	fresh.id = p->id;
+	bpf_ringbuf_submit(p, BPF_RB_NO_WAKEUP);
+	/* after the submit: a thread that finds it here sends its event after the record */
+	bpf_map_update_elem(&sbx_procs, &tgid, &fresh, BPF_ANY);
+	return fresh.id;
 }
 
-static __always_inline __u16 inet_family(struct sockaddr_storage *address)
+/* The event for a connect the protocol has just made (or refused): RET is its result. */
+static __always_inline void record_connect(struct sock *sk, struct sockaddr *uaddr, int ret)
 {
-	__u16 family = 0;
+	/* struct sockaddr_in: family, port, address; sockaddr_in6: family, port, flowinfo,
+	 * address: one read covers both */
+	struct {
+		__u16 family;
+		__u16 port;
+		__u8 a4[4];
+		__u8 a6[16];
+	} sa;
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct mm_struct *mm = task->mm;
+	__u64 *seq = counter(SBX_COUNT_SEQ);
+	__u64 *dropped = counter(SBX_COUNT_DROPPED);
+	struct sbx_event *e;
+	__u64 proc, number;
 
-	bpf_probe_read_kernel(&family, sizeof(family), address);
-	return family == AF_INET || family == AF_INET6 ? family : 0;
+	if (!seq || !dropped)
+		return;
+	if (bpf_probe_read_kernel(&sa, sizeof(sa), uaddr))
+		return;
+	if (sa.family != AF_INET && sa.family != AF_INET6)
+		return;
+	number = __sync_fetch_and_add(seq, 1);
+	/* the process record goes first: the drain reads the ring buffer in order */
+	proc = proc_id(task, mm);
+	e = proc == (__u64)-1 ? 0 : bpf_ringbuf_reserve(&sbx_events, sizeof(*e), 0);
+	if (!e) {
+		__sync_fetch_and_add(dropped, 1);
+		return;
+	}
+	e->kind = SBX_KIND_CONNECT;
+	e->seq = number;
+	e->time_ns = bpf_ktime_get_ns();
+	e->proc = proc;
+	e->pid_tgid = (__u64)task->tgid << 32 | (__u32)task->pid;
+	e->uid_gid = (__u64)task->cred->gid.val << 32 | task->cred->uid.val;
+	e->ret = ret;
+	e->ppid = task->real_parent->tgid;
+	e->family = sa.family;
+	e->port = sa.port;
+	e->protocol = sk->sk_protocol;
+	if (sa.family == AF_INET) {
+		__builtin_memcpy(e->addr, sa.a4, 4);
+		__builtin_memset(e->addr + 4, 0, 12);
+	} else {
+			__builtin_memcpy(e->addr, sa.a6, 16);
+	}
+	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 
-/* The entry: the event is made here, kept per thread until the connect() returns. A blocking
- * connect() may wait minutes (a dropped SYN): a collection meanwhile finds it here (sbx-capture
- * drain prints what is in flight). */
-SEC("fentry/__sys_connect_file")
-int BPF_PROG(sbx_connect_entry, struct file *file, struct sockaddr_storage *address, int addrlen,
-	     int file_flags)
+/* TCP: the protocol's connect sends the SYN and returns; a blocking connect() then waits for
+ * the answer, its event already sent. tcp_v6_connect calls tcp_v4_connect for a v4-mapped
+ * address: the v6 one reports it. */
+SEC("fexit/tcp_v4_connect")
+int BPF_PROG(sbx_connect_tcp4, struct sock *sk, struct sockaddr *uaddr, int addr_len, int ret)
 {
-	__u16 family = inet_family(address);
-	__u64 key = bpf_get_current_pid_tgid();
-	struct sbx_pending pending = {};
-	struct socket *sock;
-	__u64 *seq;
-
-	if (!family)
-		return 0;
-	seq = counter(SBX_COUNT_SEQ);
-	if (!seq)
-		return 0;
-	pending.seq = __sync_fetch_and_add(seq, 1);
-	pending.time_ns = bpf_ktime_get_ns();
-	pending.uid = (__u32)bpf_get_current_uid_gid();
-	pending.family = family;
-	bpf_probe_read_kernel(&pending.port, 2, (void *)address + 2);
-	if (family == AF_INET)
-		bpf_probe_read_kernel(pending.addr, 4, (void *)address + 4);
-	else
-		bpf_probe_read_kernel(pending.addr, 16, (void *)address + 8);
-	sock = BPF_CORE_READ(file, private_data);
-	pending.protocol = BPF_CORE_READ(sock, sk, sk_protocol);
-	/* full: the return makes the event on its own */
-	bpf_map_update_elem(&sbx_inflight, &key, &pending, BPF_ANY);
+	if (sk->__sk_common.skc_family != AF_INET6)
+		record_connect(sk, uaddr, ret);
 	return 0;
 }
 
-SEC("fexit/__sys_connect_file")
-int BPF_PROG(sbx_connect, struct file *file, struct sockaddr_storage *address, int addrlen,
-	     int file_flags, int ret)
+SEC("fexit/tcp_v6_connect")
+int BPF_PROG(sbx_connect_tcp6, struct sock *sk, struct sockaddr *uaddr, int addr_len, int ret)
 {
-	__u16 family = inet_family(address);
-	__u64 key = bpf_get_current_pid_tgid();
-	struct sbx_event *e;
-	struct sbx_pending *entry;
-	__u64 *seq, *dropped;
+	record_connect(sk, uaddr, ret);
+	return 0;
+}
 
-	if (!family)
-		return 0;
-	seq = counter(SBX_COUNT_SEQ);
-	dropped = counter(SBX_COUNT_DROPPED);
-	if (!seq || !dropped)
-		return 0;
-	entry = bpf_map_lookup_elem(&sbx_inflight, &key);
-	e = bpf_ringbuf_reserve(&sbx_events, sizeof(*e), 0);
-	if (!e) {
-		__sync_fetch_and_add(dropped, 1);
-		if (entry)
-			bpf_map_delete_elem(&sbx_inflight, &key);
-		return 0;
-	}
-	e->kind = SBX_KIND_CONNECT;
-	if (entry) {
-		e->seq = entry->seq;
-		e->time_ns = entry->time_ns;
-		bpf_map_delete_elem(&sbx_inflight, &key);
-	} else {
-		e->seq = __sync_fetch_and_add(seq, 1);
-		e->time_ns = bpf_ktime_get_ns();
-	}
-	fill(e, file, address, family);
-	e->ret = ret;
-	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+/* UDP, ping and raw sockets, v4 and v6: connect() on a datagram socket never waits. */
+SEC("fexit/inet_dgram_connect")
+int BPF_PROG(sbx_connect_dgram, struct socket *sock, struct sockaddr *uaddr, int addr_len,
+	     int flags, int ret)
+{
+	record_connect(sock->sk, uaddr, ret);
 	return 0;
 }
 
@@ -305,11 +324,13 @@ struct xt_action_param {
  * attempt, the verdict in the prefix), whether or not anything listens on the group. */
 static __always_inline void record_packet(struct sk_buff *skb, __u8 pf, const char *prefix)
 {
+	/* the network header and the first 4 bytes after it (the ports): an IPv4 header with all
+	 * its options is 60 bytes, IPv6's is 40 */
+	__u8 h[64];
 	struct sbx_packet *p;
 	struct sock *sk;
-	unsigned char *head, *l3;
 	__u64 *seq, *dropped;
-	__u8 ihl = 0, proto = 0;
+	__u8 proto;
 	__u32 l4;
 
 	if (pf != AF_INET && pf != AF_INET6)
@@ -331,31 +352,32 @@ static __always_inline void record_packet(struct sk_buff *skb, __u8 pf, const ch
 	p->sport = p->dport = p->ipid = 0;
 	__builtin_memset(p->src, 0, sizeof(p->src));
 	__builtin_memset(p->dst, 0, sizeof(p->dst));
-	sk = BPF_CORE_READ(skb, sk);
-	p->uid = sk ? BPF_CORE_READ((struct sock___uid *)sk, sk_uid.val) : (__u32)-1;
-	head = BPF_CORE_READ(skb, head);
-	l3 = head + BPF_CORE_READ(skb, network_header);
+	sk = skb->sk;
+	p->uid = sk ? sk->sk_uid.val : (__u32)-1;
+	/* one read: every helper call is dear under emulation */
+	if (bpf_probe_read_kernel(h, sizeof(h), skb->head + skb->network_header))
+		__builtin_memset(h, 0, sizeof(h));
 	if (pf == AF_INET) {
 		/* struct iphdr: version/ihl, tos, tot_len, id, frag_off, ttl, protocol, check, saddr,
 		 * daddr */
-		bpf_probe_read_kernel(&ihl, 1, l3);
-		bpf_probe_read_kernel(&p->ipid, 2, l3 + 4);
-		bpf_probe_read_kernel(&proto, 1, l3 + 9);
-		bpf_probe_read_kernel(p->src, 4, l3 + 12);
-		bpf_probe_read_kernel(p->dst, 4, l3 + 16);
-		l4 = (ihl & 0x0f) * 4;
+		__builtin_memcpy(&p->ipid, h + 4, 2);
+		proto = h[9];
+		__builtin_memcpy(p->src, h + 12, 4);
+		__builtin_memcpy(p->dst, h + 16, 4);
+		l4 = (h[0] & 0x0f) * 4;
 	} else {
 		/* struct ipv6hdr: version/class/flow (4), payload_len, nexthdr, hop_limit, saddr,
 		 * daddr */
-		bpf_probe_read_kernel(&proto, 1, l3 + 6);
-		bpf_probe_read_kernel(p->src, 16, l3 + 8);
-		bpf_probe_read_kernel(p->dst, 16, l3 + 24);
+		proto = h[6];
+		__builtin_memcpy(p->src, h + 8, 16);
+		__builtin_memcpy(p->dst, h + 24, 16);
 		l4 = 40;
 	}
 	p->protocol = proto;
-	if (proto == 6 || proto == 17 || proto == 136 || proto == 132) {
-		bpf_probe_read_kernel(&p->sport, 2, l3 + (l4 & 0x3f));
-		bpf_probe_read_kernel(&p->dport, 2, l3 + (l4 & 0x3f) + 2);
+	if ((proto == 6 || proto == 17 || proto == 136 || proto == 132) && l4 >= 20) {
+		l4 &= 0x3c;
+		__builtin_memcpy(&p->sport, h + l4, 2);
+		__builtin_memcpy(&p->dport, h + l4 + 2, 2);
 	}
 	p->prefix[0] = 0;
 	if (prefix)
@@ -370,8 +392,7 @@ int BPF_PROG(sbx_packet_nft, const struct nft_expr *expr, void *regs,
 	/* nft_expr_priv(expr): the expression's private data follows its ops pointer */
 	struct nft_log *priv = (struct nft_log *)((void *)expr + sizeof(void *));
 
-	record_packet(BPF_CORE_READ(pkt, skb), BPF_CORE_READ(pkt, state, pf),
-		      BPF_CORE_READ(priv, prefix));
+	record_packet(pkt->skb, pkt->state->pf, BPF_CORE_READ(priv, prefix));
 	return 0;
 }
 
@@ -381,9 +402,7 @@ int BPF_PROG(sbx_packet_nft, const struct nft_expr *expr, void *regs,
 SEC("fentry/nflog_tg")
 int BPF_PROG(sbx_packet_xt, struct sk_buff *skb, const struct xt_action_param *par)
 {
-	const char *info = BPF_CORE_READ(par, targinfo);
-
-	record_packet(skb, BPF_CORE_READ(par, state, pf), info + XT_NFLOG_PREFIX_OFFSET);
+	record_packet(skb, par->state->pf, (const char *)par->targinfo + XT_NFLOG_PREFIX_OFFSET);
 	return 0;
 }
 

@@ -2,58 +2,65 @@
 #ifndef SBX_EVENT_H
 #define SBX_EVENT_H
 
-#define SBX_RING_BYTES (16 * 1024 * 1024) /* ~28,000 attempts (a connect and a packet each) */
+#define SBX_RING_BYTES (16 * 1024 * 1024) /* ~80,000 attempts (a connect and a packet each) */
 #define SBX_ARGV_BYTES 128                /* the first bytes of argv, NUL-separated */
 #define SBX_NAME_BYTES 32                 /* per name in the executable's path */
 #define SBX_EXE_DEPTH 8                   /* names in the path (a power of two) */
 #define SBX_EXE_MOUNTS 4                  /* mount points crossed on the way up */
 #define SBX_EXE_TRUNCATED 0x80
 
-#define SBX_INFLIGHT 4096 /* threads in connect() at once */
-#define SBX_RET_INFLIGHT 1 /* the result of a connect() that has not returned */
+#define SBX_PROCS 16384    /* thread groups whose process record is remembered */
 
 #define SBX_COUNT_SEQ 0
 #define SBX_COUNT_DROPPED 1
 #define SBX_COUNT_PACKETS 2         /* firewall records seen */
 #define SBX_COUNT_PACKETS_DROPPED 3 /* of them, not stored */
-#define SBX_COUNTERS 4
+#define SBX_COUNT_PROCS 4           /* process records sent */
+#define SBX_COUNTERS 5
 
 #define SBX_KIND_CONNECT 1
 #define SBX_KIND_PACKET 2
+#define SBX_KIND_PROC 3
 #define SBX_PREFIX_BYTES 32
 
 struct sbx_event {
 	__u32 kind;     /* SBX_KIND_CONNECT */
 	__u32 pad32;
 	__u64 seq;
-	__u64 time_ns;  /* CLOCK_MONOTONIC at the entry */
+	__u64 time_ns;  /* CLOCK_MONOTONIC when the protocol's connect returned (a TCP SYN is out) */
 	__u64 pid_tgid; /* tgid << 32 | thread id */
 	__u64 uid_gid;  /* gid << 32 | uid */
-	__s32 ret;      /* what connect() returned: 0, or -errno; SBX_RET_INFLIGHT */
+	__u64 proc;     /* the sbx_proc record that names the executable and argv */
+	__s32 ret;      /* what the protocol's connect returned: 0, or -errno */
 	__u32 ppid;
 	__u16 family;   /* AF_INET, AF_INET6 */
 	__u16 port;     /* network byte order */
 	__u16 protocol; /* the socket's IP protocol: IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP, ... */
 	__u16 pad16;
-	__u16 argv_len;
-	__u8 exe_depth; /* names in exe[], | SBX_EXE_TRUNCATED */
-	__u8 pad;
 	__u8 addr[16];
+};
+
+/* A process image's executable and argv, sent once (again after an exec) before the first
+ * event that names it: the path walk and the copy from user memory are the dearest part of an
+ * event, and a process that connects 10,000 times would repeat them 10,000 times. argv is as
+ * it was at that first connect (a later rewrite, setproctitle, is not seen). */
+struct sbx_proc {
+	__u32 kind;     /* SBX_KIND_PROC */
+	__u32 pad32;
+	__u64 id;       /* what sbx_event.proc holds; from 0 in each load of the capture */
+	__u16 argv_len;
+	__u8 exe_depth; /* names in exe[], | SBX_EXE_TRUNCATED; 0: no executable (a kernel thread) */
+	__u8 pad[5];
 	char argv[SBX_ARGV_BYTES];
 	char exe[SBX_EXE_DEPTH][SBX_NAME_BYTES]; /* innermost first */
 };
 
-/* A connect() that has not returned yet, as its entry saw it (sbx_inflight, by pid_tgid). */
-struct sbx_pending {
-	__u64 seq;
-	__u64 time_ns;
-	__u32 uid;
-	__u16 family;
-	__u16 port;
-	__u16 protocol;
-	__u16 pad16;
-	__u32 pad;
-	__u8 addr[16];
+/* The process record already sent for a thread group (sbx_procs, by tgid): still its own while
+ * the group leader's start time (pid reuse) and the mm (exec) are the same. */
+struct sbx_proc_seen {
+	__u64 start_time;
+	__u64 mm;
+	__u64 id;
 };
 
 /* A packet the firewall logged (an NFLOG rule: its prefix says the verdict), as the packet was

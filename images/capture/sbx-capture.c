@@ -6,20 +6,20 @@
  *   sbx-capture load OBJECT   attach (nothing to do if it is attached already)
  *   sbx-capture check         exit 0 if attached; else say what is missing, exit 1
  *   sbx-capture drain FILE    append every event waiting in the ring buffer to FILE, one line
- *                             each; print the connects still in flight ("i" lines, RET 1), the
- *                             counters and both clocks on stdout
+ *                             each (the process records they name kept in FILE.procs); print
+ *                             the counters and both clocks on stdout
  *   sbx-capture unload        detach (the events not drained are gone)
  *
  * A connect line: "c SEQ MONO_NS PID TID PPID UID RET FAMILY PROTOCOL ADDRESS PORT EXE ARGV"
  * (PROTOCOL: the socket's IP protocol number); EXE and ARGV escaped (bytes outside '!'..'~', and
  * '\', as \xNN; ARGV's NULs between arguments too); EXE is "-" when the process has none, and
- * starts with "..." when deeper than the event holds.
+ * starts with "..." when deeper than the record holds; ARGV is the process's at its first
+ * connect.
  * A packet line: "f SEQ MONO_NS UID FAMILY PROTOCOL SRC SPORT DST DPORT IPID PREFIX" (UID -1: no
  * socket; PREFIX escaped).
  */
 #include <arpa/inet.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,17 +35,18 @@
 #define PIN_DIR "/sys/fs/bpf/sandbox"
 #define PIN_EVENTS PIN_DIR "/sbx_events"
 #define PIN_COUNTS PIN_DIR "/sbx_counts"
-#define PIN_INFLIGHT PIN_DIR "/sbx_inflight"
-#define PIN_LINK_ENTRY PIN_DIR "/link_sbx_connect_entry"
-#define PIN_LINK_EXIT PIN_DIR "/link_sbx_connect"
+#define PIN_PROCS PIN_DIR "/sbx_procs"
+#define PIN_LINK_TCP4 PIN_DIR "/link_sbx_connect_tcp4"
+#define PIN_LINK_TCP6 PIN_DIR "/link_sbx_connect_tcp6"
+#define PIN_LINK_DGRAM PIN_DIR "/link_sbx_connect_dgram"
 #define PIN_LINK_NFT PIN_DIR "/link_sbx_packet_nft"
 #define PIN_LINK_XT PIN_DIR "/link_sbx_packet_xt"
 
-static const char *const pins[] = {PIN_LINK_ENTRY, PIN_LINK_EXIT, PIN_LINK_NFT, PIN_LINK_XT,
-				   PIN_EVENTS, PIN_COUNTS, PIN_INFLIGHT};
+static const char *const pins[] = {PIN_LINK_TCP4, PIN_LINK_TCP6, PIN_LINK_DGRAM, PIN_LINK_NFT,
+				   PIN_LINK_XT, PIN_EVENTS, PIN_COUNTS, PIN_PROCS};
 /* what `check` wants: all of these, and one of the two packet links */
-static const char *const required[] = {PIN_LINK_ENTRY, PIN_LINK_EXIT, PIN_EVENTS, PIN_COUNTS,
-				       PIN_INFLIGHT};
+static const char *const required[] = {PIN_LINK_TCP4, PIN_LINK_TCP6, PIN_LINK_DGRAM,
+				       PIN_EVENTS, PIN_COUNTS, PIN_PROCS};
 #define REQUIRED (sizeof(required) / sizeof(required[0]))
 #define PINS (sizeof(pins) / sizeof(pins[0]))
 
@@ -68,30 +69,36 @@ static void escaped(FILE *out, const char *data, size_t len)
 	}
 }
 
-static void print_line(FILE *out, char kind, const struct sbx_event *e)
+/* PROC: the process's executable and argv, as print_proc wrote them */
+static void print_line(FILE *out, const struct sbx_event *e, const char *proc)
 {
 	char address[INET6_ADDRSTRLEN] = "?";
-	int depth;
 
 	inet_ntop(e->family == 2 ? AF_INET : AF_INET6, e->addr, address, sizeof(address));
-	fprintf(out, "%c %llu %llu %u %u %u %u %d %u %u %s %u ", kind, (unsigned long long)e->seq,
+	fprintf(out, "c %llu %llu %u %u %u %u %d %u %u %s %u %s\n", (unsigned long long)e->seq,
 		(unsigned long long)e->time_ns, (unsigned)(e->pid_tgid >> 32),
 		(unsigned)(e->pid_tgid & 0xffffffff), e->ppid, (unsigned)(e->uid_gid & 0xffffffff),
-		e->ret, e->family == 2 ? 4 : 6, e->protocol, address, ntohs(e->port));
-	depth = e->exe_depth & ~SBX_EXE_TRUNCATED;
-	if (depth == 0 && !(e->exe_depth & SBX_EXE_TRUNCATED))
+		e->ret, e->family == 2 ? 4 : 6, e->protocol, address, ntohs(e->port), proc);
+}
+
+/* A process record's "EXE ARGV", escaped: EXE "-" for none, starting with "..." when deeper
+ * than the record holds; ARGV "-" when empty. */
+static void print_proc(FILE *out, const struct sbx_proc *p)
+{
+	int depth = p->exe_depth & ~SBX_EXE_TRUNCATED;
+
+	if (depth == 0 && !(p->exe_depth & SBX_EXE_TRUNCATED))
 		fputc('-', out);
-	if (e->exe_depth & SBX_EXE_TRUNCATED)
+	if (p->exe_depth & SBX_EXE_TRUNCATED)
 		fputs("...", out);
 	for (int i = depth - 1; i >= 0 && i < SBX_EXE_DEPTH; i--) {
 		fputc('/', out);
-		escaped(out, e->exe[i], strnlen(e->exe[i], SBX_NAME_BYTES));
+		escaped(out, p->exe[i], strnlen(p->exe[i], SBX_NAME_BYTES));
 	}
 	fputc(' ', out);
-	if (e->argv_len == 0)
+	if (p->argv_len == 0)
 		fputc('-', out);
-	escaped(out, e->argv, e->argv_len < SBX_ARGV_BYTES ? e->argv_len : SBX_ARGV_BYTES);
-	fputc('\n', out);
+	escaped(out, p->argv, p->argv_len < SBX_ARGV_BYTES ? p->argv_len : SBX_ARGV_BYTES);
 }
 
 static void print_packet(FILE *out, const struct sbx_packet *p)
@@ -108,94 +115,98 @@ static void print_packet(FILE *out, const struct sbx_packet *p)
 	fputc('\n', out);
 }
 
-static int print_event(void *ctx, void *data, size_t size)
-{
-	__u32 kind = size >= sizeof(__u32) ? *(__u32 *)data : 0;
+/* The process records of this load of the capture, by id ("EXE ARGV"): kept in a file beside
+ * the events file (a record is sent once, and the events naming it may come in later drains). */
+struct procs {
+	FILE *file;
+	char **proc;
+	size_t size;
+};
 
-	if (kind == SBX_KIND_CONNECT && size >= sizeof(struct sbx_event))
-		print_line(ctx, 'c', data);
-	else if (kind == SBX_KIND_PACKET && size >= sizeof(struct sbx_packet))
-		print_packet(ctx, data);
+static void procs_put(struct procs *procs, unsigned long long id, const char *proc)
+{
+	if (id >= procs->size) {
+		size_t size = procs->size ? procs->size : 64;
+		char **grown;
+
+		while (size <= id)
+			size *= 2;
+		grown = realloc(procs->proc, size * sizeof(*grown));
+		if (!grown)
+			return;
+		memset(grown + procs->size, 0, (size - procs->size) * sizeof(*grown));
+		procs->proc = grown;
+		procs->size = size;
+	}
+	free(procs->proc[id]);
+	procs->proc[id] = strdup(proc);
+}
+
+/* Opens PATH for appending, with the records already in it if they are this load's (the ring
+ * buffer's map id, its first line, says whose they are); else starts it afresh. */
+static int procs_open(struct procs *procs, const char *path, unsigned int ring)
+{
+	char line[8192];
+	unsigned long long id;
+	int start;
+	unsigned int owner = 0;
+	FILE *in = fopen(path, "r");
+
+	memset(procs, 0, sizeof(*procs));
+	if (in) {
+		if (fgets(line, sizeof(line), in) && sscanf(line, "ring %u", &owner) == 1 &&
+		    owner == ring) {
+			while (fgets(line, sizeof(line), in)) {
+				line[strcspn(line, "\n")] = 0;
+				if (sscanf(line, "%llu %n", &id, &start) == 1 && id < (1ULL << 32))
+					procs_put(procs, id, line + start);
+			}
+		} else {
+			owner = 0;
+		}
+		fclose(in);
+	}
+	procs->file = fopen(path, owner == ring ? "a" : "w");
+	if (!procs->file)
+		return -1;
+	if (owner != ring)
+		fprintf(procs->file, "ring %u\n", ring);
 	return 0;
 }
 
-/* The rest of an in-flight connect's event, from /proc: its process is in connect() still. */
-static void from_proc(struct sbx_event *e)
+struct drain {
+	FILE *out;
+	struct procs procs;
+};
+
+static int print_event(void *ctx, void *data, size_t size)
 {
-	char path[64], exe[4096];
-	unsigned int tgid = (unsigned int)(e->pid_tgid >> 32);
-	ssize_t n;
-	FILE *f;
-	int fd;
+	struct drain *drain = ctx;
+	__u32 kind = size >= sizeof(__u32) ? *(__u32 *)data : 0;
 
-	snprintf(path, sizeof(path), "/proc/%u/stat", tgid);
-	f = fopen(path, "r");
-	if (f) {
-		/* pid (comm) state ppid: comm may hold spaces and parentheses */
-		char line[1024], *end;
+	if (kind == SBX_KIND_CONNECT && size >= sizeof(struct sbx_event)) {
+		const struct sbx_event *e = data;
+		const char *proc = e->proc < drain->procs.size ? drain->procs.proc[e->proc] : NULL;
 
-		if (fgets(line, sizeof(line), f) && (end = strrchr(line, ')')))
-			sscanf(end + 1, " %*c %u", &e->ppid);
-		fclose(f);
+		print_line(drain->out, e, proc ? proc : "- -");
+	} else if (kind == SBX_KIND_PACKET && size >= sizeof(struct sbx_packet)) {
+		print_packet(drain->out, data);
+	} else if (kind == SBX_KIND_PROC && size >= sizeof(struct sbx_proc)) {
+		const struct sbx_proc *p = data;
+		char *proc = NULL;
+		size_t len = 0;
+		FILE *text = open_memstream(&proc, &len);
+
+		if (!text)
+			return 0;
+		print_proc(text, p);
+		fclose(text);
+		if (p->id < (1ULL << 32))
+			procs_put(&drain->procs, p->id, proc);
+		fprintf(drain->procs.file, "%llu %s\n", (unsigned long long)p->id, proc);
+		free(proc);
 	}
-	snprintf(path, sizeof(path), "/proc/%u/cmdline", tgid);
-	fd = open(path, O_RDONLY);
-	if (fd >= 0) {
-		n = read(fd, e->argv, SBX_ARGV_BYTES);
-		e->argv_len = n > 0 ? (__u16)n : 0;
-		close(fd);
-	}
-	snprintf(path, sizeof(path), "/proc/%u/exe", tgid);
-	n = readlink(path, exe, sizeof(exe) - 1);
-	e->exe_depth = 0;
-	if (n > 0) {
-		/* innermost name first, as the program fills it */
-		int depth = 0;
-		char *name;
-
-		exe[n] = 0;
-		while (depth < SBX_EXE_DEPTH && (name = strrchr(exe, '/'))) {
-			snprintf(e->exe[depth++], SBX_NAME_BYTES, "%s", name + 1);
-			*name = 0;
-		}
-		e->exe_depth = depth | (strrchr(exe, '/') ? SBX_EXE_TRUNCATED : 0);
-	}
-}
-
-/* The connects that have not returned yet (their event goes to the ring buffer when they do). */
-static int print_inflight(void)
-{
-	__u64 key, next, *prev = NULL;
-	struct sbx_pending pending;
-	int fd = bpf_obj_get(PIN_INFLIGHT);
-	int n = 0;
-
-	if (fd < 0)
-		return -1;
-	while (bpf_map_get_next_key(fd, prev, &next) == 0) {
-		if (bpf_map_lookup_elem(fd, &next, &pending) == 0) {
-			struct sbx_event e;
-
-			memset(&e, 0, sizeof(e));
-			e.kind = SBX_KIND_CONNECT;
-			e.seq = pending.seq;
-			e.time_ns = pending.time_ns;
-			e.pid_tgid = next;
-			e.uid_gid = pending.uid;
-			e.ret = SBX_RET_INFLIGHT;
-			e.family = pending.family;
-			e.port = pending.port;
-			e.protocol = pending.protocol;
-			memcpy(e.addr, pending.addr, sizeof(e.addr));
-			from_proc(&e);
-			print_line(stdout, 'i', &e);
-			n++;
-		}
-		key = next;
-		prev = &key;
-	}
-	close(fd);
-	return n;
+	return 0;
 }
 
 /* Whether a function is in the running kernel (and its loaded modules). */
@@ -323,9 +334,12 @@ static double clock_seconds(clockid_t id)
 static int drain(const char *path)
 {
 	struct ring_buffer *ring;
-	int events, counts, n;
+	struct bpf_map_info info;
+	__u32 info_len = sizeof(info);
+	struct drain state;
+	char procs_path[4096];
+	int events, counts, n, err;
 	__u64 values[SBX_COUNTERS] = {0};
-	FILE *out;
 
 	events = bpf_obj_get(PIN_EVENTS);
 	counts = bpf_obj_get(PIN_COUNTS);
@@ -333,23 +347,33 @@ static int drain(const char *path)
 		printf("@@capture missing\n");
 		return 0;
 	}
-	out = fopen(path, "a");
-	if (!out) {
+	memset(&info, 0, sizeof(info));
+	if (bpf_obj_get_info_by_fd(events, &info, &info_len)) {
+		fprintf(stderr, "sbx-capture: cannot identify the ring buffer: %s\n", strerror(errno));
+		return 1;
+	}
+	snprintf(procs_path, sizeof(procs_path), "%s.procs", path);
+	if (procs_open(&state.procs, procs_path, info.id)) {
+		fprintf(stderr, "sbx-capture: cannot open %s: %s\n", procs_path, strerror(errno));
+		return 1;
+	}
+	state.out = fopen(path, "a");
+	if (!state.out) {
 		fprintf(stderr, "sbx-capture: cannot open %s: %s\n", path, strerror(errno));
 		return 1;
 	}
-	ring = ring_buffer__new(events, print_event, out, NULL);
+	ring = ring_buffer__new(events, print_event, &state, NULL);
 	if (!ring) {
 		fprintf(stderr, "sbx-capture: cannot read the ring buffer: %s\n", strerror(errno));
 		return 1;
 	}
 	n = ring_buffer__consume(ring);
 	ring_buffer__free(ring);
-	if (fclose(out)) {
+	err = fclose(state.procs.file);
+	if (fclose(state.out) || err) {
 		fprintf(stderr, "sbx-capture: writing %s: %s\n", path, strerror(errno));
 		return 1;
 	}
-	print_inflight();
 	for (__u32 i = 0; i < SBX_COUNTERS; i++)
 		bpf_map_lookup_elem(counts, &i, &values[i]);
 	printf("@@capture ok %d %llu %llu %llu %llu\n", n, (unsigned long long)values[SBX_COUNT_SEQ],
