@@ -55,7 +55,7 @@ class Settings:
     # machine; with KVM it is a few seconds. The deadline is generous, not a target.
     boot_timeout: float = 400.0
     # Seconds between collections of the connection records while `run` or `exec` runs (0: only
-    # at its end). The guest's capture buffer holds about 80,000 attempts between two.
+    # at its end). The guest's capture buffer holds about 70,000 attempts between two.
     collect_every: float = 10.0
     network: NetworkSettings = field(default_factory=NetworkSettings)
     pool: PoolSettings = field(default_factory=PoolSettings)

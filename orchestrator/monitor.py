@@ -7,8 +7,9 @@ two kinds of record into a ring buffer in the guest's kernel, at the moment of t
   SBX-BLOCK, SBX-DNS for the first packet of a flow, SBX-ALLOW-EST and SBX-DNS-EST for the next
   ones of an answered UDP flow; the boot rules' SBX-BOOT), taken where the rule runs (nft's
   `log` expression or the xtables NFLOG target, whichever iptables-nft chose): the verdict (the
-  rule's prefix), protocol, addresses, ports, IPv4 ID, and the socket owner's uid. Nothing
-  listens on the NFLOG group, so the packet costs nothing more.
+  rule's prefix), protocol, addresses, ports, IPv4 ID, the socket owner's uid and, for a
+  datagram from a user's socket (it leaves in the sending call: sendto() with no connect() too),
+  the process that sent it. Nothing listens on the NFLOG group, so the packet costs nothing more.
 - the process's: every connect to an inet or inet6 address, as the protocol makes it (TCP's
   sends the SYN, a datagram socket's picks the route): which process (pid, parent, uid,
   executable and argv, read once per process image), the socket's protocol and the result. A
@@ -183,6 +184,12 @@ class FirewallRecord:
     # resent packet, maybe a new connect that reuses the port), or an established one.
     retry: bool = False
     mono_ns: int = 0  # CLOCK_MONOTONIC when the rule logged it
+    # The process that sent it, for a datagram from a user's socket (the capture knows it: it
+    # left in the sending call); None for TCP (its connect event says) and the kernel's packets.
+    pid: int | None = None
+    ppid: int | None = None
+    exe: str | None = None
+    cmdline: str | None = None
 
     @property
     def key(self) -> str:
@@ -249,6 +256,11 @@ def decode_argv(text: str) -> str | None:
     return shlex.join(arg for arg in raw.split("\0") if arg) or None
 
 
+def _exe(text: str) -> str | None:
+    """The executable's path sbx-capture printed (escaped; `-` for none)."""
+    return None if text == "-" else _unescape(text).decode("utf-8", "replace")
+
+
 def parse_event_line(line: str, mono_offset: float) -> ConnectEvent | None:
     """One line of the events file (images/capture/sbx-capture.c: `c SEQ MONO_NS PID TID PPID
     UID RET FAMILY PROTOCOL ADDRESS PORT EXE ARGV`); None if it is not one. mono_offset: wall
@@ -267,7 +279,6 @@ def parse_event_line(line: str, mono_offset: float) -> ConnectEvent | None:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    exe = None if parts[12] == "-" else _unescape(parts[12]).decode("utf-8", "replace")
     return ConnectEvent(
         seq=seq,
         mono_ns=mono_ns,
@@ -281,17 +292,22 @@ def parse_event_line(line: str, mono_offset: float) -> ConnectEvent | None:
         pid=pid,
         ppid=ppid,
         uid=uid,
-        exe=exe,
+        exe=_exe(parts[12]),
         cmdline=decode_argv(parts[13]),
     )
 
 
 def parse_packet_line(line: str, mono_offset: float) -> FirewallRecord | None:
     """One firewall record of the events file (images/capture/sbx-capture.c: `f SEQ MONO_NS UID
-    FAMILY PROTOCOL SRC SPORT DST DPORT IPID PREFIX`); None if it is not one of ours."""
+    FAMILY PROTOCOL SRC SPORT DST DPORT IPID PREFIX PID TID PPID EXE ARGV`, or without the sender
+    as an earlier capture wrote it); None if it is not one of ours."""
     parts = line.split(" ")
-    if len(parts) != 12 or parts[0] != "f":
+    if len(parts) not in (12, 17) or parts[0] != "f":
         return None
+    sender = [_int(p) for p in parts[12:15]] if len(parts) == 17 else [0, 0, 0]
+    if any(n is None for n in sender):
+        return None
+    pid, _tid, ppid = (n or 0 for n in sender)
     prefix = _unescape(parts[11]).decode("ascii", "replace")
     kind = next((v for p, v in _PREFIXES.items() if prefix == p), None)
     numbers = [_int(p) for p in (*parts[1:6], parts[7], parts[9], parts[10])]
@@ -320,6 +336,10 @@ def parse_packet_line(line: str, mono_offset: float) -> FirewallRecord | None:
         ident=ident if dst.version == 4 else None,
         established=established,
         mono_ns=mono_ns,
+        pid=pid or None,
+        ppid=ppid if pid else None,
+        exe=_exe(parts[15]) if pid else None,
+        cmdline=decode_argv(parts[16]) if pid else None,
     )
 
 
@@ -506,8 +526,8 @@ def _attempt(record: FirewallRecord | None, event: ConnectEvent | None, boot_id:
     if record is not None:
         return Attempt(
             id=f"k{record.key}.{boot}",
-            # The connect's own time: its entry, which is inside the call that made it
-            # (orchestrator/xdebug.py attributes by it).
+            # The connect's own time: inside the call that made it (orchestrator/xdebug.py
+            # attributes by it).
             time=iso_time(event.time if event is not None else record.time),
             verdict=record.verdict,
             proto=record.proto,
@@ -517,10 +537,10 @@ def _attempt(record: FirewallRecord | None, event: ConnectEvent | None, boot_id:
             src=record.src,
             sport=record.sport,
             uid=event.uid if event is not None else record.uid,
-            pid=event.pid if event else None,
-            ppid=event.ppid if event else None,
-            exe=event.exe if event else None,
-            cmdline=event.cmdline if event else None,
+            pid=event.pid if event else record.pid,
+            ppid=event.ppid if event else record.ppid,
+            exe=event.exe if event else record.exe,
+            cmdline=event.cmdline if event else record.cmdline,
             evidence="connect+firewall" if event else "firewall",
         )
     assert event is not None

@@ -419,6 +419,43 @@ def test_a_connect_that_waits_pairs_with_its_first_syn_and_the_resends_are_not_a
     assert second.attempts == [] and second.warnings == []
 
 
+def test_a_datagram_sent_without_connect_is_attributed_from_its_own_record() -> None:
+    # As sbx-capture prints them: sendto() on an unconnected UDP socket and an ICMP echo from a
+    # raw socket carry their sender; a TCP SYN does not (its connect event says), nor a record
+    # from a capture that did not know it (12 fields).
+    python = "/usr/bin/python3.11 python3\\x00-c\\x00import\\x20socket\\x00"
+    lines = [
+        f"f 0 50000000000 0 4 17 192.168.122.5 40000 198.51.100.9 53 17 SBX-BLOCK\\x20 "
+        f"700 701 699 {python}",
+        f"f 1 50100000000 0 4 1 192.168.122.5 0 198.51.100.9 0 18 SBX-BLOCK\\x20 700 700 699 "
+        f"{python}",
+        "f 2 50200000000 0 4 6 192.168.122.5 40002 198.51.100.9 80 19 SBX-BLOCK\\x20 0 0 0 - -",
+        "f 3 50300000000 0 4 17 192.168.122.5 40003 198.51.100.9 54 20 SBX-BLOCK\\x20",
+        "f 4 50400000000 0 4 17 192.168.122.5 40004 198.51.100.9 55 21 SBX-BLOCK\\x20 x 0 0 - -",
+    ]
+    records = [monitor.parse_packet_line(line, 900.0) for line in lines]
+    assert records[4] is None
+    udp = records[0]
+    assert udp is not None
+    assert (udp.pid, udp.ppid, udp.exe, udp.cmdline) == (
+        700,
+        699,
+        "/usr/bin/python3.11",
+        "python3 -c 'import socket'",
+    )
+    collected = monitor.process(
+        monitor.parse_snapshot(_output(lines[:4], "", wall=1005.0, uptime=105.0)),
+        monitor.Cursor(),
+        final=True,
+    )
+    assert [(a.proto, a.dport, a.pid, a.ppid, a.exe, a.evidence) for a in collected.attempts] == [
+        ("udp", 53, 700, 699, "/usr/bin/python3.11", "firewall"),
+        ("icmp", None, 700, 699, "/usr/bin/python3.11", "firewall"),
+        ("tcp", 80, None, None, None, "firewall"),
+        ("udp", 54, None, None, None, "firewall"),
+    ]
+
+
 def test_connect_only_attempts_loopback_refused_and_udp_without_packets() -> None:
     events = (
         _event(1, 950.0, dst="127.0.0.1", ret=-115)  # loopback
@@ -611,6 +648,19 @@ def _bash_connect(cli: Cli, name: str, port: int) -> int:
     return int(bash.stdout.split()[0])
 
 
+# sendto() with no connect(): a UDP datagram and an ICMP echo (raw socket, as root); the
+# firewall's REJECT makes each fail with EPERM.
+_SENDTO = """
+import contextlib, os, socket
+print(os.getpid(), flush=True)
+with contextlib.suppress(PermissionError):
+    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("198.51.100.9", 5353))
+icmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+with contextlib.suppress(PermissionError):
+    icmp.sendto(bytes([8, 0, 0xF7, 0xFF, 0, 0, 0, 0]), ("198.51.100.9", 0))
+"""
+
+
 @pytest.mark.vm
 @pytest.mark.root
 def test_capture_in_a_real_guest(cli: Cli, tmp_path: Path) -> None:
@@ -630,6 +680,8 @@ def test_capture_in_a_real_guest(cli: Cli, tmp_path: Path) -> None:
         )
         execd = cli.ok("exec", "--name", name, "--", "bash", "-c", exec_script)
         execd_pid = int(execd.stdout.split()[0])
+        sender = cli.ok("exec", "--name", name, "--", "python3", "-c", _SENDTO)
+        sender_pid = int(sender.stdout.split()[0])
         # Past the settle time nothing is held back for the next collection.
         time.sleep(monitor.SETTLE_SECONDS)
         first = _drive(cli, "collect", name, cursor)
@@ -687,6 +739,14 @@ def test_capture_in_a_real_guest(cli: Cli, tmp_path: Path) -> None:
     assert sorted(by_execd) == [
         ("/usr/bin/bash", 83, ["bash", "-c"]),
         ("/usr/bin/php8.2", 84, ["php", "-r"]),
+    ]
+    # No connect() at all: the datagrams' own records say who sent them.
+    sent = [
+        (a.proto, a.dport, a.verdict, a.exe, a.evidence) for a in attempts if a.pid == sender_pid
+    ]
+    assert sorted(sent) == [
+        ("icmp", None, Verdict.BLOCKED, "/usr/bin/python3.11", "firewall"),
+        ("udp", 5353, Verdict.BLOCKED, "/usr/bin/python3.11", "firewall"),
     ]
     by_bash = [a for a in attempts if a.pid == bash_pid]
     assert [(a.exe, a.verdict, a.proto, a.dst, a.dport, a.uid) for a in by_bash] == [

@@ -12,7 +12,7 @@
  * The executable and argv go in a process record, sent once per process image (sbx_procs
  * remembers which were sent); each event names its record.
  * packets: fentry on nft_log_eval or nflog_tg, where an NFLOG rule runs (sbx-capture attaches
- * whichever the kernel has).
+ * whichever the kernel has); a datagram's record names its sender's process record too.
  *
  * All go into one ring buffer that nothing reads until a collection drains it (sbx-capture
  * drain): no daemon runs beside the software under test, and the cost is these programs alone.
@@ -64,6 +64,8 @@ struct file {
 	struct path f_path;
 } __attribute__((preserve_access_index));
 
+struct socket;
+
 struct sock {
 	struct {
 		__u16 skc_family;
@@ -72,10 +74,12 @@ struct sock {
 	struct {
 		__u32 val;
 	} sk_uid;
+	struct socket *sk_socket;
 } __attribute__((preserve_access_index));
 
 struct socket {
 	struct sock *sk;
+	struct file *file;
 } __attribute__((preserve_access_index));
 
 struct sk_buff {
@@ -328,8 +332,9 @@ static __always_inline void record_packet(struct sk_buff *skb, __u8 pf, const ch
 	 * its options is 60 bytes, IPv6's is 40 */
 	__u8 h[64];
 	struct sbx_packet *p;
-	struct sock *sk;
-	__u64 *seq, *dropped;
+	struct sock *sk = skb->sk;
+	struct task_struct *task;
+	__u64 *seq, *dropped, proc = -1;
 	__u8 proto;
 	__u32 l4;
 
@@ -339,6 +344,16 @@ static __always_inline void record_packet(struct sk_buff *skb, __u8 pf, const ch
 	dropped = counter(SBX_COUNT_PACKETS_DROPPED);
 	if (!seq || !dropped)
 		return;
+	/* one read: every helper call is dear under emulation */
+	if (bpf_probe_read_kernel(h, sizeof(h), skb->head + skb->network_header))
+		__builtin_memset(h, 0, sizeof(h));
+	proto = pf == AF_INET ? h[9] : h[6];
+	/* A datagram from a user's socket (it has a file; the kernel's own, ICMP errors' for one,
+	 * have none) leaves in the call that sends it: the current task sent it. Its process record
+	 * goes before the packet's, as for a connect. */
+	task = bpf_get_current_task_btf();
+	if (proto != 6 && sk && sk->sk_socket && sk->sk_socket->file)
+		proc = proc_id(task, task->mm);
 	p = bpf_ringbuf_reserve(&sbx_events, sizeof(*p), 0);
 	if (!p) {
 		__sync_fetch_and_add(seq, 1);
@@ -352,23 +367,24 @@ static __always_inline void record_packet(struct sk_buff *skb, __u8 pf, const ch
 	p->sport = p->dport = p->ipid = 0;
 	__builtin_memset(p->src, 0, sizeof(p->src));
 	__builtin_memset(p->dst, 0, sizeof(p->dst));
-	sk = skb->sk;
 	p->uid = sk ? sk->sk_uid.val : (__u32)-1;
-	/* one read: every helper call is dear under emulation */
-	if (bpf_probe_read_kernel(h, sizeof(h), skb->head + skb->network_header))
-		__builtin_memset(h, 0, sizeof(h));
+	p->pid_tgid = 0;
+	p->ppid = 0;
+	p->proc = proc;
+	if (proc != (__u64)-1) {
+		p->pid_tgid = (__u64)task->tgid << 32 | (__u32)task->pid;
+		p->ppid = task->real_parent->tgid;
+	}
 	if (pf == AF_INET) {
 		/* struct iphdr: version/ihl, tos, tot_len, id, frag_off, ttl, protocol, check, saddr,
 		 * daddr */
 		__builtin_memcpy(&p->ipid, h + 4, 2);
-		proto = h[9];
 		__builtin_memcpy(p->src, h + 12, 4);
 		__builtin_memcpy(p->dst, h + 16, 4);
 		l4 = (h[0] & 0x0f) * 4;
 	} else {
 		/* struct ipv6hdr: version/class/flow (4), payload_len, nexthdr, hop_limit, saddr,
 		 * daddr */
-		proto = h[6];
 		__builtin_memcpy(p->src, h + 8, 16);
 		__builtin_memcpy(p->dst, h + 24, 16);
 		l4 = 40;

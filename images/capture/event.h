@@ -2,7 +2,7 @@
 #ifndef SBX_EVENT_H
 #define SBX_EVENT_H
 
-#define SBX_RING_BYTES (16 * 1024 * 1024) /* ~80,000 attempts (a connect and a packet each) */
+#define SBX_RING_BYTES (16 * 1024 * 1024) /* ~70,000 attempts (a connect and a packet each) */
 #define SBX_ARGV_BYTES 128                /* the first bytes of argv, NUL-separated */
 #define SBX_NAME_BYTES 32                 /* per name in the executable's path */
 #define SBX_EXE_DEPTH 8                   /* names in the path (a power of two) */
@@ -76,7 +76,12 @@ struct sbx_packet {
 	__u16 dport;
 	__u16 ipid;     /* the IPv4 header's ID (network byte order); 0 for IPv6 */
 	__u16 pad16;
-	__u32 pad;
+	__u32 ppid;
+	/* The process sending it, for a datagram (UDP, ICMP, raw) from a user's socket: those leave
+	 * in the sending call, sendto() with no connect() included; 0 otherwise (TCP's may leave
+	 * from a timer, and its connect events say who) */
+	__u64 pid_tgid;
+	__u64 proc;     /* its sbx_proc record (with pid_tgid) */
 	__u8 src[16];
 	__u8 dst[16];
 	char prefix[SBX_PREFIX_BYTES];

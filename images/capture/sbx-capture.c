@@ -15,8 +15,9 @@
  * '\', as \xNN; ARGV's NULs between arguments too); EXE is "-" when the process has none, and
  * starts with "..." when deeper than the record holds; ARGV is the process's at its first
  * connect.
- * A packet line: "f SEQ MONO_NS UID FAMILY PROTOCOL SRC SPORT DST DPORT IPID PREFIX" (UID -1: no
- * socket; PREFIX escaped).
+ * A packet line: "f SEQ MONO_NS UID FAMILY PROTOCOL SRC SPORT DST DPORT IPID PREFIX PID TID PPID
+ * EXE ARGV" (UID -1: no socket; PREFIX escaped; the sender, for a datagram from a user's socket,
+ * as in a connect line: else PID 0 and EXE and ARGV "-").
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -101,7 +102,8 @@ static void print_proc(FILE *out, const struct sbx_proc *p)
 	escaped(out, p->argv, p->argv_len < SBX_ARGV_BYTES ? p->argv_len : SBX_ARGV_BYTES);
 }
 
-static void print_packet(FILE *out, const struct sbx_packet *p)
+/* PROC as for print_line; "- -" when the packet's sender is not known */
+static void print_packet(FILE *out, const struct sbx_packet *p, const char *proc)
 {
 	int af = p->family == 2 ? AF_INET : AF_INET6;
 	char src[INET6_ADDRSTRLEN] = "?", dst[INET6_ADDRSTRLEN] = "?";
@@ -112,7 +114,8 @@ static void print_packet(FILE *out, const struct sbx_packet *p)
 		(unsigned long long)p->time_ns, (int)p->uid, p->family == 2 ? 4 : 6, p->protocol,
 		src, ntohs(p->sport), dst, ntohs(p->dport), ntohs(p->ipid));
 	escaped(out, p->prefix, strnlen(p->prefix, SBX_PREFIX_BYTES));
-	fputc('\n', out);
+	fprintf(out, " %u %u %u %s\n", (unsigned)(p->pid_tgid >> 32),
+		(unsigned)(p->pid_tgid & 0xffffffff), p->ppid, proc);
 }
 
 /* The process records of this load of the capture, by id ("EXE ARGV"): kept in a file beside
@@ -190,7 +193,12 @@ static int print_event(void *ctx, void *data, size_t size)
 
 		print_line(drain->out, e, proc ? proc : "- -");
 	} else if (kind == SBX_KIND_PACKET && size >= sizeof(struct sbx_packet)) {
-		print_packet(drain->out, data);
+		const struct sbx_packet *p = data;
+		const char *proc = NULL;
+
+		if (p->pid_tgid && p->proc < drain->procs.size)
+			proc = drain->procs.proc[p->proc];
+		print_packet(drain->out, p, proc ? proc : "- -");
 	} else if (kind == SBX_KIND_PROC && size >= sizeof(struct sbx_proc)) {
 		const struct sbx_proc *p = data;
 		char *proc = NULL;
