@@ -8,7 +8,7 @@ two kinds of record into a ring buffer in the guest's kernel, at the moment of t
   ones of an answered UDP flow; the boot rules' SBX-BOOT), taken where the rule runs (nft's
   `log` expression or the xtables NFLOG target, whichever iptables-nft chose): the verdict (the
   rule's prefix), protocol, addresses, ports, IPv4 ID, the socket owner's uid and, for a
-  datagram from a user's socket (it leaves in the sending call: sendto() with no connect() too),
+  datagram sent with no connect() (UDP, ICMP or raw sendto(); it leaves in the sending call),
   the process that sent it. Nothing listens on the NFLOG group, so the packet costs nothing more.
 - the process's: every connect to an inet or inet6 address, as the protocol makes it (TCP's
   sends the SYN, a datagram socket's picks the route): which process (pid, parent, uid,
@@ -184,8 +184,9 @@ class FirewallRecord:
     # resent packet, maybe a new connect that reuses the port), or an established one.
     retry: bool = False
     mono_ns: int = 0  # CLOCK_MONOTONIC when the rule logged it
-    # The process that sent it, for a datagram from a user's socket (the capture knows it: it
-    # left in the sending call); None for TCP (its connect event says) and the kernel's packets.
+    # The process that sent it, for a datagram from a user's socket with no connect() (it left
+    # in the sending call); None otherwise: a connect event says who (TCP, a connected socket),
+    # or the kernel sent it.
     pid: int | None = None
     ppid: int | None = None
     exe: str | None = None

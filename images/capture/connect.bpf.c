@@ -35,6 +35,7 @@
 
 #define AF_INET 2
 #define AF_INET6 10
+#define TCP_ESTABLISHED 1 /* a connected datagram socket's state too */
 
 struct qstr {
 	const unsigned char *name;
@@ -69,6 +70,7 @@ struct socket;
 struct sock {
 	struct {
 		__u16 skc_family;
+		__u8 skc_state;
 	} __sk_common;
 	__u16 sk_protocol;
 	struct {
@@ -349,10 +351,12 @@ static __always_inline void record_packet(struct sk_buff *skb, __u8 pf, const ch
 		__builtin_memset(h, 0, sizeof(h));
 	proto = pf == AF_INET ? h[9] : h[6];
 	/* A datagram from a user's socket (it has a file; the kernel's own, ICMP errors' for one,
-	 * have none) leaves in the call that sends it: the current task sent it. Its process record
-	 * goes before the packet's, as for a connect. */
+	 * have none) leaves in the call that sends it: the current task sent it. Only for a socket
+	 * not connected (a connected one's connect event says who): sendto() with an address. Its
+	 * process record goes before the packet's, as for a connect. */
 	task = bpf_get_current_task_btf();
-	if (proto != 6 && sk && sk->sk_socket && sk->sk_socket->file)
+	if (proto != 6 && sk && sk->__sk_common.skc_state != TCP_ESTABLISHED && sk->sk_socket &&
+	    sk->sk_socket->file)
 		proc = proc_id(task, task->mm);
 	p = bpf_ringbuf_reserve(&sbx_events, sizeof(*p), 0);
 	if (!p) {

@@ -77,9 +77,9 @@ struct sbx_packet {
 	__u16 ipid;     /* the IPv4 header's ID (network byte order); 0 for IPv6 */
 	__u16 pad16;
 	__u32 ppid;
-	/* The process sending it, for a datagram (UDP, ICMP, raw) from a user's socket: those leave
-	 * in the sending call, sendto() with no connect() included; 0 otherwise (TCP's may leave
-	 * from a timer, and its connect events say who) */
+	/* The process sending it, for a datagram (UDP, ICMP, raw) from a user's socket that is not
+	 * connected (sendto() with an address): it leaves in the sending call. 0 otherwise: a
+	 * connected socket's connect event says who, and TCP's packets may leave from a timer. */
 	__u64 pid_tgid;
 	__u64 proc;     /* its sbx_proc record (with pid_tgid) */
 	__u8 src[16];
