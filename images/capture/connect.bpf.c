@@ -225,6 +225,11 @@ static __always_inline __u64 proc_id(struct task_struct *task, struct mm_struct 
 	return fresh.id;
 }
 
+static __always_inline __u64 pid_tgid_of(struct task_struct *task)
+{
+	return (__u64)task->tgid << 32 | (__u32)task->pid;
+}
+
 /* The event for a connect the protocol has just made (or refused): RET is its result. */
 static __always_inline void record_connect(struct sock *sk, struct sockaddr *uaddr, int ret)
 {
@@ -261,7 +266,7 @@ static __always_inline void record_connect(struct sock *sk, struct sockaddr *uad
 	e->seq = number;
 	e->time_ns = bpf_ktime_get_ns();
 	e->proc = proc;
-	e->pid_tgid = (__u64)task->tgid << 32 | (__u32)task->pid;
+	e->pid_tgid = pid_tgid_of(task);
 	e->uid_gid = (__u64)task->cred->gid.val << 32 | task->cred->uid.val;
 	e->ret = ret;
 	e->ppid = task->real_parent->tgid;
@@ -272,7 +277,7 @@ static __always_inline void record_connect(struct sock *sk, struct sockaddr *uad
 		__builtin_memcpy(e->addr, sa.a4, 4);
 		__builtin_memset(e->addr + 4, 0, 12);
 	} else {
-			__builtin_memcpy(e->addr, sa.a6, 16);
+		__builtin_memcpy(e->addr, sa.a6, 16);
 	}
 	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
@@ -335,8 +340,8 @@ static __always_inline void record_packet(struct sk_buff *skb, __u8 pf, const ch
 	__u8 h[64];
 	struct sbx_packet *p;
 	struct sock *sk = skb->sk;
-	struct task_struct *task;
-	__u64 *seq, *dropped, proc = -1;
+	__u64 *seq, *dropped, proc = -1, pid_tgid = 0;
+	__u32 ppid = 0;
 	__u8 proto;
 	__u32 l4;
 
@@ -354,10 +359,16 @@ static __always_inline void record_packet(struct sk_buff *skb, __u8 pf, const ch
 	 * have none) leaves in the call that sends it: the current task sent it. Only for a socket
 	 * not connected (a connected one's connect event says who): sendto() with an address. Its
 	 * process record goes before the packet's, as for a connect. */
-	task = bpf_get_current_task_btf();
 	if (proto != 6 && sk && sk->__sk_common.skc_state != TCP_ESTABLISHED && sk->sk_socket &&
-	    sk->sk_socket->file)
+	    sk->sk_socket->file) {
+		struct task_struct *task = bpf_get_current_task_btf();
+
 		proc = proc_id(task, task->mm);
+		if (proc != (__u64)-1) {
+			pid_tgid = pid_tgid_of(task);
+			ppid = task->real_parent->tgid;
+		}
+	}
 	p = bpf_ringbuf_reserve(&sbx_events, sizeof(*p), 0);
 	if (!p) {
 		__sync_fetch_and_add(seq, 1);
@@ -372,13 +383,9 @@ static __always_inline void record_packet(struct sk_buff *skb, __u8 pf, const ch
 	__builtin_memset(p->src, 0, sizeof(p->src));
 	__builtin_memset(p->dst, 0, sizeof(p->dst));
 	p->uid = sk ? sk->sk_uid.val : (__u32)-1;
-	p->pid_tgid = 0;
-	p->ppid = 0;
+	p->pid_tgid = pid_tgid;
+	p->ppid = ppid;
 	p->proc = proc;
-	if (proc != (__u64)-1) {
-		p->pid_tgid = (__u64)task->tgid << 32 | (__u32)task->pid;
-		p->ppid = task->real_parent->tgid;
-	}
 	if (pf == AF_INET) {
 		/* struct iphdr: version/ihl, tos, tot_len, id, frag_off, ttl, protocol, check, saddr,
 		 * daddr */

@@ -9,7 +9,7 @@
 #define SBX_EXE_MOUNTS 4                  /* mount points crossed on the way up */
 #define SBX_EXE_TRUNCATED 0x80
 
-#define SBX_PROCS 16384    /* thread groups whose process record is remembered */
+#define SBX_PROCS 16384 /* thread groups whose process record is remembered */
 
 #define SBX_COUNT_SEQ 0
 #define SBX_COUNT_DROPPED 1

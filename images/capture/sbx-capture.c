@@ -145,6 +145,14 @@ static void procs_put(struct procs *procs, unsigned long long id, const char *pr
 	procs->proc[id] = strdup(proc);
 }
 
+/* Record ID's "EXE ARGV"; "- -" if this load sent no such record (or it was lost). */
+static const char *procs_get(const struct procs *procs, __u64 id)
+{
+	const char *proc = id < procs->size ? procs->proc[id] : NULL;
+
+	return proc ? proc : "- -";
+}
+
 /* Opens PATH for appending, with the records already in it if they are this load's (the ring
  * buffer's map id, its first line, says whose they are); else starts it afresh. */
 static int procs_open(struct procs *procs, const char *path, unsigned int ring)
@@ -189,16 +197,12 @@ static int print_event(void *ctx, void *data, size_t size)
 
 	if (kind == SBX_KIND_CONNECT && size >= sizeof(struct sbx_event)) {
 		const struct sbx_event *e = data;
-		const char *proc = e->proc < drain->procs.size ? drain->procs.proc[e->proc] : NULL;
 
-		print_line(drain->out, e, proc ? proc : "- -");
+		print_line(drain->out, e, procs_get(&drain->procs, e->proc));
 	} else if (kind == SBX_KIND_PACKET && size >= sizeof(struct sbx_packet)) {
 		const struct sbx_packet *p = data;
-		const char *proc = NULL;
 
-		if (p->pid_tgid && p->proc < drain->procs.size)
-			proc = drain->procs.proc[p->proc];
-		print_packet(drain->out, p, proc ? proc : "- -");
+		print_packet(drain->out, p, p->pid_tgid ? procs_get(&drain->procs, p->proc) : "- -");
 	} else if (kind == SBX_KIND_PROC && size >= sizeof(struct sbx_proc)) {
 		const struct sbx_proc *p = data;
 		char *proc = NULL;
