@@ -61,6 +61,12 @@ class DomainSpec:
     # The host-side name of the guest's interface (<= 15 characters), so host rules can name it
     # before the VM exists.
     target_dev: str | None = None
+    # The IPv4 address the network's DHCP server keeps for this MAC: the filter's $IP, so the
+    # guest can send from (and claim in ARP) that address only.
+    ip: str | None = None
+    # (name, address) pairs this sandbox added to the network's resolver, kept in the domain's
+    # metadata so that `destroy` of another sandbox knows which entries are still in use.
+    dns_hosts: tuple[tuple[str, str], ...] = ()
     # Keeps QEMU's translation cache small under TCG: ~320 MiB resident instead of ~800 MiB
     # (PLATFORM.md), at no visible cost.
     tcg_tb_cache_mib: int = 64
@@ -87,6 +93,8 @@ def render_domain(spec: DomainSpec) -> str:
     meta = ET.SubElement(metadata, f"{{{METADATA_NS}}}sandbox")
     meta.set("name", spec.sandbox)
     meta.set("image", spec.image)
+    for hostname, address in spec.dns_hosts:
+        ET.SubElement(meta, f"{{{METADATA_NS}}}dns", host=hostname, ip=address)
     _sub(dom, "memory", str(spec.memory_mib), unit="MiB")
     _sub(dom, "vcpu", str(spec.vcpus))
 
@@ -133,7 +141,9 @@ def render_domain(spec: DomainSpec) -> str:
     if spec.target_dev:
         _sub(iface, "target", dev=spec.target_dev)
     if spec.filterref:
-        _sub(iface, "filterref", filter=spec.filterref)
+        ref = _sub(iface, "filterref", filter=spec.filterref)
+        if spec.ip:
+            _sub(ref, "parameter", name="IP", value=spec.ip)
 
     serial = _sub(devices, "serial", type="file")
     _sub(serial, "source", path=spec.console_log, append="off")

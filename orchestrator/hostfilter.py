@@ -9,8 +9,11 @@ sysctls say. The price is statelessness: replies are let in by address and port,
 connection state, which is enough because what matters is what leaves the guest.
 
 Rule order (libvirt sorts a chain by priority, lowest first; the referenced filters are jumped to
-at their chain's priority): no-mac-spoofing (-800) and no-arp-mac-spoofing (-520) first, then our
-accepts (< 900), then a drop of everything else (1000) in both directions.
+at their chain's priority): no-mac-spoofing (-800), no-ip-spoofing (-710), no-arp-mac-spoofing
+(-520) and no-arp-ip-spoofing (-510) first, so a guest sends only from its own MAC and IPv4
+address and claims no other in ARP (one sandbox cannot pose as another, poison the DNS log's
+attribution or break another's management session); then our accepts (< 900), then a drop of
+everything else (1000) in both directions.
 """
 
 from __future__ import annotations
@@ -29,9 +32,14 @@ from .policy import Allow, EgressPolicy, Proto
 
 # Named like the domain: `virsh nwfilter-list` and `virsh list` line up.
 FILTER_PREFIX = DOMAIN_PREFIX
-# libvirt's shipped filters; both take $MAC, which libvirt fills in from the interface.
+# libvirt's shipped filters. The MAC ones take $MAC, which libvirt fills in from the interface;
+# the IP ones take $IP, the address the network's DHCP server keeps for the guest, given as the
+# interface's filterref parameter (domain.py), so libvirt never has to learn it from the guest.
 NO_MAC_SPOOFING = "no-mac-spoofing"
 NO_ARP_MAC_SPOOFING = "no-arp-mac-spoofing"
+NO_IP_SPOOFING = "no-ip-spoofing"
+NO_ARP_IP_SPOOFING = "no-arp-ip-spoofing"
+ANTI_SPOOFING = (NO_MAC_SPOOFING, NO_ARP_MAC_SPOOFING, NO_IP_SPOOFING, NO_ARP_IP_SPOOFING)
 
 BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 LINK_LOCAL6 = ipaddress.IPv6Network("fe80::/10")
@@ -208,7 +216,7 @@ def render_filter(
     root = ET.Element("filter", name=filter_name(name), chain="root")
     if uuid is not None:
         ET.SubElement(root, "uuid").text = uuid
-    for ref in (NO_MAC_SPOOFING, NO_ARP_MAC_SPOOFING):
+    for ref in ANTI_SPOOFING:
         ET.SubElement(root, "filterref", filter=ref)
     for rule in filter_rules(policy, gateway=gateway, gateway6=gateway6):
         el = ET.SubElement(
@@ -303,16 +311,19 @@ def remove_filter(conn: libvirt.virConnect, sandbox: str) -> bool:
 
 def interface_with_filter(domain_xml: str, mac: str, filter_ref: str | None) -> str:
     """The domain's <interface> with this MAC, its <filterref> set to `filter_ref` (or removed
-    when None); everything else as the live XML has it, so libvirt sees the same device."""
+    when None) with the old one's parameters ($IP); everything else as the live XML has it, so
+    libvirt sees the same device."""
     root = ET.fromstring(domain_xml)
     for iface in root.findall("devices/interface"):
         mac_el = iface.find("mac")
         if mac_el is None or mac_el.get("address", "").lower() != mac.lower():
             continue
+        parameters: list[ET.Element] = []
         for old in iface.findall("filterref"):
+            parameters += old.findall("parameter")
             iface.remove(old)
         if filter_ref is not None:
-            ET.SubElement(iface, "filterref", filter=filter_ref)
+            ET.SubElement(iface, "filterref", filter=filter_ref).extend(parameters)
         return ET.tostring(iface, encoding="unicode")
     raise HypervisorError(
         f"the VM has no network interface with MAC {mac}",

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -400,6 +401,137 @@ def set_dns_hosts(net: libvirt.virNetwork, names: Sequence[tuple[str, Sequence[s
                 "destroy the other sandboxes to recreate the network, or allow addresses "
                 "instead of names",
             ) from None
+
+
+def _update_network(
+    net: libvirt.virNetwork, command: int, section: int, xml: str, what: str, parent: int = -1
+) -> None:
+    flags = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
+    try:
+        net.update(command, section, parent, xml, flags)
+    except libvirt.libvirtError as exc:
+        raise HypervisorError(
+            f"cannot {what} on network {net.name()}: {exc}",
+            "destroy the other sandboxes so the network is recreated, or run with --debug",
+        ) from None
+
+
+def reserve_address(
+    net: libvirt.virNetwork,
+    mac: str,
+    candidates: Sequence[ipaddress.IPv4Address],
+    pick: Callable[[Sequence[ipaddress.IPv4Address]], ipaddress.IPv4Address],
+) -> str:
+    """Keep an address of `candidates` for `mac` in the network's DHCP server (a static host
+    entry), so that the guest's address is known before it boots and the host-side filter can
+    pin it. Skips addresses held by another entry or lease. Call under the global lock."""
+    root = ET.fromstring(net.XMLDesc(0))
+    taken = {h.get("ip") for h in root.iter("host") if h.get("ip")}
+    with contextlib.suppress(libvirt.libvirtError):
+        taken |= {str(lease.get("ipaddr")) for lease in net.DHCPLeases() or []}
+    free = [a for a in candidates if str(a) not in taken]
+    if not free:
+        raise HypervisorError(
+            f"network {net.name()} has no free address left for another sandbox",
+            "destroy a sandbox, or choose a larger network.subnet in the config file",
+        )
+    address = str(pick(free))
+    release_address(net, mac)
+    # No name: dnsmasq would answer it in DNS, to every sandbox on the network.
+    host = ET.Element("host", mac=mac.lower(), ip=address)
+    _update_network(
+        net,
+        libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
+        libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
+        ET.tostring(host, encoding="unicode"),
+        f"keep {address} for {mac}",
+    )
+    return address
+
+
+def release_address(net: libvirt.virNetwork, mac: str) -> bool:
+    """Remove the static DHCP entry of `mac`; False if there was none."""
+    root = ET.fromstring(net.XMLDesc(0))
+    for ip_el in root.findall("ip"):
+        for host in ip_el.findall("dhcp/host"):
+            if (host.get("mac") or "").lower() == mac.lower():
+                _update_network(
+                    net,
+                    libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE,
+                    libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
+                    ET.tostring(host, encoding="unicode"),
+                    f"release the address of {mac}",
+                )
+                return True
+    return False
+
+
+def dns_hosts_in_use(conn: libvirt.virConnect, network: str) -> set[tuple[str, str]]:
+    """The (name, address) pairs that the running sandboxes on `network` asked the resolver for
+    (from their domains' metadata)."""
+    used: set[tuple[str, str]] = set()
+    for dom in conn.listAllDomains(0):
+        with contextlib.suppress(libvirt.libvirtError, ET.ParseError):
+            root = ET.fromstring(dom.XMLDesc(0))
+            if not any(
+                src.get("network") == network for src in root.findall("devices/interface/source")
+            ):
+                continue
+            meta = ET.fromstring(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0))
+            for entry in meta.iter(f"{{{METADATA_NS}}}dns"):
+                used.add((entry.get("host", ""), entry.get("ip", "")))
+    return used
+
+
+def remove_dns_hosts(net: libvirt.virNetwork, pairs: set[tuple[str, str]]) -> list[str]:
+    """Stop the resolver answering these (name, address) pairs; an address's other names stay.
+    Returns the names removed. Call under the global lock."""
+    removed: list[str] = []
+    root = ET.fromstring(net.XMLDesc(0))
+    for host in root.findall("dns/host"):
+        address = host.get("ip", "")
+        names = [h.text or "" for h in host.findall("hostname")]
+        gone = [n for n in names if (n, address) in pairs]
+        if not gone:
+            continue
+        _update_network(
+            net,
+            libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE,
+            libvirt.VIR_NETWORK_SECTION_DNS_HOST,
+            ET.tostring(host, encoding="unicode"),
+            f"remove DNS names for {address}",
+        )
+        kept = [n for n in names if n not in gone]
+        if kept:
+            replacement = ET.Element("host", ip=address)
+            for hostname in kept:
+                ET.SubElement(replacement, "hostname").text = hostname
+            _update_network(
+                net,
+                libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
+                libvirt.VIR_NETWORK_SECTION_DNS_HOST,
+                ET.tostring(replacement, encoding="unicode"),
+                f"keep DNS names for {address}",
+            )
+        removed += [f"{n} ({address})" for n in gone]
+    return removed
+
+
+def lookup_network(conn: libvirt.virConnect, network: str) -> libvirt.virNetwork | None:
+    try:
+        return conn.networkLookupByName(network)
+    except libvirt.libvirtError as exc:
+        if _code(exc) == libvirt.VIR_ERR_NO_NETWORK:
+            return None
+        raise HypervisorError(f"cannot look up network {network}: {exc}") from None
+
+
+def network_bridge(conn: libvirt.virConnect, network: str) -> str | None:
+    """The bridge device of a network, or None when the network (or its bridge) is gone."""
+    try:
+        return str(conn.networkLookupByName(network).bridgeName()) or None
+    except libvirt.libvirtError:
+        return None
 
 
 def network_users(conn: libvirt.virConnect, network: str) -> list[str]:

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
+import ipaddress
 import os
 import secrets
 import shlex
@@ -20,12 +21,19 @@ from typing import TYPE_CHECKING, Protocol
 
 import libvirt
 
-from . import dnslog, firewall, hostfilter, logview, monitor, paths, pcap, xdebug
+from . import dnslog, firewall, hostfilter, hostguard, logview, monitor, paths, pcap, xdebug
 from . import hypervisor as hv
 from . import run as runs
 from .config import Settings
 from .domain import DomainSpec, NetworkSpec, PoolSpec, render_domain
-from .errors import ConflictError, GuestError, NotFoundError, SandboxError, UsageError
+from .errors import (
+    ConflictError,
+    GuestError,
+    HypervisorError,
+    NotFoundError,
+    SandboxError,
+    UsageError,
+)
 from .images import KERNEL_CMDLINE, Image, default_image_name, load_image
 from .policy import Blocked, EgressPolicy, build_policy, load_policy_file
 from .records import Attempt, DnsQuery
@@ -254,7 +262,21 @@ def _up_locked(
             with report.step(f"starting network {net_spec.name}"):
                 net = hv.ensure_network(conn, net_spec)
                 hv.set_dns_hosts(net, policy.names)
-            rollback.callback(_remove_network, ctx, conn)
+            rollback.callback(_remove_network, ctx, conn, net_spec.name)
+            dns_pairs = _dns_pairs(policy)
+            rollback.callback(_release_network_entries, conn, net_spec.name, state.mac, dns_pairs)
+            first, last = net_spec.dhcp_range
+            address = hv.reserve_address(
+                net,
+                state.mac,
+                [ipaddress.IPv4Address(a) for a in range(int(first), int(last) + 1)],
+                secrets.choice,
+            )
+            state = dataclasses.replace(state, ip=address)
+            store.save(state)
+            if guards_host(settings.connect):
+                with report.step("closing the host's own services to the guests (nftables)"):
+                    hostguard.apply(str(net.bridgeName()))
             with report.step("defining the host-side egress filter"):
                 hostfilter.define_filter(
                     conn,
@@ -281,6 +303,8 @@ def _up_locked(
                 image=img.name,
                 filterref=hostfilter.filter_name(name),
                 target_dev=target_dev(name),
+                ip=address,
+                dns_hosts=tuple(sorted(dns_pairs)),
             )
             with report.step(f"starting VM {dom_name} ({accel.value})"):
                 boot = Deadline(
@@ -302,8 +326,11 @@ def _up_locked(
         try:
             with report.step("waiting for the DHCP lease"):
                 ip = hv.wait_for_lease(dom, state.mac, boot)
-            state = dataclasses.replace(state, ip=ip)
-            store.save(state)
+            if ip != address:
+                raise HypervisorError(
+                    f"the guest was leased {ip}, not the address kept for it ({address})",
+                    f"another DHCP client holds {address}: destroy the sandbox and retry",
+                )
             with report.step(f"waiting for sshd on {ip}"):
                 wait_for_banner(ip, state.ssh_port, boot)
             with report.step("logging in with the pinned host key"):
@@ -420,9 +447,33 @@ def _remove_volumes(
         hv.delete_volume(pool, vol)
 
 
-def _remove_network(ctx: Context, conn: libvirt.virConnect) -> None:
+def _dns_pairs(policy: EgressPolicy) -> set[tuple[str, str]]:
+    return {(host, address) for host, addresses in policy.names for address in addresses}
+
+
+def _release_network_entries(
+    conn: libvirt.virConnect, network: str, mac: str, dns_pairs: set[tuple[str, str]]
+) -> list[str]:
+    """Give back what a sandbox added to the shared network: its DHCP address and the DNS names
+    no other sandbox on the network still uses. Call once its domain is gone."""
+    net = hv.lookup_network(conn, network)
+    if net is None:
+        return []
+    released = [f"address of {mac}"] if hv.release_address(net, mac) else []
+    stale = dns_pairs - hv.dns_hosts_in_use(conn, network)
+    return released + [f"DNS name {n}" for n in hv.remove_dns_hosts(net, stale)]
+
+
+def _remove_network(ctx: Context, conn: libvirt.virConnect, network: str) -> bool:
+    """Remove the sandbox network, and the host-side guard of its bridge, once no sandbox uses
+    it. Takes the global lock."""
     with ctx.store.global_lock():
-        hv.remove_network_if_unused(conn, ctx.settings.network.name)
+        bridge = hv.network_bridge(conn, network)
+        if not hv.remove_network_if_unused(conn, network):
+            return False
+        if bridge is not None and guards_host(str(conn.getURI())):
+            hostguard.remove(bridge)
+        return True
 
 
 # ---- destroy -------------------------------------------------------------------------------
@@ -470,6 +521,12 @@ def destroy(ctx: Context, name: str) -> DestroyReport:
                 removed.append(f"domain {dom_name}")
             if hostfilter.remove_filter(conn, name):
                 removed.append(f"filter {hostfilter.filter_name(name)}")
+            if state is not None:
+                policy = EgressPolicy.from_dict(state.policy)
+                with store.global_lock():
+                    removed += _release_network_entries(
+                        conn, network, state.mac, _dns_pairs(policy)
+                    )
             pool = _lookup_pool(conn, pool_name)
             if pool is not None:
                 vols = hv.SandboxVolumes.for_sandbox(name)
@@ -477,9 +534,8 @@ def destroy(ctx: Context, name: str) -> DestroyReport:
                 for vol in vols.all():
                     if hv.delete_volume(pool, vol):
                         removed.append(f"volume {vol}")
-            with store.global_lock():
-                if hv.remove_network_if_unused(conn, network):
-                    removed.append(f"network {network}")
+            if _remove_network(ctx, conn, network):
+                removed.append(f"network {network}")
         secrets_dir = store.dir(name)
         present = [f for f in (*paths.SECRET_FILES, paths.STATE_FILE) if (secrets_dir / f).exists()]
         store.remove_secrets(name)
@@ -751,6 +807,14 @@ def is_local(uri: str) -> bool:
     return not urlparse(uri).netloc
 
 
+def guards_host(uri: str) -> bool:
+    """Whether this process can guard the hypervisor host's own services (hostguard.py): a local
+    QEMU hypervisor, whose bridge is in this network namespace (the test:/// driver has none)."""
+    from urllib.parse import urlparse
+
+    return is_local(uri) and urlparse(uri).scheme.split("+")[0] == "qemu"
+
+
 def ssh_argv(ctx: Context, name: str, command: Sequence[str]) -> list[str]:
     """An OpenSSH command line that trusts only the pinned host key."""
     state = ready_state(ctx, name)
@@ -805,8 +869,14 @@ def policy_report(ctx: Context, name: str) -> PolicyReport:
     host_filter = ""
     with hv.connection(state.uri) as conn:
         host_filter = hostfilter.filter_xml(conn, name) or ""
+        bridge = hv.network_bridge(conn, state.network) if guards_host(state.uri) else None
     if not host_filter:
         problems.append(f"the host-side filter {hostfilter.filter_name(name)} is missing")
+    if bridge is not None and not hostguard.present(bridge):
+        problems.append(
+            f"the host-side input guard {hostguard.table_name(bridge)} is missing: guests can "
+            "open connections to the host's own services"
+        )
     return PolicyReport(name, policy, guest_rules, host_filter, tuple(problems))
 
 

@@ -12,6 +12,8 @@ packages=(
   tcpdump
   # the host side of the network: bridges, NAT, namespaces for the lab
   iproute2 iptables
+  # the host-side input guard of the sandbox network (hostguard.py)
+  nftables
   # the base image recipe, and its connect() capture (eBPF program and loader, images/capture/)
   mmdebstrap e2fsprogs clang libbpf-dev libelf-dev zlib1g-dev
   # libvirt-python builds from source against these

@@ -82,6 +82,12 @@ def leftovers(name: str, cli: Cli) -> list[str]:
             found += [v for v in pool.listVolumes() if v.startswith(f"sandbox-{name}")]
     finally:
         conn.close()
+    if not any(f.startswith("net:") for f in found):
+        # With the network gone, its bridge's input guard (hostguard.py) must be gone too.
+        tables = subprocess.run(
+            in_lab(cli.lab, ["nft", "list", "tables"]), capture_output=True, text=True, check=True
+        ).stdout
+        found += [f"nft:{t}" for t in tables.split() if t.startswith("sandbox_guard_")]
     sdir = cli.sandbox_dir(name)
     found += [f for f in (*paths.SECRET_FILES, paths.STATE_FILE) if (sdir / f).exists()]
     return found

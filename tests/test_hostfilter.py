@@ -128,6 +128,8 @@ def test_only_ebtables_level_rules(p: EgressPolicy) -> None:
     assert [f.get("filter") for f in root.findall("filterref")] == [
         "no-mac-spoofing",
         "no-arp-mac-spoofing",
+        "no-ip-spoofing",
+        "no-arp-ip-spoofing",
     ]
     tags = {child.tag for rule in root.findall("rule") for child in rule}
     assert tags <= EBTABLES_LEVEL, tags - EBTABLES_LEVEL
@@ -277,10 +279,15 @@ def test_interface_with_filter_keeps_the_device_and_replaces_the_filter() -> Non
         <source network='other'/></interface>
       <interface type='network'><mac address='52:54:00:AA:BB:CC'/>
         <source network='sandbox' bridge='virbr-sandbox'/><target dev='vnet3'/>
-        <model type='virtio'/><filterref filter='old'/><alias name='net1'/></interface>
+        <model type='virtio'/><filterref filter='old'><parameter name='IP' value='10.0.0.5'/>
+        </filterref><alias name='net1'/></interface>
     </devices></domain>"""
     iface = ET.fromstring(hostfilter.interface_with_filter(domain, "52:54:00:aa:bb:cc", "new"))
     assert [f.get("filter") for f in iface.findall("filterref")] == ["new"]
+    # The pinned address goes with it: without it libvirt would learn one from the guest.
+    assert [(p.get("name"), p.get("value")) for p in iface.findall("filterref/parameter")] == [
+        ("IP", "10.0.0.5")
+    ]
     assert iface.find("target").get("dev") == "vnet3"  # type: ignore[union-attr]
     assert iface.find("alias").get("name") == "net1"  # type: ignore[union-attr]
     bare = ET.fromstring(hostfilter.interface_with_filter(domain, "52:54:00:aa:bb:cc", None))

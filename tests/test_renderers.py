@@ -57,6 +57,9 @@ def domain_spec(accel: Accel) -> DomainSpec:
         console_log="/var/lib/libvirt/sandbox/sandbox-test-console.log",
         sandbox="test",
         image="default",
+        filterref="sandbox-test",
+        ip="192.168.213.77",
+        dns_hosts=(("api.example.org", "203.0.113.7"),),
     )
 
 

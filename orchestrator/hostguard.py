@@ -1,0 +1,122 @@
+"""The host's own side of the sandbox network: what a guest may open on the host itself.
+
+The host-side nwfilter (hostfilter.py) is stateless, ebtables-level: it lets the guest's replies
+to the management SSH session out by address and port (`tcp sport 22` to the gateway). Guest
+root can forge exactly that, SNAT its source port to 22, and reach every TCP service listening
+on the host's bridge address (or on 0.0.0.0). ebtables cannot tell a reply from a new
+connection; the host's own conntrack can, and it sees every packet addressed to the host at the
+IP layer whatever br_netfilter's sysctls say (the packet is delivered locally on the bridge
+device, not bridged). So one nftables table per sandbox network, on the input hook of its bridge:
+
+- replies to connections the host opened (its SSH sessions to the guests) pass;
+- the services a guest needs from the host pass: DHCP, DHCPv6, DNS (the network's dnsmasq),
+  ICMP and ICMPv6 (neighbour discovery, errors);
+- every other new connection from the guests to the host is rejected.
+
+A drop in any nftables base chain is final, so libvirt's own accepting chains (LIBVIRT_INP)
+cannot reopen it. The table lives as long as the network: created with it, removed with it.
+It needs the host's nft (package nftables) and CAP_NET_ADMIN where libvirtd's network runs, so it
+is applied only when the hypervisor is local.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+from .errors import SandboxError
+
+NFT_TIMEOUT = 10.0
+
+
+class GuardError(SandboxError):
+    """The host-side input guard of the sandbox network could not be set or checked."""
+
+
+def table_name(bridge: str) -> str:
+    """The table of a bridge. nft identifiers allow letters, digits and underscores; bridge names
+    are at most 15 characters, from the config."""
+    return "sandbox_guard_" + "".join(c if c.isalnum() else "_" for c in bridge)
+
+
+def render_ruleset(bridge: str) -> str:
+    """The nft script that creates (or replaces, atomically) the guard of `bridge`. Pure."""
+    table = table_name(bridge)
+    quoted = json.dumps(bridge)  # nft strings are double-quoted like JSON's
+    lines = [
+        # Declared, flushed and filled in one transaction: a re-run replaces it atomically.
+        f"table inet {table} {{}}",
+        f"flush table inet {table}",
+        f"table inet {table} {{",
+        "\tchain input {",
+        # Before the filter priority, so that it runs ahead of the host's own accepting rules.
+        "\t\ttype filter hook input priority filter - 10; policy accept;",
+        f"\t\tiifname != {quoted} accept",
+        '\t\tct state established,related accept comment "the host\'s own SSH sessions"',
+        "\t\tct state invalid drop",
+        '\t\tudp dport { 53, 67 } accept comment "dns, dhcp"',
+        '\t\ttcp dport 53 accept comment "dns"',
+        '\t\tudp dport 547 accept comment "dhcpv6"',
+        '\t\tmeta l4proto { icmp, ipv6-icmp } accept comment "icmp, neighbour discovery"',
+        '\t\tcounter reject with icmpx admin-prohibited comment "anything else a guest opens"',
+        "\t}",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _nft() -> str:
+    nft = shutil.which("nft")
+    if nft is None:
+        raise GuardError(
+            "nft is not installed: the host cannot keep guests away from its own services",
+            "install the nftables package (scripts/install.sh does)",
+        )
+    return nft
+
+
+def _run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            [_nft(), *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=NFT_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        raise GuardError(
+            f"nft {' '.join(args)} did not finish within {NFT_TIMEOUT:.0f} s",
+            "check the host's nftables (`nft list ruleset`)",
+        ) from None
+
+
+def apply(bridge: str) -> None:
+    """Create or replace the guard of `bridge` (atomically)."""
+    proc = _run(["-f", "-"], render_ruleset(bridge))
+    if proc.returncode != 0:
+        raise GuardError(
+            f"cannot load the host-side input guard for bridge {bridge}: {proc.stderr.strip()}",
+            "run as root on the hypervisor host, with the nftables package installed",
+        )
+
+
+def present(bridge: str) -> bool:
+    """Whether the guard table of `bridge` is loaded, with its final reject in place."""
+    proc = _run(["list", "table", "inet", table_name(bridge)])
+    return proc.returncode == 0 and "reject" in proc.stdout and f'"{bridge}"' in proc.stdout
+
+
+def remove(bridge: str) -> bool:
+    """Delete the guard of `bridge`; False if there was none."""
+    table = table_name(bridge)
+    if _run(["list", "table", "inet", table]).returncode != 0:
+        return False
+    proc = _run(["delete", "table", "inet", table])
+    if proc.returncode != 0:
+        raise GuardError(
+            f"cannot remove the host-side input guard {table}: {proc.stderr.strip()}",
+            f"remove it by hand: nft delete table inet {table}",
+        )
+    return True
