@@ -25,6 +25,7 @@ from . import run as runs
 from .config import load_settings, parse_accel
 from .errors import SandboxError, UsageError
 from .policy import Blocked
+from .records import iso_time
 from .state import Phase
 
 app = typer.Typer(
@@ -424,6 +425,10 @@ def logs(
         str | None, typer.Option("--run", help="Only this run's attempts (a run id, or last).")
     ] = None,
     dns: Annotated[bool, typer.Option("--dns", help="The resolver's queries instead.")] = False,
+    host: Annotated[
+        bool,
+        typer.Option("--host", help="The flows the host saw the guest start (its own record)."),
+    ] = False,
     sockets: Annotated[
         bool, typer.Option("--sockets", help="The guest's current sockets (like lsof -i -nP).")
     ] = False,
@@ -456,8 +461,12 @@ def logs(
     )
     seen: set[str] = set()
     while True:
+        collected_at = time.time()
         if state is not None and state.phase is Phase.READY:
             lifecycle.collect_quietly(ctx, name, _warn)
+        if host and not follow:
+            _print_host_flows(lifecycle.host_flows(ctx, name, before=collected_at), as_json)
+            return
         if dns:
             records: list[Any] = logview.apply_dns(chosen, logview.read_dns(directory))
         else:
@@ -471,9 +480,34 @@ def logs(
         if not follow:
             for loss in lifecycle.recorded_losses(ctx, name):
                 err.print(f"[yellow]warning:[/] records were lost: {escape(loss)}")
+            for missing in lifecycle.host_flows(ctx, name, before=collected_at).unrecorded:
+                err.print(
+                    f"[yellow]warning:[/] the host saw flows the guest's record lacks "
+                    f"(the guest may have blinded its capture): {escape(missing.describe())}; "
+                    f"see `sandbox logs --name {name} --host`",
+                    soft_wrap=True,
+                )
             return
         time.sleep(1.0)
         state = ctx.store.load(name)
+
+
+def _print_host_flows(report: lifecycle.HostFlowReport, as_json: bool) -> None:
+    if as_json:
+        for flow in report.flows:
+            out.print(json.dumps(flow.to_dict()), soft_wrap=True, markup=False, highlight=False)
+        return
+    table = Table("time", "proto", "from", "destination", box=None, header_style="bold")
+    for flow in report.flows:
+        table.add_row(
+            iso_time(flow.time),
+            flow.proto,
+            logview.destination(flow.src, flow.sport),
+            logview.destination(flow.dst, flow.dport),
+        )
+    out.print(table)
+    for missing in report.unrecorded:
+        err.print(f"[yellow]not in the guest's record:[/] {escape(missing.describe())}")
 
 
 @policy_app.command("show")

@@ -21,7 +21,18 @@ from typing import TYPE_CHECKING, Protocol
 
 import libvirt
 
-from . import dnslog, firewall, hostfilter, hostguard, logview, monitor, paths, pcap, xdebug
+from . import (
+    dnslog,
+    firewall,
+    hostfilter,
+    hostflows,
+    hostguard,
+    logview,
+    monitor,
+    paths,
+    pcap,
+    xdebug,
+)
 from . import hypervisor as hv
 from . import run as runs
 from .config import Settings
@@ -314,6 +325,12 @@ def _up_locked(
                 )
                 dom = hv.start_domain(conn, render_domain(spec))
             rollback.callback(hv.destroy_domain, conn, dom_name)
+            if guards_host(settings.connect):
+                with report.step(f"recording the guest's flows on {spec.target_dev} (host side)"):
+                    flows_pid = hostflows.start(str(spec.target_dev), logs_dir(ctx, name))
+                rollback.callback(pcap.stop_pcap, flows_pid)
+                state = dataclasses.replace(state, flows_pid=flows_pid)
+                store.save(state)
             if capture:
                 with report.step(f"capturing packets on {spec.target_dev}"):
                     logs = store.dir(name) / paths.LOGS_DIR
@@ -515,6 +532,8 @@ def destroy(ctx: Context, name: str) -> DestroyReport:
                 warnings.append(f"could not collect the last connection records: {exc.message}")
         if state is not None and state.pcap_pid:
             pcap.stop_pcap(state.pcap_pid)
+        if state is not None and state.flows_pid:
+            pcap.stop_pcap(state.flows_pid)
         with hv.connection(uri) as conn:
             dom_name = hv.domain_name(name)
             if hv.destroy_domain(conn, dom_name):
@@ -982,3 +1001,24 @@ def recorded_losses(ctx: Context, name: str) -> list[str]:
     if not cursor_path.exists():
         return []
     return list(monitor.Cursor.from_json(cursor_path.read_text()).losses)
+
+
+@dataclass(frozen=True)
+class HostFlowReport:
+    flows: tuple[hostflows.Flow, ...]
+    unrecorded: tuple[hostflows.Unrecorded, ...]
+
+
+def host_flows(ctx: Context, name: str, *, before: float | None = None) -> HostFlowReport:
+    """The host's own record of the flows the guest started, and the destinations it saw more
+    flows to than the guest's record holds. Only flows before `before` (an epoch time: when the
+    last collection started) are compared, since later ones cannot be in the guest's record yet."""
+    directory = logs_dir(ctx, name)
+    if not hostflows.capture_files(directory):
+        return HostFlowReport((), ())
+    flows = hostflows.read_flows(directory)
+    compared = [f for f in flows if before is None or f.time < before]
+    net = ctx.network_spec()
+    resolver = [str(net.gateway), *([str(net.gateway6)] if net.gateway6 else [])]
+    missing = hostflows.unrecorded(compared, logview.read_attempts(directory), resolver=resolver)
+    return HostFlowReport(tuple(flows), tuple(missing))

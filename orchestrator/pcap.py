@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import SandboxError
@@ -48,20 +49,36 @@ def start_pcap(interface: str, path: str | Path, *, timeout: float = 10.0) -> in
     domain's bridge, with path = <state>/<name>/logs/<paths.PCAP_FILE>; keep the pid in the
     sandbox's state. Returns only once tcpdump said it is listening and the file exists.
     """
+    capture = Path(path)
+    # -U writes each packet as it is dumped; --immediate-mode makes libpcap hand it over at
+    # once: without it the packets still in the kernel ring at SIGTERM are lost (measured:
+    # a capture stopped right after an `exec` held 23 of 52 packets, none of the exec's).
+    args = ["-i", interface, "-w", str(capture), "-U", "--immediate-mode", "-n"]
+    return start_tcpdump(interface, args, capture, timeout=timeout, hint="drop --pcap")
+
+
+def start_tcpdump(
+    interface: str,
+    args: Sequence[str],
+    first_file: Path,
+    *,
+    timeout: float = 10.0,
+    hint: str = "",
+) -> int:
+    """Start `tcpdump ARGS` detached (its own session, it outlives this process); return its pid
+    once it said it is listening and `first_file` exists. Its messages go to a file beside
+    `first_file`, kept for a failure."""
     tcpdump = shutil.which("tcpdump")
     if tcpdump is None:
         raise CaptureError(
-            "tcpdump is not installed", "install it (scripts/install.sh) or drop --pcap"
+            "tcpdump is not installed",
+            "install it (scripts/install.sh)" + (f" or {hint}" if hint else ""),
         )
-    capture = Path(path)
-    capture.parent.mkdir(parents=True, exist_ok=True)
-    errors_file = capture.with_name(capture.name + STDERR_SUFFIX)
+    first_file.parent.mkdir(parents=True, exist_ok=True)
+    errors_file = first_file.with_name(first_file.name + STDERR_SUFFIX)
     with errors_file.open("wb") as stderr:
-        # -U writes each packet as it is dumped; --immediate-mode makes libpcap hand it over at
-        # once: without it the packets still in the kernel ring at SIGTERM are lost (measured:
-        # a capture stopped right after an `exec` held 23 of 52 packets, none of the exec's).
         proc = subprocess.Popen(
-            [tcpdump, "-i", interface, "-w", str(capture), "-U", "--immediate-mode", "-n"],
+            [tcpdump, *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
@@ -77,12 +94,12 @@ def start_pcap(interface: str, path: str | Path, *, timeout: float = 10.0) -> in
                 "(ip link show)",
             )
         listening = "listening on" in errors_file.read_text(errors="replace")
-        return True if listening and capture.exists() else None
+        return True if listening and first_file.exists() else None
 
     deadline = Deadline(
         timeout,
         f"tcpdump to listen on {interface}",
-        "the host may be overloaded; start the sandbox without --pcap",
+        "the host may be overloaded" + (f"; {hint}" if hint else ""),
     )
     try:
         wait_for(started, deadline, interval=0.05, max_interval=0.5)

@@ -66,6 +66,8 @@ class SandboxState:
     boot_seconds: float | None = None
     # tcpdump on the host side of the guest's interface (`up --pcap`), stopped by destroy.
     pcap_pid: int | None = None
+    # tcpdump keeping the host-side flow record (hostflows.py).
+    flows_pid: int | None = None
     # The xdebug mode `sandbox run` uses unless told otherwise (xdebug.XdebugMode value).
     xdebug: str = "trace"
 

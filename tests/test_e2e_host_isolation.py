@@ -7,6 +7,8 @@
 - No spoofing: root in the guest takes another address of the sandbox network. What it sends
   from that address must not reach the host (the DNS log would blame another sandbox), and its
   ARP answers for it must not be believed (it would steal another sandbox's management session).
+- Root in the guest blinds its own capture: the host's flow record (hostflows.py) still holds
+  every flow it starts, and `sandbox logs` names what the guest's record lacks.
 - Destroy gives back the DHCP address and the guard goes with the network (e2e_support.leftovers).
 """
 
@@ -111,6 +113,9 @@ def test_guest_root_reaches_no_host_service_and_forges_no_address(cli: Cli, lab:
     ).stdout
     assert hostguard.table_name(bridge) in tables
 
+    # Recorded on both sides while the guest's records are intact.
+    assert php(cli, CONNECT_PHP, ALLOWED, "80")["reply"].startswith("sandbox-lab inet")
+
     # Root in the guest: no firewall of its own, and the management reply's source port forged.
     as_root(
         cli,
@@ -166,8 +171,28 @@ def test_guest_root_reaches_no_host_service_and_forges_no_address(cli: Cli, lab:
     print("neighbour entry for the forged address:", neigh.strip() or "(none)")
     assert mac.lower() not in neigh.lower(), f"the host believed the guest owns {forged}"
 
+    # Root in the guest blinds its own capture too: what it then starts is only in the host's
+    # record, and `logs` says which destinations the guest's record lacks.
+    as_root(cli, "sbx-capture unload")
+    assert php(cli, CONNECT_PHP, ALLOWED, "80")["reply"].startswith("sandbox-lab inet")
+    assert php(cli, CONNECT_PHP, "198.51.100.9", "443")["reply"] == ""
+    shown = cli.ok("logs", "--name", NAME)
+    print(shown.stderr)
+    assert "tcp 198.51.100.9:443: 1 on the host, 0 in the guest's record" in shown.stderr
+    assert "tcp 203.0.113.7:80: 2 on the host, 1 in the guest's record" in shown.stderr
+
     cli.ok("destroy", "--name", NAME)
     assert leftovers(NAME, cli) == []
+    # The host's record stays with the logs, and holds every flow the guest started.
+    host = [
+        json.loads(line)
+        for line in cli.ok("logs", "--name", NAME, "--host", "--json").stdout.splitlines()
+    ]
+    dests = [(f["proto"], f["src"], f["dst"], f["dport"]) for f in host]
+    assert dests.count(("tcp", guest_ip, ALLOWED, 80)) == 2
+    assert ("tcp", guest_ip, "198.51.100.9", 443) in dests
+    assert ("tcp", guest_ip, str(gateway), PORT) in dests  # the forged-port attempt, refused
+    assert ("udp", forged, str(gateway), 53) in dests  # the forged query, dropped on the host
     conn = libvirt.open("qemu:///system")
     try:
         for net in conn.listAllNetworks(0):
