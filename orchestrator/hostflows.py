@@ -7,8 +7,8 @@ by `up` for the sandbox's life, keeps the first packet of every flow the guest s
 UDP datagrams, ICMP echo requests, any other IP protocol), whether the host-side filter then
 lets it through or drops it: a packet socket sees a frame when the tap device receives it,
 before the bridge and its ebtables rules. Only the headers are kept (snaplen), in a size-bounded
-ring of files (`SNAPLEN`). Reading goes through tcpdump too (`-r`, numeric, one line per packet): nothing
-here dissects packets by hand.
+ring of files (`SNAPLEN`). Reading goes through tcpdump too (`-r`, numeric, one line per
+packet): nothing here dissects packets by hand.
 """
 
 from __future__ import annotations

@@ -120,7 +120,10 @@ def veth() -> Iterator[tuple[str, str]]:
     for ns in (host, guest):
         subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
-        run = lambda ns, *a: subprocess.run(["ip", "netns", "exec", ns, *a], check=True)  # noqa: E731
+
+        def run(ns: str, *argv: str) -> None:
+            subprocess.run(["ip", "netns", "exec", ns, *argv], check=True)
+
         run(host, "ip", "link", "add", "hf-tap", "type", "veth", "peer", "name", "hf-guest")
         run(host, "ip", "link", "set", "hf-guest", "netns", guest)
         run(host, "ip", "addr", "add", "10.214.0.1/24", "dev", "hf-tap")
