@@ -64,6 +64,8 @@ class DomainSpec:
     # The IPv4 address the network's DHCP server keeps for this MAC: the filter's $IP, so the
     # guest can send from (and claim in ARP) that address only.
     ip: str | None = None
+    # Its IPv6 addresses (the DHCPv6 one kept for its DUID, its link-local): the filter's $IPV6.
+    ip6: tuple[str, ...] = ()
     # (name, address) pairs this sandbox added to the network's resolver, kept in the domain's
     # metadata so that `destroy` of another sandbox knows which entries are still in use.
     dns_hosts: tuple[tuple[str, str], ...] = ()
@@ -144,6 +146,8 @@ def render_domain(spec: DomainSpec) -> str:
         ref = _sub(iface, "filterref", filter=spec.filterref)
         if spec.ip:
             _sub(ref, "parameter", name="IP", value=spec.ip)
+        for address in spec.ip6:
+            _sub(ref, "parameter", name="IPV6", value=address)
 
     serial = _sub(devices, "serial", type="file")
     _sub(serial, "source", path=spec.console_log, append="off")

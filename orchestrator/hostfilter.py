@@ -40,6 +40,10 @@ NO_ARP_MAC_SPOOFING = "no-arp-mac-spoofing"
 NO_IP_SPOOFING = "no-ip-spoofing"
 NO_ARP_IP_SPOOFING = "no-arp-ip-spoofing"
 ANTI_SPOOFING = (NO_MAC_SPOOFING, NO_ARP_MAC_SPOOFING, NO_IP_SPOOFING, NO_ARP_IP_SPOOFING)
+# libvirt ships no IPv6 counterpart: ours, shared by every sandbox, takes $IPV6 (the guest's
+# DHCPv6 address and its EUI-64 link-local address, as filterref parameters).
+NO_IPV6_SPOOFING = "sandbox-no-ipv6-spoofing"
+UNSPECIFIED6 = ipaddress.IPv6Address("::")  # the source of duplicate address detection
 
 BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 LINK_LOCAL6 = ipaddress.IPv6Network("fe80::/10")
@@ -216,7 +220,7 @@ def render_filter(
     root = ET.Element("filter", name=filter_name(name), chain="root")
     if uuid is not None:
         ET.SubElement(root, "uuid").text = uuid
-    for ref in ANTI_SPOOFING:
+    for ref in ANTI_SPOOFING + ((NO_IPV6_SPOOFING,) if gateway6 is not None else ()):
         ET.SubElement(root, "filterref", filter=ref)
     for rule in filter_rules(policy, gateway=gateway, gateway6=gateway6):
         el = ET.SubElement(
@@ -232,6 +236,27 @@ def render_filter(
         ET.SubElement(el, rule.element, attrs)
     ET.indent(root, space="  ")
     return ET.tostring(root, encoding="unicode") + "\n"
+
+
+def render_ipv6_spoofing_filter() -> str:
+    """The shared filter that lets a guest send IPv6 only from its own addresses ($IPV6, one rule
+    per value) or from :: (duplicate address detection), like no-ip-spoofing does for IPv4."""
+    root = ET.Element("filter", name=NO_IPV6_SPOOFING, chain="ipv6-ip", priority="-710")
+    allowed = ET.SubElement(root, "rule", action="return", direction="out", priority="500")
+    ET.SubElement(allowed, "ipv6", srcipaddr="$IPV6")
+    dad = ET.SubElement(root, "rule", action="return", direction="out", priority="510")
+    ET.SubElement(dad, "ipv6", srcipaddr=str(UNSPECIFIED6))
+    ET.SubElement(root, "rule", action="drop", direction="out", priority="1000")
+    ET.indent(root, space="  ")
+    return ET.tostring(root, encoding="unicode") + "\n"
+
+
+def link_local(mac: str) -> ipaddress.IPv6Address:
+    """The EUI-64 link-local address of a MAC (the guest's networkd is told to use it). Pure."""
+    octets = bytearray(int(part, 16) for part in mac.split(":"))
+    octets[0] ^= 0x02
+    eui = bytes(octets[:3]) + b"\xff\xfe" + bytes(octets[3:])
+    return ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + eui)
 
 
 # ---- libvirt edge --------------------------------------------------------------------------
@@ -288,6 +313,13 @@ def define_filter(conn: libvirt.virConnect, xml: str) -> None:
             "check that the nwfilter driver and ebtables are installed on the hypervisor host "
             "(libvirt-daemon-driver-nwfilter, iptables); run with --debug for the filter XML",
         ) from None
+
+
+def ensure_shared_filters(conn: libvirt.virConnect) -> None:
+    """Define the filters every sandbox's filter refers to, once: re-defining one that running
+    guests use would make libvirt rebuild all their rules."""
+    if _lookup(conn, NO_IPV6_SPOOFING) is None:
+        define_filter(conn, render_ipv6_spoofing_filter())
 
 
 def remove_filter(conn: libvirt.virConnect, sandbox: str) -> bool:

@@ -449,21 +449,49 @@ def reserve_address(
     return address
 
 
+def duid_ll(mac: str) -> str:
+    """The DHCPv6 client id (DUID-LL: type 3, hardware type 1, the MAC) of a guest whose networkd
+    uses DUIDType=link-layer, as the image configures it. Pure."""
+    return "00:03:00:01:" + mac.lower()
+
+
+def reserve_address6(net: libvirt.virNetwork, mac: str, address: ipaddress.IPv6Address) -> None:
+    """Keep `address` for the guest with `mac` in the network's DHCPv6 server (by its DUID-LL).
+    Call under the global lock, after reserve_address."""
+    ips = ET.fromstring(net.XMLDesc(0)).findall("ip")
+    index = next((i for i, ip in enumerate(ips) if ip.get("family") == "ipv6"), None)
+    if index is None:
+        raise HypervisorError(
+            f"network {net.name()} has no IPv6 subnet",
+            "destroy the sandboxes so the network is recreated from the config",
+        )
+    host = ET.Element("host", id=duid_ll(mac), ip=str(address))
+    _update_network(
+        net,
+        libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
+        libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
+        ET.tostring(host, encoding="unicode"),
+        f"keep {address} for {mac}",
+        parent=index,
+    )
+
+
 def release_address(net: libvirt.virNetwork, mac: str) -> bool:
-    """Remove the static DHCP entry of `mac`; False if there was none."""
-    root = ET.fromstring(net.XMLDesc(0))
-    for ip_el in root.findall("ip"):
+    """Remove the static DHCP and DHCPv6 entries of `mac`; False if there was none."""
+    released = False
+    for index, ip_el in enumerate(ET.fromstring(net.XMLDesc(0)).findall("ip")):
         for host in ip_el.findall("dhcp/host"):
-            if (host.get("mac") or "").lower() == mac.lower():
+            if (host.get("mac") or "").lower() == mac.lower() or host.get("id") == duid_ll(mac):
                 _update_network(
                     net,
                     libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE,
                     libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
                     ET.tostring(host, encoding="unicode"),
                     f"release the address of {mac}",
+                    parent=index,
                 )
-                return True
-    return False
+                released = True
+    return released
 
 
 def dns_hosts_in_use(conn: libvirt.virConnect, network: str) -> set[tuple[str, str]]:

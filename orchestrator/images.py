@@ -20,7 +20,9 @@ What the guest relies on (see images/rootfs/ and customize.sh):
   seed's ssh_authorized_keys go to root only.
 - sshd has no host key until cloud-init writes the seed's ed25519 key (ssh.service is ordered
   after cloud-init.service): booting without a seed gives no sshd.
-- systemd-networkd does DHCPv4 (client id = MAC) on en*/eth*; no IPv6 addresses are configured.
+- systemd-networkd does DHCPv4 (client id = MAC) and, where the sandbox network offers it, RA +
+  DHCPv6 (DUID-LL from the MAC, EUI-64 link-local) on en*/eth*: the network keeps an address for
+  each MAC and DUID, and the host-side filter lets the guest send from those only.
 - sandbox-capture.service attaches the connection capture at boot, after the boot firewall and
   before the network (images/capture/, built on the host with clang and cc before mmdebstrap
   runs): `sbx-capture check|drain|load|unload` in the guest.

@@ -285,10 +285,16 @@ def _up_locked(
             )
             state = dataclasses.replace(state, ip=address)
             store.save(state)
+            ip6: tuple[str, ...] = ()
+            if net_spec.subnet6 is not None:
+                address6 = guest_address6(net_spec, ipaddress.IPv4Address(address))
+                hv.reserve_address6(net, state.mac, address6)
+                ip6 = (str(address6), str(hostfilter.link_local(state.mac)))
             if guards_host(settings.connect):
                 with report.step("closing the host's own services to the guests (nftables)"):
                     hostguard.apply(str(net.bridgeName()))
             with report.step("defining the host-side egress filter"):
+                hostfilter.ensure_shared_filters(conn)
                 hostfilter.define_filter(
                     conn,
                     hostfilter.render_filter(
@@ -315,6 +321,7 @@ def _up_locked(
                 filterref=hostfilter.filter_name(name),
                 target_dev=target_dev(name),
                 ip=address,
+                ip6=ip6,
                 dns_hosts=tuple(sorted(dns_pairs)),
             )
             with report.step(f"starting VM {dom_name} ({accel.value})"):
@@ -462,6 +469,13 @@ def _remove_volumes(
     _save_console(store, name, hv.console_text(conn, pool, vols.console))
     for vol in vols.all():
         hv.delete_volume(pool, vol)
+
+
+def guest_address6(net: NetworkSpec, address: ipaddress.IPv4Address) -> ipaddress.IPv6Address:
+    """The DHCPv6 address kept for the guest with IPv4 `address`: the same host number, above
+    the network's dynamic DHCPv6 range. Pure."""
+    assert net.subnet6 is not None
+    return net.subnet6.network_address + 0x10000 + (int(address) - int(net.subnet.network_address))
 
 
 def _dns_pairs(policy: EgressPolicy) -> set[tuple[str, str]]:

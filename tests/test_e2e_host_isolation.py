@@ -25,9 +25,11 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from orchestrator import hostguard
-from orchestrator.domain import DNSMASQ_DIR
+from orchestrator import hostfilter, hostguard
+from orchestrator.domain import DNSMASQ_DIR, NetworkSpec
 from orchestrator.lab import Lab, in_lab
+from orchestrator.lifecycle import guest_address6
+from orchestrator.waits import Deadline, wait_for
 
 from .e2e_support import Cli, leftovers
 
@@ -35,6 +37,7 @@ pytestmark = [pytest.mark.vm, pytest.mark.root]
 
 NAME = "lguard"
 ALLOWED = "203.0.113.7"
+SERVER6 = "2001:db8:1::9"
 PORT = 8088
 
 LISTEN = """
@@ -89,7 +92,7 @@ def network(conn: libvirt.virConnect) -> tuple[ET.Element, str]:
 
 
 def test_guest_root_reaches_no_host_service_and_forges_no_address(cli: Cli, lab: Lab) -> None:
-    cli.ok("up", "--name", NAME, "--allow", ALLOWED)
+    cli.ok("up", "--name", NAME, "--allow", ALLOWED, "--allow", f"[{SERVER6}]:80")
     state = json.loads((cli.sandbox_dir(NAME) / "state.json").read_text())
     guest_ip, mac = state["ip"], state["mac"]
     conn = libvirt.open("qemu:///system")
@@ -98,16 +101,34 @@ def test_guest_root_reaches_no_host_service_and_forges_no_address(cli: Cli, lab:
         # The address the guest got is the one kept for its MAC, which the filter pins.
         kept = {(h.get("mac"), h.get("ip")) for h in net_xml.iter("host") if h.get("mac")}
         assert (mac, guest_ip) in kept
-        iface = ET.fromstring(conn.lookupByName(f"sandbox-{NAME}").XMLDesc(0)).find(
-            "devices/interface/filterref/parameter[@name='IP']"
+        ref = ET.fromstring(conn.lookupByName(f"sandbox-{NAME}").XMLDesc(0)).find(
+            "devices/interface/filterref"
         )
-        assert iface is not None and iface.get("value") == guest_ip
+        assert ref is not None
+        params = [(p.get("name"), p.get("value")) for p in ref.findall("parameter")]
     finally:
         conn.close()
-    ip_el = net_xml.find("ip")
-    assert ip_el is not None
+    ip_el, ip6_el = net_xml.find("ip"), net_xml.find("ip[@family='ipv6']")
+    assert ip_el is not None and ip6_el is not None
     gateway = ipaddress.IPv4Address(ip_el.get("address", ""))
     subnet = ipaddress.IPv4Network(f"{gateway}/{ip_el.get('netmask')}", strict=False)
+    gateway6 = ipaddress.IPv6Address(ip6_el.get("address", ""))
+    subnet6 = ipaddress.IPv6Network(f"{gateway6}/{ip6_el.get('prefix')}", strict=False)
+    spec = NetworkSpec("sandbox", "x", subnet, subnet6)
+    guest_ip6 = str(guest_address6(spec, ipaddress.IPv4Address(guest_ip)))
+    assert params == [
+        ("IP", guest_ip),
+        ("IPV6", guest_ip6),
+        ("IPV6", str(hostfilter.link_local(mac))),
+    ]
+    # The guest configures the IPv6 address kept for it (RA, DHCPv6 by DUID-LL through the
+    # filter) and reaches the allowed IPv6 server from it.
+    wait_for(
+        lambda: True if guest_ip6 in as_root(cli, "ip -6 addr show scope global") else None,
+        Deadline(120, f"the guest to configure {guest_ip6} by DHCPv6"),
+        interval=2,
+    )
+    assert php(cli, CONNECT_PHP, f"[{SERVER6}]", "80")["reply"].startswith("sandbox-lab inet")
     tables = subprocess.run(
         in_lab(lab, ["nft", "list", "tables"]), capture_output=True, text=True, check=True
     ).stdout
@@ -159,6 +180,17 @@ def test_guest_root_reaches_no_host_service_and_forges_no_address(cli: Cli, lab:
     logged = dns_log.read_text(errors="replace") if dns_log.exists() else ""
     assert f"own-{tag}.invalid" in logged
     assert f"forged-{tag}.invalid" not in logged, "a forged query reached the host's resolver"
+
+    # The same with IPv6: a query from the guest's own address is answered, one from a forged
+    # address of the network is dropped on the host.
+    forged6 = str(subnet6.network_address + 0x10000 + 250)
+    as_root(cli, f"ip -6 addr add {forged6}/{subnet6.prefixlen} dev {dev} nodad")
+    own6 = php(cli, DNS_FROM_PHP, f"[{gateway6}]", f"[{guest_ip6}]", f"own6-{tag}.invalid")
+    spoofed6 = php(cli, DNS_FROM_PHP, f"[{gateway6}]", f"[{forged6}]", f"forged6-{tag}.invalid")
+    print("dns over IPv6 from own address:", own6, "from", forged6, ":", spoofed6)
+    assert own6["answered"] and not spoofed6["answered"]
+    logged = dns_log.read_text(errors="replace")
+    assert f"own6-{tag}.invalid" in logged and f"forged6-{tag}.invalid" not in logged
 
     # The host asks who has the forged address: the guest's answer must not be believed.
     subprocess.run(in_lab(lab, ["ping", "-c", "2", "-W", "1", forged]), capture_output=True)

@@ -130,6 +130,7 @@ def test_only_ebtables_level_rules(p: EgressPolicy) -> None:
         "no-arp-mac-spoofing",
         "no-ip-spoofing",
         "no-arp-ip-spoofing",
+        "sandbox-no-ipv6-spoofing",  # the network has IPv6 (GW6)
     ]
     tags = {child.tag for rule in root.findall("rule") for child in rule}
     assert tags <= EBTABLES_LEVEL, tags - EBTABLES_LEVEL
@@ -265,6 +266,27 @@ def test_ipv6_entries_and_neighbour_discovery_on_link_only() -> None:
         )
         == "accept"
     )
+
+
+def test_ipv6_spoofing_filter_only_with_ipv6_on_the_network() -> None:
+    refs = [f.get("filter") for f in render(policy(), None).findall("filterref")]
+    assert hostfilter.NO_IPV6_SPOOFING not in refs and "no-ip-spoofing" in refs
+
+
+def test_ipv6_spoofing_filter_returns_own_addresses_and_drops_the_rest() -> None:
+    root = ET.fromstring(hostfilter.render_ipv6_spoofing_filter())
+    assert root.get("chain") == "ipv6-ip" and root.get("name") == hostfilter.NO_IPV6_SPOOFING
+    rules = [(r.get("action"), r.get("priority"), [dict(c.attrib) for c in r]) for r in root]
+    assert rules == [
+        ("return", "500", [{"srcipaddr": "$IPV6"}]),
+        ("return", "510", [{"srcipaddr": "::"}]),
+        ("drop", "1000", []),
+    ]
+
+
+def test_link_local_is_eui64() -> None:
+    assert str(hostfilter.link_local("52:54:00:12:34:56")) == "fe80::5054:ff:fe12:3456"
+    assert str(hostfilter.link_local("02:00:00:00:00:01")) == "fe80::ff:fe00:1"
 
 
 def test_uuid_only_when_given() -> None:

@@ -6,6 +6,7 @@ removes whatever a test added. The real boot is in test_e2e.py."""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from orchestrator import hostfilter, lifecycle, paths
 from orchestrator import hypervisor as hv
 from orchestrator.config import Settings
-from orchestrator.domain import Accel, VolumeSpec, render_domain, render_volume
+from orchestrator.domain import Accel, NetworkSpec, VolumeSpec, render_domain, render_volume
 from orchestrator.errors import ConflictError, NotFoundError, TimeoutExpired, UsageError
 from orchestrator.images import Image, ImageManifest
 from orchestrator.state import Phase, SandboxState
@@ -98,6 +99,7 @@ def test_driver_edges(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         return had
 
     monkeypatch.setattr(hostfilter, "remove_filter", remove_filter)
+    monkeypatch.setattr(hostfilter, "ensure_shared_filters", lambda conn: None)
 
 
 def leftovers(ctx: lifecycle.Context, name: str) -> list[str]:
@@ -291,3 +293,17 @@ def test_policy_from_config_file_and_flags(ctx: lifecycle.Context, tmp_path: Pat
     ]
     assert policy.dns is True  # the flag wins over the file
     assert policy.blocked.value == "drop"
+
+
+def test_guest_address6_mirrors_the_ipv4_host_number_above_the_dynamic_range() -> None:
+    net = NetworkSpec(
+        name="sandbox",
+        bridge="virbr-sandbox",
+        subnet=ipaddress.IPv4Network("192.168.213.0/24"),
+        subnet6=ipaddress.IPv6Network("2001:db8:213::/64"),
+    )
+    got = lifecycle.guest_address6(net, ipaddress.IPv4Address("192.168.213.77"))
+    assert str(got) == "2001:db8:213::1:4d"
+    # Outside the network's dynamic DHCPv6 range (base + 0x100 .. base + 0x1ff), inside its /64.
+    assert net.subnet6 is not None and got in net.subnet6
+    assert int(got) - int(net.subnet6.network_address) > 0x1FF

@@ -59,6 +59,7 @@ def domain_spec(accel: Accel) -> DomainSpec:
         image="default",
         filterref="sandbox-test",
         ip="192.168.213.77",
+        ip6=("2001:db8:213::1:4d", "fe80::5054:ff:fe12:3456"),
         dns_hosts=(("api.example.org", "203.0.113.7"),),
     )
 
