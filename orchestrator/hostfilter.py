@@ -18,6 +18,7 @@ everything else (1000) in both directions.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -42,7 +43,9 @@ NO_ARP_IP_SPOOFING = "no-arp-ip-spoofing"
 ANTI_SPOOFING = (NO_MAC_SPOOFING, NO_ARP_MAC_SPOOFING, NO_IP_SPOOFING, NO_ARP_IP_SPOOFING)
 # libvirt ships no IPv6 counterpart: ours, shared by every sandbox, takes $IPV6 (the guest's
 # DHCPv6 address and its EUI-64 link-local address, as filterref parameters).
-NO_IPV6_SPOOFING = "sandbox-no-ipv6-spoofing"
+# An underscore, which sandbox names never have: no sandbox's own filter can take this name.
+NO_IPV6_SPOOFING = "sandbox_no-ipv6-spoofing"
+SHARED_FILTERS = (NO_IPV6_SPOOFING,)
 UNSPECIFIED6 = ipaddress.IPv6Address("::")  # the source of duplicate address detection
 
 BROADCAST = ipaddress.IPv4Address("255.255.255.255")
@@ -320,6 +323,20 @@ def ensure_shared_filters(conn: libvirt.virConnect) -> None:
     guests use would make libvirt rebuild all their rules."""
     if _lookup(conn, NO_IPV6_SPOOFING) is None:
         define_filter(conn, render_ipv6_spoofing_filter())
+
+
+def remove_shared_filters(conn: libvirt.virConnect) -> list[str]:
+    """Undefine the shared filters once no guest uses them (with the sandbox network); one still
+    in use (a sandbox on another network) stays. Returns the names removed."""
+    removed = []
+    for name in SHARED_FILTERS:
+        nwfilter = _lookup(conn, name)
+        if nwfilter is None:
+            continue
+        with contextlib.suppress(libvirt.libvirtError):
+            nwfilter.undefine()
+            removed.append(name)
+    return removed
 
 
 def remove_filter(conn: libvirt.virConnect, sandbox: str) -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from orchestrator import paths
+from orchestrator import hostfilter, paths
 from orchestrator.images import Image, ImageRecipe, build_image
 from orchestrator.lab import Lab, in_lab
 
@@ -83,6 +83,16 @@ def leftovers(name: str, cli: Cli) -> list[str]:
     finally:
         conn.close()
     if not any(f.startswith("net:") for f in found):
+        # The filters every sandbox shares go with the network.
+        conn = libvirt.open("qemu:///system")
+        try:
+            found += [
+                f"nwfilter:{f.name()}"
+                for f in conn.listAllNWFilters(0)
+                if f.name() in hostfilter.SHARED_FILTERS
+            ]
+        finally:
+            conn.close()
         # With the network gone, its bridge's input guard (hostguard.py) must be gone too.
         tables = subprocess.run(
             in_lab(cli.lab, ["nft", "list", "tables"]), capture_output=True, text=True, check=True

@@ -130,7 +130,7 @@ def test_only_ebtables_level_rules(p: EgressPolicy) -> None:
         "no-arp-mac-spoofing",
         "no-ip-spoofing",
         "no-arp-ip-spoofing",
-        "sandbox-no-ipv6-spoofing",  # the network has IPv6 (GW6)
+        "sandbox_no-ipv6-spoofing",  # the network has IPv6 (GW6)
     ]
     tags = {child.tag for rule in root.findall("rule") for child in rule}
     assert tags <= EBTABLES_LEVEL, tags - EBTABLES_LEVEL
