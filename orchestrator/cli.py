@@ -22,7 +22,7 @@ from rich.table import Table
 
 from . import images, lifecycle, logview, paths, xdebug
 from . import run as runs
-from .config import load_settings, parse_accel
+from .config import MEMORY_MIB_RANGE, VCPUS_RANGE, check_range, load_settings, parse_accel
 from .errors import SandboxError, UsageError
 from .policy import Blocked
 from .records import iso_time
@@ -94,8 +94,10 @@ def _context(
     if accel:
         changes["accel"] = parse_accel(accel)
     if memory is not None:
+        check_range(memory, MEMORY_MIB_RANGE, "--memory (MiB)")
         changes["memory_mib"] = memory
     if vcpus is not None:
+        check_range(vcpus, VCPUS_RANGE, "--vcpus")
         changes["vcpus"] = vcpus
     settings = dataclasses.replace(settings, **changes)
     return lifecycle.Context(settings=settings, dirs=dirs, reporter=RichReporter(err))
@@ -254,8 +256,9 @@ def run(
     ] = 9003,
 ) -> None:
     """Run a PHP script (or, after --, any command) in the sandbox; its exit code is passed back."""
-    if timeout is not None and timeout <= 0:
+    if timeout is not None and not timeout > 0:  # also refuses nan
         raise UsageError(f"--timeout {timeout:g}", "give a number of seconds above 0")
+    check_range(debug_port, (1, 65535), "--debug-port")
     request = runs.RunRequest(
         argv=tuple(command),
         php=not ctx.meta.get("dashdash", False),
@@ -295,6 +298,8 @@ def run(
     summary = f"run {record.id}: exit {record.exit_code}"
     if outcome.collected is not None:
         summary += f", {outcome.collected.new_attempts} new connection record(s)"
+    if outcome.result.skipped:
+        summary += f", {len(outcome.result.skipped)} output file(s) refused (see the warnings)"
     err.print(
         f"[dim]{summary}; see `sandbox logs --name {name} --run {record.id}`[/]", soft_wrap=True
     )

@@ -45,6 +45,47 @@ class ImageSettings:
     sources: Path | None = None
 
 
+# One place for the ranges the config file and the command line share.
+MEMORY_MIB_RANGE = (128, 1 << 20)
+VCPUS_RANGE = (1, 64)
+BOOT_TIMEOUT_RANGE = (1.0, 86400.0)
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the host takes from a guest at most (everything from the guest is attacker input)."""
+
+    # One output file of a run (an xdebug trace, profile or coverage dump), as fetched.
+    output_file_mib: int = 128
+    # All output files of one run together.
+    run_outputs_mib: int = 512
+    # A compressed trace, once inflated.
+    decompressed_mib: int = 256
+
+    @property
+    def output_file(self) -> int:
+        return self.output_file_mib * MIB
+
+    @property
+    def run_outputs(self) -> int:
+        return self.run_outputs_mib * MIB
+
+    @property
+    def decompressed(self) -> int:
+        return self.decompressed_mib * MIB
+
+
+def check_range(value: float, bounds: tuple[float, float], what: str, hint: str = "") -> None:
+    """A UsageError unless bounds[0] <= value <= bounds[1]."""
+    low, high = bounds
+    if not low <= value <= high:
+        raise UsageError(
+            f"{what} must be between {low:g} and {high:g}, not {value:g}",
+            hint or f"give a value from {low:g} to {high:g}",
+        )
+
+
 @dataclass(frozen=True)
 class Settings:
     connect: str = DEFAULT_URI
@@ -61,10 +102,12 @@ class Settings:
     pool: PoolSettings = field(default_factory=PoolSettings)
     image: ImageSettings = field(default_factory=ImageSettings)
     allow: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], key: str, source: str) -> Any:
-    if not isinstance(value, kind):
+    # YAML's true/false are ints to Python: never a number here.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise UsageError(f"{source}: {key} must be a {names}, not {value!r}", "fix the config file")
     return value
@@ -102,6 +145,7 @@ def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
             "pool",
             "image",
             "allow",
+            "limits",
         },
         "",
         source,
@@ -114,14 +158,23 @@ def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
         changes["accel"] = parse_accel(_expect(data["accel"], str, "accel", source))
     if "memory" in data:
         changes["memory_mib"] = _expect(data["memory"], int, "memory", source)
-        if changes["memory_mib"] < 128:
-            raise UsageError(f"{source}: memory must be at least 128 (MiB)", "raise it")
+        check_range(changes["memory_mib"], MEMORY_MIB_RANGE, f"{source}: memory (MiB)")
     if "vcpus" in data:
         changes["vcpus"] = _expect(data["vcpus"], int, "vcpus", source)
+        check_range(changes["vcpus"], VCPUS_RANGE, f"{source}: vcpus")
     if "boot_timeout" in data:
         changes["boot_timeout"] = float(
             _expect(data["boot_timeout"], (int, float), "boot_timeout", source)
         )
+        check_range(changes["boot_timeout"], BOOT_TIMEOUT_RANGE, f"{source}: boot_timeout (s)")
+    if "limits" in data:
+        limits = _expect(data["limits"], dict, "limits", source)
+        names = {f.name for f in dataclasses.fields(Limits)}
+        _check_keys(limits, names, "limits.", source)
+        for key, value in limits.items():
+            _expect(value, int, f"limits.{key}", source)
+            check_range(value, (1, 1 << 20), f"{source}: limits.{key}")
+        changes["limits"] = Limits(**limits)
     if "collect_every" in data:
         every = float(_expect(data["collect_every"], (int, float), "collect_every", source))
         if every < 0:

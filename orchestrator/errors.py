@@ -57,6 +57,10 @@ class ImageError(SandboxError):
     exit_code = 7
 
 
+class OutputTooLarge(GuestError):
+    """The guest sent more than the host takes for one command or file."""
+
+
 class TimeoutExpired(SandboxError):
     """A wait ran past its deadline."""
 

@@ -31,7 +31,7 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from .errors import GuestError, HostKeyMismatchError, TimeoutExpired
+from .errors import GuestError, HostKeyMismatchError, OutputTooLarge, TimeoutExpired
 from .waits import Deadline
 
 SSH_PORT = 22
@@ -56,6 +56,12 @@ _GUEST_LOOPBACK = "127.0.0.1"
 # waits for its connections' threads before leaving them (daemon threads) behind.
 _RELAY_CONNECT_TIMEOUT = 5.0
 _RELAY_JOIN_TIMEOUT = 5.0
+# Connections one tunnel relays at once; more are closed at once (a guest looping on connect()
+# must not make the host open sockets and threads without end).
+_RELAY_MAX_LINKS = 8
+# The most of a command's output the host buffers whole (check(): collections of the connection
+# records, `logs --sockets`, a run's bookkeeping); a caller that expects more gives its own.
+DEFAULT_OUTPUT_LIMIT = 64 << 20
 
 _RECREATE_HINT = (
     "the guest is not the VM this sandbox created (or its disk was replaced); "
@@ -65,6 +71,45 @@ _LOST_HINT = (
     "the guest may have crashed, rebooted or run out of memory: check its console log; "
     "if it is gone, destroy the sandbox and create it again"
 )
+
+
+class _Bounded:
+    """Collects chunks up to `limit` bytes; one more raises OutputTooLarge (from inside the
+    channel pump, which then closes the channel)."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.limit = limit
+        self.what = what
+        self.size = 0
+        self.chunks: list[bytes] = []
+
+    def __call__(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise OutputTooLarge(
+                f"{self.what} sent more than {self.limit >> 20} MiB: refused",
+                "something in the guest floods its output: destroy the sandbox if it goes on",
+            )
+        self.chunks.append(data)
+
+    def text(self) -> str:
+        return b"".join(self.chunks).decode("utf-8", "replace")
+
+
+class _Tail:
+    """Keeps the last `keep` bytes of a stream (a command's stderr, for its error message)."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.buffer = bytearray()
+
+    def __call__(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) > 2 * self.keep:
+            del self.buffer[: -self.keep]
+
+    def text(self) -> str:
+        return bytes(self.buffer[-self.keep :]).decode("utf-8", "replace")
 
 
 def tcp_connect(host: str, port: int, timeout: float) -> socket.socket:
@@ -454,21 +499,44 @@ class Guest:
         *,
         stdin: bytes | None = None,
         timeout: float | None = None,
+        limit: int = DEFAULT_OUTPUT_LIMIT,
     ) -> str:
-        """Run a command and return its stdout; a non-zero exit raises GuestError."""
-        out: list[bytes] = []
-        err: list[bytes] = []
-        status = self.run(
-            command, stdin=stdin, stdout=out.append, stderr=err.append, timeout=timeout
-        )
+        """Run a command and return its stdout; a non-zero exit raises GuestError. More than
+        `limit` bytes of stdout raise OutputTooLarge (the guest decides how much it sends);
+        only the tail of stderr is kept."""
+        text = _command_text(command)
+        out = _Bounded(limit, f"the guest's output of {text[:60]!r}")
+        err = _Tail(_STDERR_TAIL_CHARS)
+        status = self.run(command, stdin=stdin, stdout=out, stderr=err, timeout=timeout)
         if status != 0:
-            text = _command_text(command)
-            tail = b"".join(err).decode("utf-8", "replace")[-_STDERR_TAIL_CHARS:].strip()
+            tail = err.text()[-_STDERR_TAIL_CHARS:].strip()
             message = f"{text!r} failed in the guest with exit status {status}"
             if tail:
                 message += f":\n{tail}"
             raise GuestError(message, "see the command's error output above")
-        return b"".join(out).decode("utf-8", "replace")
+        return out.text()
+
+    @staticmethod
+    def _get_bounded(sftp: paramiko.SFTPClient, remote: str, out: IO[bytes], limit: int) -> int:
+        with sftp.open(remote, "rb") as src:
+            claimed = src.stat().st_size or 0
+            if claimed > limit:
+                raise OutputTooLarge(
+                    f"{remote} is {claimed:,} bytes, more than the limit of {limit:,}: not fetched",
+                    "raise limits.output_file_mib in the config file only if you trust it",
+                )
+            # Prefetch no more than the limit, whatever the guest said the size is.
+            src.prefetch(min(claimed, limit) or None)
+            size = 0
+            while chunk := src.read(_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise OutputTooLarge(
+                        f"{remote} grew past the limit of {limit:,} bytes while it was fetched",
+                        "raise limits.output_file_mib in the config file only if you trust it",
+                    )
+                out.write(chunk)
+        return size
 
     # -- tunnels
 
@@ -597,17 +665,23 @@ class Guest:
     def put_bytes(self, data: bytes, remote: str, mode: int | None = None) -> None:
         self._upload(io.BytesIO(data), remote, mode, f"{len(data)} bytes")
 
-    def get(self, remote: str, local: Path) -> None:
-        """Copy a guest file to `local`, replacing it atomically (never a half-written file)."""
+    def get(self, remote: str, local: Path, *, limit: int | None = None) -> int:
+        """Copy a guest file to `local`, replacing it atomically (never a half-written file);
+        return its size. With `limit`, a file larger than that many bytes is refused
+        (OutputTooLarge) while it streams, whatever size the guest claims, and nothing is kept."""
         sftp = self._sftp_client()
         local.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.")
         try:
             with os.fdopen(fd, "wb") as f:
-                sftp.getfo(remote, f)
+                if limit is None:
+                    size = sftp.getfo(remote, f)
+                else:
+                    size = self._get_bounded(sftp, remote, f, limit)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, local)
+            return int(size)
         except BaseException as e:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -654,12 +728,23 @@ class _Relay:
         self._closing = False
         self._links: set[_Link] = set()
         self._threads: list[threading.Thread] = []
+        self.over_limit_reported = False
 
     def accept(self, channel: paramiko.Channel) -> None:
         """Take a connection the guest made; returns at once (called on the transport thread)."""
         with self._lock:
             if self._closing:
                 channel.close()
+                return
+            if len(self._links) >= _RELAY_MAX_LINKS:
+                channel.close()
+                refused = self._on_refused
+                if refused is not None and not self.over_limit_reported:
+                    self.over_limit_reported = True
+                    refused(
+                        f"the guest opened more than {_RELAY_MAX_LINKS} connections at once "
+                        f"to its {_GUEST_LOOPBACK}:{self.guest_port}; the extra ones were closed"
+                    )
                 return
             link = _Link(channel)
             self._links.add(link)

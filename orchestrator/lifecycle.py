@@ -813,6 +813,7 @@ def run_target(
                 stdout=stdout,
                 stderr=stderr,
                 on_warning=on_warning,
+                limits=ctx.settings.limits,
             )
         # The run's last records are complete once the settle window has passed since its end
         # (younger halves wait for the next collection): wait out the rest of it, so that

@@ -25,7 +25,7 @@ ALLOW_EXAMPLES = (
     "[2001:db8::1]:443, example.org:443"
 )
 _HOSTNAME_RE = re.compile(
-    r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+    r"^(?=.{1,253}\Z)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\Z"
 )
 _ALLOW_KEYS = {"address", "host", "proto", "port"}
 _POLICY_KEYS = {"allow", "dns", "blocked"}
@@ -154,7 +154,8 @@ def _bad(text: str, why: str) -> UsageError:
 
 
 def _port(text: str, value: str) -> int:
-    if not value.isdigit():
+    # isdigit() alone takes "²" and other Unicode digits, which int() then refuses.
+    if not (value.isascii() and value.isdigit()) or len(value) > 5:
         raise _bad(text, f"port {value!r} is not a number")
     port = int(value)
     if not 1 <= port <= 65535:
@@ -174,6 +175,25 @@ def _network(text: str, value: str) -> IPNetwork | None:
                 raise _bad(text, f"{value!r} is not a valid address or CIDR") from None
             raise _bad(text, f"{exc}") from None
         return None
+
+
+def _refuse_ambiguous_ipv6(text: str, value: str) -> None:
+    """`2001:db8::1:443` is an IPv6 address, and also reads as 2001:db8::1 port 443: refuse it
+    rather than guess. An address whose last group cannot be a port is not ambiguous."""
+    head, sep, last = value.rpartition(":")
+    if not sep or "/" in value or not (last.isascii() and last.isdigit()):
+        return
+    try:
+        ipaddress.IPv6Address(value)
+        ipaddress.IPv6Address(head)
+    except ValueError:
+        return
+    if 1 <= int(last) <= 65535:
+        raise _bad(
+            text,
+            f"ambiguous: write [{head}]:{last} for port {last} of {head}, "
+            f"or [{value}] for the address {value}",
+        )
 
 
 def parse_allow(text: str, resolve: Resolver = system_resolver) -> list[Allow]:
@@ -202,6 +222,7 @@ def parse_allow(text: str, resolve: Resolver = system_resolver) -> list[Allow]:
         port = _port(text, port_text)
     else:
         host_part = rest  # an IPv6 address or CIDR without a port, an IPv4 one, or a name
+        _refuse_ambiguous_ipv6(text, rest)
     if port is not None and proto is Proto.ICMP:
         raise _bad(text, "ICMP has no ports")
     net = _network(text, host_part)
@@ -253,6 +274,12 @@ def load_policy_file(path: Path) -> PolicyFile:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise UsageError(f"policy file {path} does not exist", "check the path") from None
+    except IsADirectoryError:
+        raise UsageError(f"policy file {path} is a directory", "name the YAML file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(
+            f"cannot read policy file {path}: {exc}", "check the path and its permissions"
+        ) from None
     except yaml.YAMLError as exc:
         raise UsageError(f"{path} is not valid YAML: {exc}", "fix the syntax") from None
     if data is None:

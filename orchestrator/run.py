@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import posixpath
 import re
 import secrets
@@ -25,7 +26,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import paths, xdebug
-from .errors import GuestError, NotFoundError, SandboxError, TimeoutExpired, UsageError
+from .config import Limits
+from .errors import (
+    GuestError,
+    NotFoundError,
+    OutputTooLarge,
+    SandboxError,
+    TimeoutExpired,
+    UsageError,
+)
 from .records import Attempt, parse_time
 from .state import atomic_write
 
@@ -39,8 +48,8 @@ EXIT_TIMEOUT = 124  # what timeout(1) returns: scripts around `sandbox run` know
 # process tree (double-forked daemons included) can be killed with one write to cgroup.kill.
 SLICE = "sandbox.slice"
 _UPLOAD_TAR = ".sandbox-upload.tar"
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_RUN_ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{4}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+_RUN_ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{4}\Z")
 # A record of a run that ended may still be on its way (the firewall's and connect()'s halves
 # meet within monitor's settle window): attempts this long after the end still count as the run's.
 _AFTER_END = 5.0
@@ -365,10 +374,17 @@ class RunResult:
     record: RunRecord
     fetched: tuple[Path, ...]  # xdebug traces, profiles and coverage on the host
     finished: float  # time.monotonic() when the run's processes were all gone
+    skipped: tuple[str, ...] = ()  # output files refused (name, size), and why
+
+
+_COUNT = re.compile(r"[0-9]{1,9}")
+_CLOCK = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
 
 
 def _guest_clock(text: str, what: str) -> float:
     try:
+        if not _CLOCK.fullmatch(text.strip()):
+            raise ValueError(text)
         return float(text.strip())
     except ValueError:
         raise GuestError(
@@ -387,8 +403,10 @@ def execute(
     stdout: Callable[[bytes], None],
     stderr: Callable[[bytes], None],
     on_warning: Callable[[str], None],
+    limits: Limits | None = None,
 ) -> RunResult:
     """Run the request in the guest behind `guest` and record it under `logs`."""
+    limits = limits or Limits()
     from . import firewall
 
     the_plan = plan(request)
@@ -447,29 +465,75 @@ def execute(
             raise
     finished = guest.check(["sh", "-c", finish_script(run_id, output_dir)], timeout=30)
     finished_at = time.monotonic()
-    leftovers, clock, *names = finished.split("\n")
+    leftovers, clock, *names = [*finished.split("\n"), "", ""]
     record = dataclasses.replace(
         record,
         ended=_guest_clock(clock, "finishing the run"),
         exit_code=code,
         timed_out=timed_out,
-        leftovers=int(leftovers) if leftovers.strip().isdigit() else 0,
+        leftovers=int(leftovers) if _COUNT.fullmatch(leftovers.strip()) else 0,
     )
     fetched = fetch_outputs(
-        guest, output_dir, [n for n in names if n], runs_dir(logs) / run_id / paths.XDEBUG_DIR
+        guest,
+        output_dir,
+        [n for n in names if n],
+        runs_dir(logs) / run_id / paths.XDEBUG_DIR,
+        limits,
     )
+    for reason in fetched.skipped:
+        on_warning(f"not fetched from the guest: {reason}")
     save_record(logs, record)
-    return RunResult(record, tuple(fetched), finished_at)
+    return RunResult(record, fetched.files, finished_at, fetched.skipped)
 
 
-def fetch_outputs(guest: Guest, remote: str, names: Sequence[str], local: Path) -> list[Path]:
-    """Copy the run's xdebug output files (traces, profiles, coverage) to the host."""
-    fetched = []
-    for name in sorted(names):
-        target = local / name
-        guest.get(posixpath.join(remote, name), target)
+# More output files than this in one run are not fetched (each costs an SFTP round trip).
+MAX_OUTPUT_FILES = 2000
+
+
+@dataclass(frozen=True)
+class Fetched:
+    files: tuple[Path, ...]
+    skipped: tuple[str, ...]  # why each file that was not fetched was not
+
+
+def local_output_path(local: Path, name: str) -> Path | None:
+    """Where the output file `name` goes on the host: inside `local`, or None when the name is
+    not one a run's outputs have (a hostile guest names its files as it likes). Pure."""
+    if not xdebug.is_output_name(name):
+        return None
+    target = local / name
+    # Belt and braces: the name pattern has no separator, but check where it resolves anyway.
+    if os.path.dirname(os.path.normpath(target)) != os.path.normpath(local):
+        return None
+    return target
+
+
+def fetch_outputs(
+    guest: Guest, remote: str, names: Sequence[str], local: Path, limits: Limits
+) -> Fetched:
+    """Copy the run's xdebug output files (traces, profiles, coverage) to the host: only names
+    of the expected shapes, each within `local`, each and all together within the limits."""
+    fetched: list[Path] = []
+    skipped: list[str] = []
+    total = 0
+    for name in sorted(names)[:MAX_OUTPUT_FILES]:
+        target = local_output_path(local, name)
+        if target is None:
+            skipped.append(f"{name!r}: not the name of a run's output file")
+            continue
+        budget = min(limits.output_file, limits.run_outputs - total)
+        if budget <= 0:
+            skipped.append(f"{name}: the run's outputs reached {limits.run_outputs_mib} MiB")
+            continue
+        try:
+            total += guest.get(posixpath.join(remote, name), target, limit=budget)
+        except OutputTooLarge as exc:
+            skipped.append(f"{name}: {exc.message}")
+            continue
         fetched.append(target)
-    return fetched
+    if len(names) > MAX_OUTPUT_FILES:
+        skipped.append(f"{len(names) - MAX_OUTPUT_FILES} more files: over {MAX_OUTPUT_FILES}")
+    return Fetched(tuple(fetched), tuple(skipped))
 
 
 def xdebug_tunnel(

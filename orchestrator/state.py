@@ -23,12 +23,13 @@ from .waits import Deadline, wait_for
 # The global lock covers uploading a base image (once per image version, seconds) and creating a
 # VM; several `up`s queue behind each other.
 GLOBAL_LOCK_TIMEOUT = 600.0
-NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+# fullmatch, not match with `$`: `$` also matches before a trailing newline ("web\n").
+NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
 
 
 def validate_name(name: str) -> str:
     # Names end up in libvirt domain, volume and file names: keep them short and plain.
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise UsageError(
             f"invalid sandbox name {name!r}",
             "use 1-31 characters: lowercase letters, digits and '-', starting with a letter",
@@ -200,7 +201,7 @@ class StateStore:
         return sorted(
             p.name
             for p in self.root.iterdir()
-            if p.is_dir() and NAME_RE.match(p.name) and (p / paths.STATE_FILE).exists()
+            if p.is_dir() and NAME_RE.fullmatch(p.name) and (p / paths.STATE_FILE).exists()
         )
 
     def remove_secrets(self, name: str) -> None:

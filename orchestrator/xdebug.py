@@ -76,7 +76,17 @@ DEFAULT_DEBUG_PORT = 9003
 
 # %p: the join needs the pid, and the computerized format has no other place for it; %r: a pid
 # may run PHP twice (exec), and each run needs its own file.
-_TRACE_NAME = re.compile(r"^trace\.(?P<pid>[0-9]+)\.[0-9a-f]+\.xt(?:\.gz)?$")
+_TRACE_NAME = re.compile(r"^trace\.(?P<pid>[0-9]+)\.[0-9a-f]+\.xt(?:\.gz)?\Z")
+# Every file a run may leave in its output directory (traces, profiles, coverage dumps): the host
+# fetches only names of these shapes, which hold no path separator and no "..". \Z, not $: a
+# name with a trailing newline is not a name of ours.
+_OUTPUT_NAME = re.compile(
+    r"(?:trace\.[0-9]{1,10}\.[0-9a-f]{1,32}\.xt(?:\.gz)?"
+    r"|cachegrind\.out\.[0-9]{1,10}\.[0-9a-f]{1,32}(?:\.gz)?"
+    r"|coverage\.[0-9]{1,10}\.[0-9a-f]{1,32}\.json)\Z"
+)
+# How far a compressed trace may inflate (config limits.decompressed_mib has the same default).
+MAX_DECOMPRESSED = 256 << 20
 
 _INI = """\
 ; Written by `sandbox up`. Read only by the processes `sandbox run` starts: their
@@ -190,6 +200,11 @@ def is_trace_name(name: str) -> bool:
     return _TRACE_NAME.match(name) is not None
 
 
+def is_output_name(name: str) -> bool:
+    """Whether a run's output file may have this name (see _OUTPUT_NAME). Pure."""
+    return _OUTPUT_NAME.match(name) is not None
+
+
 # ---- traces ------------------------------------------------------------------------------------
 
 
@@ -269,17 +284,24 @@ def _stamp(line: str) -> float | None:
     return moment.replace(tzinfo=UTC).timestamp()
 
 
-def _decompress(data: bytes, name: str) -> bytes:
+def _decompress(data: bytes, name: str, limit: int = MAX_DECOMPRESSED) -> bytes:
     if not data.startswith(b"\x1f\x8b"):
         return data
     # A trace of a process that was killed ends without a gzip trailer: keep what inflates.
     inflater = zlib.decompressobj(wbits=47)
     try:
-        return inflater.decompress(data)
+        # Never more than the limit in memory: a few KiB of gzip can inflate to gigabytes.
+        text = inflater.decompress(data, limit + 1)
     except zlib.error as error:
         raise TraceError(
             f"{name}: damaged gzip data ({error})", "fetch the trace again from the guest"
         ) from None
+    if len(text) > limit:
+        raise TraceError(
+            f"{name}: inflates to more than {limit >> 20} MiB: not read",
+            "a trace that large is a decompression bomb, or raise limits.decompressed_mib",
+        )
+    return text
 
 
 def parse_trace(data: bytes, name: str) -> Trace:
@@ -467,7 +489,7 @@ _MAX_USES = 8  # beyond this many attempts on one call, each further one costs t
 _SKIP = 4.0  # leave the attempt without a stack: costlier than any consistent reading
 
 _URL_HOST = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/@]*@)?(\[[^\]]*\]|[^/:?#]*)")
-_HOSTNAME = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?$")
+_HOSTNAME = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?\Z")
 
 
 @dataclass(frozen=True)

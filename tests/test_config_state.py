@@ -61,7 +61,16 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ({"conect": "x"}, "unknown setting conect"),
         ({"accel": "hvf"}, "unknown acceleration"),
         ({"memory": "lots"}, "memory must be a int"),
-        ({"memory": 64}, "at least 128"),
+        ({"memory": 64}, "memory \\(MiB\\) must be between 128 and"),
+        ({"memory": 1 << 30}, "memory \\(MiB\\) must be between 128 and"),
+        ({"memory": True}, "memory must be a int"),
+        ({"vcpus": 0}, "vcpus must be between 1 and 64"),
+        ({"vcpus": -2}, "vcpus must be between 1 and 64"),
+        ({"boot_timeout": -5}, "boot_timeout \\(s\\) must be between 1"),
+        ({"boot_timeout": 0}, "boot_timeout \\(s\\) must be between 1"),
+        ({"limits": {"output_file_mib": 0}}, "limits.output_file_mib must be between 1"),
+        ({"limits": {"bytes": 1}}, "unknown setting limits.bytes"),
+        ({"limits": {"run_outputs_mib": "1G"}}, "limits.run_outputs_mib must be a int"),
         ({"network": {"subnet": "10.0.0.0/33"}}, "network.subnet"),
         ({"network": {"bridge": "a-very-long-bridge-name"}}, "longer than 15"),
         ({"network": {"mask": 1}}, "unknown setting network.mask"),
@@ -89,7 +98,15 @@ def test_valid_names(name: str) -> None:
     assert validate_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["", "Web", "1st", "a_b", "a/b", "x" * 32, "../etc"])
+def test_limits_from_the_config_file() -> None:
+    s = parse_settings({"limits": {"output_file_mib": 4, "decompressed_mib": 8}}, "c.yaml")
+    assert s.limits.output_file == 4 << 20 and s.limits.decompressed == 8 << 20
+    assert s.limits.run_outputs == 512 << 20  # the default stays
+
+
+@pytest.mark.parametrize(
+    "name", ["", "Web", "1st", "a_b", "a/b", "x" * 32, "../etc", "default\n", "a\n"]
+)
 def test_invalid_names(name: str) -> None:
     with pytest.raises(UsageError):
         validate_name(name)

@@ -15,7 +15,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from orchestrator.errors import GuestError, HostKeyMismatchError, TimeoutExpired
+from orchestrator.errors import GuestError, HostKeyMismatchError, OutputTooLarge, TimeoutExpired
 from orchestrator.guest import (
     Guest,
     fingerprint,
@@ -565,3 +565,73 @@ def test_reverse_forward_survives_the_connection_dropping(sshd: Sshd) -> None:
             with conn:
                 assert read_until_eof(conn) == b""
         assert not tunnel_threads()
+
+
+# --- what the host takes from a hostile guest is bounded ------------------------------------
+
+
+def test_get_refuses_a_file_over_the_limit_whatever_size_it_claims(
+    guest: Guest, tmp_path: Path
+) -> None:
+    remote_dir = guest.check("mktemp -d").strip()
+    try:
+        # A sparse terabyte: the guest's stat says so, and it is refused before any byte moves.
+        guest.check(["truncate", "-s", "1T", f"{remote_dir}/huge"])
+        with pytest.raises(OutputTooLarge, match="more than the limit"):
+            guest.get(f"{remote_dir}/huge", tmp_path / "huge", limit=1 << 20)
+        # A file that grows while it is read (a FIFO-like lie: stat says 0) stops at the limit.
+        guest.check(["sh", "-c", f"head -c 3000000 /dev/zero > {remote_dir}/big"])
+        with pytest.raises(OutputTooLarge):
+            guest.get(f"{remote_dir}/big", tmp_path / "big", limit=1 << 20)
+        assert guest.get(f"{remote_dir}/big", tmp_path / "ok", limit=3000000) == 3000000
+        assert (tmp_path / "ok").stat().st_size == 3000000
+        # Nothing half-written is left behind by a refusal.
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]
+    finally:
+        guest.run(["rm", "-rf", remote_dir])
+
+
+def test_check_bounds_what_it_buffers(guest: Guest) -> None:
+    with pytest.raises(OutputTooLarge, match="more than 1 MiB"):
+        guest.check(["head", "-c", "5000000", "/dev/zero"], limit=1 << 20)
+    # stderr of a failing command: only its tail is kept in the message.
+    with pytest.raises(GuestError) as info:
+        guest.check(
+            ["sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' x >&2; echo END >&2; exit 3"]
+        )
+    assert info.value.message.endswith("END") and len(info.value.message) < 3000
+    # The connection is still good for the next command.
+    assert guest.check(["echo", "ok"]) == "ok\n"
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+
+
+def test_reverse_forward_admits_a_bounded_number_of_connections(guest: Guest) -> None:
+    messages: list[str] = []
+    hold = threading.Event()
+
+    def held(conn: socket.socket, n: int) -> None:
+        hold.wait(60)
+        conn.close()
+
+    with (
+        listener(held) as host_port,
+        guest.reverse_forward("127.0.0.1", host_port, on_refused=messages.append) as port,
+    ):
+        conns = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(12)]
+        try:
+            # Over the bound, the extra connections are closed at once by the tunnel.
+            time.sleep(2)
+            closed = [c for c in conns if closed_within(c, 0.2)]
+            assert len(closed) == 12 - 8, len(closed)
+            assert len(messages) == 1 and "more than 8 connections" in messages[0]
+        finally:
+            hold.set()
+            for c in conns:
+                c.close()

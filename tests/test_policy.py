@@ -135,3 +135,33 @@ def test_bad_policy_file(tmp_path: Path, content: str, message: str) -> None:
     path.write_text(content)
     with pytest.raises(UsageError, match=message):
         load_policy_file(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("203.0.113.7:²", "port '²' is not a number"),
+        ("203.0.113.7:٤٤٣", "is not a number"),  # Arabic-Indic digits
+        ("203.0.113.7:0000443", "is not a number"),
+        ("2001:db8::1:443", r"ambiguous: write \[2001:db8::1\]:443"),
+        ("tcp:::1:80", r"ambiguous"),
+    ],
+)
+def test_hostile_or_ambiguous_allow_values_are_refused(text: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        parse_allow(text, resolve=lambda name: [])
+
+
+def test_unambiguous_ipv6_forms_stay_accepted() -> None:
+    for text, described in [
+        ("2001:db8::1", "2001:db8::1"),
+        ("[2001:db8::1:443]", "2001:db8::1:443"),
+        ("[2001:db8::1]:443", "[2001:db8::1]:443"),
+        ("2001:db8:1::9", "2001:db8:1::9"),
+    ]:
+        assert [a.describe() for a in parse_allow(text, resolve=lambda name: [])] == [described]
+
+
+def test_policy_file_that_is_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="is a directory"):
+        load_policy_file(tmp_path)

@@ -10,7 +10,7 @@ import pytest
 
 from orchestrator import paths
 from orchestrator import run as runs
-from orchestrator.errors import NotFoundError, UsageError
+from orchestrator.errors import GuestError, NotFoundError, UsageError
 from orchestrator.records import Attempt, Verdict, iso_time
 
 from .conftest import Golden
@@ -214,3 +214,45 @@ def test_attempts_already_tied_stay_as_they_are(tmp_path: Path) -> None:
 
     tied = dataclasses.replace(tied, run="earlier")
     assert runs.annotate([tied], tmp_path) == [tied]
+
+
+# ---- a hostile guest's output names -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "trace.1234.5f3a1b.xt",
+        "trace.1234.5f3a1b.xt.gz",
+        "cachegrind.out.77.ab12",
+        "coverage.4242.a1b2c3.json",
+    ],
+)
+def test_output_names_of_the_expected_shapes_stay_inside(name: str, tmp_path: Path) -> None:
+    assert runs.local_output_path(tmp_path, name) == tmp_path / name
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../../x",
+        "/etc/cron.d/x",
+        "trace.1.ab.xt/../../../etc/passwd",
+        "..",
+        "trace.1.ab.xt\n",
+        "trace.1.ab.xt.sh",
+        "evil",
+        "",
+        "trace.1.AB.xt",
+        "coverage.1.abc.json..",
+    ],
+)
+def test_other_names_are_never_fetched(name: str, tmp_path: Path) -> None:
+    assert runs.local_output_path(tmp_path, name) is None
+
+
+def test_guest_clock_and_counts_are_parsed_strictly() -> None:
+    assert runs._guest_clock("1796461664.068816\n", "x") == 1796461664.068816
+    for bad in ("nan", "inf", "1e400", "²", "1" * 5000, "-5"):
+        with pytest.raises(GuestError):
+            runs._guest_clock(bad, "finishing the run")

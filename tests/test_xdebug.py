@@ -503,3 +503,11 @@ def test_the_other_address_loses_to_the_named_one() -> None:
         "stream_socket_client@4",
         "fsockopen@3",
     ]
+
+
+def test_a_gzip_bomb_is_refused_without_inflating_it() -> None:
+    bomb = gzip.compress(b"\0" * (64 << 20))  # 64 MiB of zeros in ~64 KiB
+    assert len(bomb) < 1 << 20
+    with pytest.raises(xdebug.TraceError, match="inflates to more than 1 MiB"):
+        xdebug._decompress(bomb, "trace.1.ab.xt.gz", limit=1 << 20)
+    assert xdebug._decompress(gzip.compress(b"ok"), "t", limit=2) == b"ok"
