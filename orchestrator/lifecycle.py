@@ -852,12 +852,32 @@ def guards_host(uri: str) -> bool:
 
 
 def ssh_argv(ctx: Context, name: str, command: Sequence[str]) -> list[str]:
-    """An OpenSSH command line that trusts only the pinned host key."""
+    """An OpenSSH command line that trusts only the pinned host key and gives the guest nothing
+    of the user's: no ssh config (-F /dev/null: no ProxyCommand, LocalCommand, forwardings or
+    control sockets from ~/.ssh/config), no agent (-a, and IdentityAgent none), no X11 (-x)."""
     state = ready_state(ctx, name)
     store = ctx.store
     known_hosts: Path = store.file(name, paths.KNOWN_HOSTS)
     return [
         "ssh",
+        "-F",
+        "/dev/null",
+        "-a",
+        "-x",
+        "-o",
+        "ForwardAgent=no",
+        "-o",
+        "IdentityAgent=none",
+        "-o",
+        "ForwardX11=no",
+        "-o",
+        "ClearAllForwardings=yes",
+        "-o",
+        "PermitLocalCommand=no",
+        "-o",
+        "ControlPath=none",
+        "-o",
+        "Tunnel=no",
         "-i",
         str(store.file(name, paths.CLIENT_KEY)),
         "-o",

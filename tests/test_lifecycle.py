@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
+import pwd
+import shlex
+import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -307,3 +312,47 @@ def test_guest_address6_mirrors_the_ipv4_host_number_above_the_dynamic_range() -
     # Outside the network's dynamic DHCPv6 range (base + 0x100 .. base + 0x1ff), inside its /64.
     assert net.subnet6 is not None and got in net.subnet6
     assert int(got) - int(net.subnet6.network_address) > 0x1FF
+
+
+@pytest.mark.root
+def test_sandbox_ssh_ignores_the_users_ssh_config(ctx: lifecycle.Context, tmp_path: Path) -> None:
+    """The argv `sandbox ssh` runs, evaluated by OpenSSH itself (`ssh -G`) with a hostile
+    ~/.ssh/config in place (a private mount namespace puts a home of ours over the real one:
+    ssh finds its home in the password database, not in $HOME): none of it applies."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux)")
+    half_built(ctx, "sshcfg")
+    state = ctx.store.load("sshcfg")
+    assert state is not None
+    ctx.store.save(dataclasses.replace(state, phase=Phase.READY, ip="192.0.2.10"))
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "config").write_text(
+        "Host *\n  ForwardAgent yes\n  ForwardX11 yes\n  LocalCommand touch /tmp/pwned\n"
+        "  PermitLocalCommand yes\n  ProxyCommand nc %h %p\n  RemoteForward 2222 localhost:22\n"
+        "  ControlMaster auto\n  ControlPath /tmp/cm-%r\n  User someone\n"
+    )
+    real_home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+
+    def effective(argv: list[str]) -> dict[str, str]:
+        script = f"mount --bind {shlex.quote(str(home))} {shlex.quote(str(real_home))} && "
+        script += shlex.join([argv[0], "-G", *argv[1:]])
+        out = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+
+    # The hostile config is really read by a plain ssh here...
+    plain = effective(["ssh", "x@192.0.2.10"])
+    assert plain["forwardagent"] == "yes" and "proxycommand" in plain
+    # ...and not by the one `sandbox ssh` runs.
+    options = effective(lifecycle.ssh_argv(ctx, "sshcfg", []))
+    assert options["forwardagent"] == "no" and options["forwardx11"] == "no"
+    assert options["permitlocalcommand"] == "no" and "localcommand" not in options
+    assert "proxycommand" not in options and "remoteforward" not in options
+    assert options["controlmaster"] == "false" and options.get("controlpath", "none") == "none"
+    assert options["user"] == state.user and options["stricthostkeychecking"] == "true"
+    assert options["identityagent"] == "none"
