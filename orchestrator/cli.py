@@ -17,10 +17,9 @@ from typing import Annotated, Any
 import typer
 import typer.core
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-from . import images, lifecycle, logview, paths, xdebug
+from . import images, lifecycle, logview, paths, safetext, xdebug
 from . import run as runs
 from .config import MEMORY_MIB_RANGE, VCPUS_RANGE, check_range, load_settings, parse_accel
 from .errors import SandboxError, UsageError
@@ -80,7 +79,7 @@ class RichReporter:
         return self._step(what)
 
     def info(self, message: str) -> None:
-        self.console.print(message)
+        self.console.print(safetext.text(message, multiline=True))
 
 
 def _context(
@@ -315,7 +314,7 @@ def _sink(stream: Any) -> Any:
 
 
 def _warn(message: str) -> None:
-    err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+    err.print(safetext.labeled("warning:", "yellow", message), soft_wrap=True)
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -404,7 +403,7 @@ def destroy(
     reports = lifecycle.destroy_all(ctx) if all_ else [lifecycle.destroy(ctx, name or "default")]
     for report in reports:
         for warning in report.warnings:
-            err.print(f"[yellow]warning:[/] {escape(warning)}")
+            err.print(safetext.labeled("warning:", "yellow", warning))
         if report.existed:
             err.print(f"destroyed {report.name}: {', '.join(report.removed)}")
         else:
@@ -484,12 +483,16 @@ def logs(
             out.print(logview.render_dns_table(fresh) if dns else logview.render_table(fresh))
         if not follow:
             for loss in lifecycle.recorded_losses(ctx, name):
-                err.print(f"[yellow]warning:[/] records were lost: {escape(loss)}")
+                err.print(safetext.labeled("warning:", "yellow", f"records were lost: {loss}"))
             for missing in lifecycle.host_flows(ctx, name, before=collected_at).unrecorded:
                 err.print(
-                    f"[yellow]warning:[/] the host saw flows the guest's record lacks "
-                    f"(the guest may have blinded its capture): {escape(missing.describe())}; "
-                    f"see `sandbox logs --name {name} --host`",
+                    safetext.labeled(
+                        "warning:",
+                        "yellow",
+                        "the host saw flows the guest's record lacks (the guest may have blinded "
+                        f"its capture): {missing.describe()}; see `sandbox logs --name {name} "
+                        "--host`",
+                    ),
                     soft_wrap=True,
                 )
             return
@@ -512,7 +515,7 @@ def _print_host_flows(report: lifecycle.HostFlowReport, as_json: bool) -> None:
         )
     out.print(table)
     for missing in report.unrecorded:
-        err.print(f"[yellow]not in the guest's record:[/] {escape(missing.describe())}")
+        err.print(safetext.labeled("not in the guest's record:", "yellow", missing.describe()))
 
 
 @policy_app.command("show")
@@ -522,20 +525,20 @@ def policy_show(name: NameOpt = "default") -> None:
     p = report.policy
     out.print(f"[bold]sandbox {report.name}[/]: egress denied except:")
     for entry in p.allow:
-        out.print(f"  allow {escape(entry.describe())}")
+        out.print(safetext.text(f"  allow {entry.describe()}"))
     if not p.allow:
         out.print("  (nothing)")
     out.print(f"  dns: {'the sandbox resolver only' if p.dns else 'none'}")
     for host, addrs in p.names:
-        out.print(f"  name {host} -> {', '.join(addrs)}")
+        out.print(safetext.text(f"  name {host} -> {', '.join(addrs)}"))
     out.print(f"  blocked attempts: {p.blocked.value}")
     for version, rules in sorted(report.guest_rules.items()):
         out.print(f"\n[bold]guest: ip{'6' if version == 6 else ''}tables-save -t filter[/]")
-        out.print(escape(rules.rstrip()))
+        out.print(safetext.text(rules.rstrip(), multiline=True))
     out.print("\n[bold]host: libvirt nwfilter[/]")
-    out.print(escape(report.host_filter.rstrip()))
+    out.print(safetext.text(report.host_filter.rstrip(), multiline=True))
     for problem in report.problems:
-        err.print(f"[yellow]warning:[/] {escape(problem)}")
+        err.print(safetext.labeled("warning:", "yellow", problem))
     if report.problems:
         raise typer.Exit(1)
 
@@ -591,9 +594,9 @@ def main(argv: list[str] | None = None) -> int:
     except SandboxError as exc:
         if OPTIONS.debug:
             traceback.print_exc()
-        err.print(f"[bold red]error:[/] {escape(exc.message)}", soft_wrap=True)
+        err.print(safetext.labeled("error:", "bold red", exc.message), soft_wrap=True)
         if exc.hint:
-            err.print(f"[yellow]hint:[/] {escape(exc.hint)}", soft_wrap=True)
+            err.print(safetext.labeled("hint:", "yellow", exc.hint), soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -601,7 +604,9 @@ def main(argv: list[str] | None = None) -> int:
     except PermissionError as exc:
         if OPTIONS.debug:
             traceback.print_exc()
-        err.print(f"[bold red]error:[/] permission denied: {escape(str(exc.filename or exc))}")
+        err.print(
+            safetext.labeled("error:", "bold red", f"permission denied: {exc.filename or exc}")
+        )
         err.print(
             "[yellow]hint:[/] run as the user that created the sandbox (or root), or fix the "
             "ownership of that path"
@@ -611,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         if OPTIONS.debug:
             raise
         err.print(
-            f"[bold red]internal error:[/] {escape(type(exc).__name__)}: {escape(str(exc))}",
+            safetext.labeled("internal error:", "bold red", f"{type(exc).__name__}: {exc}"),
             soft_wrap=True,
         )
         err.print("[yellow]hint:[/] run again with --debug for the traceback and report it")

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from . import paths
 from .errors import UsageError
 from .records import Attempt, DnsQuery, LogRecordError, Verdict, parse_time
+from .safetext import text as safe
 from .state import atomic_write
 
 if TYPE_CHECKING:
@@ -297,16 +298,17 @@ def render_table(attempts: Sequence[Attempt]) -> Table:
             no_wrap=column in ("time", "destination", "process"),
         )
     for a in attempts:
+        # Every cell from the guest is a Text: data, never markup or terminal control.
         table.add_row(
-            _short_time(a.time),
+            safe(_short_time(a.time)),
             Text(a.verdict.value, style=_VERDICT_STYLE[a.verdict]),
-            process_label(a.exe, a.pid),
+            safe(process_label(a.exe, a.pid)),
             "" if a.uid is None else str(a.uid),
-            a.proto,
-            destination(a.dst, a.dport),
-            *((a.dns_name or "",) if names else ()),
+            safe(a.proto),
+            safe(destination(a.dst, a.dport)),
+            *((safe(a.dns_name or ""),) if names else ()),
             # A frame a line: the innermost call first, as in a stack trace.
-            *(("\n← ".join(f.describe() for f in a.stack),) if source else ()),
+            *((Text("\n← ").join(safe(f.describe()) for f in a.stack),) if source else ()),
         )
     return table
 
@@ -314,7 +316,6 @@ def render_table(attempts: Sequence[Attempt]) -> Table:
 def render_dns_table(queries: Sequence[DnsQuery]) -> Table:
     """The DNS queries the sandbox's resolver received, below the attempts in `sandbox logs`."""
     from rich.table import Table
-    from rich.text import Text
 
     table = Table(title="DNS queries (UTC)", expand=False)
     for column in ("time", "client", "name", "type", "result"):
@@ -322,11 +323,11 @@ def render_dns_table(queries: Sequence[DnsQuery]) -> Table:
     for q in queries:
         refused = not q.addresses()
         table.add_row(
-            _short_time(q.time),
-            q.client,
-            q.name,
-            q.qtype,
-            Text(q.result, style="red" if refused else "green"),
+            safe(_short_time(q.time)),
+            safe(q.client),
+            safe(q.name),
+            safe(q.qtype),
+            safe(q.result, style="red" if refused else "green"),
         )
     return table
 
@@ -363,6 +364,9 @@ def _split_name(name: str) -> tuple[str, str | None]:
     return local, remote or None
 
 
+_PID = re.compile(r"[0-9]{1,9}")
+
+
 def parse_sockets(text: str) -> list[Socket]:
     """Parse `lsof -F pcuLRftPnT` output: a 'p' line starts a process, an 'f' line a file,
     every other line is one field of the current one. Pure."""
@@ -371,13 +375,17 @@ def parse_sockets(text: str) -> list[Socket]:
     file: dict[str, str] = {}
 
     def flush() -> None:
+        # lsof's output is the guest's word: a field that is not what lsof writes drops the
+        # socket from the listing, it does not break it.
+        if not _PID.fullmatch(proc.get("p", "")) or not _PID.fullmatch(proc.get("R", "0")):
+            return
         if file and "n" in file and "p" in proc:
             local, remote = _split_name(file["n"])
             sockets.append(
                 Socket(
                     command=proc.get("c", "?"),
                     pid=int(proc["p"]),
-                    ppid=int(proc["R"]) if proc.get("R", "").isdigit() else None,
+                    ppid=int(proc["R"]) if "R" in proc else None,
                     user=proc.get("L") or proc.get("u", "?"),
                     fd=file.get("f", "?"),
                     family=6 if file.get("t") == "IPv6" else 4,
@@ -418,13 +426,13 @@ def render_sockets(sockets: Sequence[Socket]) -> Table:
         table.add_column(column)
     for s in sockets:
         table.add_row(
-            f"{s.command} ({s.pid})",
-            s.user,
-            s.fd,
-            f"{s.proto}{'6' if s.family == 6 else ''}",
-            s.local,
-            s.remote or "",
-            s.state or "",
+            safe(f"{s.command} ({s.pid})"),
+            safe(s.user),
+            safe(s.fd),
+            safe(f"{s.proto}{'6' if s.family == 6 else ''}"),
+            safe(s.local),
+            safe(s.remote or ""),
+            safe(s.state or ""),
         )
     return table
 
