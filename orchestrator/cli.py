@@ -404,10 +404,14 @@ def destroy(
     for report in reports:
         for warning in report.warnings:
             err.print(safetext.labeled("warning:", "yellow", warning))
-        if report.existed:
+        if report.failed is not None:
+            err.print(safetext.labeled("error:", "bold red", f"{report.name}: {report.failed}"))
+        elif report.existed:
             err.print(f"destroyed {report.name}: {', '.join(report.removed)}")
         else:
             err.print(f"nothing to destroy for {report.name}")
+    if any(r.failed is not None for r in reports):
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import libvirt
 
@@ -47,7 +47,7 @@ from .errors import (
 )
 from .images import KERNEL_CMDLINE, Image, default_image_name, load_image
 from .policy import Blocked, EgressPolicy, build_policy, load_policy_file
-from .records import Attempt, DnsQuery
+from .records import Attempt, DnsQuery, Verdict
 from .state import Phase, SandboxState, StateStore, atomic_write, file_lock, validate_name
 from .waits import Deadline
 
@@ -517,10 +517,45 @@ class DestroyReport:
     name: str
     removed: tuple[str, ...]
     warnings: tuple[str, ...] = ()
+    failed: str | None = None  # destroy_all: why this one could not be destroyed
 
     @property
     def existed(self) -> bool:
         return bool(self.removed)
+
+
+# The most `destroy` waits for its final collection: a guest that hangs its sshd, stalls the
+# channel or floods it must not hold the host's cleanup (the host-side records are kept anyway).
+FINAL_COLLECT_SECONDS = 30.0
+
+T = TypeVar("T")
+
+
+def _within(seconds: float, work: Callable[[], T]) -> tuple[T | None, str]:
+    """Run `work` on a daemon thread for at most `seconds`: (its result, "") or (None, why not).
+    Any exception counts as a failure: what the guest sent must never stop the caller."""
+    result: list[T] = []
+    failure: list[str] = []
+
+    def run() -> None:
+        try:
+            result.append(work())
+        except SandboxError as exc:
+            failure.append(exc.message)
+        except Exception as exc:  # garbage from a hostile guest can raise anything
+            failure.append(f"{type(exc).__name__}: {exc}")
+
+    thread = threading.Thread(target=run, name="final-collection", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if result:
+        return result[0], ""
+    if failure:
+        return None, failure[0]
+    return None, (
+        f"it did not finish within {seconds:g} s (the guest may be hung, or hostile); "
+        "destroyed without it"
+    )
 
 
 def destroy(ctx: Context, name: str) -> DestroyReport:
@@ -537,15 +572,19 @@ def destroy(ctx: Context, name: str) -> DestroyReport:
         network = state.network if state else ctx.settings.network.name
         if state is not None and state.phase is Phase.READY:
             # Destroy collects first: the guest's records exist only in the guest until now.
-            try:
-                report = _collect_locked(ctx, state, final=True)
-                if report.new_attempts or report.new_dns:
+            # But the guest may be hostile or hung: whatever it does, destroy goes on.
+            collected, problem = _within(
+                FINAL_COLLECT_SECONDS, lambda: _collect_locked(ctx, state, final=True)
+            )
+            if collected is not None:
+                if collected.new_attempts or collected.new_dns:
                     removed.append(
-                        f"collected {report.new_attempts} attempts, {report.new_dns} DNS queries"
+                        f"collected {collected.new_attempts} attempts, "
+                        f"{collected.new_dns} DNS queries"
                     )
-                warnings.extend(report.warnings)
-            except SandboxError as exc:
-                warnings.append(f"could not collect the last connection records: {exc.message}")
+                warnings.extend(collected.warnings)
+            else:
+                warnings.append(f"could not collect the last connection records: {problem}")
         if state is not None and state.pcap_pid:
             pcap.stop_pcap(state.pcap_pid)
         if state is not None and state.flows_pid:
@@ -601,7 +640,14 @@ def known_names(ctx: Context) -> list[str]:
 
 
 def destroy_all(ctx: Context) -> list[DestroyReport]:
-    return [destroy(ctx, name) for name in known_names(ctx)]
+    """Destroy every sandbox; one that fails is reported and the others still go."""
+    reports = []
+    for name in known_names(ctx):
+        try:
+            reports.append(destroy(ctx, name))
+        except SandboxError as exc:
+            reports.append(DestroyReport(name=name, removed=(), failed=exc.message))
+    return reports
 
 
 # ---- status --------------------------------------------------------------------------------
@@ -988,16 +1034,25 @@ def _collect_locked(
         if cursor_path.exists()
         else monitor.Cursor()
     )
+    policy = EgressPolicy.from_dict(state.policy)
+
+    def gather(g: Guest) -> tuple[monitor.Collected, list[Attempt]]:
+        collected = monitor.collect_full(g, cursor, final=final)
+        return collected, _firewall_tamper(g, guest_rules(policy, ctx.network_spec()), logs)
+
     if guest is not None:
-        collected = monitor.collect_full(guest, cursor, final=final)
+        collected, tampered = gather(guest)
     else:
         deadline = Deadline(60, f"SSH to sandbox {state.name!r} to collect its records")
         with Guest.connect(endpoint(ctx, state), deadline) as own:
-            collected = monitor.collect_full(own, cursor, final=final)
+            collected, tampered = gather(own)
+    collected = dataclasses.replace(collected, attempts=collected.attempts + tampered)
     queries = _dns_queries(ctx, state)
     new_dns = logview.append_dns(logs, queries)
     known_dns: list[DnsQuery] = logview.read_dns(logs)
-    attempts: list[Attempt] = monitor.attach_dns_names(collected.attempts, known_dns)
+    attempts: list[Attempt] = monitor.attach_dns_names(
+        [_host_verdict(a, policy) for a in collected.attempts], known_dns
+    )
     new_attempts = logview.append_attempts(logs, runs.annotate(attempts, logs))
     if after_run:
         # Attempts collected while the run was still going (a `logs --follow` beside it) could
@@ -1005,6 +1060,38 @@ def _collect_locked(
         logview.rewrite_attempts(logs, lambda stored: runs.annotate(stored, logs))
     atomic_write(cursor_path, collected.cursor.to_json() + "\n")
     return CollectReport(new_attempts, new_dns, tuple(collected.warnings))
+
+
+def _firewall_tamper(guest: Guest, expected: dict[int, str], logs: Path) -> list[Attempt]:
+    """A tamper row when the guest's firewall no longer is (or is again) what `up` loaded, once
+    per change: the last state seen is kept in logs/ (paths.FIREWALL_STATE)."""
+    printed = guest.check(["sh", "-c", "\n".join(firewall.save_script())], timeout=30)
+    diff = firewall.mismatches(expected, printed)
+    digest = hashlib.sha256(printed.encode()).hexdigest()[:16]
+    now_state = f"changed {digest}" if diff else "intact"
+    state_file = logs / paths.FIREWALL_STATE
+    before = state_file.read_text().strip() if state_file.exists() else "intact"
+    if now_state == before:
+        return []
+    atomic_write(state_file, now_state + "\n")
+    if diff:
+        changes = "; ".join(
+            f"IPv{version}: " + " / ".join(lines[:3]) for version, lines in sorted(diff.items())
+        )
+        what = f"the guest's firewall no longer matches the policy ({changes})"
+    else:
+        what = "the guest's firewall matches the policy again"
+    # Seen at this collection: the change happened since the last one (`collect_every`).
+    return [monitor.tamper_record(time.time(), what[:500], f"fw{digest}{int(time.time())}")]
+
+
+def _host_verdict(attempt: Attempt, policy: EgressPolicy) -> Attempt:
+    """An attempt the guest's firewall never logged gets the host-side filter's verdict."""
+    if attempt.verdict is Verdict.UNLOGGED and not policy.allows(
+        attempt.proto, attempt.dst, attempt.dport
+    ):
+        return dataclasses.replace(attempt, verdict=Verdict.HOST_BLOCKED)
+    return attempt
 
 
 def _dns_queries(ctx: Context, state: SandboxState) -> list[DnsQuery]:

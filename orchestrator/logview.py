@@ -191,7 +191,7 @@ def parse_since(text: str, now: datetime) -> datetime:
     return moment if moment.tzinfo else moment.astimezone()
 
 
-_BLOCKED = frozenset({Verdict.BLOCKED, Verdict.BOOT})
+_BLOCKED = frozenset({Verdict.BLOCKED, Verdict.BOOT, Verdict.HOST_BLOCKED})
 
 
 @dataclass(frozen=True)
@@ -260,6 +260,9 @@ _VERDICT_STYLE = {
     Verdict.BOOT: "red",
     Verdict.DNS: "cyan",
     Verdict.LOOPBACK: "dim",
+    Verdict.UNLOGGED: "bold yellow",
+    Verdict.HOST_BLOCKED: "bold red",
+    Verdict.TAMPER: "bold magenta",
 }
 
 

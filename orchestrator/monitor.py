@@ -521,7 +521,13 @@ def _loopback(address: str) -> bool:
     return ipaddress.ip_address(address).is_loopback
 
 
-def _attempt(record: FirewallRecord | None, event: ConnectEvent | None, boot_id: str) -> Attempt:
+def _attempt(
+    record: FirewallRecord | None,
+    event: ConnectEvent | None,
+    boot_id: str,
+    *,
+    unlogged: bool = False,
+) -> Attempt:
     # Ids carry the boot: the capture's counts and clocks start again when the guest reboots.
     boot = boot_id.replace("-", "")[:8]
     if record is not None:
@@ -546,10 +552,11 @@ def _attempt(record: FirewallRecord | None, event: ConnectEvent | None, boot_id:
         )
     assert event is not None
     loopback = _loopback(event.dst)
+    verdict = Verdict.LOOPBACK if loopback else Verdict.BLOCKED
     return Attempt(
         id=f"c{event.key}.{boot}",
         time=iso_time(event.time),
-        verdict=Verdict.LOOPBACK if loopback else Verdict.BLOCKED,
+        verdict=Verdict.UNLOGGED if unlogged else verdict,
         proto=event.proto,
         family=event.family,
         dst=event.dst,
@@ -703,6 +710,39 @@ class Collected:
     warnings: list[str]  # losses detected by this collection (also appended to cursor.losses)
 
 
+def tamper_record(when: float, what: str, key: str, *, pid: int | None = None) -> Attempt:
+    """A row of the connection log that is no attempt: the guest changed what records them."""
+    return Attempt(
+        id=f"t{key}",
+        time=iso_time(when),
+        verdict=Verdict.TAMPER,
+        proto="",
+        family=4,
+        dst="",
+        dport=None,
+        pid=pid,
+        evidence=what,
+    )
+
+
+def _capture_tamper(snapshot: Snapshot, cursor: Cursor, rebooted: bool) -> list[Attempt]:
+    """The capture found detached, or loaded again, since the last collection: a tamper row (the
+    guest's own kernel does not say which process did it; the host's flow record shows what it
+    then sent)."""
+    if rebooted:
+        return []
+    key = f"{round(snapshot.wall * 1000)}.{snapshot.boot_id.replace('-', '')[:8]}"
+    if not snapshot.capture_loaded:
+        what = "the connection capture was detached in the guest (attached again now)"
+    elif (snapshot.capture_seq is not None and snapshot.capture_seq < cursor.capture_seq) or (
+        snapshot.packets_seq is not None and snapshot.packets_seq < cursor.packets_seq
+    ):
+        what = "the connection capture was loaded again in the guest"
+    else:
+        return []
+    return [tamper_record(snapshot.wall, what, f"cap{key}")]
+
+
 def _loss_warnings(snapshot: Snapshot, cursor: Cursor, rebooted: bool) -> list[str]:
     stamp = iso_time(snapshot.wall)
     warnings = []
@@ -791,8 +831,14 @@ def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Colle
         elif half is None and event is not None and not _event_only(event):
             if not final and event.time > young:
                 pending_events.append(event)  # a UDP connect whose first datagram may follow
+            elif _unlogged(event):
+                # A TCP connect sends its SYN, which an intact guest firewall always logs. None
+                # came: the rules were changed or bypassed. Still an attempt (the host-side
+                # filter decided it; lifecycle sets which way from the policy).
+                attempts.append(_attempt(None, event, snapshot.boot_id, unlogged=True))
         else:
             attempts.append(_attempt(half, event, snapshot.boot_id))
+    attempts += _capture_tamper(snapshot, cursor, rebooted)
     attempts.sort(key=lambda a: (a.time, a.id))
 
     new_cursor = Cursor(
@@ -839,6 +885,12 @@ def _same_socket(record: FirewallRecord, last_ident: int | None) -> bool:
         return False
     step = (record.ident - last_ident) % 65536
     return 0 < step <= _RESEND_ID_STEP or record.ident == last_ident == 0
+
+
+def _unlogged(event: ConnectEvent) -> bool:
+    """A connect with no firewall record that is an attempt all the same: TCP to elsewhere than
+    loopback (a UDP connect with no record sent nothing: glibc's address sorting does that)."""
+    return event.proto == "tcp" and not _loopback(event.dst)
 
 
 def _event_only(event: ConnectEvent) -> bool:

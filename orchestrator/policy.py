@@ -99,6 +99,27 @@ class EgressPolicy:
     def for_version(self, version: int) -> tuple[Allow, ...]:
         return tuple(a for a in self.allow if a.version == version)
 
+    def allows(self, proto: str, dst: str, dport: int | None) -> bool:
+        """Whether the host-side filter lets a packet of `proto` to dst:dport out. Pure."""
+        try:
+            address = ipaddress.ip_address(dst)
+        except ValueError:
+            return False
+        for entry in self.allow:
+            if address.version != entry.version or address not in entry.network:
+                continue
+            if entry.proto is Proto.ICMP:
+                if proto in ("icmp", "icmpv6"):
+                    return True
+                continue
+            if entry.proto is not Proto.ANY and entry.proto.value != proto:
+                continue
+            if entry.port is None and entry.proto is Proto.ANY:
+                return True
+            if proto in ("tcp", "udp") and entry.port in (None, dport):
+                return True
+        return False
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "allow": [

@@ -34,6 +34,12 @@ class Verdict(Enum):
     DNS = "dns"  # a query to the sandbox's resolver, let through by the DNS rule
     LOOPBACK = "loopback"  # never leaves the guest, never reaches the firewall
     BOOT = "boot"  # refused by the boot-time default-deny, before the policy was loaded
+    # A TCP connect the capture saw that the guest's firewall never logged: its rules were
+    # changed (guest root flushed them) or bypassed. What the host-side filter made of it:
+    UNLOGGED = "unlogged"  # the policy allows the destination: the host let it through
+    HOST_BLOCKED = "host-blocked"  # it does not: the host-side filter dropped it
+    # The guest's firewall or capture changed under it (a record of its own, not an attempt).
+    TAMPER = "tamper"
 
 
 def iso_time(epoch_seconds: float) -> str:

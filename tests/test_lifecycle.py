@@ -356,3 +356,18 @@ def test_sandbox_ssh_ignores_the_users_ssh_config(ctx: lifecycle.Context, tmp_pa
     assert options["controlmaster"] == "false" and options.get("controlpath", "none") == "none"
     assert options["user"] == state.user and options["stricthostkeychecking"] == "true"
     assert options["identityagent"] == "none"
+
+
+def test_within_bounds_a_hung_or_failing_step() -> None:
+    import threading as th
+
+    release = th.Event()
+    result, why = lifecycle._within(0.2, lambda: release.wait(30))
+    assert result is None and "did not finish within 0.2 s" in why
+    release.set()
+
+    def garbage() -> int:
+        raise ValueError("not a number: '\x1b[2J'")
+
+    assert lifecycle._within(5, garbage) == (None, "ValueError: not a number: '\x1b[2J'")
+    assert lifecycle._within(5, lambda: 42) == (42, "")

@@ -174,7 +174,12 @@ def test_retries_of_one_flow_are_one_attempt_and_do_not_steal_events() -> None:
     # A resend collected later is still the same attempt.
     again = monitor.process(
         monitor.parse_snapshot(
-            _output([_record(13, 54.0, sport=1, ident=502)], wall=1005, uptime=105)
+            _output(
+                [_record(13, 54.0, sport=1, ident=502)],
+                wall=1005,
+                uptime=105,
+                capture="@@capture ok 6 2 0 4 0",  # counts go on: the same capture
+            )
         ),
         out.cursor,
     )
@@ -470,6 +475,50 @@ def test_connect_only_attempts_loopback_refused_and_udp_without_packets() -> Non
         (Verdict.BLOCKED, "tcp", 2, "connect"),
         (Verdict.BLOCKED, "udp", 5, "connect"),
     ]
+
+
+def test_a_tcp_connect_the_firewall_never_logged_is_kept_as_unlogged() -> None:
+    """Guest root flushed the guest's firewall: its SYNs are no longer logged, but the capture
+    still sees the connects. Each is an attempt (once settled), never dropped."""
+    events = (
+        _event(1, 950.0, ret=-115)  # EINPROGRESS: a SYN went out, no firewall record
+        + _event(2, 950.1, dst="203.0.113.7", ret=0)  # it even connected
+        + _event(3, 950.2, ret=0, protocol=17)  # UDP that never sent: still not an attempt
+    )
+    snapshot = monitor.parse_snapshot(_output([], events, wall=950.3, uptime=50.3))
+    # Young: kept back for its firewall record (which may be drained later)...
+    early = monitor.process(snapshot, monitor.Cursor())
+    assert early.attempts == [] and len(early.cursor.pending_events) == 3
+    # ...and an attempt once settled (or at destroy), with the verdict "unlogged".
+    later = _output(
+        [], "", wall=1000.0, uptime=100.0, events_pos=(7, 0), capture="@@capture ok 3 3 0 0 0"
+    )
+    settled = monitor.process(monitor.parse_snapshot(later), early.cursor)
+    assert [(a.verdict, a.dst, a.pid, a.evidence) for a in settled.attempts] == [
+        (Verdict.UNLOGGED, "198.51.100.9", 1, "connect"),
+        (Verdict.UNLOGGED, "203.0.113.7", 2, "connect"),
+    ]
+    final = monitor.process(snapshot, monitor.Cursor(), final=True)
+    assert [a.verdict for a in final.attempts] == [Verdict.UNLOGGED, Verdict.UNLOGGED]
+
+
+def test_a_detached_or_reloaded_capture_is_a_tamper_row() -> None:
+    first = monitor.process(
+        monitor.parse_snapshot(_output([], _event(1, 950.0, ret=-111))), monitor.Cursor()
+    )
+    detached = monitor.parse_snapshot(
+        _output([], "", wall=1010.0, uptime=110.0, capture="@@capture missing 0 0 0 0 0")
+    )
+    out = monitor.process(detached, first.cursor)
+    rows = [a for a in out.attempts if a.verdict is Verdict.TAMPER]
+    assert [(r.time, r.evidence) for r in rows] == [
+        (
+            "1970-01-01T00:16:50.000Z",
+            "the connection capture was detached in the guest (attached again now)",
+        )
+    ]
+    # The same collection again (a re-read) gives the same row id: stored once.
+    assert monitor.process(detached, first.cursor).attempts[0].id == rows[0].id
 
 
 def test_a_reboot_restarts_positions_and_ids_stay_unique() -> None:

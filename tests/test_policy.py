@@ -165,3 +165,24 @@ def test_unambiguous_ipv6_forms_stay_accepted() -> None:
 def test_policy_file_that_is_a_directory(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="is a directory"):
         load_policy_file(tmp_path)
+
+
+def test_allows_matches_the_host_filter() -> None:
+    p = build_policy(
+        [
+            "203.0.113.7:443",
+            "udp:198.51.100.0/24:53",
+            "icmp:203.0.113.9",
+            "[2001:db8::1]:80",
+            "192.0.2.5",
+        ],
+        dns=True,
+        resolve=lambda name: [],
+    )
+    assert p.allows("tcp", "203.0.113.7", 443) and p.allows("udp", "203.0.113.7", 443)
+    assert not p.allows("tcp", "203.0.113.7", 80)
+    assert p.allows("udp", "198.51.100.77", 53) and not p.allows("tcp", "198.51.100.77", 53)
+    assert p.allows("icmp", "203.0.113.9", None) and not p.allows("tcp", "203.0.113.9", 1)
+    assert p.allows("tcp", "2001:db8::1", 80) and not p.allows("tcp", "2001:db8::2", 80)
+    assert p.allows("tcp", "192.0.2.5", 1) and p.allows("icmp", "192.0.2.5", None)
+    assert not p.allows("tcp", "not an address", 1)
