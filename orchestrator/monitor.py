@@ -233,13 +233,26 @@ _ESCAPE = re.compile(rb"\\x([0-9a-f]{2})")
 _PROTO_NUMBERS = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6", 136: "udplite", 132: "sctp"}
 
 
+_INT = re.compile(r"-?[0-9]{1,19}")
+_SECONDS = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
+
+
 def _int(value: str | None) -> int | None:
-    if value is None:
+    # The guest's word: "²", "1e9" or 5000 digits are not counts (and int() of some raises).
+    if value is None or not _INT.fullmatch(value):
         return None
-    try:
-        return int(value)
-    except ValueError:
-        return None
+    return int(value)
+
+
+def _seconds(value: str) -> float:
+    """A clock reading the guest printed; GuestError when it is not one (a replaced `date`)."""
+    if not _SECONDS.fullmatch(value):
+        raise GuestError(
+            f"the guest printed {value[:40]!r} for a clock reading",
+            "guest root may have replaced date or /proc/uptime: the records of this collection "
+            "were not read; destroy the sandbox if it goes on",
+        )
+    return float(value)
 
 
 def _unescape(text: str) -> bytes:
@@ -390,7 +403,7 @@ def parse_snapshot(text: str) -> Snapshot:
         elif head == _CAPTURE:
             capture = line.split()[1:]
         elif head == _BOOT:
-            boot_id = line.split()[1]
+            boot_id = (line.split()[1:] or [""])[0][:64]
         elif line in (_EVENTS, _END):
             current = sections.setdefault(line, [])
         elif current is not None:
@@ -402,10 +415,10 @@ def parse_snapshot(text: str) -> Snapshot:
             "the connection capture's output from the guest is incomplete",
             "the guest may be out of memory or disk; check `sandbox exec -- df -h /var/lib`",
         )
-    wall, uptime = float(clock[0]), float(clock[1])
+    wall, uptime = _seconds(clock[0]), _seconds(clock[1])
     # CLOCK_MONOTONIC and the wall clock, read together by the drain; /proc/uptime otherwise.
     mono_offset = (
-        float(capture_clock[1]) - float(capture_clock[0])
+        _seconds(capture_clock[1]) - _seconds(capture_clock[0])
         if len(capture_clock) == 2
         else wall - uptime
     )

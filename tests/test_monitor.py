@@ -876,3 +876,30 @@ def test_a_burst_of_attempts_loses_nothing(cli: Cli, tmp_path: Path) -> None:
     assert {(a.verdict, a.dst, a.dport, a.evidence) for a in mine} == {
         (Verdict.BLOCKED, "198.51.100.9", 80, "connect+firewall")
     }
+
+
+def test_garbage_from_the_guest_is_a_guest_error_or_ignored() -> None:
+    """Guest root replaces `date` or writes into the events file: a collection fails with a
+    GuestError (which callers report as a warning) or skips the lines; nothing else is raised."""
+    from orchestrator.errors import GuestError
+
+    bad_clock = _output([], "").replace("@@clock 1000.000000000", "@@clock 1e400")
+    with pytest.raises(GuestError, match="clock reading"):
+        monitor.parse_snapshot(bad_clock)
+    garbage = (
+        "c ² ² ² ² ² ² ² ² ² ² ² ²\n"
+        "f 99999999999999999999999999 x y z\n"
+        "c 1 1e400 1 1 1 1 -111 4 6 1.2.3.4 80 /x y\n"
+        "c 1 1 1 1 1 1 -111 9 6 ::::::: 99999 /x y\n"
+        "f 1 1 0 4 6 a b c d e f SBX-BLOCK\n"
+        "\x1b[2J" + "9" * 10000 + "\n"
+    )
+    out = monitor.process(
+        monitor.parse_snapshot(_output([], garbage + _event(7, 950.0, ret=-101))),
+        monitor.Cursor(),
+        final=True,
+    )
+    # The one well-formed connect survives the garbage around it.
+    assert [(a.pid, a.verdict) for a in out.attempts] == [(7, Verdict.BLOCKED)]
+    boot_only = _output([], "").replace("@@boot b00710ad-0000-0000-0000-000000000000", "@@boot")
+    assert monitor.parse_snapshot(boot_only).boot_id == ""
