@@ -1053,11 +1053,12 @@ def _collect_locked(
     attempts: list[Attempt] = monitor.attach_dns_names(
         [_host_verdict(a, policy) for a in collected.attempts], known_dns
     )
-    new_attempts = logview.append_attempts(logs, runs.annotate(attempts, logs))
+    inflate = ctx.settings.limits.decompressed
+    new_attempts = logview.append_attempts(logs, runs.annotate(attempts, logs, limit=inflate))
     if after_run:
         # Attempts collected while the run was still going (a `logs --follow` beside it) could
         # not be tied to its trace then; now its trace is here.
-        logview.rewrite_attempts(logs, lambda stored: runs.annotate(stored, logs))
+        logview.rewrite_attempts(logs, lambda stored: runs.annotate(stored, logs, limit=inflate))
     atomic_write(cursor_path, collected.cursor.to_json() + "\n")
     return CollectReport(new_attempts, new_dns, tuple(collected.warnings))
 

@@ -318,7 +318,7 @@ def load_records(logs: Path) -> list[RunRecord]:
     return found
 
 
-def _traces(logs: Path, run: RunRecord) -> list[xdebug.Trace]:
+def _traces(logs: Path, run: RunRecord, limit: int) -> list[xdebug.Trace]:
     directory = runs_dir(logs) / run.id / paths.XDEBUG_DIR
     if not directory.is_dir():
         return []
@@ -326,13 +326,15 @@ def _traces(logs: Path, run: RunRecord) -> list[xdebug.Trace]:
     for path in sorted(directory.iterdir()):
         if xdebug.is_trace_name(path.name):
             try:
-                traces.append(xdebug.parse_trace(path.read_bytes(), path.name))
+                traces.append(xdebug.parse_trace(path.read_bytes(), path.name, limit=limit))
             except xdebug.TraceError:
                 continue  # a damaged trace costs its process's stacks, not the log view
     return traces
 
 
-def annotate(attempts: Sequence[Attempt], logs: Path) -> list[Attempt]:
+def annotate(
+    attempts: Sequence[Attempt], logs: Path, *, limit: int = xdebug.MAX_DECOMPRESSED
+) -> list[Attempt]:
     """Tie attempts to the runs that made them and, where an xdebug trace of the process exists,
     to the PHP frames that were running at that moment. Attempts already tied stay as they are.
 
@@ -348,7 +350,7 @@ def annotate(attempts: Sequence[Attempt], logs: Path) -> list[Attempt]:
         mine = [a for a in pending if run.covers(moments[a.id])]
         if not mine:
             continue
-        traces = _traces(logs, run)
+        traces = _traces(logs, run, limit)
         traced = {t.pid for t in traces}
         others = [r for r in runs if r is not run]
         owned = [

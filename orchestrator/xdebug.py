@@ -304,7 +304,7 @@ def _decompress(data: bytes, name: str, limit: int = MAX_DECOMPRESSED) -> bytes:
     return text
 
 
-def parse_trace(data: bytes, name: str) -> Trace:
+def parse_trace(data: bytes, name: str, *, limit: int = MAX_DECOMPRESSED) -> Trace:
     """Parse a computerized (trace_format=1) trace, complete or cut short (a process still
     writing, or killed: the last line may be incomplete, calls may have no exit)."""
     match = _TRACE_NAME.match(name)
@@ -313,7 +313,7 @@ def parse_trace(data: bytes, name: str) -> Trace:
             f"{name!r} is not named like a sandbox trace (trace.<pid>.<hex>.xt)",
             "traces come from `sandbox run` with --xdebug trace, debug or develop",
         )
-    text = _decompress(data, name).decode("utf-8", errors="replace")
+    text = _decompress(data, name, limit).decode("utf-8", errors="replace")
     lines = text.split("\n")
     lines.pop()  # after the last newline: empty, or a line cut off while it was written
     opened: float | None = None
