@@ -18,7 +18,10 @@ sandbox may be given the same address by DHCP.
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
 import re
+import shutil
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
@@ -172,6 +175,109 @@ def select(
                 continue
         chosen.append(query)
     return chosen
+
+
+# The shared log is rotated (to FILE.1, dnsmasq told to reopen it) once it is this large, and
+# one collection reads at most READ_MAX of it: the guests decide how much dnsmasq writes.
+ROTATE_BYTES = 64 << 20
+READ_MAX = 64 << 20
+# Each read starts this far before where the last one ended, so that a query whose reply line
+# came after that read is assembled whole (the records are stored once, by id).
+OVERLAP = 64 << 10
+
+
+@dataclass(frozen=True)
+class LogCursor:
+    """Where a sandbox's last read of the shared DNS log ended: the file (inode) and byte."""
+
+    inode: int = 0
+    offset: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps({"inode": self.inode, "offset": self.offset})
+
+    @classmethod
+    def from_json(cls, text: str) -> LogCursor:
+        try:
+            data = json.loads(text)
+            return cls(int(data["inode"]), int(data["offset"]))
+        except (ValueError, KeyError, TypeError):
+            return cls()  # a damaged cursor costs a re-read, not the collection
+
+
+def read_new(path: str | Path, cursor: LogCursor) -> tuple[str, LogCursor]:
+    """The log's text since `cursor` (with a small overlap), the rotated file's rest included
+    when it was rotated since, and the cursor to pass next time."""
+    file = Path(path)
+    rotated = file.with_name(file.name + ".1")
+    parts: list[bytes] = []
+    try:
+        if not file.exists():
+            return "", LogCursor()
+        st = file.stat()
+        start = cursor.offset
+        if st.st_ino != cursor.inode or st.st_size < cursor.offset:
+            # Rotated since (rotate_if_large: copied to FILE.1, then emptied in place), or a
+            # new file: finish the old content from the copy, then this file from its start.
+            if cursor.inode == st.st_ino and rotated.exists():
+                parts.append(_whole_lines(rotated, cursor.offset)[0])
+            start = 0
+        data, next_offset = _whole_lines(file, start)
+        parts.append(data)
+    except OSError as error:
+        raise DnsLogError(
+            f"cannot read the sandbox network's DNS log {file}: {error.strerror}",
+            "run sandbox as root (the log is written by the network's dnsmasq)",
+        ) from None
+    return b"".join(parts).decode("utf-8", "replace"), LogCursor(st.st_ino, next_offset)
+
+
+def _whole_lines(file: Path, start: int) -> tuple[bytes, int]:
+    """The whole lines of `file` from about `start` (OVERLAP earlier) on, at most READ_MAX
+    bytes, and the offset after the last of them."""
+    with file.open("rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        begin = max(0, min(start, size) - OVERLAP)
+        handle.seek(begin)
+        data = handle.read(min(size - begin, READ_MAX))
+    skip = 0
+    if begin > 0:
+        # Started mid-file: the first, partial line is not ours to parse.
+        skip = data.find(b"\n") + 1
+    end = data.rfind(b"\n") + 1
+    if end <= skip:
+        return b"", max(start, begin + skip)
+    return data[skip:end], begin + end
+
+
+def rotate_if_large(path: str | Path, limit: int = ROTATE_BYTES) -> bool:
+    """Once the shared log is over `limit` bytes, copy it to FILE.1 and empty it in place, so it
+    never grows without end. In place, because the network's dnsmasq keeps it open (with
+    O_APPEND: it goes on writing at the new end) and, running as nobody by then, could not
+    create a new one. Readers whose cursor points into the old content finish it from FILE.1
+    (read_new). A line written between the copy and the emptying is lost: a bounded log costs
+    that much."""
+    file = Path(path)
+    try:
+        if file.stat().st_size <= limit:
+            return False
+        tmp = file.with_name(file.name + ".1.tmp")
+        shutil.copyfile(file, tmp)
+        os.replace(tmp, file.with_name(file.name + ".1"))
+        os.truncate(file, 0)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def read_new_for(
+    path: str | Path, client_ips: Collection[str], since: datetime | None, cursor: LogCursor
+) -> tuple[list[DnsQuery], LogCursor]:
+    """Like read_for, but only what the log gained since `cursor` (plus the overlap): what a
+    collection calls, with the cursor it saved last time."""
+    text, after = read_new(path, cursor)
+    year = datetime.now().year
+    return select(parse(text, year=year), client_ips, since), after
 
 
 def read_for(

@@ -693,6 +693,19 @@ def sandbox_domains(conn: libvirt.virConnect) -> dict[str, str]:
     return found
 
 
+def console_rotations(pool: libvirt.virStoragePool, console: str) -> list[str]:
+    """The console log's older files, as virtlogd rotates it (NAME.0, NAME.1, ...)."""
+    with contextlib.suppress(libvirt.libvirtError):
+        pool.refresh(0)
+    try:
+        names = [str(v) for v in pool.listVolumes()]
+    except libvirt.libvirtError:
+        return []
+    return sorted(
+        n for n in names if n.startswith(console + ".") and n[len(console) + 1 :].isdigit()
+    )
+
+
 def console_text(conn: libvirt.virConnect, pool: libvirt.virStoragePool, name: str) -> str:
     with contextlib.suppress(libvirt.libvirtError):
         pool.refresh(0)

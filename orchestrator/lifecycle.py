@@ -467,7 +467,7 @@ def _remove_volumes(
     name: str,
 ) -> None:
     _save_console(store, name, hv.console_text(conn, pool, vols.console))
-    for vol in vols.all():
+    for vol in (*vols.all(), *hv.console_rotations(pool, vols.console)):
         hv.delete_volume(pool, vol)
 
 
@@ -605,7 +605,8 @@ def destroy(ctx: Context, name: str) -> DestroyReport:
             if pool is not None:
                 vols = hv.SandboxVolumes.for_sandbox(name)
                 _save_console(store, name, hv.console_text(conn, pool, vols.console))
-                for vol in vols.all():
+                # virtlogd rotates the console log (2 MiB a file, 3 kept): the old ones too.
+                for vol in (*vols.all(), *hv.console_rotations(pool, vols.console)):
                     if hv.delete_volume(pool, vol):
                         removed.append(f"volume {vol}")
             if _remove_network(ctx, conn, network):
@@ -1106,7 +1107,18 @@ def _dns_queries(ctx: Context, state: SandboxState) -> list[DnsQuery]:
         if dom is not None:
             clients = sorted(set(clients) | set(hv.domain_addresses(dom)))
     since = dt.datetime.fromisoformat(state.created)
-    return dnslog.read_for(ctx.network_spec().dns_log, clients, since)
+    # Read from where this sandbox's last collection ended, not the shared log whole.
+    cursor_path = logs_dir(ctx, state.name) / paths.DNS_CURSOR
+    cursor = (
+        dnslog.LogCursor.from_json(cursor_path.read_text())
+        if cursor_path.exists()
+        else dnslog.LogCursor()
+    )
+    log = ctx.network_spec().dns_log
+    queries, after = dnslog.read_new_for(log, clients, since, cursor)
+    atomic_write(cursor_path, after.to_json() + "\n")
+    dnslog.rotate_if_large(log)
+    return queries
 
 
 def sockets(ctx: Context, name: str) -> list[logview.Socket]:

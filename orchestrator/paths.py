@@ -33,6 +33,7 @@ CONNECTIONS_LOG = "connections.jsonl"
 DNS_LOG = "dns.jsonl"
 PCAP_FILE = "capture.pcap"
 CAPTURE_CURSOR = "capture-cursor.json"  # monitor.Cursor: how far the guest's logs were collected
+DNS_CURSOR = "dns-cursor.json"  # logs/: how far the shared DNS log was read (dnslog.LogCursor)
 FIREWALL_STATE = "firewall.state"  # logs/: what the last collection found the guest firewall
 COLLECT_LOCK = ".collect.lock"  # collections of one sandbox take turns
 RUNS_DIR = "runs"  # one directory per `sandbox run`, named by its run id:

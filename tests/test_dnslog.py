@@ -204,6 +204,10 @@ def test_libvirts_dnsmasq_logs_each_guest_query_at_the_spec_path(lab: Lab) -> No
                                 raise
                             time.sleep(0.5)
                     asked.append(int(rcode))
+                    if name == "exfil.example":
+                        # Rotated (copied, emptied in place) between two queries: dnsmasq,
+                        # running as nobody by now, goes on writing to the same file.
+                        assert dnslog.rotate_if_large(log, limit=1)
             finally:
                 subprocess.run(["ip", "netns", "del", guest_ns], check=False)
         finally:
@@ -211,7 +215,11 @@ def test_libvirts_dnsmasq_logs_each_guest_query_at_the_spec_path(lab: Lab) -> No
         assert asked == [0, 5, 0]
         # dnsmasq wrote the file after dropping to nobody: the owner proves it kept the file open.
         assert log.stat().st_uid != 0
-        found = dnslog.read_for(log, [guest_v4, guest_v6], since)
+        # At the start of the emptied file (O_APPEND), not after a hole as large as before.
+        assert not log.read_bytes().startswith(b"\0")
+        rotated = log.with_name(log.name + ".1")
+        found = dnslog.read_for(rotated, [guest_v4, guest_v6], since)
+        found += dnslog.read_for(log, [guest_v4, guest_v6], since)
         assert [(q.client, q.name, q.qtype, q.result) for q in found] == [
             (guest_v4, "allowed.example", "A", "203.0.113.7"),
             (guest_v4, "exfil.example", "A", "REFUSED"),
@@ -220,3 +228,52 @@ def test_libvirts_dnsmasq_logs_each_guest_query_at_the_spec_path(lab: Lab) -> No
     finally:
         conn.close()
         log.unlink(missing_ok=True)
+        log.with_name(log.name + ".1").unlink(missing_ok=True)
+
+
+def test_read_new_reads_only_what_the_log_gained(tmp_path: Path) -> None:
+    log = tmp_path / "sandbox.queries.log"
+    lines = (DATA / "dnsmasq-vm.log").read_bytes().splitlines(keepends=True)
+    half = len(lines) // 2
+    log.write_bytes(b"".join(lines[:half]) + lines[half][:10])  # a torn last line
+    first, cursor = dnslog.read_new(log, dnslog.LogCursor())
+    assert first.count("\n") == half  # whole lines only
+    assert cursor.offset == sum(len(line) for line in lines[:half])
+    with log.open("ab") as handle:
+        handle.write(lines[half][10:] + b"".join(lines[half + 1 :]))
+    second, cursor2 = dnslog.read_new(log, cursor)
+    # From a little before the last end (the overlap), to the end; nothing read twice beyond it.
+    assert second.endswith(lines[-1].decode())
+    assert len(second.encode()) <= log.stat().st_size - cursor.offset + dnslog.OVERLAP
+    assert cursor2.offset == log.stat().st_size
+    again, cursor3 = dnslog.read_new(log, cursor2)
+    assert cursor3 == cursor2 and len(again.encode()) <= dnslog.OVERLAP
+    # The queries of both reads together are those of the whole log.
+    whole = dnslog.parse(log.read_text(), year=2026)
+    both = {q.id for q in dnslog.parse(first + second, year=2026)}
+    assert {q.id for q in whole} <= both
+
+
+def test_rotation_bounds_the_shared_log_and_loses_nothing(tmp_path: Path) -> None:
+    log = tmp_path / "sandbox.queries.log"
+    text = (DATA / "dnsmasq-vm.log").read_bytes()
+    log.write_bytes(text)
+    _, cursor = dnslog.read_new(log, dnslog.LogCursor())
+    with log.open("ab") as handle:
+        handle.write(text)  # more queries after the last read...
+    inode = log.stat().st_ino
+    assert dnslog.rotate_if_large(log, limit=len(text))  # ...then the log is rotated
+    assert (tmp_path / "sandbox.queries.log.1").read_bytes() == text + text
+    assert log.stat().st_size == 0 and log.stat().st_ino == inode  # emptied in place
+    assert not dnslog.rotate_if_large(log, limit=1)  # nothing to rotate now
+    with log.open("ab") as handle:  # dnsmasq goes on writing
+        handle.write(text[:200].rsplit(b"\n", 1)[0] + b"\n")
+    rest, after = dnslog.read_new(log, cursor)
+    # The old file's rest (the second copy) and the new file's lines were both read.
+    assert rest.count("\n") >= text.count(b"\n") and after.inode == log.stat().st_ino
+
+
+def test_a_damaged_cursor_is_a_fresh_start() -> None:
+    assert dnslog.LogCursor.from_json("garbage") == dnslog.LogCursor()
+    c = dnslog.LogCursor(7, 42)
+    assert dnslog.LogCursor.from_json(c.to_json()) == c

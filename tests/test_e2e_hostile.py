@@ -124,6 +124,15 @@ def test_a_hostile_guest_cannot_reach_into_the_host(cli: Cli, tmp_path: Path) ->
     tamper = [r for r in rows if r["verdict"] == "tamper"]
     assert any("firewall no longer matches" in str(r["evidence"]) for r in tamper), tamper
 
+    # 2: guest root floods the serial console: the host keeps a bounded log (virtlogd rotates
+    # it: 2 MiB a file, a few kept), and destroy removes the rotated files too.
+    as_root(cli, "head -c 6000000 /dev/zero | tr '\\0' x > /dev/ttyS0", timeout=300)
+    pool = Path("/var/lib/libvirt/sandbox")
+    console = sorted(pool.glob(f"sandbox-{NAME}-console.log*"))
+    print("console files:", [(p.name, p.stat().st_size) for p in console])
+    assert len(console) >= 2 and all(p.stat().st_size <= 2 << 20 for p in console)
+    assert sum(p.stat().st_size for p in console) <= 8 << 20
+
     # 6: guest root breaks date, writes garbage where the capture keeps its events, then makes
     # its sshd unreachable; destroy still removes everything, in bounded time, with a warning.
     as_root(
@@ -148,5 +157,6 @@ def test_a_hostile_guest_cannot_reach_into_the_host(cli: Cli, tmp_path: Path) ->
     assert "could not collect the last connection records" in " ".join(destroyed.stderr.split())
     assert took < 90, took
     assert leftovers(NAME, cli) == []
+    assert not list(pool.glob(f"sandbox-{NAME}-*")), "volumes of the sandbox left in the pool"
     # The logs stay readable after all that.
     assert cli.run("logs", "--name", NAME).returncode == 0
