@@ -41,9 +41,30 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
-def start_pcap(interface: str, path: str | Path, *, timeout: float = 10.0) -> int:
-    """Start capturing every packet on `interface` into `path` (pcap, flushed per packet, so a
-    capture cut short stays readable); return tcpdump's pid for stop_pcap.
+# The capture is a ring of files (tcpdump -C/-W): at most RING_FILES of RING_FILE_MIB each, the
+# oldest overwritten, so a guest sending without end cannot fill the host's disk.
+RING_FILE_MIB = 64
+RING_FILES = 4
+
+
+def ring_files(path: str | Path) -> list[Path]:
+    """The capture's files (PATH0, PATH1, ...), oldest first."""
+    base = Path(path)
+    found = [p for p in base.parent.glob(base.name + "*") if p.name[len(base.name) :].isdigit()]
+    return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
+
+
+def start_pcap(
+    interface: str,
+    path: str | Path,
+    *,
+    timeout: float = 10.0,
+    file_mib: int = RING_FILE_MIB,
+    files: int = RING_FILES,
+) -> int:
+    """Start capturing every packet on `interface` into a ring of pcap files PATH0, PATH1, ...
+    (flushed per packet, so a capture cut short stays readable); return tcpdump's pid for
+    stop_pcap.
 
     Call from `up` once the domain runs (its interface exists then), in the namespace of the
     domain's bridge, with path = <state>/<name>/logs/<paths.PCAP_FILE>; keep the pid in the
@@ -53,8 +74,14 @@ def start_pcap(interface: str, path: str | Path, *, timeout: float = 10.0) -> in
     # -U writes each packet as it is dumped; --immediate-mode makes libpcap hand it over at
     # once: without it the packets still in the kernel ring at SIGTERM are lost (measured:
     # a capture stopped right after an `exec` held 23 of 52 packets, none of the exec's).
-    args = ["-i", interface, "-w", str(capture), "-U", "--immediate-mode", "-n"]
-    return start_tcpdump(interface, args, capture, timeout=timeout, hint="drop --pcap")
+    # -Z root: tcpdump drops to its own user after the first file, and could not open the
+    # ring's next ones in the sandbox's logs directory.
+    args = [
+        "-i", interface, "-w", str(capture), "-U", "--immediate-mode", "-n",
+        "-C", str(file_mib), "-W", str(files), "-Z", "root",
+    ]  # fmt: skip
+    first = capture.with_name(capture.name + "0")
+    return start_tcpdump(interface, args, first, timeout=timeout, hint="drop --pcap")
 
 
 def start_tcpdump(

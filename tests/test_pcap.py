@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.pcap import CaptureError, start_pcap, stop_pcap
+from orchestrator.pcap import CaptureError, ring_files, start_pcap, stop_pcap
 
 NETNS = "sbx-pcap-test"
 PEER_NETNS = "sbx-pcap-peer"  # the far end of the veth, so that packets really cross it
@@ -59,14 +59,15 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _send(ns: str, payload: bytes) -> None:
-    # A datagram leaving pcapa towards pcapb's address, in the other namespace.
+def _send(ns: str, payload: bytes, count: int = 1) -> None:
+    # Datagrams leaving pcapa towards pcapb's address, in the other namespace.
     code = (
         "import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
-        "s.sendto(sys.argv[1].encode(), ('192.0.2.2', 9))"
+        "[s.sendto(sys.argv[1].encode(), ('192.0.2.2', 9)) for _ in range(int(sys.argv[2]))]"
     )
     subprocess.run(
-        ["ip", "netns", "exec", ns, sys.executable, "-c", code, payload.decode()], check=True
+        ["ip", "netns", "exec", ns, sys.executable, "-c", code, payload.decode(), str(count)],
+        check=True,
     )
 
 
@@ -85,9 +86,10 @@ def _start_in(ns: str, interface: str, path: Path) -> int:
 
 
 def test_capture_records_packets_on_the_interface(netns: str, tmp_path: Path) -> None:
-    capture = tmp_path / "logs" / "capture.pcap"
+    base = tmp_path / "logs" / "capture.pcap"
+    capture = base.with_name("capture.pcap0")  # the ring's first file
     started = time.monotonic()
-    pid = _start_in(netns, "pcapa", capture)
+    pid = _start_in(netns, "pcapa", base)
     startup = time.monotonic() - started
     try:
         assert capture.exists()
@@ -108,6 +110,29 @@ def test_capture_records_packets_on_the_interface(netns: str, tmp_path: Path) ->
     # The pcap magic (microsecond, little endian): a file every pcap reader opens.
     assert capture.read_bytes()[:4] == bytes.fromhex("d4c3b2a1")
     assert startup < 10
+
+
+def test_the_capture_is_a_bounded_ring(netns: str, tmp_path: Path) -> None:
+    """A guest that sends without end fills at most files x file_mib: the oldest file goes."""
+    base = tmp_path / "ring" / "capture.pcap"
+    code = (
+        "import sys; from orchestrator.pcap import start_pcap as s; "
+        "print(s(sys.argv[1], sys.argv[2], file_mib=1, files=2))"
+    )
+    pid = int(
+        subprocess.run(
+            ["ip", "netns", "exec", netns, sys.executable, "-c", code, "pcapa", str(base)],
+            capture_output=True, text=True, check=True, timeout=30, cwd=_ROOT,
+        ).stdout
+    )  # fmt: skip
+    try:
+        for _ in range(5):  # ~5 MB of datagrams through a 2 x 1 MB ring
+            _send(netns, b"x" * 1400, count=800)
+    finally:
+        assert stop_pcap(pid) is True
+    files = ring_files(base)
+    assert [p.name for p in sorted(files)] == ["capture.pcap0", "capture.pcap1"]
+    assert sum(p.stat().st_size for p in files) <= 2 * 1_000_000 + 4096
 
 
 def test_a_missing_interface_fails_at_once_with_tcpdumps_reason(tmp_path: Path) -> None:
