@@ -17,6 +17,7 @@ import pytest
 
 from orchestrator import paths
 from orchestrator.guest import generate_ed25519
+from orchestrator.lab import in_lab
 from orchestrator.state import SandboxState
 
 from .e2e_support import Cli, leftovers
@@ -137,6 +138,9 @@ def test_killed_up_then_destroy_then_concurrent_ups(cli: Cli) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(10)
     assert leftovers("killed", cli), "the killed up should have left its VM behind"
+    # Killed half-built, not after it was ready: what follows tests the half-built path.
+    half = json.loads((cli.sandbox_dir("killed") / paths.STATE_FILE).read_text())
+    assert half["phase"] == "creating", half["phase"]
 
     assert cli.run("up", "--name", "killed").returncode == 4  # half-built: destroy first
     cli.ok("destroy", "--name", "killed")
@@ -159,5 +163,21 @@ def test_killed_up_then_destroy_then_concurrent_ups(cli: Cli) -> None:
     for name in procs:
         result = cli.ok("exec", "--name", name, "--", "hostname")
         assert result.stdout.strip() == f"sandbox-{name}"
+    # Guest to guest, on real guests: even with its own firewall flushed, one sandbox reaches
+    # nothing of the other (its sshd), since neither allowed the other; the same probe from the
+    # host side (the lab) does reach it, so the probe itself works.
+    other = json.loads((cli.sandbox_dir("other") / paths.STATE_FILE).read_text())["ip"]
+    probe = (
+        "iptables -F; iptables -P OUTPUT ACCEPT; "
+        f"timeout 8 bash -c 'echo > /dev/tcp/{other}/22' 2>/dev/null && echo tcp-reached; "
+        "echo done"
+    )
+    reached = cli.ok("exec", "--name", "killed", "--", "sh", "-c", probe).stdout
+    assert reached.split() == ["done"], reached
+    control = subprocess.run(
+        in_lab(cli.lab, ["bash", "-c", f"timeout 8 bash -c 'echo > /dev/tcp/{other}/22'"]),
+        capture_output=True,
+    )
+    assert control.returncode == 0, "the probe does not reach the sshd even from the host"
     cli.ok("destroy", "--all")
     assert leftovers("killed", cli) == [] and leftovers("other", cli) == []

@@ -123,6 +123,15 @@ def test_a_hostile_guest_cannot_reach_into_the_host(cli: Cli, tmp_path: Path) ->
     assert (ALLOWED, "unlogged") in verdicts
     tamper = [r for r in rows if r["verdict"] == "tamper"]
     assert any("firewall no longer matches" in str(r["evidence"]) for r in tamper), tamper
+    # And `run` refuses a guest whose firewall was changed: the target never starts.
+    marker = tmp_path / "marker.php"
+    marker.write_text("<?php touch('/tmp/sbx-marker'); echo 'ran';")
+    refused = cli.run("run", "--name", NAME, str(marker))
+    assert refused.returncode == 6, refused.stderr
+    assert "no longer matches the sandbox's policy" in " ".join(refused.stderr.split())
+    assert "ran" not in refused.stdout
+    gone = cli.run("exec", "--name", NAME, "--", "test", "-e", "/tmp/sbx-marker")
+    assert gone.returncode == 1, "the script ran although the firewall was changed"
 
     # 2: guest root floods the serial console: the host keeps a bounded log (virtlogd rotates
     # it: 2 MiB a file, a few kept), and destroy removes the rotated files too.
