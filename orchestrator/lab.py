@@ -119,6 +119,10 @@ class Lab:
     def file(self, name: str) -> Path:
         return self.dir / name
 
+    @property
+    def hosts_file(self) -> Path:
+        return Path("/etc/netns") / self.netns / "hosts"
+
 
 DEFAULT_LAB = Lab()
 
@@ -589,6 +593,7 @@ def lab_up(lab: Lab = DEFAULT_LAB) -> LabStatus:
         _fix_kvm()
         _load_br_netfilter()
         _ensure_network(lab)
+        _ensure_hosts(lab)
         _ensure_servers(lab)
         _ensure_libvirtd(lab)
     status = lab_status(lab)
@@ -681,7 +686,28 @@ def lab_down(lab: Lab = DEFAULT_LAB) -> list[str]:
             notes.append(f"deleted namespace {name}")
         for name in (paths.LAB_DAEMONS, paths.LAB_SERVERS_PID):
             lab.file(name).unlink(missing_ok=True)
+        if lab.hosts_file.exists():
+            lab.hosts_file.unlink()
+            with contextlib.suppress(OSError):
+                lab.hosts_file.parent.rmdir()
+            notes.append(f"removed {lab.hosts_file}")
     return notes
+
+
+# Host names of the fake internet, for `--allow NAME` in the lab.
+LAB_NAMES = {"www.inet.test": ("allowed_server", "server_v6"), "api.inet.test": ("blocked_server",)}
+
+
+def _ensure_hosts(lab: Lab) -> None:
+    """Give processes run in the lab (`ip netns exec` bind-mounts /etc/netns/NS/hosts over
+    /etc/hosts for them) names for the fake internet's servers, so that `--allow NAME`, which
+    resolves on the host, can be tried: the machine's own /etc/hosts, then the lab's names."""
+    own = Path("/etc/hosts").read_text() if Path("/etc/hosts").exists() else ""
+    lines = [f"{getattr(lab, attr)} {name}" for name, attrs in LAB_NAMES.items() for attr in attrs]
+    text = own.rstrip("\n") + "\n# sandbox-lab: the fake internet\n" + "\n".join(lines) + "\n"
+    lab.hosts_file.parent.mkdir(parents=True, exist_ok=True)
+    if not lab.hosts_file.exists() or lab.hosts_file.read_text() != text:
+        lab.hosts_file.write_text(text)
 
 
 def _require_root() -> None:

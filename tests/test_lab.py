@@ -288,6 +288,7 @@ def test_down_removes_the_namespaces_and_the_daemons(lab_session: LabSession) ->
     assert after.namespaces == ()
     assert (after.libvirtd_pid, after.servers_pid, after.supervisor_pid) == (None, None, None)
     assert all(pid is not None and not os.path.exists(f"/proc/{pid}/ns") for pid in pids)
+    assert not lab.hosts_file.exists(), "the lab's host names outlived it"
     assert not [n for n in lab_down(lab) if n.startswith(("stopped", "killed", "deleted"))]
     # Leave the lab as the session fixture expects it (it tears it down at the end).
     assert lab_up(lab).up
@@ -301,3 +302,17 @@ def test_inside_tells_the_lab_namespace_from_the_root_one(lab: Lab) -> None:
     probe = [sys.executable, "-c", "from orchestrator.lab import inside; print(inside())"]
     result = subprocess.run(in_lab(lab, probe), capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "True", result.stderr
+
+
+@pytest.mark.root
+def test_the_fake_internet_has_names_inside_the_lab_only(lab: Lab) -> None:
+    """`--allow NAME` resolves on the host: in the lab, names for the fake internet's servers."""
+    inside = subprocess.run(
+        in_lab(lab, ["getent", "ahosts", "www.inet.test"]), capture_output=True, text=True
+    ).stdout
+    assert str(lab.allowed_server) in inside and str(lab.server_v6) in inside
+    api = subprocess.run(in_lab(lab, ["getent", "hosts", "api.inet.test"]), capture_output=True)
+    assert str(lab.blocked_server).encode() in api.stdout
+    # The machine's own namespace knows nothing of them.
+    outside = subprocess.run(["getent", "hosts", "www.inet.test"], capture_output=True)
+    assert outside.returncode != 0
