@@ -18,6 +18,7 @@ import typer
 import typer.core
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from . import images, lifecycle, logview, paths, safetext, xdebug
 from . import run as runs
@@ -73,7 +74,10 @@ class RichReporter:
                 yield
         else:
             yield
-        self.console.print(f"[green]✓[/] {what} [dim]({time.monotonic() - start:.1f} s)[/]")
+        took = f"({time.monotonic() - start:.1f} s)"
+        self.console.print(
+            Text.assemble(("✓", "green"), " ", safetext.text(what), " ", (took, "dim"))
+        )
 
     def step(self, what: str) -> AbstractContextManager[None]:
         return self._step(what)
@@ -293,7 +297,7 @@ def run(
         )
     if outcome.result.fetched and record.xdebug != xdebug.XdebugMode.TRACE.value:
         where = outcome.result.fetched[0].parent
-        err.print(f"xdebug {record.xdebug} output: {where}", soft_wrap=True)
+        err.print(safetext.text(f"xdebug {record.xdebug} output: {where}"), soft_wrap=True)
     summary = f"run {record.id}: exit {record.exit_code}"
     if outcome.collected is not None:
         summary += f", {outcome.collected.new_attempts} new connection record(s)"
@@ -363,11 +367,14 @@ def status(
         )
     data = _status_dict(st)
     if as_json:
-        out.print_json(json.dumps(data))
+        # rich re-dumps print_json with ensure_ascii=False by default, which would let C1 and
+        # bidi controls from a problem message through raw.
+        out.print_json(json.dumps(data), ensure_ascii=True)
         return
     for key, value in data.items():
         if value not in (None, []):
-            out.print(f"{key:>13}: {', '.join(value) if isinstance(value, list) else value}")
+            shown = ", ".join(value) if isinstance(value, list) else value
+            out.print(safetext.text(f"{key:>13}: {shown}"))
 
 
 @app.command(name="list")
@@ -375,18 +382,16 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] 
     """List sandboxes (with state on disk, or our VMs without it)."""
     rows = [_status_dict(s) for s in lifecycle.list_status(_context())]
     if as_json:
-        out.print_json(json.dumps(rows))
+        out.print_json(json.dumps(rows), ensure_ascii=True)
         return
     table = Table("name", "status", "ip", "image", "accel", "created", "problems")
     for r in rows:
         table.add_row(
-            r["name"],
-            r["status"],
-            r["ip"] or "-",
-            r["image"] or "-",
-            r["accel"] or "-",
-            r["created"] or "-",
-            "; ".join(r["problems"]),
+            *(
+                safetext.text(value or "-")
+                for value in (r["name"], r["status"], r["ip"], r["image"], r["accel"], r["created"])
+            ),
+            safetext.text("; ".join(r["problems"])),
         )
     out.print(table)
 
@@ -569,7 +574,10 @@ def image_build(
     start = time.monotonic()
     with err.status("building image") if err.is_terminal else contextlib.nullcontext():
         img = images.build_image(
-            recipe, ctx.dirs.images, force=force, progress=lambda m: err.print(f"  {m}")
+            recipe,
+            ctx.dirs.images,
+            force=force,
+            progress=lambda m: err.print(safetext.text(f"  {m}")),
         )
     err.print(
         f"image [bold]{img.name}[/] ready in {img.directory} "

@@ -56,6 +56,9 @@ _GUEST_LOOPBACK = "127.0.0.1"
 # waits for its connections' threads before leaving them (daemon threads) behind.
 _RELAY_CONNECT_TIMEOUT = 5.0
 _RELAY_JOIN_TIMEOUT = 5.0
+# A guest whose SSH stops answering counts as gone after this long (see _detect_a_dead_peer).
+_KEEPALIVE_SECONDS = 15.0
+_DEAD_PEER_SECONDS = 90.0
 # Connections one tunnel relays at once; more are closed at once (a guest looping on connect()
 # must not make the host open sockets and threads without end).
 _RELAY_MAX_LINKS = 8
@@ -114,6 +117,19 @@ class _Tail:
 
 def tcp_connect(host: str, port: int, timeout: float) -> socket.socket:
     return socket.create_connection((host, port), timeout=timeout)
+
+
+def _detect_a_dead_peer(client: paramiko.SSHClient, sock: socket.socket) -> None:
+    """A guest that stops answering (hung, gone, or dropping its own replies) must not leave a
+    command waiting forever: SSH keepalives keep data in flight, and TCP_USER_TIMEOUT drops the
+    connection when it stays unacknowledged, which the waiting call then reports."""
+    transport = client.get_transport()
+    if transport is not None:
+        transport.set_keepalive(int(_KEEPALIVE_SECONDS))
+    user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if user_timeout is not None and isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, user_timeout, int(_DEAD_PEER_SECONDS * 1000))
 
 
 # --- keys (pure) -------------------------------------------------------------------------------
@@ -363,6 +379,7 @@ class Guest:
         except BaseException:
             client.close()
             raise
+        _detect_a_dead_peer(client, sock)
         return client
 
     # -- lifetime

@@ -78,6 +78,9 @@ SETTLE_SECONDS = 3.0
 FLOW_MEMORY_SECONDS = 180.0
 
 COLLECT_TIMEOUT = 120.0
+# At most this much of the guest's events file per collection (guest root can make it any
+# size); the rest waits for the next one.
+EVENTS_CHUNK_BYTES = 16 << 20
 START_TIMEOUT = 60.0
 
 # Each packet a socket sends takes the next IPv4 ID; a little slack for packets that were not
@@ -141,10 +144,21 @@ case "$drained" in
   *"{_CAPTURE} missing"*) {CAPTURE_TOOL} load {CAPTURE_OBJECT} >/dev/null 2>&1 ;;
 esac
 set -- $(stat -c '%i %s' "$f" 2>/dev/null || echo 0 0); off={offset}
-echo "{_EVENTS_POS} $1 $2"
 [ "$1" = {inode} ] && [ "$2" -ge "$off" ] || off=0
+n=$(($2 - off)); [ "$n" -le {EVENTS_CHUNK_BYTES} ] || n={EVENTS_CHUNK_BYTES}; t=$(mktemp); end=$off
+if [ "$n" -gt 0 ]; then
+  tail -c +$((off + 1)) "$f" | head -c "$n" > "$t"; n=$(wc -c < "$t")
+  # Cut a chunk that stops inside a line back to its last whole line, unless the line is
+  # longer than the chunk: then it is skipped (read as garbage).
+  keep=$n
+  if [ "$n" -gt 0 ] && [ "$(tail -c 1 "$t" | od -An -c | tr -d ' ')" != '\\n' ]; then
+    part=$(($(tail -n 1 "$t" | wc -c))); [ "$part" -ge "$n" ] || keep=$((n - part))
+  fi
+  end=$((off + keep))
+fi
+echo "{_EVENTS_POS} $1 $end $2"
 echo {_EVENTS}
-if [ "$2" -gt "$off" ]; then tail -c +$((off + 1)) "$f" | head -c $(($2 - off)); fi
+head -c $((end - off)) "$t"; echo; rm -f "$t"
 """
 
 
@@ -377,10 +391,19 @@ class Snapshot:
     packets_dropped: int | None
     # The events file's inode and size when read (None: not reported).
     events_inode: int | None
-    events_size: int | None
+    events_size: int | None  # where what was read ends: the next collection reads from there
     events: tuple[ConnectEvent, ...]
     firewall: tuple[FirewallRecord, ...]
     capture_error: str = ""  # what the drain said when it failed
+    events_left: int = 0  # bytes of the events file past what this collection read
+
+
+def _events_left(events_pos: list[str]) -> int:
+    """`@@eventspos INODE END SIZE`: how much of the file this collection left for the next."""
+    if len(events_pos) != 3:
+        return 0
+    end, size = _int(events_pos[1]), _int(events_pos[2])
+    return max(0, size - end) if end is not None and size is not None else 0
 
 
 def parse_snapshot(text: str) -> Snapshot:
@@ -392,7 +415,17 @@ def parse_snapshot(text: str) -> Snapshot:
     capture_error: list[str] = []
     boot_id = ""
     events_pos: list[str] = []
-    for line in text.splitlines():
+    lines = text.splitlines()
+    # The events section is the guest's file, which guest root can write markers into: it is
+    # everything between the first @@events and the last @@clock line, and no marker inside it
+    # counts (a forged @@eventspos would steer the cursor).
+    first = lines.index(_EVENTS) if _EVENTS in lines else len(lines)
+    last = max((i for i, x in enumerate(lines) if x.startswith(_CLOCK + " ")), default=len(lines))
+    body = lines[first + 1 : last] if last > first else []
+    if last > first:
+        sections[_EVENTS] = body
+        lines = lines[:first] + lines[last:]
+    for line in lines:
         head = line.split(" ", 1)[0]
         if head == _EVENTS_POS:
             events_pos = line.split()[1:]
@@ -436,8 +469,9 @@ def parse_snapshot(text: str) -> Snapshot:
         capture_dropped=counts[1],
         packets_seq=counts[2],
         packets_dropped=counts[3],
-        events_inode=_int(events_pos[0]) if len(events_pos) == 2 else None,
-        events_size=_int(events_pos[1]) if len(events_pos) == 2 else None,
+        events_inode=_int(events_pos[0]) if len(events_pos) in (2, 3) else None,
+        events_size=_int(events_pos[1]) if len(events_pos) in (2, 3) else None,
+        events_left=_events_left(events_pos),
         events=tuple(e for e in events if e is not None),
         firewall=tuple(r for r in records if r is not None),
         capture_error="\n".join(capture_error),
@@ -867,6 +901,11 @@ def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Colle
         flows=flows,
         losses=cursor.losses + tuple(warnings),
     )
+    if snapshot.events_left > 0:
+        warnings.append(
+            f"the guest's events file holds {snapshot.events_left} bytes more than one collection"
+            " reads; the next collection goes on from there"
+        )
     for warning in warnings:
         log.warning("connection capture: %s", warning)
     return Collected(attempts, new_cursor, warnings)

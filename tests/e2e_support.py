@@ -67,8 +67,11 @@ def cli(lab: Lab, image: Image, tmp_path: Path) -> Iterator[Cli]:
     config.write_text("boot_timeout: 600\n")
     c = Cli(lab=lab, state_home=tmp_path / "state", config=config)
     yield c
-    # Whatever a failing test left, remove it so the next test starts clean.
-    c.run("destroy", "--all", timeout=120)
+    # Whatever a failing test left, remove it so the next test starts clean: by name, the
+    # sandboxes of this test's own state only. `destroy --all` would also take the VMs of other
+    # sessions sharing the lab (it counts every sandbox domain it finds as its own).
+    for state in sorted((c.state_home / "sandbox").glob(f"*/{paths.STATE_FILE}")):
+        c.run("destroy", "--name", state.parent.name, timeout=120)
 
 
 def leftovers(name: str, cli: Cli) -> list[str]:

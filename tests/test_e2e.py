@@ -122,25 +122,34 @@ def test_killed_up_then_destroy_then_concurrent_ups(cli: Cli) -> None:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+    state_file = cli.sandbox_dir("killed") / paths.STATE_FILE
     conn = libvirt.open("qemu:///system")
     try:
+        # Killed at a known half-built point: its VM runs, its state says CREATING (a TCG boot
+        # takes 30 s or more, so `up` is far from READY when the kill lands a moment later).
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            if "sandbox-killed" in [d.name() for d in conn.listAllDomains(0)]:
-                break
             assert proc.poll() is None, "up ended before its VM started"
-            time.sleep(0.2)
+            running = [
+                d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            ]
+            if "sandbox-killed" in running and state_file.exists():
+                before = json.loads(state_file.read_text())["phase"]
+                assert before == "creating", before
+                break
+            time.sleep(0.1)
         else:
             pytest.fail("the VM of the killed up never started")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        assert conn.lookupByName("sandbox-killed").isActive(), "the VM went with the killed up"
     finally:
         conn.close()
-    time.sleep(2)  # mid-boot
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(10)
     assert leftovers("killed", cli), "the killed up should have left its VM behind"
-    # Killed half-built, not after it was ready: what follows tests the half-built path.
-    half = json.loads((cli.sandbox_dir("killed") / paths.STATE_FILE).read_text())
+    # Still half-built after the kill, not READY: what follows tests the half-built path.
+    half = json.loads(state_file.read_text())
     assert half["phase"] == "creating", half["phase"]
+    assert json.loads(cli.ok("status", "--name", "killed", "--json").stdout)["status"] == "creating"
 
     assert cli.run("up", "--name", "killed").returncode == 4  # half-built: destroy first
     cli.ok("destroy", "--name", "killed")

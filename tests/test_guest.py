@@ -496,6 +496,40 @@ def test_reverse_forward_host_side_refusing(guest: Guest) -> None:
     assert len(messages) == 1
 
 
+def test_reverse_forward_bound_frees_a_slot_when_a_connection_ends(guest: Guest) -> None:
+    """Past the 8 live connections the extras are closed (reported once), yet the bound is on
+    connections at once, not in total: a freed slot relays again."""
+    messages: list[str] = []
+    with (
+        listener(echo) as host_port,
+        guest.reverse_forward("127.0.0.1", host_port, on_refused=messages.append) as port,
+    ):
+        conns = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(8)]
+        try:
+            for i, conn in enumerate(conns):
+                conn.sendall(b"%d" % i)
+                assert read_exactly(conn, 1) == b"%d" % i  # all 8 relayed
+            for _ in range(3):
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as extra:
+                    extra.sendall(b"x")
+                    assert read_until_eof(extra) == b""  # closed without reaching the host
+            assert len(messages) == 1
+            assert "more than 8 connections at once" in messages[0]
+            conns.pop().close()
+            deadline = Deadline(10, "a freed tunnel slot")
+            while True:  # the freed slot comes back once the relay has noticed the close
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as again:
+                    again.sendall(b"y")
+                    again.settimeout(5)
+                    if again.recv(1) == b"y":
+                        break
+                assert not deadline.expired(), "the freed slot never came back"
+                time.sleep(0.1)
+        finally:
+            for conn in conns:
+                conn.close()
+
+
 def test_reverse_forward_exit_cancels_and_closes(guest: Guest) -> None:
     with listener(echo) as host_port:
         with guest.reverse_forward("127.0.0.1", host_port) as port:
@@ -635,3 +669,13 @@ def test_reverse_forward_admits_a_bounded_number_of_connections(guest: Guest) ->
             hold.set()
             for c in conns:
                 c.close()
+
+
+def test_a_guest_that_stops_answering_is_detected(guest: Guest) -> None:
+    """Keepalives keep data in flight and TCP_USER_TIMEOUT drops a connection the guest no
+    longer acknowledges: a hung guest ends a command with an error instead of a hang."""
+    transport = guest.transport
+    sock = transport.sock
+    assert isinstance(sock, socket.socket)
+    timeout_ms = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+    assert 0 < timeout_ms <= 120_000

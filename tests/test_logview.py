@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -311,3 +312,42 @@ def test_the_php_source_column_appears_with_a_stack() -> None:
     )
     text = _text(logview.render_table([CURL, traced]))
     assert "php source" in text and "fsockopen() at x.php:12" in text and "← main" in text
+
+
+def test_status_and_list_show_state_text_escaped(tmp_path: Path) -> None:
+    """`status`, `status --json` and `list` through the real CLI, with a state whose text holds
+    terminal escapes, a C1 CSI, a bidi override and markup: shown escaped and literal."""
+    from orchestrator.state import Phase, SandboxState, StateStore
+
+    hostile = "\x1b]0;pwned\x07\x1b[2Jx[/]\u202e\x9b31m[bold]"
+    StateStore(tmp_path / "sandbox").save(
+        SandboxState(
+            name="hs1",
+            phase=Phase.READY,
+            created="2026-11-23T10:00:00+00:00",
+            uri="test:///default",
+            domain="sandbox-hs1",
+            pool="sandbox",
+            network="sandbox",
+            volumes=(),
+            image=hostile,
+            image_hash="00" * 32,
+            accel="tcg",
+            mac="52:54:00:aa:bb:cc",
+            ip="192.168.213.5",
+            allow=(),
+        )
+    )
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path), "SANDBOX_CONNECT": "test:///default"}
+    sandbox = str(Path(sys.executable).parent / "sandbox")
+    for args in (["status", "--name", "hs1"], ["status", "--name", "hs1", "--json"], ["list"]):
+        result = subprocess.run(
+            [sandbox, *args], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert result.returncode == 0, result.stderr
+        for raw in ("\x1b", "\x07", "\u202e", "\x9b"):
+            assert raw not in result.stdout, (args, result.stdout)
+        if "--json" in args:
+            assert json.loads(result.stdout)["image"] == hostile
+        else:
+            assert "x[/]" in result.stdout and "[bold]" in result.stdout, result.stdout

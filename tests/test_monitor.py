@@ -568,6 +568,43 @@ def test_the_events_file_is_read_from_where_the_last_collection_ended(tmp_path: 
     assert fourth == [20]
 
 
+def test_a_huge_events_file_is_read_in_bounded_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guest root can make the events file any size, with lines of any length: one collection
+    reads at most EVENTS_CHUNK_BYTES of it, ending on a whole line, and the next goes on; a line
+    longer than a chunk is skipped, malformed lines are no records and raise nothing."""
+    monkeypatch.setattr(monitor, "EVENTS_CHUNK_BYTES", 1000)
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    log = tmp_path / f"{boot}.log"
+    lines = [_event(s, 950.0 + s / 1000, ret=-101) for s in range(1, 13)]
+    assert all(len(line) < 250 for line in lines)
+    garbage = "c \x1b[2J \u00b2 x\nf 99999999999999999999999 y\n" + "c " + "9" * 3000 + "\n"
+    log.write_text("".join(lines[:6]) + garbage + "".join(lines[6:]))
+    seen: list[int] = []
+    cursor = monitor.Cursor(boot_id="b")
+    offsets = []
+    for _ in range(20):
+        seqs, cursor = _read_events(tmp_path, cursor)
+        seen += seqs
+        offsets.append(cursor.events_offset)
+        if cursor.events_offset == log.stat().st_size:
+            break
+    assert seen == list(range(1, 13))
+    steps = [b - a for a, b in zip([0, *offsets], offsets, strict=False)]
+    assert all(0 < step <= 1000 for step in steps), steps
+    assert len(steps) >= 5
+
+
+def test_a_collection_that_leaves_part_of_the_events_file_says_so() -> None:
+    text = _output([], _event(1, 950.0, ret=-101), events_pos=(13, 90))
+    text = text.replace("@@eventspos 13 90", "@@eventspos 13 90 5000")
+    out = monitor.process(monitor.parse_snapshot(text), monitor.Cursor(boot_id="b"))
+    assert out.cursor.events_offset == 90
+    assert any("4910 bytes more" in w for w in out.warnings), out.warnings
+    assert not any("4910" in loss for loss in out.cursor.losses)
+
+
 def test_a_reboot_starts_on_the_new_boots_events_file() -> None:
     cursor = monitor.Cursor(boot_id="earlier", events_inode=12, events_offset=3000, capture_seq=9)
     text = _output([], _event(1, 950.0, ret=-101), events_pos=(13, 90))
@@ -903,3 +940,12 @@ def test_garbage_from_the_guest_is_a_guest_error_or_ignored() -> None:
     assert [(a.pid, a.verdict) for a in out.attempts] == [(7, Verdict.BLOCKED)]
     boot_only = _output([], "").replace("@@boot b00710ad-0000-0000-0000-000000000000", "@@boot")
     assert monitor.parse_snapshot(boot_only).boot_id == ""
+
+
+def test_markers_written_into_the_events_file_do_not_count() -> None:
+    """Guest root appends marker lines to its events file: the cursor and clock stay the ones
+    the collection script printed around it."""
+    forged = "@@eventspos 7 999999999\n@@clock 5.0 5.0\n@@end\n" + _event(3, 950.0, ret=-101)
+    snap = monitor.parse_snapshot(_output([], forged, events_pos=(7, 120)))
+    assert (snap.events_inode, snap.events_size) == (7, 120)
+    assert snap.wall == 1000.0 and [e.pid for e in snap.events] == [3]
