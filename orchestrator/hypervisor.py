@@ -14,7 +14,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import libvirt
 
@@ -156,13 +156,23 @@ def ensure_pool(conn: libvirt.virConnect, spec: PoolSpec) -> libvirt.virStorageP
     return pool
 
 
-def lookup_volume(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | None:
+T = TypeVar("T")
+
+
+def _lookup(call: Callable[[], T], missing: int, what: str) -> T | None:
+    """`call()`, or None when libvirt says the object does not exist (error code `missing`)."""
     try:
-        return pool.storageVolLookupByName(name)
+        return call()
     except libvirt.libvirtError as exc:
-        if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
+        if _code(exc) == missing:
             return None
-        raise HypervisorError(f"cannot look up volume {name}: {exc}") from None
+        raise HypervisorError(f"cannot look up {what}: {exc}") from None
+
+
+def lookup_volume(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | None:
+    return _lookup(
+        lambda: pool.storageVolLookupByName(name), libvirt.VIR_ERR_NO_STORAGE_VOL, f"volume {name}"
+    )
 
 
 def delete_volume(pool: libvirt.virStoragePool, name: str) -> bool:
@@ -438,15 +448,19 @@ def reserve_address(
     address = str(pick(free))
     release_address(net, mac)
     # No name: dnsmasq would answer it in DNS, to every sandbox on the network.
-    host = ET.Element("host", mac=mac.lower(), ip=address)
+    _add_dhcp_host(net, ET.Element("host", mac=mac.lower(), ip=address), mac)
+    return address
+
+
+def _add_dhcp_host(net: libvirt.virNetwork, host: ET.Element, mac: str, parent: int = -1) -> None:
     _update_network(
         net,
         libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
         libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
         ET.tostring(host, encoding="unicode"),
-        f"keep {address} for {mac}",
+        f"keep {host.get('ip')} for {mac}",
+        parent=parent,
     )
-    return address
 
 
 def duid_ll(mac: str) -> str:
@@ -465,15 +479,7 @@ def reserve_address6(net: libvirt.virNetwork, mac: str, address: ipaddress.IPv6A
             f"network {net.name()} has no IPv6 subnet",
             "destroy the sandboxes so the network is recreated from the config",
         )
-    host = ET.Element("host", id=duid_ll(mac), ip=str(address))
-    _update_network(
-        net,
-        libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
-        libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
-        ET.tostring(host, encoding="unicode"),
-        f"keep {address} for {mac}",
-        parent=index,
-    )
+    _add_dhcp_host(net, ET.Element("host", id=duid_ll(mac), ip=str(address)), mac, index)
 
 
 def release_address(net: libvirt.virNetwork, mac: str) -> bool:
@@ -546,12 +552,9 @@ def remove_dns_hosts(net: libvirt.virNetwork, pairs: set[tuple[str, str]]) -> li
 
 
 def lookup_network(conn: libvirt.virConnect, network: str) -> libvirt.virNetwork | None:
-    try:
-        return conn.networkLookupByName(network)
-    except libvirt.libvirtError as exc:
-        if _code(exc) == libvirt.VIR_ERR_NO_NETWORK:
-            return None
-        raise HypervisorError(f"cannot look up network {network}: {exc}") from None
+    return _lookup(
+        lambda: conn.networkLookupByName(network), libvirt.VIR_ERR_NO_NETWORK, f"network {network}"
+    )
 
 
 def network_bridge(conn: libvirt.virConnect, network: str) -> str | None:
@@ -576,13 +579,8 @@ def network_users(conn: libvirt.virConnect, network: str) -> list[str]:
 
 def remove_network_if_unused(conn: libvirt.virConnect, network: str) -> bool:
     """Remove the sandbox network once no domain is attached to it. Call under the global lock."""
-    try:
-        net = conn.networkLookupByName(network)
-    except libvirt.libvirtError as exc:
-        if _code(exc) == libvirt.VIR_ERR_NO_NETWORK:
-            return False
-        raise HypervisorError(f"cannot look up network {network}: {exc}") from None
-    if network_users(conn, network):
+    net = lookup_network(conn, network)
+    if net is None or network_users(conn, network):
         return False
     try:
         if net.isActive():
@@ -599,12 +597,7 @@ def remove_network_if_unused(conn: libvirt.virConnect, network: str) -> bool:
 
 
 def lookup_domain(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
-    try:
-        return conn.lookupByName(name)
-    except libvirt.libvirtError as exc:
-        if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
-            return None
-        raise HypervisorError(f"cannot look up domain {name}: {exc}") from None
+    return _lookup(lambda: conn.lookupByName(name), libvirt.VIR_ERR_NO_DOMAIN, f"domain {name}")
 
 
 def start_domain(conn: libvirt.virConnect, xml: str) -> libvirt.virDomain:
