@@ -367,6 +367,13 @@ def ensure_network(conn: libvirt.virConnect, spec: NetworkSpec) -> libvirt.virNe
     return net
 
 
+def _dns_host_by_address(address: str) -> str:
+    """The <host> that deletes the DNS entry of `address`, by its address alone: libvirt matches
+    a delete by address OR any hostname, so an entry with a name another address shares (a name
+    with an IPv4 and an IPv6 address) would match both and be refused."""
+    return ET.tostring(ET.Element("host", ip=address), encoding="unicode")
+
+
 def set_dns_hosts(net: libvirt.virNetwork, names: Sequence[tuple[str, Sequence[str]]]) -> None:
     """Make the sandbox network's resolver answer these names with these addresses (merged with
     the names other sandboxes added). Call under the global lock."""
@@ -395,7 +402,7 @@ def set_dns_hosts(net: libvirt.virNetwork, names: Sequence[tuple[str, Sequence[s
                     libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE,
                     libvirt.VIR_NETWORK_SECTION_DNS_HOST,
                     -1,
-                    ET.tostring(existing, encoding="unicode"),
+                    _dns_host_by_address(address),
                     flags,
                 )
             net.update(
@@ -532,7 +539,7 @@ def remove_dns_hosts(net: libvirt.virNetwork, pairs: set[tuple[str, str]]) -> li
             net,
             libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE,
             libvirt.VIR_NETWORK_SECTION_DNS_HOST,
-            ET.tostring(host, encoding="unicode"),
+            _dns_host_by_address(address),
             f"remove DNS names for {address}",
         )
         kept = [n for n in names if n not in gone]

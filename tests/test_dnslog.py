@@ -277,3 +277,48 @@ def test_a_damaged_cursor_is_a_fresh_start() -> None:
     assert dnslog.LogCursor.from_json("garbage") == dnslog.LogCursor()
     c = dnslog.LogCursor(7, 42)
     assert dnslog.LogCursor.from_json(c.to_json()) == c
+
+
+def test_dns_names_of_one_sandbox_go_and_shared_ones_stay(lab: Lab) -> None:
+    """A name with an IPv4 and an IPv6 address, and an address with two names: removing one
+    sandbox's pairs (hypervisor.remove_dns_hosts, as destroy does) leaves the others' alone.
+    libvirt matches a delete by address or any hostname: by hostname, both entries of
+    www.inet.test matched and libvirt refused the delete."""
+    import xml.etree.ElementTree as ET
+
+    import libvirt
+
+    from orchestrator import hypervisor as hv
+
+    spec = NetworkSpec(
+        name="sbx-dnsdel-test",
+        bridge="sbxdnsdel0",
+        subnet=ipaddress.IPv4Network("192.168.219.0/24"),
+        dns_hosts=(
+            ("203.0.113.7", ("www.inet.test", "other.inet.test")),
+            ("2001:db8:1::9", ("www.inet.test",)),
+        ),
+    )
+    conn = libvirt.open("qemu:///system")
+    try:
+        # Persistent, as the sandbox network is: updates go to its live and its stored config.
+        net = conn.networkDefineXML(render_network(spec))
+        net.create()
+        try:
+            removed = hv.remove_dns_hosts(
+                net, {("www.inet.test", "203.0.113.7"), ("www.inet.test", "2001:db8:1::9")}
+            )
+            assert sorted(removed) == [
+                "www.inet.test (2001:db8:1::9)",
+                "www.inet.test (203.0.113.7)",
+            ]
+            left = [
+                (h.get("ip"), [n.text for n in h.findall("hostname")])
+                for h in ET.fromstring(net.XMLDesc(0)).findall("dns/host")
+            ]
+            assert left == [("203.0.113.7", ["other.inet.test"])]
+        finally:
+            net.destroy()
+            net.undefine()
+    finally:
+        conn.close()
