@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shlex
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -205,9 +206,17 @@ def test_guest_root_reaches_no_host_service_and_forges_no_address(cli: Cli, lab:
 
     # Root in the guest blinds its own capture too: what it then starts is only in the host's
     # record, and `logs` says which destinations the guest's record lacks.
-    as_root(cli, "sbx-capture unload")
-    assert php(cli, CONNECT_PHP, ALLOWED, "80")["reply"].startswith("sandbox-lab inet")
-    assert php(cli, CONNECT_PHP, "198.51.100.9", "443")["reply"] == ""
+    # In one exec: every exec collects when it ends, and a collection attaches the capture again.
+    blinded = as_root(
+        cli,
+        "sbx-capture unload && "
+        + shlex.join(["php", "-r", CONNECT_PHP, ALLOWED, "80"])
+        + "; echo; "
+        + shlex.join(["php", "-r", CONNECT_PHP, "198.51.100.9", "443"])
+        + "; echo",
+    )
+    replies = [json.loads(line) for line in blinded.splitlines() if line.startswith("{")]
+    assert replies[0]["reply"].startswith("sandbox-lab inet") and replies[1]["reply"] == ""
     shown = cli.ok("logs", "--name", NAME)
     print(shown.stderr)
     assert "tcp 198.51.100.9:443: 1 on the host, 0 in the guest's record" in shown.stderr
