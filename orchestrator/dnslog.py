@@ -270,38 +270,25 @@ def rotate_if_large(path: str | Path, limit: int = ROTATE_BYTES) -> bool:
     return True
 
 
-def read_new_for(
-    path: str | Path, client_ips: Collection[str], since: datetime | None, cursor: LogCursor
-) -> tuple[list[DnsQuery], LogCursor]:
-    """Like read_for, but only what the log gained since `cursor` (plus the overlap): what a
-    collection calls, with the cursor it saved last time."""
-    text, after = read_new(path, cursor)
-    year = datetime.now().year
-    return select(parse(text, year=year), client_ips, since), after
-
-
 def read_for(
-    path: str | Path, client_ips: Collection[str], since: datetime | None
-) -> list[DnsQuery]:
-    """The queries one sandbox asked: call at collection time with NetworkSpec.dns_log, the
-    sandbox's guest addresses (state `ip`, and its IPv6 address if it has one) and the time the
-    sandbox was started (DHCP may have given the same address to an earlier sandbox). Append the
-    result with logview.append_dns, which skips the queries already stored.
+    path: str | Path,
+    client_ips: Collection[str],
+    since: datetime | None,
+    cursor: LogCursor | None = None,
+) -> tuple[list[DnsQuery], LogCursor]:
+    """The queries one sandbox asked that the log gained since `cursor` (plus the overlap; None:
+    the whole log), and the cursor to save for the next call. Call at collection time with
+    NetworkSpec.dns_log, the sandbox's guest addresses (state `ip`, and its IPv6 address if it
+    has one) and the time the sandbox was started (DHCP may have given the same address to an
+    earlier sandbox). Append the result with logview.append_dns, which skips the queries already
+    stored.
 
     A missing file is no queries (the network was created before query logging, or has not
-    answered anything yet).
+    answered anything yet). The lines have no year: it is the year the file was last written.
     """
-    file = Path(path)
+    text, after = read_new(path, cursor or LogCursor())
     try:
-        with file.open("rb") as handle:
-            data = handle.read()
-            modified = datetime.fromtimestamp(file.stat().st_mtime)
+        year = datetime.fromtimestamp(Path(path).stat().st_mtime).year
     except FileNotFoundError:
-        return []
-    except OSError as error:
-        raise DnsLogError(
-            f"cannot read the sandbox network's DNS log {file}: {error.strerror}",
-            "run sandbox as root (the log is written by the network's dnsmasq)",
-        ) from None
-    text = data.decode("utf-8", errors="replace")
-    return select(parse(text, year=modified.year), client_ips, since)
+        year = datetime.now().year
+    return select(parse(text, year=year), client_ips, since), after

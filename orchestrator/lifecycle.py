@@ -1115,7 +1115,7 @@ def _dns_queries(ctx: Context, state: SandboxState) -> list[DnsQuery]:
         else dnslog.LogCursor()
     )
     log = ctx.network_spec().dns_log
-    queries, after = dnslog.read_new_for(log, clients, since, cursor)
+    queries, after = dnslog.read_for(log, clients, since, cursor)
     atomic_write(cursor_path, after.to_json() + "\n")
     dnslog.rotate_if_large(log)
     return queries

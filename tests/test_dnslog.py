@@ -131,10 +131,10 @@ def test_read_for_takes_the_year_from_the_file(tmp_path: Path) -> None:
     log.write_text((DATA / "dnsmasq-libvirt.log").read_text())
     stamp = datetime(2025, 12, 1, tzinfo=UTC).timestamp()
     os.utime(log, (stamp, stamp))
-    found = dnslog.read_for(log, ["192.168.214.50"], None)
+    found, _ = dnslog.read_for(log, ["192.168.214.50"], None)
     assert len(found) == 5
     assert all(q.time.startswith("2025-11-23T") for q in found)
-    assert dnslog.read_for(tmp_path / "missing.log", ["192.168.214.50"], None) == []
+    assert dnslog.read_for(tmp_path / "missing.log", ["192.168.214.50"], None)[0] == []
 
 
 # ---- the real thing: libvirt's dnsmasq in the lab --------------------------------------------
@@ -218,8 +218,8 @@ def test_libvirts_dnsmasq_logs_each_guest_query_at_the_spec_path(lab: Lab) -> No
         # At the start of the emptied file (O_APPEND), not after a hole as large as before.
         assert not log.read_bytes().startswith(b"\0")
         rotated = log.with_name(log.name + ".1")
-        found = dnslog.read_for(rotated, [guest_v4, guest_v6], since)
-        found += dnslog.read_for(log, [guest_v4, guest_v6], since)
+        found = dnslog.read_for(rotated, [guest_v4, guest_v6], since)[0]
+        found += dnslog.read_for(log, [guest_v4, guest_v6], since)[0]
         assert [(q.client, q.name, q.qtype, q.result) for q in found] == [
             (guest_v4, "allowed.example", "A", "203.0.113.7"),
             (guest_v4, "exfil.example", "A", "REFUSED"),
