@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from . import firewall
 from .errors import GuestError
-from .records import Attempt, DnsQuery, Verdict, iso_time, parse_time
+from .records import Attempt, DnsQuery, Verdict, guest_seconds, iso_time, parse_time
 
 if TYPE_CHECKING:
     from .guest import Guest
@@ -248,7 +248,6 @@ _PROTO_NUMBERS = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6", 136: "udplite", 
 
 
 _INT = re.compile(r"-?[0-9]{1,19}")
-_SECONDS = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
 
 
 def _int(value: str | None) -> int | None:
@@ -256,17 +255,6 @@ def _int(value: str | None) -> int | None:
     if value is None or not _INT.fullmatch(value):
         return None
     return int(value)
-
-
-def _seconds(value: str) -> float:
-    """A clock reading the guest printed; GuestError when it is not one (a replaced `date`)."""
-    if not _SECONDS.fullmatch(value):
-        raise GuestError(
-            f"the guest printed {value[:40]!r} for a clock reading",
-            "guest root may have replaced date or /proc/uptime: the records of this collection "
-            "were not read; destroy the sandbox if it goes on",
-        )
-    return float(value)
 
 
 def _unescape(text: str) -> bytes:
@@ -448,10 +436,11 @@ def parse_snapshot(text: str) -> Snapshot:
             "the connection capture's output from the guest is incomplete",
             "the guest may be out of memory or disk; check `sandbox exec -- df -h /var/lib`",
         )
-    wall, uptime = _seconds(clock[0]), _seconds(clock[1])
+    wall, uptime = guest_seconds(clock[0], "collecting"), guest_seconds(clock[1], "collecting")
     # CLOCK_MONOTONIC and the wall clock, read together by the drain; /proc/uptime otherwise.
     mono_offset = (
-        _seconds(capture_clock[1]) - _seconds(capture_clock[0])
+        guest_seconds(capture_clock[1], "collecting")
+        - guest_seconds(capture_clock[0], "collecting")
         if len(capture_clock) == 2
         else wall - uptime
     )

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from dataclasses import MISSING, asdict, dataclass, fields
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, Self
 
-from .errors import SandboxError
+from .errors import GuestError, SandboxError
 
 _CORRUPT_HINT = (
     "the sandbox's log file is damaged or was written by another version; "
@@ -46,6 +47,21 @@ def iso_time(epoch_seconds: float) -> str:
     """ISO 8601 UTC with milliseconds, the one time format of every record."""
     moment = datetime.fromtimestamp(epoch_seconds, tz=UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_GUEST_SECONDS = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
+
+
+def guest_seconds(text: str, what: str) -> float:
+    """A clock reading the guest printed (`date +%s.%N`, /proc/uptime); GuestError when it is
+    not one: guest root may have replaced date ("1e400", "nan" and "²" are floats to Python)."""
+    value = text.strip()
+    if not _GUEST_SECONDS.fullmatch(value):
+        raise GuestError(
+            f"the guest printed {value[:40]!r} for a clock reading while {what}",
+            "guest root may have replaced date or /proc/uptime; destroy the sandbox if it goes on",
+        )
+    return float(value)
 
 
 def parse_time(text: str) -> datetime:

@@ -35,7 +35,7 @@ from .errors import (
     TimeoutExpired,
     UsageError,
 )
-from .records import Attempt, parse_time
+from .records import Attempt, guest_seconds, parse_time
 from .state import atomic_write
 
 if TYPE_CHECKING:
@@ -380,19 +380,6 @@ class RunResult:
 
 
 _COUNT = re.compile(r"[0-9]{1,9}")
-_CLOCK = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
-
-
-def _guest_clock(text: str, what: str) -> float:
-    try:
-        if not _CLOCK.fullmatch(text.strip()):
-            raise ValueError(text)
-        return float(text.strip())
-    except ValueError:
-        raise GuestError(
-            f"unexpected guest clock output while {what}: {text[:80]!r}",
-            "the guest's coreutils are broken; destroy the sandbox and create it again",
-        ) from None
 
 
 def execute(
@@ -442,7 +429,7 @@ def execute(
         php=request.php,
         user="root" if request.root else RUN_USER,
         xdebug=mode.value,
-        started=_guest_clock(clock, "preparing the run"),
+        started=guest_seconds(clock, "preparing the run"),
     )
     save_record(logs, record)
     env = base_env(request.root)
@@ -470,7 +457,7 @@ def execute(
     leftovers, clock, *names = [*finished.split("\n"), "", ""]
     record = dataclasses.replace(
         record,
-        ended=_guest_clock(clock, "finishing the run"),
+        ended=guest_seconds(clock, "finishing the run"),
         exit_code=code,
         timed_out=timed_out,
         leftovers=int(leftovers) if _COUNT.fullmatch(leftovers.strip()) else 0,

@@ -11,7 +11,7 @@ import pytest
 from orchestrator import paths
 from orchestrator import run as runs
 from orchestrator.errors import GuestError, NotFoundError, UsageError
-from orchestrator.records import Attempt, Verdict, iso_time
+from orchestrator.records import Attempt, Verdict, guest_seconds, iso_time
 
 from .conftest import Golden
 
@@ -252,7 +252,7 @@ def test_other_names_are_never_fetched(name: str, tmp_path: Path) -> None:
 
 
 def test_guest_clock_and_counts_are_parsed_strictly() -> None:
-    assert runs._guest_clock("1796461664.068816\n", "x") == 1796461664.068816
+    assert guest_seconds("1796461664.068816\n", "x") == 1796461664.068816
     for bad in ("nan", "inf", "1e400", "²", "1" * 5000, "-5"):
         with pytest.raises(GuestError):
-            runs._guest_clock(bad, "finishing the run")
+            guest_seconds(bad, "finishing the run")
