@@ -384,7 +384,6 @@ def set_dns_hosts(net: libvirt.virNetwork, names: Sequence[tuple[str, Sequence[s
     if not by_ip:
         return
     current = ET.fromstring(net.XMLDesc(0))
-    flags = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
     for address, hostnames in sorted(by_ip.items()):
         existing = current.find(f"dns/host[@ip='{address}']")
         known = (
@@ -392,36 +391,60 @@ def set_dns_hosts(net: libvirt.virNetwork, names: Sequence[tuple[str, Sequence[s
         )
         if hostnames <= known:
             continue
+        _replace_dns_host(
+            net,
+            address,
+            sorted(hostnames | known),
+            existed=existing is not None,
+            what=f"add DNS names for {address}",
+            hint="destroy the other sandboxes to recreate the network, or allow addresses "
+            "instead of names",
+        )
+
+
+def _replace_dns_host(
+    net: libvirt.virNetwork,
+    address: str,
+    hostnames: Sequence[str],
+    *,
+    existed: bool,
+    what: str,
+    hint: str = "",
+) -> None:
+    """Make the resolver's entry for `address` hold exactly `hostnames` (none: no entry). An entry
+    cannot be changed in place: it is deleted (by its address alone, see _dns_host_by_address)
+    and the new one added."""
+    if existed:
+        _update_network(
+            net,
+            libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE,
+            libvirt.VIR_NETWORK_SECTION_DNS_HOST,
+            _dns_host_by_address(address),
+            what,
+            hint=hint,
+        )
+    if hostnames:
         host = ET.Element("host", ip=address)
-        for hostname in sorted(hostnames | known):
+        for hostname in hostnames:
             ET.SubElement(host, "hostname").text = hostname
-        try:
-            # An entry for an address cannot be changed in place: delete it, add the merged one.
-            if existing is not None:
-                net.update(
-                    libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE,
-                    libvirt.VIR_NETWORK_SECTION_DNS_HOST,
-                    -1,
-                    _dns_host_by_address(address),
-                    flags,
-                )
-            net.update(
-                libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
-                libvirt.VIR_NETWORK_SECTION_DNS_HOST,
-                -1,
-                ET.tostring(host, encoding="unicode"),
-                flags,
-            )
-        except libvirt.libvirtError as exc:
-            raise HypervisorError(
-                f"cannot add DNS names for {address} to network {net.name()}: {exc}",
-                "destroy the other sandboxes to recreate the network, or allow addresses "
-                "instead of names",
-            ) from None
+        _update_network(
+            net,
+            libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
+            libvirt.VIR_NETWORK_SECTION_DNS_HOST,
+            ET.tostring(host, encoding="unicode"),
+            what,
+            hint=hint,
+        )
 
 
 def _update_network(
-    net: libvirt.virNetwork, command: int, section: int, xml: str, what: str, parent: int = -1
+    net: libvirt.virNetwork,
+    command: int,
+    section: int,
+    xml: str,
+    what: str,
+    parent: int = -1,
+    hint: str = "",
 ) -> None:
     flags = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
     try:
@@ -429,7 +452,7 @@ def _update_network(
     except libvirt.libvirtError as exc:
         raise HypervisorError(
             f"cannot {what} on network {net.name()}: {exc}",
-            "destroy the other sandboxes so the network is recreated, or run with --debug",
+            hint or "destroy the other sandboxes so the network is recreated, or run with --debug",
         ) from None
 
 
@@ -535,25 +558,8 @@ def remove_dns_hosts(net: libvirt.virNetwork, pairs: set[tuple[str, str]]) -> li
         gone = [n for n in names if (n, address) in pairs]
         if not gone:
             continue
-        _update_network(
-            net,
-            libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE,
-            libvirt.VIR_NETWORK_SECTION_DNS_HOST,
-            _dns_host_by_address(address),
-            f"remove DNS names for {address}",
-        )
         kept = [n for n in names if n not in gone]
-        if kept:
-            replacement = ET.Element("host", ip=address)
-            for hostname in kept:
-                ET.SubElement(replacement, "hostname").text = hostname
-            _update_network(
-                net,
-                libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
-                libvirt.VIR_NETWORK_SECTION_DNS_HOST,
-                ET.tostring(replacement, encoding="unicode"),
-                f"keep DNS names for {address}",
-            )
+        _replace_dns_host(net, address, kept, existed=True, what=f"remove DNS names for {address}")
         removed += [f"{n} ({address})" for n in gone]
     return removed
 
