@@ -50,6 +50,7 @@ from datetime import UTC, datetime
 from enum import Enum
 from functools import cached_property
 
+from .config import Limits
 from .errors import SandboxError
 from .records import Attempt, Frame, Verdict, parse_time
 
@@ -85,8 +86,8 @@ _OUTPUT_NAME = re.compile(
     r"|cachegrind\.out\.[0-9]{1,10}\.[0-9a-f]{1,32}(?:\.gz)?"
     r"|coverage\.[0-9]{1,10}\.[0-9a-f]{1,32}\.json)\Z"
 )
-# How far a compressed trace may inflate (config limits.decompressed_mib has the same default).
-MAX_DECOMPRESSED = 256 << 20
+# How far a compressed trace may inflate, unless the caller gives the configured limit.
+MAX_DECOMPRESSED = Limits().decompressed
 
 _INI = """\
 ; Written by `sandbox up`. Read only by the processes `sandbox run` starts: their
