@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SandboxError
-from .pcap import start_tcpdump
+from .logview import destination
+from .pcap import ring_files, start_tcpdump
 from .records import Attempt, Verdict, iso_time
 
 # A flow's first packet: a TCP SYN without ACK (IPv4; IPv6 without extension headers), any UDP
@@ -187,11 +188,8 @@ class Unrecorded:
     last: float
 
     def describe(self) -> str:
-        where = self.dst if self.dport is None else f"{self.dst}:{self.dport}"
-        if ":" in self.dst and self.dport is not None:
-            where = f"[{self.dst}]:{self.dport}"
         return (
-            f"{self.proto} {where}: {self.host_flows} on the host, "
+            f"{self.proto} {destination(self.dst, self.dport)}: {self.host_flows} on the host, "
             f"{self.guest_attempts} in the guest's record"
         )
 
@@ -241,8 +239,7 @@ def start(interface: str, directory: Path) -> int:
 
 def capture_files(directory: Path) -> list[Path]:
     """The ring's files, oldest first (tcpdump -W numbers them FILE0, FILE1, ...)."""
-    found = [p for p in directory.glob(FILE_PREFIX + "*") if p.name[len(FILE_PREFIX) :].isdigit()]
-    return sorted(found, key=lambda p: p.stat().st_mtime)
+    return ring_files(directory / FILE_PREFIX)
 
 
 def read_flows(directory: Path) -> list[Flow]:
