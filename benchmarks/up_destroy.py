@@ -26,7 +26,7 @@ from orchestrator import hypervisor as hv  # noqa: E402
 from orchestrator import lifecycle, paths  # noqa: E402
 from orchestrator.cloudinit import SeedSpec, build_seed_iso  # noqa: E402
 from orchestrator.config import Settings  # noqa: E402
-from orchestrator.domain import DomainSpec, render_domain  # noqa: E402
+from orchestrator.domain import DomainSpec, NetworkSpec, render_domain  # noqa: E402
 from orchestrator.guest import generate_ed25519, wait_for_banner  # noqa: E402
 from orchestrator.images import KERNEL_CMDLINE, ImageRecipe, build_image  # noqa: E402
 from orchestrator.lab import inside, run_in_lab  # noqa: E402
@@ -101,7 +101,15 @@ def main() -> int:
             initrd=image.initrd,
         )
         pool_dir = hv.pool_path(pool)
-        net = ctx.network_spec()
+        # The bare boot's own network, like a sandbox's, made once (not timed, as before).
+        _net, net = hv.create_network(
+            conn,
+            lambda subnet, subnet6: NetworkSpec(
+                "bench-bare", "sbrbenchbare", subnet, subnet6, guest_mac="52:54:00:be:0c:01"
+            ),
+            ctx.settings.network.subnets,
+            ctx.settings.network.subnets6,
+        )
         host = generate_ed25519("bench-host")
         client = generate_ed25519("bench-client")
         seed_path = Path(pool_dir) / "bench-bare-seed.iso"
@@ -117,7 +125,7 @@ def main() -> int:
                 )
             )
         )
-        mac = "52:54:00:be:0c:01"
+        mac = net.guest_mac or ""
         overlay = f"{pool_dir}/bench-bare.qcow2"
         spec = DomainSpec(
             name="bench-bare",
@@ -150,15 +158,13 @@ def main() -> int:
                 ups.append(time_up(env))
                 destroys.append(time_destroy(env))
             else:
-                with hv.connection(ctx.settings.connect) as conn:
-                    hv.ensure_network(conn, ctx.network_spec())
                 bares.append(time_bare(ctx, xml_path, mac, overlay, base_path))
-                with hv.connection(ctx.settings.connect) as conn:
-                    hv.remove_network_if_unused(conn, ctx.network_spec().name)
             print(
                 f"round {round_no + 1}: {kind} {(ups if kind == 'up' else bares)[-1]:.1f} s",
                 flush=True,
             )
+    with hv.connection(ctx.settings.connect) as conn:
+        hv.remove_network_if_unused(conn, net.name)
     for leftover in (seed_path, Path(f"{pool_dir}/bench-bare-console.log")):
         leftover.unlink(missing_ok=True)
 

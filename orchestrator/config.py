@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from .domain import Accel
+from .domain import SUBNET6_PREFIX, SUBNET_PREFIX, Accel
 from .errors import UsageError
 
 DEFAULT_URI = "qemu:///system"
@@ -22,13 +22,15 @@ ENV_CONFIG = "SANDBOX_CONFIG"
 
 @dataclass(frozen=True)
 class NetworkSettings:
-    name: str = "sandbox"
-    bridge: str = "virbr-sandbox"
-    subnet: ipaddress.IPv4Network = field(
-        default_factory=lambda: ipaddress.IPv4Network("192.168.213.0/24")
+    """Where sandbox networks take their addresses from. Every sandbox has a network of its own
+    (bridge, DHCP server and resolver): one guest cannot reach another's link, and a resolver
+    answers only the names allowed to its own sandbox."""
+
+    subnets: ipaddress.IPv4Network = field(
+        default_factory=lambda: ipaddress.IPv4Network("192.168.208.0/20")
     )
-    subnet6: ipaddress.IPv6Network | None = field(
-        default_factory=lambda: ipaddress.IPv6Network("2001:db8:213::/64")
+    subnets6: ipaddress.IPv6Network | None = field(
+        default_factory=lambda: ipaddress.IPv6Network("2001:db8:213::/48")
     )
 
 
@@ -130,6 +132,50 @@ def parse_accel(value: str) -> Accel:
         raise UsageError(f"unknown acceleration {value!r}", "use one of: auto, kvm, tcg") from None
 
 
+def _parse_network(value: Any, default: NetworkSettings, source: str) -> NetworkSettings:
+    net = _expect(value, dict, "network", source)
+    retired = sorted({"name", "bridge", "subnet", "subnet6"} & set(net))
+    if retired:
+        raise UsageError(
+            f"{source}: network.{retired[0]} is no longer a setting: every sandbox now has a "
+            "network of its own, named and bridged after the sandbox",
+            "set network.subnets (an IPv4 range; each sandbox takes a /28 of it) and "
+            "network.subnets6 (an IPv6 range of /64s, or none), or remove network:",
+        )
+    _check_keys(net, {"subnets", "subnets6"}, "network.", source)
+    subnets = default.subnets
+    if "subnets" in net:
+        try:
+            subnets = ipaddress.IPv4Network(str(net["subnets"]))
+        except ValueError as exc:
+            raise UsageError(
+                f"{source}: network.subnets: {exc}", "use a CIDR such as 192.168.208.0/20"
+            ) from None
+        if subnets.prefixlen > SUBNET_PREFIX:
+            raise UsageError(
+                f"{source}: network.subnets is smaller than one sandbox's /{SUBNET_PREFIX}",
+                f"use a /{SUBNET_PREFIX} or larger: a /20 holds 256 sandboxes",
+            )
+    subnets6 = default.subnets6
+    if "subnets6" in net:
+        if net["subnets6"] in (None, False, "none"):
+            subnets6 = None
+        else:
+            try:
+                subnets6 = ipaddress.IPv6Network(str(net["subnets6"]))
+            except ValueError as exc:
+                raise UsageError(
+                    f"{source}: network.subnets6: {exc}",
+                    "use an IPv6 range such as 2001:db8:213::/48, or none for IPv4 only",
+                ) from None
+            if subnets6.prefixlen > SUBNET6_PREFIX:
+                raise UsageError(
+                    f"{source}: network.subnets6 is smaller than one sandbox's /64",
+                    "use a /64 or larger (a /48 holds 65,536 sandboxes), or none",
+                )
+    return NetworkSettings(subnets=subnets, subnets6=subnets6)
+
+
 def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
     """Settings from a parsed config mapping; every key is checked, unknown ones are errors."""
     _check_keys(
@@ -183,45 +229,7 @@ def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
             )
         changes["collect_every"] = every
     if "network" in data:
-        net = _expect(data["network"], dict, "network", source)
-        _check_keys(net, {"name", "bridge", "subnet", "subnet6"}, "network.", source)
-        subnet = s.network.subnet
-        if "subnet" in net:
-            try:
-                subnet = ipaddress.IPv4Network(str(net["subnet"]))
-            except ValueError as exc:
-                raise UsageError(
-                    f"{source}: network.subnet: {exc}", "use a CIDR such as 192.168.213.0/24"
-                ) from None
-            if subnet.num_addresses < 8:
-                raise UsageError(f"{source}: network.subnet is too small", "use at least a /29")
-        bridge = str(net.get("bridge", s.network.bridge))
-        if len(bridge) > 15:
-            raise UsageError(
-                f"{source}: network.bridge {bridge!r} is longer than 15 characters", "shorten it"
-            )
-        subnet6 = s.network.subnet6
-        if "subnet6" in net:
-            if net["subnet6"] in (None, False, "none"):
-                subnet6 = None
-            else:
-                try:
-                    subnet6 = ipaddress.IPv6Network(str(net["subnet6"]))
-                except ValueError as exc:
-                    raise UsageError(
-                        f"{source}: network.subnet6: {exc}",
-                        "use an IPv6 /64 such as 2001:db8:213::/64, or none for IPv4 only",
-                    ) from None
-                if subnet6.prefixlen != 64:
-                    raise UsageError(
-                        f"{source}: network.subnet6 must be a /64", "DHCPv6 and SLAAC want a /64"
-                    )
-        changes["network"] = NetworkSettings(
-            name=str(net.get("name", s.network.name)),
-            bridge=bridge,
-            subnet=subnet,
-            subnet6=subnet6,
-        )
+        changes["network"] = _parse_network(data["network"], s.network, source)
     if "pool" in data:
         pool = _expect(data["pool"], dict, "pool", source)
         _check_keys(pool, {"name", "path"}, "pool.", source)

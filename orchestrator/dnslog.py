@@ -1,7 +1,7 @@
 """The sandbox network's own record of DNS: dnsmasq's query log, read on the host.
 
 The network's dnsmasq runs with `log-queries=extra` and `log-facility=FILE` (domain.render_network,
-NetworkSpec.dns_log), so every query lands in one file shared by every sandbox on the network:
+NetworkSpec.dns_log), so every query of the sandbox's guest lands in its network's own file:
 
     Nov 23 12:07:27 dnsmasq[28793]: 1 192.168.213.50/43224 query[A] allowed.example from 192.1...
     Nov 23 12:07:27 dnsmasq[28793]: 1 192.168.213.50/43224 /var/...addnhosts allowed.example is...
@@ -177,7 +177,7 @@ def select(
     return chosen
 
 
-# The shared log is rotated (to FILE.1, dnsmasq told to reopen it) once it is this large, and
+# The log is rotated (to FILE.1, emptied in place) once it is this large, and
 # one collection reads at most READ_MAX of it: the guests decide how much dnsmasq writes.
 ROTATE_BYTES = 64 << 20
 READ_MAX = 64 << 20
@@ -188,7 +188,7 @@ OVERLAP = 64 << 10
 
 @dataclass(frozen=True)
 class LogCursor:
-    """Where a sandbox's last read of the shared DNS log ended: the file (inode) and byte."""
+    """Where a sandbox's last read of its DNS log ended: the file (inode) and byte."""
 
     inode: int = 0
     offset: int = 0
@@ -209,7 +209,7 @@ def read_new(path: str | Path, cursor: LogCursor) -> tuple[str, LogCursor]:
     """The log's text since `cursor` (with a small overlap), the rotated file's rest included
     when it was rotated since, and the cursor to pass next time."""
     file = Path(path)
-    rotated = file.with_name(file.name + ".1")
+    rotated = rotated_copy(file)
     parts: list[bytes] = []
     try:
         if not file.exists():
@@ -250,8 +250,14 @@ def _whole_lines(file: Path, start: int) -> tuple[bytes, int]:
     return data[skip:end], begin + end
 
 
+def rotated_copy(path: str | Path) -> Path:
+    """Where rotate_if_large keeps the log's previous content."""
+    file = Path(path)
+    return file.with_name(file.name + ".1")
+
+
 def rotate_if_large(path: str | Path, limit: int = ROTATE_BYTES) -> bool:
-    """Once the shared log is over `limit` bytes, copy it to FILE.1 and empty it in place, so it
+    """Once the log is over `limit` bytes, copy it to FILE.1 and empty it in place, so it
     never grows without end. In place, because the network's dnsmasq keeps it open (with
     O_APPEND: it goes on writing at the new end) and, running as nobody by then, could not
     create a new one. Readers whose cursor points into the old content finish it from FILE.1
@@ -263,7 +269,7 @@ def rotate_if_large(path: str | Path, limit: int = ROTATE_BYTES) -> bool:
             return False
         tmp = file.with_name(file.name + ".1.tmp")
         shutil.copyfile(file, tmp)
-        os.replace(tmp, file.with_name(file.name + ".1"))
+        os.replace(tmp, rotated_copy(file))
         os.truncate(file, 0)
     except FileNotFoundError:
         return False

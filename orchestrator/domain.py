@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -66,9 +67,6 @@ class DomainSpec:
     ip: str | None = None
     # Its IPv6 addresses (the DHCPv6 one kept for its DUID, its link-local): the filter's $IPV6.
     ip6: tuple[str, ...] = ()
-    # (name, address) pairs this sandbox added to the network's resolver, kept in the domain's
-    # metadata so that `destroy` of another sandbox knows which entries are still in use.
-    dns_hosts: tuple[tuple[str, str], ...] = ()
     # Keeps QEMU's translation cache small under TCG: ~320 MiB resident instead of ~800 MiB
     # (PLATFORM.md), at no visible cost.
     tcg_tb_cache_mib: int = 64
@@ -95,8 +93,6 @@ def render_domain(spec: DomainSpec) -> str:
     meta = ET.SubElement(metadata, f"{{{METADATA_NS}}}sandbox")
     meta.set("name", spec.sandbox)
     meta.set("image", spec.image)
-    for hostname, address in spec.dns_hosts:
-        ET.SubElement(meta, f"{{{METADATA_NS}}}dns", host=hostname, ip=address)
     _sub(dom, "memory", str(spec.memory_mib), unit="MiB")
     _sub(dom, "vcpu", str(spec.vcpus))
 
@@ -163,24 +159,35 @@ def render_domain(spec: DomainSpec) -> str:
     return _to_string(dom)
 
 
+# Each sandbox's network is one piece of the configured ranges: an IPv4 /28 (the gateway and the
+# guest; a small piece wastes little of a range) and an IPv6 /64 (SLAAC and DHCPv6 want a /64).
+SUBNET_PREFIX = 28
+SUBNET6_PREFIX = 64
+
+
 @dataclass(frozen=True)
 class NetworkSpec:
+    """One sandbox's own network: its bridge, DHCP server and resolver serve that guest alone."""
+
     name: str
     bridge: str
     subnet: ipaddress.IPv4Network
-    # IPv6 for the guests, NATed like IPv4, so that allowed IPv6 destinations are reachable and
+    # IPv6 for the guest, NATed like IPv4, so that allowed IPv6 destinations are reachable and
     # blocked ones are refused by the policy rather than merely unroutable. None: IPv4 only.
     subnet6: ipaddress.IPv6Network | None = None
-    # Names the resolver may answer (issue: egress policy). Everything else gets REFUSED, and
-    # nothing is ever forwarded to the host's own resolvers.
+    # Names the resolver may answer: the sandbox's allowed names. Everything else gets REFUSED,
+    # and nothing is ever forwarded to the host's own resolvers.
     dns_hosts: tuple[tuple[str, tuple[str, ...]], ...] = field(default_factory=tuple)
+    # The guest's MAC: the DHCP servers give it guest_ip and guest_ip6 (kept for it before it
+    # boots, so that the host-side filter can pin them). None: no guest entry (a bare network).
+    guest_mac: str | None = None
     # Where the network's dnsmasq logs every query with the asking guest's address (dnslog.py
-    # reads it). One file for the whole network, shared by every sandbox on it.
+    # reads it).
     dns_log_dir: str = DNSMASQ_DIR
 
     @property
     def dns_log(self) -> str:
-        return f"{self.dns_log_dir}/{self.name}.queries.log"
+        return dns_log_path(self.name, self.dns_log_dir)
 
     @property
     def gateway6(self) -> ipaddress.IPv6Address | None:
@@ -188,12 +195,44 @@ class NetworkSpec:
 
     @property
     def gateway(self) -> ipaddress.IPv4Address:
-        return next(self.subnet.hosts())
+        return self.subnet.network_address + 1
+
+    @property
+    def guest_ip(self) -> ipaddress.IPv4Address:
+        return self.subnet.network_address + 2
+
+    @property
+    def guest_ip6(self) -> ipaddress.IPv6Address | None:
+        # Above the dynamic DHCPv6 range, with the IPv4 address's host number.
+        if self.subnet6 is None:
+            return None
+        return self.subnet6.network_address + 0x10000 + 2
 
     @property
     def dhcp_range(self) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
-        hosts = list(self.subnet.hosts())
-        return hosts[1], hosts[-1]
+        return self.guest_ip, self.subnet.broadcast_address - 1
+
+
+def resolver_hosts(
+    names: Sequence[tuple[str, Sequence[str]]],
+) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The policy's (name, addresses) pairs as the resolver's entries: (address, names)."""
+    by_address: dict[str, set[str]] = {}
+    for name, addresses in names:
+        for address in addresses:
+            by_address.setdefault(address, set()).add(name)
+    return tuple((a, tuple(sorted(n))) for a, n in sorted(by_address.items()))
+
+
+def dns_log_path(network: str, directory: str = DNSMASQ_DIR) -> str:
+    """Where a network's dnsmasq logs its queries (rotated copies beside it: dnslog.py)."""
+    return f"{directory}/{network}.queries.log"
+
+
+def duid_ll(mac: str) -> str:
+    """The DHCPv6 client id (DUID-LL: type 3, hardware type 1, the MAC) of a guest whose networkd
+    uses DUIDType=link-layer, as the image configures it."""
+    return "00:03:00:01:" + mac.lower()
 
 
 def render_network(spec: NetworkSpec) -> str:
@@ -214,6 +253,9 @@ def render_network(spec: NetworkSpec) -> str:
     dhcp = _sub(ip, "dhcp")
     start, end = spec.dhcp_range
     _sub(dhcp, "range", start=str(start), end=str(end))
+    if spec.guest_mac:
+        # No name: dnsmasq would answer it in DNS.
+        _sub(dhcp, "host", mac=spec.guest_mac.lower(), ip=str(spec.guest_ip))
     if spec.subnet6 is not None and spec.gateway6 is not None:
         ip6 = _sub(
             net,
@@ -225,6 +267,8 @@ def render_network(spec: NetworkSpec) -> str:
         dhcp6 = _sub(ip6, "dhcp")
         base6 = spec.subnet6.network_address
         _sub(dhcp6, "range", start=str(base6 + 0x100), end=str(base6 + 0x1FF))
+        if spec.guest_mac:
+            _sub(dhcp6, "host", id=duid_ll(spec.guest_mac), ip=str(spec.guest_ip6))
     # libvirt's dnsmasq otherwise forwards unknown names to the host's resolvers and serves the
     # host's /etc/hosts (PLATFORM.md): a DNS exfiltration channel and a leak of host names.
     options = ET.SubElement(net, f"{{{DNSMASQ_NS}}}options")

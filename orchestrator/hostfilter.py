@@ -326,8 +326,8 @@ def ensure_shared_filters(conn: libvirt.virConnect) -> None:
 
 
 def remove_shared_filters(conn: libvirt.virConnect) -> list[str]:
-    """Undefine the shared filters once no guest uses them (with the sandbox network); one still
-    in use (a sandbox on another network) stays. Returns the names removed."""
+    """Undefine the shared filters once no guest uses them (with the last sandbox's network); one
+    still in use stays. Returns the names removed."""
     removed = []
     for name in SHARED_FILTERS:
         nwfilter = _lookup(conn, name)

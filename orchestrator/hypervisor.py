@@ -20,6 +20,8 @@ import libvirt
 
 from .domain import (
     METADATA_NS,
+    SUBNET6_PREFIX,
+    SUBNET_PREFIX,
     Accel,
     NetworkSpec,
     PoolSpec,
@@ -73,6 +75,26 @@ def open_connection(uri: str) -> libvirt.virConnect:
 
 def domain_name(sandbox: str) -> str:
     return DOMAIN_PREFIX + sandbox
+
+
+def network_name(sandbox: str) -> str:
+    """The sandbox's own network (libvirt keeps networks and domains in separate namespaces)."""
+    return DOMAIN_PREFIX + sandbox
+
+
+def _name_hash(sandbox: str) -> str:
+    return hashlib.sha256(sandbox.encode()).hexdigest()[:10]
+
+
+def bridge_name(sandbox: str) -> str:
+    """The sandbox network's bridge: at most 15 characters, outside libvirt's `virbr` names."""
+    return "sbr" + _name_hash(sandbox)
+
+
+def target_dev(sandbox: str) -> str:
+    """The host-side name of the guest's interface: fixed before boot, at most 15 characters, and
+    never in libvirt's own `vnet` namespace."""
+    return "sbx" + _name_hash(sandbox)
 
 
 @dataclass(frozen=True)
@@ -342,226 +364,92 @@ def create_overlay(pool: libvirt.virStoragePool, name: str, backing: str) -> str
 # ---- network -------------------------------------------------------------------------------
 
 
-def ensure_network(conn: libvirt.virConnect, spec: NetworkSpec) -> libvirt.virNetwork:
-    try:
-        net = conn.networkLookupByName(spec.name)
-    except libvirt.libvirtError as exc:
-        if _code(exc) != libvirt.VIR_ERR_NO_NETWORK:
-            raise HypervisorError(f"cannot look up network {spec.name}: {exc}") from None
+def network_pieces(
+    subnets: ipaddress.IPv4Network,
+    subnets6: ipaddress.IPv6Network | None,
+    taken: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
+) -> Iterator[tuple[ipaddress.IPv4Network, ipaddress.IPv6Network | None]]:
+    """The pieces of the configured ranges that no existing network overlaps: the n-th /28 of
+    `subnets` with the n-th /64 of `subnets6`, in order. Pure."""
+    size = 2 ** (32 - SUBNET_PREFIX)
+    count = subnets.num_addresses // size
+    if subnets6 is not None:
+        count = min(count, 2 ** (SUBNET6_PREFIX - subnets6.prefixlen))
+    for index in range(count):
+        piece = ipaddress.IPv4Network((int(subnets.network_address) + index * size, SUBNET_PREFIX))
+        piece6 = (
+            None
+            if subnets6 is None
+            else ipaddress.IPv6Network(
+                (int(subnets6.network_address) + (index << (128 - SUBNET6_PREFIX)), SUBNET6_PREFIX)
+            )
+        )
+        if any(
+            piece.overlaps(t) if t.version == 4 else piece6 is not None and piece6.overlaps(t)
+            for t in taken
+        ):
+            continue
+        yield piece, piece6
+
+
+def network_subnets(
+    conn: libvirt.virConnect,
+) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The subnets of every network libvirt knows (ours and others, running or not)."""
+    found: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for net in conn.listAllNetworks(0):
+        with contextlib.suppress(libvirt.libvirtError, ET.ParseError, ValueError):
+            for ip in ET.fromstring(net.XMLDesc(0)).findall("ip"):
+                address = ip.get("address", "")
+                size = ip.get("prefix") or ip.get("netmask") or ""
+                found.append(ipaddress.ip_network(f"{address}/{size}", strict=False))
+    return found
+
+
+# A piece of the range can still collide with a route of the host's (libvirt refuses to start
+# the network then): so many pieces are tried before giving up.
+NETWORK_TRIES = 16
+
+
+def create_network(
+    conn: libvirt.virConnect,
+    make_spec: Callable[[ipaddress.IPv4Network, ipaddress.IPv6Network | None], NetworkSpec],
+    subnets: ipaddress.IPv4Network,
+    subnets6: ipaddress.IPv6Network | None,
+) -> tuple[libvirt.virNetwork, NetworkSpec]:
+    """Define and start a network on the first free piece of the ranges. Two `up`s racing for a
+    piece are safe: libvirt starts only one network per subnet, the other tries the next."""
+    errors: list[str] = []
+    pieces = network_pieces(subnets, subnets6, network_subnets(conn))
+    for piece, piece6 in pieces:
+        spec = make_spec(piece, piece6)
         try:
             net = conn.networkDefineXML(render_network(spec))
         except libvirt.libvirtError as exc:
             raise HypervisorError(
                 f"cannot define network {spec.name}: {exc}",
-                "choose another network.subnet or network.bridge in the config file",
+                "run `sandbox destroy` for this sandbox and try again",
             ) from None
-    if not net.isActive():
         try:
             net.create()
         except libvirt.libvirtError as exc:
-            raise HypervisorError(
-                f"cannot start network {spec.name}: {exc}",
-                "another network may use the same subnet or bridge: set network.subnet or "
-                "network.bridge in the config file",
-            ) from None
-    return net
-
-
-def _dns_host_by_address(address: str) -> str:
-    """The <host> that deletes the DNS entry of `address`, by its address alone: libvirt matches
-    a delete by address OR any hostname, so an entry with a name another address shares (a name
-    with an IPv4 and an IPv6 address) would match both and be refused."""
-    return ET.tostring(ET.Element("host", ip=address), encoding="unicode")
-
-
-def set_dns_hosts(net: libvirt.virNetwork, names: Sequence[tuple[str, Sequence[str]]]) -> None:
-    """Make the sandbox network's resolver answer these names with these addresses (merged with
-    the names other sandboxes added). Call under the global lock."""
-    by_ip: dict[str, set[str]] = {}
-    for name, addresses in names:
-        for address in addresses:
-            by_ip.setdefault(address, set()).add(name)
-    if not by_ip:
-        return
-    current = ET.fromstring(net.XMLDesc(0))
-    for address, hostnames in sorted(by_ip.items()):
-        existing = current.find(f"dns/host[@ip='{address}']")
-        known = (
-            {h.text or "" for h in existing.findall("hostname")} if existing is not None else set()
-        )
-        if hostnames <= known:
+            errors.append(f"{piece}: {exc}")
+            with contextlib.suppress(libvirt.libvirtError):
+                net.undefine()
+            if len(errors) >= NETWORK_TRIES:
+                break
+            pieces = network_pieces(subnets, subnets6, [*network_subnets(conn), piece])
             continue
-        _replace_dns_host(
-            net,
-            address,
-            sorted(hostnames | known),
-            existed=existing is not None,
-            what=f"add DNS names for {address}",
-            hint="destroy the other sandboxes to recreate the network, or allow addresses "
-            "instead of names",
-        )
-
-
-def _replace_dns_host(
-    net: libvirt.virNetwork,
-    address: str,
-    hostnames: Sequence[str],
-    *,
-    existed: bool,
-    what: str,
-    hint: str = "",
-) -> None:
-    """Make the resolver's entry for `address` hold exactly `hostnames` (none: no entry). An entry
-    cannot be changed in place: it is deleted (by its address alone, see _dns_host_by_address)
-    and the new one added."""
-    if existed:
-        _update_network(
-            net,
-            libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE,
-            libvirt.VIR_NETWORK_SECTION_DNS_HOST,
-            _dns_host_by_address(address),
-            what,
-            hint=hint,
-        )
-    if hostnames:
-        host = ET.Element("host", ip=address)
-        for hostname in hostnames:
-            ET.SubElement(host, "hostname").text = hostname
-        _update_network(
-            net,
-            libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
-            libvirt.VIR_NETWORK_SECTION_DNS_HOST,
-            ET.tostring(host, encoding="unicode"),
-            what,
-            hint=hint,
-        )
-
-
-def _update_network(
-    net: libvirt.virNetwork,
-    command: int,
-    section: int,
-    xml: str,
-    what: str,
-    parent: int = -1,
-    hint: str = "",
-) -> None:
-    flags = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
-    try:
-        net.update(command, section, parent, xml, flags)
-    except libvirt.libvirtError as exc:
-        raise HypervisorError(
-            f"cannot {what} on network {net.name()}: {exc}",
-            hint or "destroy the other sandboxes so the network is recreated, or run with --debug",
-        ) from None
-
-
-def reserve_address(
-    net: libvirt.virNetwork,
-    mac: str,
-    candidates: Sequence[ipaddress.IPv4Address],
-    pick: Callable[[Sequence[ipaddress.IPv4Address]], ipaddress.IPv4Address],
-) -> str:
-    """Keep an address of `candidates` for `mac` in the network's DHCP server (a static host
-    entry), so that the guest's address is known before it boots and the host-side filter can
-    pin it. Skips addresses held by another entry or lease. Call under the global lock."""
-    root = ET.fromstring(net.XMLDesc(0))
-    taken = {h.get("ip") for h in root.iter("host") if h.get("ip")}
-    with contextlib.suppress(libvirt.libvirtError):
-        taken |= {str(lease.get("ipaddr")) for lease in net.DHCPLeases() or []}
-    free = [a for a in candidates if str(a) not in taken]
-    if not free:
-        raise HypervisorError(
-            f"network {net.name()} has no free address left for another sandbox",
-            "destroy a sandbox, or choose a larger network.subnet in the config file",
-        )
-    address = str(pick(free))
-    release_address(net, mac)
-    # No name: dnsmasq would answer it in DNS, to every sandbox on the network.
-    _add_dhcp_host(net, ET.Element("host", mac=mac.lower(), ip=address), mac)
-    return address
-
-
-def _add_dhcp_host(net: libvirt.virNetwork, host: ET.Element, mac: str, parent: int = -1) -> None:
-    _update_network(
-        net,
-        libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST,
-        libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
-        ET.tostring(host, encoding="unicode"),
-        f"keep {host.get('ip')} for {mac}",
-        parent=parent,
+        with contextlib.suppress(libvirt.libvirtError):
+            net.setAutostart(0)
+        return net, spec
+    raise HypervisorError(
+        f"no free subnet for a sandbox network in {subnets}"
+        + (f" and {subnets6}" if subnets6 else "")
+        + (": " + "; ".join(errors[-3:]) if errors else " (all pieces are in use)"),
+        "destroy sandboxes you no longer need, or set network.subnets (and network.subnets6) "
+        "in the config file to ranges the host does not use",
     )
-
-
-def duid_ll(mac: str) -> str:
-    """The DHCPv6 client id (DUID-LL: type 3, hardware type 1, the MAC) of a guest whose networkd
-    uses DUIDType=link-layer, as the image configures it. Pure."""
-    return "00:03:00:01:" + mac.lower()
-
-
-def reserve_address6(net: libvirt.virNetwork, mac: str, address: ipaddress.IPv6Address) -> None:
-    """Keep `address` for the guest with `mac` in the network's DHCPv6 server (by its DUID-LL).
-    Call under the global lock, after reserve_address."""
-    ips = ET.fromstring(net.XMLDesc(0)).findall("ip")
-    index = next((i for i, ip in enumerate(ips) if ip.get("family") == "ipv6"), None)
-    if index is None:
-        raise HypervisorError(
-            f"network {net.name()} has no IPv6 subnet",
-            "destroy the sandboxes so the network is recreated from the config",
-        )
-    _add_dhcp_host(net, ET.Element("host", id=duid_ll(mac), ip=str(address)), mac, index)
-
-
-def release_address(net: libvirt.virNetwork, mac: str) -> bool:
-    """Remove the static DHCP and DHCPv6 entries of `mac`; False if there was none."""
-    released = False
-    for index, ip_el in enumerate(ET.fromstring(net.XMLDesc(0)).findall("ip")):
-        for host in ip_el.findall("dhcp/host"):
-            if (host.get("mac") or "").lower() == mac.lower() or host.get("id") == duid_ll(mac):
-                _update_network(
-                    net,
-                    libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE,
-                    libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST,
-                    ET.tostring(host, encoding="unicode"),
-                    f"release the address of {mac}",
-                    parent=index,
-                )
-                released = True
-    return released
-
-
-def dns_hosts_in_use(conn: libvirt.virConnect, network: str) -> set[tuple[str, str]]:
-    """The (name, address) pairs that the running sandboxes on `network` asked the resolver for
-    (from their domains' metadata)."""
-    used: set[tuple[str, str]] = set()
-    for dom in conn.listAllDomains(0):
-        with contextlib.suppress(libvirt.libvirtError, ET.ParseError):
-            root = ET.fromstring(dom.XMLDesc(0))
-            if not any(
-                src.get("network") == network for src in root.findall("devices/interface/source")
-            ):
-                continue
-            meta = ET.fromstring(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0))
-            for entry in meta.iter(f"{{{METADATA_NS}}}dns"):
-                used.add((entry.get("host", ""), entry.get("ip", "")))
-    return used
-
-
-def remove_dns_hosts(net: libvirt.virNetwork, pairs: set[tuple[str, str]]) -> list[str]:
-    """Stop the resolver answering these (name, address) pairs; an address's other names stay.
-    Returns the names removed. Call under the global lock."""
-    removed: list[str] = []
-    root = ET.fromstring(net.XMLDesc(0))
-    for host in root.findall("dns/host"):
-        address = host.get("ip", "")
-        names = [h.text or "" for h in host.findall("hostname")]
-        gone = [n for n in names if (n, address) in pairs]
-        if not gone:
-            continue
-        kept = [n for n in names if n not in gone]
-        _replace_dns_host(net, address, kept, existed=True, what=f"remove DNS names for {address}")
-        removed += [f"{n} ({address})" for n in gone]
-    return removed
 
 
 def lookup_network(conn: libvirt.virConnect, network: str) -> libvirt.virNetwork | None:

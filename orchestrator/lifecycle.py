@@ -7,6 +7,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import ipaddress
+import json
 import os
 import secrets
 import shlex
@@ -36,7 +37,14 @@ from . import (
 from . import hypervisor as hv
 from . import run as runs
 from .config import Settings
-from .domain import DomainSpec, NetworkSpec, PoolSpec, render_domain
+from .domain import (
+    DomainSpec,
+    NetworkSpec,
+    PoolSpec,
+    dns_log_path,
+    render_domain,
+    resolver_hosts,
+)
 from .errors import (
     ConflictError,
     GuestError,
@@ -104,22 +112,33 @@ def make_policy(
         dns=dns if dns is not None else (file_dns if file_dns is not None else True),
         blocked=blocked or file_blocked or Blocked.REJECT,
     )
-    net = ctx.network_spec()
+    net = ctx.settings.network
     for entry in policy.allow:
-        own = net.subnet if entry.version == 4 else net.subnet6
+        own = net.subnets if entry.version == 4 else net.subnets6
         if own is not None and entry.network.overlaps(own):
             raise UsageError(
-                f"--allow {entry.source!r} overlaps the sandbox network {own}",
+                f"--allow {entry.source!r} overlaps the sandbox networks' range {own}",
                 "sandboxes may not reach each other or the host's side of their network; "
-                "allow outside destinations only (or set network.subnet in the config file)",
+                "allow outside destinations only (or set network.subnets in the config file)",
             )
     return policy
 
 
-def target_dev(sandbox: str) -> str:
-    """The host-side interface name: fixed before boot, at most 15 characters, and never in
-    libvirt's own `vnet` namespace."""
-    return "sbx" + hashlib.sha256(sandbox.encode()).hexdigest()[:10]
+# The shared network every sandbox used before each had its own: what a sandbox of that time
+# (state without subnets) was on, so that it can still be collected and destroyed.
+_LEGACY_SUBNET, _LEGACY_SUBNET6 = "192.168.213.0/24", "2001:db8:213::/64"
+
+
+def network_of(state: SandboxState) -> NetworkSpec:
+    """The network the sandbox was created on, as `up` recorded it in its state."""
+    subnet6 = state.subnet6 if state.subnet is not None else _LEGACY_SUBNET6
+    return NetworkSpec(
+        name=state.network,
+        bridge=hv.bridge_name(state.name),
+        subnet=ipaddress.IPv4Network(state.subnet or _LEGACY_SUBNET),
+        subnet6=ipaddress.IPv6Network(subnet6) if subnet6 else None,
+        guest_mac=state.mac,
+    )
 
 
 @dataclass
@@ -133,10 +152,6 @@ class Context:
     @property
     def store(self) -> StateStore:
         return StateStore(self.dirs.state)
-
-    def network_spec(self) -> NetworkSpec:
-        net = self.settings.network
-        return NetworkSpec(name=net.name, bridge=net.bridge, subnet=net.subnet, subnet6=net.subnet6)
 
     def pool_spec(self) -> PoolSpec:
         return PoolSpec(name=self.settings.pool.name, path=self.settings.pool.path)
@@ -213,7 +228,6 @@ def _up_locked(
         )
     accel = hv.resolve_accel(conn, settings.accel)
     vols = hv.SandboxVolumes.for_sandbox(name)
-    net_spec = ctx.network_spec()
     state = SandboxState(
         name=name,
         phase=Phase.CREATING,
@@ -221,7 +235,7 @@ def _up_locked(
         uri=settings.connect,
         domain=dom_name,
         pool=settings.pool.name,
-        network=net_spec.name,
+        network=hv.network_name(name),
         volumes=vols.all(),
         image=img.name,
         image_hash=img.manifest.recipe_hash,
@@ -245,14 +259,6 @@ def _up_locked(
         store.write_secret(name, paths.HOST_KEY_PUB, host.public_line + "\n")
         state = dataclasses.replace(state, host_key=host.public_line)
         store.save(state)
-        seed = build_seed_iso(
-            _seed_spec(
-                name,
-                (host.private_openssh, host.public_line),
-                client.public_line,
-                str(net_spec.gateway),
-            )
-        )
 
         with store.global_lock():
             with report.step("preparing storage pool and base image"):
@@ -267,29 +273,44 @@ def _up_locked(
                     initrd=img.initrd,
                 )
             rollback.callback(_remove_volumes, conn, pool, vols, store, name)
+            with report.step(f"starting network {state.network}"):
+                net, net_spec = hv.create_network(
+                    conn,
+                    lambda subnet, subnet6: NetworkSpec(
+                        name=state.network,
+                        bridge=hv.bridge_name(name),
+                        subnet=subnet,
+                        subnet6=subnet6,
+                        dns_hosts=resolver_hosts(policy.names),
+                        guest_mac=state.mac,
+                    ),
+                    settings.network.subnets,
+                    settings.network.subnets6,
+                )
+            rollback.callback(_remove_network, ctx, conn, state.network)
+            address = str(net_spec.guest_ip)
+            state = dataclasses.replace(
+                state,
+                ip=address,
+                subnet=str(net_spec.subnet),
+                subnet6=str(net_spec.subnet6) if net_spec.subnet6 else None,
+            )
+            store.save(state)
+            _record_network(logs_dir(ctx, name), net_spec)
+            ip6: tuple[str, ...] = ()
+            if net_spec.guest_ip6 is not None:
+                ip6 = (str(net_spec.guest_ip6), str(hostfilter.link_local(state.mac)))
             with report.step("creating disk overlay and cloud-init seed"):
                 disk_path = hv.create_overlay(pool, vols.disk, base.disk)
+                seed = build_seed_iso(
+                    _seed_spec(
+                        name,
+                        (host.private_openssh, host.public_line),
+                        client.public_line,
+                        str(net_spec.gateway),
+                    )
+                )
                 seed_path = str(hv.upload(conn, pool, vols.seed, data=seed).path())
-            with report.step(f"starting network {net_spec.name}"):
-                net = hv.ensure_network(conn, net_spec)
-                hv.set_dns_hosts(net, policy.names)
-            rollback.callback(_remove_network, ctx, conn, net_spec.name)
-            dns_pairs = _dns_pairs(policy)
-            rollback.callback(_release_network_entries, conn, net_spec.name, state.mac, dns_pairs)
-            first, last = net_spec.dhcp_range
-            address = hv.reserve_address(
-                net,
-                state.mac,
-                [ipaddress.IPv4Address(a) for a in range(int(first), int(last) + 1)],
-                secrets.choice,
-            )
-            state = dataclasses.replace(state, ip=address)
-            store.save(state)
-            ip6: tuple[str, ...] = ()
-            if net_spec.subnet6 is not None:
-                address6 = guest_address6(net_spec, ipaddress.IPv4Address(address))
-                hv.reserve_address6(net, state.mac, address6)
-                ip6 = (str(address6), str(hostfilter.link_local(state.mac)))
             if guards_host(settings.connect):
                 with report.step("closing the host's own services to the guests (nftables)"):
                     hostguard.apply(str(net.bridgeName()))
@@ -319,10 +340,9 @@ def _up_locked(
                 sandbox=name,
                 image=img.name,
                 filterref=hostfilter.filter_name(name),
-                target_dev=target_dev(name),
+                target_dev=hv.target_dev(name),
                 ip=address,
                 ip6=ip6,
-                dns_hosts=tuple(sorted(dns_pairs)),
             )
             with report.step(f"starting VM {dom_name} ({accel.value})"):
                 boot = Deadline(
@@ -471,42 +491,24 @@ def _remove_volumes(
         hv.delete_volume(pool, vol)
 
 
-def guest_address6(net: NetworkSpec, address: ipaddress.IPv4Address) -> ipaddress.IPv6Address:
-    """The DHCPv6 address kept for the guest with IPv4 `address`: the same host number, above
-    the network's dynamic DHCPv6 range. Pure."""
-    assert net.subnet6 is not None
-    return net.subnet6.network_address + 0x10000 + (int(address) - int(net.subnet.network_address))
-
-
-def _dns_pairs(policy: EgressPolicy) -> set[tuple[str, str]]:
-    return {(host, address) for host, addresses in policy.names for address in addresses}
-
-
-def _release_network_entries(
-    conn: libvirt.virConnect, network: str, mac: str, dns_pairs: set[tuple[str, str]]
-) -> list[str]:
-    """Give back what a sandbox added to the shared network: its DHCP address and the DNS names
-    no other sandbox on the network still uses. Call once its domain is gone."""
-    net = hv.lookup_network(conn, network)
-    if net is None:
-        return []
-    released = [f"address of {mac}"] if hv.release_address(net, mac) else []
-    stale = dns_pairs - hv.dns_hosts_in_use(conn, network)
-    return released + [f"DNS name {n}" for n in hv.remove_dns_hosts(net, stale)]
-
-
 def _remove_network(ctx: Context, conn: libvirt.virConnect, network: str) -> bool:
-    """Remove the sandbox network, and the host-side guard of its bridge, once no sandbox uses
-    it. Takes the global lock."""
+    """Remove the sandbox's network (once its domain is gone), the host-side guard of its bridge
+    and its resolver's query log (read by the final collection before), and the filters all
+    sandboxes share once no sandbox is left. Takes the global lock."""
     with ctx.store.global_lock():
         bridge = hv.network_bridge(conn, network)
-        if not hv.remove_network_if_unused(conn, network):
-            return False
-        if bridge is not None and guards_host(str(conn.getURI())):
-            hostguard.remove(bridge)
-        with contextlib.suppress(HypervisorError):  # the test:/// driver has no nwfilter
-            hostfilter.remove_shared_filters(conn)
-        return True
+        removed = hv.remove_network_if_unused(conn, network)
+        if removed and guards_host(str(conn.getURI())):
+            if bridge is not None:
+                hostguard.remove(bridge)
+            log = dns_log_path(network)
+            for path in (Path(log), dnslog.rotated_copy(log)):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        if not hv.sandbox_domains(conn):
+            with contextlib.suppress(HypervisorError):  # the test:/// driver has no nwfilter
+                hostfilter.remove_shared_filters(conn)
+        return removed
 
 
 # ---- destroy -------------------------------------------------------------------------------
@@ -569,7 +571,7 @@ def destroy(ctx: Context, name: str) -> DestroyReport:
         state = store.load(name)
         uri = state.uri if state else ctx.settings.connect
         pool_name = state.pool if state else ctx.settings.pool.name
-        network = state.network if state else ctx.settings.network.name
+        network = state.network if state else hv.network_name(name)
         if state is not None and state.phase is Phase.READY:
             # Destroy collects first: the guest's records exist only in the guest until now.
             # But the guest may be hostile or hung: whatever it does, destroy goes on.
@@ -595,12 +597,6 @@ def destroy(ctx: Context, name: str) -> DestroyReport:
                 removed.append(f"domain {dom_name}")
             if hostfilter.remove_filter(conn, name):
                 removed.append(f"filter {hostfilter.filter_name(name)}")
-            if state is not None:
-                policy = EgressPolicy.from_dict(state.policy)
-                with store.global_lock():
-                    removed += _release_network_entries(
-                        conn, network, state.mac, _dns_pairs(policy)
-                    )
             pool = _lookup_pool(conn, pool_name)
             if pool is not None:
                 vols = hv.SandboxVolumes.for_sandbox(name)
@@ -848,7 +844,7 @@ def run_target(
     runs.plan(request)
     state = runnable_state(ctx, name)
     logs = logs_dir(ctx, name)
-    expected = guest_rules(EgressPolicy.from_dict(state.policy), ctx.network_spec())
+    expected = guest_rules(EgressPolicy.from_dict(state.policy), network_of(state))
     with open_guest(ctx, name) as guest:
         with collecting_meanwhile(ctx, name, on_warning, guest):
             result = runs.execute(
@@ -1039,7 +1035,7 @@ def _collect_locked(
 
     def gather(g: Guest) -> tuple[monitor.Collected, list[Attempt]]:
         collected = monitor.collect_full(g, cursor, final=final)
-        return collected, _firewall_tamper(g, guest_rules(policy, ctx.network_spec()), logs)
+        return collected, _firewall_tamper(g, guest_rules(policy, network_of(state)), logs)
 
     if guest is not None:
         collected, tampered = gather(guest)
@@ -1107,14 +1103,14 @@ def _dns_queries(ctx: Context, state: SandboxState) -> list[DnsQuery]:
         if dom is not None:
             clients = sorted(set(clients) | set(hv.domain_addresses(dom)))
     since = dt.datetime.fromisoformat(state.created)
-    # Read from where this sandbox's last collection ended, not the shared log whole.
+    # Read from where this sandbox's last collection ended, not the log whole.
     cursor_path = logs_dir(ctx, state.name) / paths.DNS_CURSOR
     cursor = (
         dnslog.LogCursor.from_json(cursor_path.read_text())
         if cursor_path.exists()
         else dnslog.LogCursor()
     )
-    log = ctx.network_spec().dns_log
+    log = network_of(state).dns_log
     queries, after = dnslog.read_for(log, clients, since, cursor)
     atomic_write(cursor_path, after.to_json() + "\n")
     dnslog.rotate_if_large(log)
@@ -1146,6 +1142,24 @@ class HostFlowReport:
     unrecorded: tuple[hostflows.Unrecorded, ...]
 
 
+def _record_network(logs: Path, net: NetworkSpec) -> None:
+    """Keep the network's resolver addresses with the logs: they outlive the sandbox's state."""
+    record = {"resolver": [str(net.gateway), *([str(net.gateway6)] if net.gateway6 else [])]}
+    atomic_write(logs / paths.NETWORK_RECORD, json.dumps(record) + "\n")
+
+
+def _resolver_addresses(logs: Path) -> list[str]:
+    try:
+        record = json.loads((logs / paths.NETWORK_RECORD).read_text())
+        return [str(ipaddress.ip_address(a)) for a in record["resolver"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        # Logs of a sandbox from before each had its own network: the shared one's gateways.
+        legacy = NetworkSpec(
+            "", "", ipaddress.IPv4Network(_LEGACY_SUBNET), ipaddress.IPv6Network(_LEGACY_SUBNET6)
+        )
+        return [str(legacy.gateway), str(legacy.gateway6)]
+
+
 def host_flows(ctx: Context, name: str, *, before: float | None = None) -> HostFlowReport:
     """The host's own record of the flows the guest started, and the destinations it saw more
     flows to than the guest's record holds. Only flows before `before` (an epoch time: when the
@@ -1155,7 +1169,6 @@ def host_flows(ctx: Context, name: str, *, before: float | None = None) -> HostF
         return HostFlowReport((), ())
     flows = hostflows.read_flows(directory)
     compared = [f for f in flows if before is None or f.time < before]
-    net = ctx.network_spec()
-    resolver = [str(net.gateway), *([str(net.gateway6)] if net.gateway6 else [])]
+    resolver = _resolver_addresses(directory)
     missing = hostflows.unrecorded(compared, logview.read_attempts(directory), resolver=resolver)
     return HostFlowReport(tuple(flows), tuple(missing))

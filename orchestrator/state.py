@@ -59,6 +59,10 @@ class SandboxState:
     mac: str
     user: str = "root"
     ip: str | None = None
+    # The sandbox's own network's subnets, as created (None: a sandbox from before networks were
+    # per sandbox, on the shared network of that time).
+    subnet: str | None = None
+    subnet6: str | None = None
     ssh_port: int = 22
     host_key: str = ""
     allow: tuple[str, ...] = field(default_factory=tuple)
@@ -162,10 +166,11 @@ class StateStore:
         return file_lock(self.file(name, paths.LOCK_FILE), f"sandbox {name!r}")
 
     def global_lock(self) -> contextlib.AbstractContextManager[None]:
-        # Shared resources (the libvirt network and pool) are created and removed under this one.
+        # Shared resources (the storage pool and its base images, the shared filters, the choice
+        # of a free subnet) are created and removed under this one.
         return file_lock(
             self.root / paths.GLOBAL_LOCK,
-            "the shared sandbox network and storage pool",
+            "the shared storage pool and network ranges",
             timeout=GLOBAL_LOCK_TIMEOUT,
             hint="another `sandbox up` may be uploading a base image; try again when it is done",
         )

@@ -13,7 +13,9 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from orchestrator import hostfilter, paths
+from orchestrator import dnslog, hostfilter, hostguard, paths
+from orchestrator import hypervisor as hv
+from orchestrator.domain import dns_log_path
 from orchestrator.images import Image, ImageRecipe, build_image
 from orchestrator.lab import Lab, in_lab
 
@@ -75,32 +77,34 @@ def cli(lab: Lab, image: Image, tmp_path: Path) -> Iterator[Cli]:
 
 
 def leftovers(name: str, cli: Cli) -> list[str]:
+    """What is left of sandbox `name` after its destroy: its domain, network, volumes, the input
+    guard of its bridge, its resolver's query log, its state and keys; and the filters all
+    sandboxes share, once no sandbox is left."""
     found: list[str] = []
     conn = libvirt.open("qemu:///system")
     try:
         found += [d.name() for d in conn.listAllDomains(0) if d.name() == f"sandbox-{name}"]
-        found += [f"net:{n.name()}" for n in conn.listAllNetworks(0) if n.name() == "sandbox"]
+        found += [
+            f"net:{n.name()}" for n in conn.listAllNetworks(0) if n.name() == f"sandbox-{name}"
+        ]
         for pool in conn.listAllStoragePools(0):
             pool.refresh(0)
             found += [v for v in pool.listVolumes() if v.startswith(f"sandbox-{name}")]
-    finally:
-        conn.close()
-    if not any(f.startswith("net:") for f in found):
-        # The filters every sandbox shares go with the network.
-        conn = libvirt.open("qemu:///system")
-        try:
+        if not hv.sandbox_domains(conn):
             found += [
                 f"nwfilter:{f.name()}"
                 for f in conn.listAllNWFilters(0)
                 if f.name() in hostfilter.SHARED_FILTERS
             ]
-        finally:
-            conn.close()
-        # With the network gone, its bridge's input guard (hostguard.py) must be gone too.
-        tables = subprocess.run(
-            in_lab(cli.lab, ["nft", "list", "tables"]), capture_output=True, text=True, check=True
-        ).stdout
-        found += [f"nft:{t}" for t in tables.split() if t.startswith("sandbox_guard_")]
+    finally:
+        conn.close()
+    tables = subprocess.run(
+        in_lab(cli.lab, ["nft", "list", "tables"]), capture_output=True, text=True, check=True
+    ).stdout
+    guard = hostguard.table_name(hv.bridge_name(name))
+    found += [f"nft:{t}" for t in tables.split() if t == guard]
+    log = Path(dns_log_path(hv.network_name(name)))
+    found += [str(p) for p in (log, dnslog.rotated_copy(log)) if p.exists()]
     sdir = cli.sandbox_dir(name)
     found += [f for f in (*paths.SECRET_FILES, paths.STATE_FILE) if (sdir / f).exists()]
     return found

@@ -31,15 +31,15 @@ def test_defaults_and_full_config(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
         "connect: qemu+ssh://root@hv/system\naccel: tcg\nmemory: 384\nvcpus: 1\n"
-        "network: {subnet: 10.99.0.0/24, bridge: br-sbx}\npool: {path: /srv/sbx}\n"
+        "network: {subnets: 10.99.0.0/24, subnets6: none}\npool: {path: /srv/sbx}\n"
         "image: {name: web, packages: [php-mysql]}\nallow: [203.0.113.7]\ncollect_every: 2.5\n"
     )
     assert load_settings(None, tmp_path / "absent.yaml", env={}).collect_every == 10.0
     s = load_settings(cfg, tmp_path / "unused", env={})
     assert s.connect == "qemu+ssh://root@hv/system"
     assert s.accel is Accel.TCG and s.memory_mib == 384 and s.vcpus == 1
-    assert s.network.subnet == ipaddress.IPv4Network("10.99.0.0/24")
-    assert s.network.bridge == "br-sbx" and s.network.name == "sandbox"
+    assert s.network.subnets == ipaddress.IPv4Network("10.99.0.0/24")
+    assert s.network.subnets6 is None
     assert s.pool.path == "/srv/sbx"
     assert s.image.name == "web" and s.image.packages == ("php-mysql",)
     assert s.allow == ("203.0.113.7",)
@@ -71,8 +71,12 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ({"limits": {"output_file_mib": 0}}, "limits.output_file_mib must be between 1"),
         ({"limits": {"bytes": 1}}, "unknown setting limits.bytes"),
         ({"limits": {"run_outputs_mib": "1G"}}, "limits.run_outputs_mib must be a int"),
-        ({"network": {"subnet": "10.0.0.0/33"}}, "network.subnet"),
-        ({"network": {"bridge": "a-very-long-bridge-name"}}, "longer than 15"),
+        ({"network": {"subnets": "10.0.0.0/33"}}, "network.subnets"),
+        ({"network": {"subnets": "10.0.0.0/29"}}, "smaller than one sandbox's /28"),
+        ({"network": {"subnets6": "2001:db8::/80"}}, "smaller than one sandbox's /64"),
+        ({"network": {"subnets6": "junk"}}, "network.subnets6"),
+        ({"network": {"subnet": "10.0.0.0/24"}}, "every sandbox now has a network of its own"),
+        ({"network": {"bridge": "virbr-sandbox"}}, "network.bridge is no longer a setting"),
         ({"network": {"mask": 1}}, "unknown setting network.mask"),
         ({"image": {"packages": "php-mysql"}}, "image.packages must be a list"),
         ({"collect_every": -1}, "collect_every must be 0"),

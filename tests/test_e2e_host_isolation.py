@@ -4,12 +4,13 @@
   source port (SNAT to 22), which the stateless host-side filter lets out to the gateway, and
   connects to a listener on the host's bridge address. The host's input guard (hostguard.py)
   must refuse it, while the host's own SSH sessions keep working.
-- No spoofing: root in the guest takes another address of the sandbox network. What it sends
+- No spoofing: root in the guest takes another address of its network (each sandbox has one of
+  its own, but an address of another sandbox's network is as easily claimed). What it sends
   from that address must not reach the host (the DNS log would blame another sandbox), and its
   ARP answers for it must not be believed (it would steal another sandbox's management session).
 - Root in the guest blinds its own capture: the host's flow record (hostflows.py) still holds
   every flow it starts, and `sandbox logs` names what the guest's record lacks.
-- Destroy gives back the DHCP address and the guard goes with the network (e2e_support.leftovers).
+- Destroy removes the network, its guard and its DNS log (e2e_support.leftovers).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import pytest
 from orchestrator import hostfilter, hostguard
 from orchestrator.domain import DNSMASQ_DIR, NetworkSpec
 from orchestrator.lab import Lab, in_lab
-from orchestrator.lifecycle import guest_address6
 from orchestrator.waits import Deadline, wait_for
 
 from .e2e_support import Cli, leftovers
@@ -115,8 +115,9 @@ def test_guest_root_reaches_no_host_service_and_forges_no_address(cli: Cli, lab:
     subnet = ipaddress.IPv4Network(f"{gateway}/{ip_el.get('netmask')}", strict=False)
     gateway6 = ipaddress.IPv6Address(ip6_el.get("address", ""))
     subnet6 = ipaddress.IPv6Network(f"{gateway6}/{ip6_el.get('prefix')}", strict=False)
-    spec = NetworkSpec("sandbox", "x", subnet, subnet6)
-    guest_ip6 = str(guest_address6(spec, ipaddress.IPv4Address(guest_ip)))
+    spec = NetworkSpec(f"sandbox-{NAME}", bridge, subnet, subnet6)
+    assert (str(spec.gateway), guest_ip) == (str(gateway), str(spec.guest_ip))
+    guest_ip6 = str(spec.guest_ip6)
     assert params == [
         ("IP", guest_ip),
         ("IPV6", guest_ip6),
@@ -184,7 +185,7 @@ def test_guest_root_reaches_no_host_service_and_forges_no_address(cli: Cli, lab:
 
     # The same with IPv6: a query from the guest's own address is answered, one from a forged
     # address of the network is dropped on the host.
-    forged6 = str(subnet6.network_address + 0x10000 + 250)
+    forged6 = str(subnet6.network_address + 0x10000 + 12)
     as_root(cli, f"ip -6 addr add {forged6}/{subnet6.prefixlen} dev {dev} nodad")
     own6 = php(cli, DNS_FROM_PHP, f"[{gateway6}]", f"[{guest_ip6}]", f"own6-{tag}.invalid")
     spoofed6 = php(cli, DNS_FROM_PHP, f"[{gateway6}]", f"[{forged6}]", f"forged6-{tag}.invalid")

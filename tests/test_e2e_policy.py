@@ -4,6 +4,7 @@ real sockets from PHP in the guest and with the fake internet's own accept log."
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 from typing import Any
@@ -70,7 +71,9 @@ def test_policy_in_guest_and_on_host(cli: Cli, lab: Lab) -> None:
         assert not res["ok"] and res["errno"] == 111, (host, port, res)
         assert res["secs"] < 1.0, res
     # DNS: only the sandbox network's resolver answers; an outside server gets nothing.
-    assert php(cli, "pol", UDP_DNS_PROBE, "192.168.213.1")["answered"]
+    state = json.loads((cli.sandbox_dir("pol") / "state.json").read_text())
+    resolver = str(ipaddress.IPv4Network(state["subnet"]).network_address + 1)
+    assert php(cli, "pol", UDP_DNS_PROBE, resolver)["answered"]
     direct = php(cli, "pol", UDP_DNS_PROBE, "198.51.100.9")
     assert not direct["answered"], direct
     # REJECT of a UDP packet fails the send itself (EPERM) or the next read (ECONNREFUSED).

@@ -5,8 +5,9 @@
 - `--allow NAME` (the lab's /etc/netns hosts file names the fake internet): the guest resolves
   the name through the sandbox resolver and reaches that server on that port only; the host's
   DNS log names the query.
-- Two guests at once: neither reaches the other; destroying one takes away the DNS names only it
-  used, the other keeps its own; nothing is left after both.
+- Two guests at once, each on a network of its own: neither reaches the other, neither's resolver
+  answers the names allowed to the other; destroying one leaves the other's names; nothing is
+  left after both.
 """
 
 from __future__ import annotations
@@ -58,24 +59,14 @@ def gateway(cli: Cli, name: str) -> str:
     return route.split()[2]
 
 
-def dns_names() -> set[str]:
-    """Host names the libvirt network's resolver answers for (its <dns><host> entries)."""
+def dns_names(name: str) -> set[str]:
+    """Host names the sandbox's network's resolver answers for (its <dns><host> entries)."""
     conn = libvirt.open("qemu:///system")
     try:
-        xml = ET.fromstring(conn.networkLookupByName("sandbox").XMLDesc(0))
+        xml = ET.fromstring(conn.networkLookupByName(f"sandbox-{name}").XMLDesc(0))
     finally:
         conn.close()
     return {h.text or "" for h in xml.iterfind("dns/host/hostname")}
-
-
-def own_leftovers(name: str, cli: Cli) -> list[str]:
-    """`leftovers`, except the shared network while another sandbox (another test's) uses it."""
-    conn = libvirt.open("qemu:///system")
-    try:
-        others = [d for d in conn.listAllDomains(0) if d.name().startswith("sandbox-")]
-    finally:
-        conn.close()
-    return [x for x in leftovers(name, cli) if not (others and x == "net:sandbox")]
 
 
 def test_policy_file_without_dns_and_dropping(cli: Cli, lab: Lab, tmp_path: Path) -> None:
@@ -101,13 +92,13 @@ def test_policy_file_without_dns_and_dropping(cli: Cli, lab: Lab, tmp_path: Path
     show = cli.ok("policy", "show", "--name", "hd1").stdout
     assert "allow 203.0.113.7" in show
     cli.ok("destroy", "--name", "hd1")
-    assert own_leftovers("hd1", cli) == []
+    assert leftovers("hd1", cli) == []
 
 
 def test_allow_by_name_and_two_guests(cli: Cli, lab: Lab) -> None:
     cli.ok("up", "--name", "hd1", "--allow", f"{WWW}:80")
     cli.ok("up", "--name", "hd2", "--allow", f"{API}:80")
-    assert {WWW, API} <= dns_names()
+    assert dns_names("hd1") == {WWW} and dns_names("hd2") == {API}
     start = len(accept_log(lab))
 
     # hd1 resolves its name through the sandbox resolver and reaches that server, port 80 only.
@@ -119,10 +110,12 @@ def test_allow_by_name_and_two_guests(cli: Cli, lab: Lab) -> None:
     for host, port in ((WWW, 443), ("198.51.100.9", 80)):
         res = tcp(cli, "hd1", host, port)
         assert not res["ok"] and res["errno"] == 111, (host, port, res)
-    # hd2's name is not hd1's to use. The network's resolver is shared, so it may answer the
-    # name (a known leak of names between sandboxes), but the address stays refused.
+    # hd2's name is not hd1's to know: hd1's resolver refuses it (and its address is refused).
+    assert php(cli, "hd1", RESOLVE_PHP, API) == []
+    assert cli.run("exec", "--name", "hd1", "--", "getent", "ahosts", API).returncode != 0
     res = tcp(cli, "hd1", API, 80)
-    assert not res["ok"] and res["errno"] in (111, 0), res
+    assert not res["ok"], res
+    assert not tcp(cli, "hd1", "198.51.100.9", 80)["ok"]
     time.sleep(1)
     seen = {(e["server"], e["port"]) for e in accept_log(lab)[start:]}
     assert {("203.0.113.7", 80), ("2001:db8:1::9", 80)} <= seen, seen
@@ -130,6 +123,8 @@ def test_allow_by_name_and_two_guests(cli: Cli, lab: Lab) -> None:
     out = cli.ok("logs", "--name", "hd1", "--dns", "--json").stdout
     queries = [json.loads(line) for line in out.splitlines() if line.strip()]
     assert any(q["name"] == WWW for q in queries), queries
+    refused = [q for q in queries if q["name"] == API]
+    assert refused and all("198.51.100.9" not in q["result"] for q in refused), refused
 
     # Guest to guest: hd1 reaches none of hd2's listeners (sshd, one of ours) and cannot ping it.
     hd2_ip = state(cli, "hd2")["ip"]
@@ -145,11 +140,11 @@ def test_allow_by_name_and_two_guests(cli: Cli, lab: Lab) -> None:
     ping = cli.run("exec", "--name", "hd1", "--", "ping", "-c", "2", "-W", "2", hd2_ip)
     assert ping.returncode != 0, ping.stdout
 
-    # Destroying hd1 takes its name away; hd2's stays and still resolves in hd2.
+    # Destroying hd1 takes its network away; hd2's name still resolves in hd2.
     cli.ok("destroy", "--name", "hd1")
-    names = dns_names()
-    assert WWW not in names and API in names, names
+    assert leftovers("hd1", cli) == []
+    assert dns_names("hd2") == {API}
     assert php(cli, "hd2", RESOLVE_PHP, API) == ["198.51.100.9"]
     assert tcp(cli, "hd2", API, 80)["ok"]
     cli.ok("destroy", "--name", "hd2")
-    assert own_leftovers("hd1", cli) == [] and own_leftovers("hd2", cli) == []
+    assert leftovers("hd1", cli) == [] and leftovers("hd2", cli) == []

@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +23,14 @@ import pytest
 from orchestrator import hostfilter, lifecycle, paths
 from orchestrator import hypervisor as hv
 from orchestrator.config import Settings
-from orchestrator.domain import Accel, NetworkSpec, VolumeSpec, render_domain, render_volume
+from orchestrator.domain import (
+    Accel,
+    NetworkSpec,
+    VolumeSpec,
+    render_domain,
+    render_network,
+    render_volume,
+)
 from orchestrator.errors import ConflictError, NotFoundError, TimeoutExpired, UsageError
 from orchestrator.images import Image, ImageManifest
 from orchestrator.state import Phase, SandboxState
@@ -111,7 +119,7 @@ def leftovers(ctx: lifecycle.Context, name: str) -> list[str]:
     found: list[str] = []
     with hv.connection(ctx.settings.connect) as conn:
         found += [d.name() for d in conn.listAllDomains(0) if d.name().startswith("sandbox-")]
-        found += [n.name() for n in conn.listAllNetworks(0) if n.name() == "sandbox"]
+        found += [n.name() for n in conn.listAllNetworks(0) if n.name().startswith("sandbox")]
         for pool in conn.listAllStoragePools(0):
             found += [v for v in pool.listVolumes() if name in v]
     sdir = ctx.dirs.state / name
@@ -162,7 +170,14 @@ def half_built(ctx: lifecycle.Context, name: str) -> None:
         pool = hv.ensure_pool(conn, ctx.pool_spec())
         for vol in hv.SandboxVolumes.for_sandbox(name).all():
             pool.createXML(render_volume(VolumeSpec(vol, 1 << 20, "raw")), 0)
-        hv.ensure_network(conn, ctx.network_spec())
+        hv.create_network(
+            conn,
+            lambda subnet, subnet6: NetworkSpec(
+                hv.network_name(name), hv.bridge_name(name), subnet, subnet6
+            ),
+            ctx.settings.network.subnets,
+            ctx.settings.network.subnets6,
+        )
         spec = dataclasses.replace(
             domain_spec(Accel.TCG), name=hv.domain_name(name), sandbox=name, uuid=str(uuid.uuid4())
         )
@@ -174,7 +189,7 @@ def half_built(ctx: lifecycle.Context, name: str) -> None:
         uri=ctx.settings.connect,
         domain=hv.domain_name(name),
         pool="sandbox",
-        network="sandbox",
+        network=hv.network_name(name),
         volumes=(),
         image="default",
         image_hash="",
@@ -192,19 +207,21 @@ def test_destroy_cleans_half_built_and_is_idempotent(ctx: lifecycle.Context) -> 
     assert st.summary == "creating"
     report = lifecycle.destroy(ctx, "half")
     assert "domain sandbox-half" in report.removed
-    assert "network sandbox" in report.removed
+    assert "network sandbox-half" in report.removed
     assert leftovers(ctx, "sandbox-half") == []
     again = lifecycle.destroy(ctx, "half")
     assert not again.existed
 
 
-def test_destroy_keeps_network_while_another_sandbox_uses_it(ctx: lifecycle.Context) -> None:
+def test_destroy_removes_its_own_network_only(ctx: lifecycle.Context) -> None:
     half_built(ctx, "one")
     half_built(ctx, "two")
     first = lifecycle.destroy(ctx, "one")
-    assert "network sandbox" not in first.removed
+    assert "network sandbox-one" in first.removed
+    with hv.connection(ctx.settings.connect) as conn:
+        assert hv.lookup_network(conn, "sandbox-two") is not None
     second = lifecycle.destroy(ctx, "two")
-    assert "network sandbox" in second.removed
+    assert "network sandbox-two" in second.removed
 
 
 def test_orphan_domain_is_listed_and_destroyed(ctx: lifecycle.Context) -> None:
@@ -300,18 +317,70 @@ def test_policy_from_config_file_and_flags(ctx: lifecycle.Context, tmp_path: Pat
     assert policy.blocked.value == "drop"
 
 
-def test_guest_address6_mirrors_the_ipv4_host_number_above_the_dynamic_range() -> None:
+def test_guest_addresses_are_fixed_in_the_sandboxs_own_network() -> None:
     net = NetworkSpec(
-        name="sandbox",
-        bridge="virbr-sandbox",
-        subnet=ipaddress.IPv4Network("192.168.213.0/24"),
-        subnet6=ipaddress.IPv6Network("2001:db8:213::/64"),
+        name="sandbox-a",
+        bridge="sbr0",
+        subnet=ipaddress.IPv4Network("192.168.208.16/28"),
+        subnet6=ipaddress.IPv6Network("2001:db8:213:1::/64"),
+        guest_mac="52:54:00:AA:BB:CC",
     )
-    got = lifecycle.guest_address6(net, ipaddress.IPv4Address("192.168.213.77"))
-    assert str(got) == "2001:db8:213::1:4d"
+    assert (str(net.gateway), str(net.guest_ip)) == ("192.168.208.17", "192.168.208.18")
+    assert str(net.guest_ip6) == "2001:db8:213:1::1:2"
     # Outside the network's dynamic DHCPv6 range (base + 0x100 .. base + 0x1ff), inside its /64.
-    assert net.subnet6 is not None and got in net.subnet6
-    assert int(got) - int(net.subnet6.network_address) > 0x1FF
+    assert net.subnet6 is not None and net.guest_ip6 in net.subnet6
+    assert net.guest_ip6 is not None
+    assert int(net.guest_ip6) - int(net.subnet6.network_address) > 0x1FF
+    root = ET.fromstring(render_network(net))
+    hosts = [h.attrib for h in root.iter("host") if h.get("mac") or h.get("id")]
+    assert hosts == [
+        {"mac": "52:54:00:aa:bb:cc", "ip": "192.168.208.18"},
+        {"id": "00:03:00:01:52:54:00:aa:bb:cc", "ip": "2001:db8:213:1::1:2"},
+    ]
+
+
+def test_network_pieces_pair_the_nth_28_with_the_nth_64_and_skip_taken_ones() -> None:
+    v4 = ipaddress.IPv4Network("10.0.0.0/26")  # four /28s
+    v6 = ipaddress.IPv6Network("2001:db8:5::/48")
+    taken: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [
+        ipaddress.IPv4Network("10.0.0.0/28"),  # piece 0
+        ipaddress.IPv6Network("2001:db8:5:2::/64"),  # piece 2's /64
+        ipaddress.IPv4Network("192.0.2.0/24"),  # elsewhere: no effect
+    ]
+    got = [(str(a), str(b)) for a, b in hv.network_pieces(v4, v6, taken)]
+    assert got == [
+        ("10.0.0.16/28", "2001:db8:5:1::/64"),
+        ("10.0.0.48/28", "2001:db8:5:3::/64"),
+    ]
+    # IPv4 only, and a range as large as one piece.
+    only = list(hv.network_pieces(ipaddress.IPv4Network("10.0.0.32/28"), None, taken))
+    assert only == [(ipaddress.IPv4Network("10.0.0.32/28"), None)]
+    # The smaller range bounds the count: a /63 holds two /64s.
+    few = list(hv.network_pieces(v4, ipaddress.IPv6Network("2001:db8:5::/63"), []))
+    assert len(few) == 2
+
+
+def test_each_sandbox_gets_a_network_of_its_own(ctx: lifecycle.Context) -> None:
+    """Two networks made one after the other take different pieces; destroying one leaves the
+    other (the test:/// driver keeps networks like a real libvirtd)."""
+    made = []
+    with hv.connection(ctx.settings.connect) as conn:
+        for name in ("one", "two"):
+            _net, spec = hv.create_network(
+                conn,
+                lambda subnet, subnet6, name=name: NetworkSpec(  # type: ignore[misc]
+                    hv.network_name(name), hv.bridge_name(name), subnet, subnet6
+                ),
+                ctx.settings.network.subnets,
+                ctx.settings.network.subnets6,
+            )
+            made.append(spec)
+        assert made[0].subnet != made[1].subnet and made[0].subnet6 != made[1].subnet6
+        assert {n.name() for n in conn.listAllNetworks(0)} >= {"sandbox-one", "sandbox-two"}
+        assert hv.remove_network_if_unused(conn, "sandbox-one")
+        assert [n.name() for n in conn.listAllNetworks(0) if n.name().startswith("sandbox")] == [
+            "sandbox-two"
+        ]
 
 
 @pytest.mark.root

@@ -26,6 +26,7 @@ from orchestrator.domain import (
     render_network,
     render_pool,
     render_volume,
+    resolver_hosts,
 )
 
 from .conftest import Golden
@@ -60,7 +61,6 @@ def domain_spec(accel: Accel) -> DomainSpec:
         filterref="sandbox-test",
         ip="192.168.213.77",
         ip6=("2001:db8:213::1:4d", "fe80::5054:ff:fe12:3456"),
-        dns_hosts=(("api.example.org", "203.0.113.7"),),
     )
 
 
@@ -98,10 +98,14 @@ def test_domain_xml_escapes_values() -> None:
 
 def net_spec() -> NetworkSpec:
     return NetworkSpec(
-        name="sandbox",
-        bridge="virbr-sandbox",
-        subnet=ipaddress.IPv4Network("192.168.213.0/24"),
-        dns_hosts=(("203.0.113.7", ("allowed.example",)),),
+        name="sandbox-test",
+        bridge="sbr0123456789",
+        subnet=ipaddress.IPv4Network("192.168.208.16/28"),
+        subnet6=ipaddress.IPv6Network("2001:db8:213:1::/64"),
+        dns_hosts=resolver_hosts(
+            [("allowed.example", ["203.0.113.7", "2001:db8:1::9"]), ("b.example", ["203.0.113.7"])]
+        ),
+        guest_mac="52:54:00:12:34:56",
     )
 
 
@@ -115,9 +119,9 @@ def test_network_never_forwards_dns() -> None:
     ns = "{http://libvirt.org/schemas/network/dnsmasq/1.0}"
     options = {o.get("value") for o in root.iter(f"{ns}option")}
     assert {"no-resolv", "no-hosts"} <= options
-    assert root.find("ip").get("address") == "192.168.213.1"  # type: ignore[union-attr]
+    assert root.find("ip").get("address") == "192.168.208.17"  # type: ignore[union-attr]
     dhcp = root.find("ip/dhcp/range")
-    assert dhcp is not None and dhcp.get("start") == "192.168.213.2"
+    assert dhcp is not None and dhcp.get("start") == "192.168.208.18"
 
 
 def test_pool_and_volume_golden(golden: Golden) -> None:
