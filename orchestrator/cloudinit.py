@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pycdlib
 import yaml
 
+from . import paths
 from .errors import SandboxError
 
-SEED_TEMPLATE = Path(__file__).resolve().parent.parent / "cloud-init" / "user-data.yaml"
+SEED_TEMPLATE = paths.project_dir("cloud-init") / "user-data.yaml"
 VOLUME_LABEL = "cidata"
 
 

@@ -6,10 +6,10 @@ it for direct kernel boot, and a manifest that records what went in and each fil
 
 The recipe is the directory `images/` at the top of the source tree (`customize.sh`, run as the
 mmdebstrap customize hook, and `rootfs/`, copied over the installed tree), together with
-BASE_PACKAGES, the extra packages and the suite. It is found next to the package
-(`Path(__file__).parent.parent / "images"`): the project is installed editable from its checkout,
-so the recipe and the code that hashes it are always the same revision. A build is skipped when
-the recipe hash matches the manifest's.
+BASE_PACKAGES, the extra packages and the suite. It is found by paths.project_dir: inside the
+package when installed from a wheel (setup.py bundles it), else in the checkout beside the package
+(an editable install); either way the recipe and the code that hashes it are the same revision.
+A build is skipped when the recipe hash matches the manifest's.
 
 What the guest relies on (see images/rootfs/ and customize.sh):
 - cloud-init runs one stage only, `cloud-init init` (cloud-init.service, NoCloud found on the
@@ -49,7 +49,7 @@ from .errors import ImageError, NotFoundError, UsageError
 from .state import file_lock
 from .waits import Deadline
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "images"
+RECIPE_DIR = paths.project_dir("images")
 
 # Bump when the build steps in this module change what ends up in an image: the recipe hash then
 # changes and cached images are rebuilt.
@@ -185,7 +185,7 @@ def _recipe_files(recipe_dir: Path) -> list[Path]:
     if not (recipe_dir / "customize.sh").is_file():
         raise ImageError(
             f"the image recipe is missing: no customize.sh in {recipe_dir}",
-            "install sandbox from its source checkout (`pip install -e .`), which holds images/",
+            "reinstall sandbox from its source checkout (`pip install .` or `pip install -e .`)",
         )
     return sorted(
         (p for p in recipe_dir.rglob("*") if p.is_file() or p.is_symlink()),

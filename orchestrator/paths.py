@@ -8,6 +8,16 @@ from pathlib import Path
 
 APP = "sandbox"
 
+
+def project_dir(name: str) -> Path:
+    """A top-level directory of the project the code reads at run time (images/, cloud-init/):
+    bundled inside the package by a wheel install (setup.py), else beside the package in the
+    checkout an editable install runs from."""
+    package = Path(__file__).resolve().parent
+    bundled = package / "bundled" / name
+    return bundled if bundled.is_dir() else package.parent / name
+
+
 # Per-image files, under <data>/images/<image name>/
 IMAGE_DISK = "base.qcow2"
 IMAGE_KERNEL = "vmlinuz"
