@@ -99,7 +99,11 @@ def test_up_exec_ssh_destroy(cli: Cli) -> None:
     cli.ok("destroy", "--name", "e2e")
     print(f"destroy took {time.monotonic() - started:.2f} s")
     assert leftovers("e2e", cli) == []
-    assert (cli.sandbox_dir("e2e") / paths.LOGS_DIR / paths.CONSOLE_LOG).exists()
+    console = (cli.sandbox_dir("e2e") / paths.LOGS_DIR / paths.CONSOLE_LOG).read_text(
+        errors="replace"
+    )
+    # cloud-init checked the seed and the image's config against its schema at boot.
+    assert "cloud-init" in console and "Invalid cloud-config" not in console
     # Idempotent.
     assert "nothing to destroy" in cli.ok("destroy", "--name", "e2e").stderr
 

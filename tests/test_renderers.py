@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 import yaml
@@ -160,8 +162,33 @@ def test_user_data_is_cloud_config() -> None:
     assert data["ssh_keys"]["ed25519_public"] == HOST_PUBLIC
     assert data["ssh_authorized_keys"] == [CLIENT_PUBLIC]
     assert data["disable_root"] is False
-    assert data["ssh_genkeytypes"] == []
+    assert data["ssh_genkeytypes"] == ["ed25519"]  # only if ssh_keys were missing
     assert data["write_files"][0]["path"] == "/etc/resolv.conf"
+
+
+# The cloud-config schema of the guest's cloud-init (Debian bookworm's cloud-init 22.4.2,
+# cloudinit/config/schemas/schema-cloud-config-v1.json; Apache-2.0 or GPL-3.0): what it checks at
+# every boot, warning on the console when the seed or the image's config does not match.
+CLOUD_INIT_SCHEMA = Path(__file__).parent / "data" / "cloud-init-22.4-schema-cloud-config-v1.json"
+
+
+@pytest.mark.parametrize(
+    "config",
+    ["seed user-data", "images/rootfs/etc/cloud/cloud.cfg.d/99_sandbox.cfg"],
+)
+def test_cloud_config_passes_the_guests_cloud_init_schema(config: str) -> None:
+    import jsonschema
+
+    schema = json.loads(CLOUD_INIT_SCHEMA.read_text())
+    if config == "seed user-data":
+        data = yaml.safe_load(render_user_data(seed_spec()))
+    else:
+        data = yaml.safe_load((Path(__file__).parent.parent / config).read_text())
+    errors = [
+        f"{'.'.join(map(str, e.path))}: {e.message}"
+        for e in jsonschema.Draft4Validator(schema).iter_errors(data)
+    ]
+    assert errors == []
 
 
 def test_seed_iso_round_trip() -> None:
