@@ -29,8 +29,8 @@ from orchestrator.config import Settings  # noqa: E402
 from orchestrator.domain import DomainSpec, NetworkSpec, render_domain  # noqa: E402
 from orchestrator.guest import generate_ed25519, wait_for_banner  # noqa: E402
 from orchestrator.images import KERNEL_CMDLINE, ImageRecipe, build_image  # noqa: E402
-from orchestrator.lab import inside, run_in_lab  # noqa: E402
 from orchestrator.waits import Deadline  # noqa: E402
+from sandbox_lab import inside, run_in_lab  # noqa: E402
 
 SANDBOX = str(Path(sys.executable).parent / "sandbox")
 BOOT_TIMEOUT = 600.0

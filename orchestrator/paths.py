@@ -102,15 +102,6 @@ class Dirs:
         return self.state / GLOBAL_LOCK
 
 
-# The network-namespace lab (orchestrator/lab.py): runtime files, gone at reboot like the netns.
-LAB_DIR = Path("/run/sandbox-lab")
-LAB_LOCK = "lock"
-LAB_DAEMONS = "daemons.json"
-LAB_SERVERS_PID = "servers.pid"
-LAB_ACCEPT_LOG = "inet-accept.jsonl"
-LAB_SERVERS_LOG = "servers.log"
-LAB_SUPERVISOR_LOG = "supervisor.log"
-LAB_LIBVIRTD_LOG = "libvirtd.log"
-LAB_VIRTLOGD_LOG = "virtlogd.log"
+# Where the system keeps named network namespaces and libvirtd its socket.
 NETNS_DIR = Path("/run/netns")
 LIBVIRT_SOCKET = Path("/run/libvirt/libvirt-sock")

@@ -17,7 +17,7 @@ from orchestrator import dnslog, hostfilter, hostguard, paths
 from orchestrator import hypervisor as hv
 from orchestrator.domain import dns_log_path
 from orchestrator.images import Image, ImageRecipe, build_image
-from orchestrator.lab import Lab, in_lab
+from sandbox_lab import Lab, in_lab
 
 SANDBOX = str(Path(sys.executable).parent / "sandbox")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from orchestrator.lab import DEFAULT_LAB, Lab, lab_down, lab_status, lab_up
+from sandbox_lab import DEFAULT_LAB, Lab, lab_down, lab_status, lab_up
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ import pytest
 
 from orchestrator import dnslog
 from orchestrator.domain import NetworkSpec, render_network
-from orchestrator.lab import Lab, in_lab
 from orchestrator.records import DnsQuery
+from sandbox_lab import Lab, in_lab
 
 from .conftest import Golden
 

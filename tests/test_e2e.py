@@ -17,8 +17,8 @@ import pytest
 
 from orchestrator import paths
 from orchestrator.guest import generate_ed25519
-from orchestrator.lab import in_lab
 from orchestrator.state import SandboxState
+from sandbox_lab import in_lab
 
 from .e2e_support import Cli, leftovers
 

@@ -29,8 +29,8 @@ import pytest
 
 from orchestrator import hostfilter, hostguard
 from orchestrator.domain import DNSMASQ_DIR, NetworkSpec
-from orchestrator.lab import Lab, in_lab
 from orchestrator.waits import Deadline, wait_for
+from sandbox_lab import Lab, in_lab
 
 from .e2e_support import Cli, leftovers
 

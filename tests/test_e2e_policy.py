@@ -12,7 +12,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from orchestrator.lab import Lab, accept_log
+from sandbox_lab import Lab, accept_log
 
 from .e2e_support import Cli, leftovers
 

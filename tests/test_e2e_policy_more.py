@@ -21,8 +21,8 @@ from typing import Any
 import libvirt
 import pytest
 
-from orchestrator.lab import Lab, accept_log
 from orchestrator.waits import Deadline, wait_for
+from sandbox_lab import Lab, accept_log
 
 from .e2e_support import Cli, leftovers
 from .test_e2e_policy import TCP_PROBE, UDP_DNS_PROBE

@@ -16,10 +16,10 @@ from typing import Any
 import libvirt
 import pytest
 
-from orchestrator import lab as labmod
+import sandbox_lab as labmod
 from orchestrator import paths
 from orchestrator.images import Image
-from orchestrator.lab import Lab
+from sandbox_lab import Lab
 
 from .e2e_support import Cli, leftovers
 

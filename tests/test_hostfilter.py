@@ -21,9 +21,9 @@ import pytest
 
 from orchestrator import hostfilter
 from orchestrator.errors import HypervisorError
-from orchestrator.lab import Lab, accept_log, in_lab
 from orchestrator.policy import EgressPolicy, build_policy
 from orchestrator.waits import Deadline, wait_for
+from sandbox_lab import Lab, accept_log, in_lab
 
 from .conftest import Golden
 from .e2e_support import Cli

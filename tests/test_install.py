@@ -95,6 +95,28 @@ def test_a_wheel_install_finds_its_recipe_and_template(installed: tuple[Path, st
         timeout=120,
     )
     assert cli.returncode == 0 and "destroy" in cli.stdout, cli.stdout + cli.stderr
+    # The lab is a package of its own beside the product, installed with it as `sandbox-lab`.
+    lab = subprocess.run(
+        [str(target / "bin" / "sandbox-lab"), "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=target,
+        timeout=120,
+    )
+    assert lab.returncode == 0 and "status" in lab.stdout, lab.stdout + lab.stderr
+    assert not (target / "orchestrator" / "lab.py").exists()
+
+
+def test_the_product_never_imports_the_lab() -> None:
+    """The lab (sandbox_lab) drives the product in tests and trials; the product knows nothing of
+    it, so a user's `sandbox` never loads test harness code."""
+    users = [
+        str(p.relative_to(ROOT))
+        for p in sorted((ROOT / "orchestrator").rglob("*.py"))
+        if "sandbox_lab" in p.read_text()
+    ]
+    assert users == []
 
 
 def test_the_build_warns_about_no_deprecated_metadata(installed: tuple[Path, str]) -> None:

@@ -18,7 +18,7 @@ import libvirt
 import pytest
 
 from orchestrator.errors import ConflictError, UsageError
-from orchestrator.lab import (
+from sandbox_lab import (
     Lab,
     accept_log,
     describe_kvm,
@@ -296,10 +296,10 @@ def test_down_removes_the_namespaces_and_the_daemons(lab_session: LabSession) ->
 
 @pytest.mark.root
 def test_inside_tells_the_lab_namespace_from_the_root_one(lab: Lab) -> None:
-    from orchestrator.lab import inside
+    from sandbox_lab import inside
 
     assert not inside(lab)
-    probe = [sys.executable, "-c", "from orchestrator.lab import inside; print(inside())"]
+    probe = [sys.executable, "-c", "from sandbox_lab import inside; print(inside())"]
     result = subprocess.run(in_lab(lab, probe), capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "True", result.stderr
 

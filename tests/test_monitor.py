@@ -18,8 +18,8 @@ import pytest
 
 from orchestrator import firewall, monitor
 from orchestrator.errors import GuestError
-from orchestrator.lab import in_lab
 from orchestrator.records import Attempt, DnsQuery, Verdict
+from sandbox_lab import in_lab
 
 from .conftest import Golden
 from .e2e_support import Cli

@@ -1,7 +1,7 @@
 """The network-namespace lab: libvirtd, its bridges, dnsmasq and the guests live in a namespace
 with no link to the real network, and a second namespace stands in for "the internet".
 
-Try it by hand (as root; `python -m orchestrator.lab` is the same as `sandbox-lab`):
+Try it by hand (as root; `python -m sandbox_lab` is the same as `sandbox-lab`):
 
     sandbox-lab up                   # namespaces, fake-internet servers, libvirtd in the lab
     sandbox-lab status               # namespaces, daemon pids, servers, /dev/kvm, br_netfilter
@@ -52,10 +52,10 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from . import paths
-from .errors import ConflictError, SandboxError, UsageError
-from .state import atomic_write, file_lock
-from .waits import Deadline, wait_for
+from orchestrator import paths
+from orchestrator.errors import ConflictError, SandboxError, UsageError
+from orchestrator.state import atomic_write, file_lock
+from orchestrator.waits import Deadline, wait_for
 
 IPAddress = IPv4Address | IPv6Address
 
@@ -66,6 +66,17 @@ _DOC_NETS = tuple(
 _PR_SET_CHILD_SUBREAPER = 36
 _LIBVIRT_URI = "qemu:///system"
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+# The lab's runtime files, gone at reboot like the namespaces.
+LAB_DIR = Path("/run/sandbox-lab")
+LAB_LOCK = "lock"
+LAB_DAEMONS = "daemons.json"
+LAB_SERVERS_PID = "servers.pid"
+LAB_ACCEPT_LOG = "inet-accept.jsonl"
+LAB_SERVERS_LOG = "servers.log"
+LAB_SUPERVISOR_LOG = "supervisor.log"
+LAB_LIBVIRTD_LOG = "libvirtd.log"
+LAB_VIRTLOGD_LOG = "virtlogd.log"
 
 _LAB_V4 = IPv4Interface("192.0.2.1/24")
 _INET_V4 = IPv4Interface("192.0.2.254/24")
@@ -97,7 +108,7 @@ class Lab:
     server_v6: IPv6Address = _SERVER_V6
     tcp_ports: tuple[int, ...] = (80, 443)
     udp_ports: tuple[int, ...] = (53, 5353)
-    dir: Path = paths.LAB_DIR
+    dir: Path = LAB_DIR
 
     def __post_init__(self) -> None:
         for addr in self.addresses:
@@ -199,7 +210,7 @@ def in_inet(lab: Lab, argv: Sequence[str]) -> list[str]:
 def accept_log(lab: Lab = DEFAULT_LAB) -> list[dict[str, Any]]:
     """Every connection / datagram the fake internet received since its servers started."""
     try:
-        text = lab.file(paths.LAB_ACCEPT_LOG).read_text()
+        text = lab.file(LAB_ACCEPT_LOG).read_text()
     except FileNotFoundError:
         return []
     # The servers append whole lines; a last line without its newline is still being written.
@@ -267,7 +278,7 @@ def _read_pid_file(path: Path) -> int | None:
 
 def _read_daemons(lab: Lab) -> dict[str, int]:
     try:
-        data = json.loads(lab.file(paths.LAB_DAEMONS).read_text())
+        data = json.loads(lab.file(LAB_DAEMONS).read_text())
     except (OSError, ValueError):
         return {}
     return {k: v for k, v in data.items() if isinstance(v, int)}
@@ -354,8 +365,8 @@ def _read_sysctl(ns: str, key: str) -> str | None:
 def _locked(lab: Lab) -> contextlib.AbstractContextManager[None]:
     lab.dir.mkdir(parents=True, exist_ok=True)
     return file_lock(
-        lab.file(paths.LAB_LOCK),
-        f"the lab lock {lab.file(paths.LAB_LOCK)}",
+        lab.file(LAB_LOCK),
+        f"the lab lock {lab.file(LAB_LOCK)}",
         timeout=180,
         hint="another `sandbox-lab up/down` is running; wait for it to finish",
     )
@@ -494,31 +505,31 @@ def _spawn(lab: Lab, argv: list[str], log: str) -> subprocess.Popen[bytes]:
 
 
 def _self_argv(verb: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "orchestrator.lab", verb, *args]
+    return [sys.executable, "-m", "sandbox_lab", verb, *args]
 
 
 def _ensure_servers(lab: Lab) -> None:
     inet_ns = _lab_netns_id(lab.inet_netns)
-    pid = _read_pid_file(lab.file(paths.LAB_SERVERS_PID))
+    pid = _read_pid_file(lab.file(LAB_SERVERS_PID))
     if pid is not None and _running(pid) and _pid_netns(pid) == inet_ns:
         return
-    lab.file(paths.LAB_SERVERS_PID).unlink(missing_ok=True)
+    lab.file(LAB_SERVERS_PID).unlink(missing_ok=True)
     # One accept log per servers' lifetime: "did anything reach the internet" starts empty.
-    lab.file(paths.LAB_ACCEPT_LOG).write_text("")
+    lab.file(LAB_ACCEPT_LOG).write_text("")
     args = ["--dir", str(lab.dir)]
     args += [a for s in lab.servers for a in ("--addr", str(s))]
     args += [a for p in lab.tcp_ports for a in ("--tcp", str(p))]
     args += [a for p in lab.udp_ports for a in ("--udp", str(p))]
-    proc = _spawn(lab, in_inet(lab, _self_argv("_serve", *args)), paths.LAB_SERVERS_LOG)
+    proc = _spawn(lab, in_inet(lab, _self_argv("_serve", *args)), LAB_SERVERS_LOG)
 
     def ready() -> bool | None:
         if proc.poll() is not None:
             raise LabError(
                 f"the fake-internet servers exited with status {proc.returncode}:\n"
-                + _log_tail(lab.file(paths.LAB_SERVERS_LOG)),
-                hint=f"see {lab.file(paths.LAB_SERVERS_LOG)}",
+                + _log_tail(lab.file(LAB_SERVERS_LOG)),
+                hint=f"see {lab.file(LAB_SERVERS_LOG)}",
             )
-        return True if _read_pid_file(lab.file(paths.LAB_SERVERS_PID)) == proc.pid else None
+        return True if _read_pid_file(lab.file(LAB_SERVERS_PID)) == proc.pid else None
 
     wait_for(ready, Deadline(20, "the fake-internet servers to listen"), interval=0.05)
 
@@ -548,14 +559,14 @@ def _ensure_libvirtd(lab: Lab) -> None:
         # Only one virtlogd can hold /run/virtlogd.pid; one running anywhere serves the lab too.
         if not _pids_named("virtlogd"):
             args.append("--virtlogd")
-        proc = _spawn(lab, in_lab(lab, _self_argv("_supervise", *args)), paths.LAB_SUPERVISOR_LOG)
-    log = lab.file(paths.LAB_LIBVIRTD_LOG)
+        proc = _spawn(lab, in_lab(lab, _self_argv("_supervise", *args)), LAB_SUPERVISOR_LOG)
+    log = lab.file(LAB_LIBVIRTD_LOG)
 
     def accepting() -> bool | None:
         if proc is not None and proc.poll() is not None:
             raise LabError(
                 f"the libvirtd supervisor exited with status {proc.returncode}:\n"
-                + _log_tail(lab.file(paths.LAB_SUPERVISOR_LOG))
+                + _log_tail(lab.file(LAB_SUPERVISOR_LOG))
                 + "\n"
                 + _log_tail(log),
                 hint=f"see {log}",
@@ -622,7 +633,7 @@ def lab_status(lab: Lab = DEFAULT_LAB) -> LabStatus:
     libvirtd_pid = (inside + outside)[0] if libvirtds else None
     libvirtd_in_lab = bool(inside)
     virtlogds = _pids_named("virtlogd")
-    servers = _read_pid_file(lab.file(paths.LAB_SERVERS_PID))
+    servers = _read_pid_file(lab.file(LAB_SERVERS_PID))
     servers_pid = servers if _running(servers) and _pid_netns(servers or 0) == inet_ns else None
     problems = [
         f"namespace {n} missing" for n in (lab.netns, lab.inet_netns) if n not in namespaces
@@ -672,7 +683,7 @@ def lab_down(lab: Lab = DEFAULT_LAB) -> list[str]:
             if (_comm(p) or "").startswith("qemu") or _comm(p) in ("dnsmasq", "virtlogd")
         ]
         notes += _terminate(leftovers, "qemu/dnsmasq/virtlogd left in the lab", 10)
-        servers = _read_pid_file(lab.file(paths.LAB_SERVERS_PID))
+        servers = _read_pid_file(lab.file(LAB_SERVERS_PID))
         if servers is not None and inet_ns is not None and _pid_netns(servers) == inet_ns:
             notes += _terminate([servers], "the fake-internet servers", 10)
         for ns_id, name in ((lab_ns, lab.netns), (inet_ns, lab.inet_netns)):
@@ -684,7 +695,7 @@ def lab_down(lab: Lab = DEFAULT_LAB) -> list[str]:
         for name in namespaces:
             _run(["ip", "netns", "del", name], what=f"deleting namespace {name}")
             notes.append(f"deleted namespace {name}")
-        for name in (paths.LAB_DAEMONS, paths.LAB_SERVERS_PID):
+        for name in (LAB_DAEMONS, LAB_SERVERS_PID):
             lab.file(name).unlink(missing_ok=True)
         if lab.hosts_file.exists():
             lab.hosts_file.unlink()
@@ -748,8 +759,8 @@ def _serve(lab_dir: Path, addrs: list[IPAddress], tcp: list[int], udp: list[int]
                     sock.listen(64)
                 sock.setblocking(False)
                 sel.register(sock, selectors.EVENT_READ, (proto, str(addr), port))
-    with open(lab_dir / paths.LAB_ACCEPT_LOG, "a") as log:
-        atomic_write(lab_dir / paths.LAB_SERVERS_PID, f"{os.getpid()}\n", mode=0o644)
+    with open(lab_dir / LAB_ACCEPT_LOG, "a") as log:
+        atomic_write(lab_dir / LAB_SERVERS_PID, f"{os.getpid()}\n", mode=0o644)
         print(f"serving on {', '.join(map(str, addrs))} tcp {tcp} udp {udp}", flush=True)
         while not stop:
             for key, _ in sel.select(timeout=5.0):
@@ -842,9 +853,9 @@ def _supervise(lab_dir: Path, start_virtlogd: bool) -> int:
 
     pids = {"supervisor": os.getpid()}
     if start_virtlogd:
-        pids["virtlogd"] = start("virtlogd", paths.LAB_VIRTLOGD_LOG)
-    pids["libvirtd"] = start("libvirtd", paths.LAB_LIBVIRTD_LOG)
-    atomic_write(lab_dir / paths.LAB_DAEMONS, json.dumps(pids) + "\n", mode=0o644)
+        pids["virtlogd"] = start("virtlogd", LAB_VIRTLOGD_LOG)
+    pids["libvirtd"] = start("libvirtd", LAB_LIBVIRTD_LOG)
+    atomic_write(lab_dir / LAB_DAEMONS, json.dumps(pids) + "\n", mode=0o644)
     print(f"started {pids}", flush=True)
     if stopping:
         stop_libvirtd()
@@ -921,7 +932,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"hint: {e.hint}", file=sys.stderr)
         return e.exit_code
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
