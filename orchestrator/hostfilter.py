@@ -27,12 +27,10 @@ from enum import Enum
 
 import libvirt
 
+from . import names
 from .errors import HypervisorError
-from .hypervisor import DOMAIN_PREFIX
 from .policy import Allow, EgressPolicy, Proto
 
-# Named like the domain: `virsh nwfilter-list` and `virsh list` line up.
-FILTER_PREFIX = DOMAIN_PREFIX
 # libvirt's shipped filters. The MAC ones take $MAC, which libvirt fills in from the interface;
 # the IP ones take $IP, the address the network's DHCP server keeps for the guest, given as the
 # interface's filterref parameter (domain.py), so libvirt never has to learn it from the guest.
@@ -85,10 +83,6 @@ class Rule:
     element: str
     match: tuple[tuple[str, str], ...] = ()
     comment: str = ""
-
-
-def filter_name(sandbox: str) -> str:
-    return FILTER_PREFIX + sandbox
 
 
 Match = tuple[tuple[str, str], ...]
@@ -219,8 +213,8 @@ def render_filter(
     gateway6: ipaddress.IPv6Address | None,
     uuid: str | None = None,
 ) -> str:
-    """The nwfilter XML for sandbox `name` (named `filter_name(name)`)."""
-    root = ET.Element("filter", name=filter_name(name), chain="root")
+    """The nwfilter XML for sandbox `name` (named `names.nwfilter(name)`)."""
+    root = ET.Element("filter", name=names.nwfilter(name), chain="root")
     if uuid is not None:
         ET.SubElement(root, "uuid").text = uuid
     for ref in ANTI_SPOOFING + ((NO_IPV6_SPOOFING,) if gateway6 is not None else ()):
@@ -284,7 +278,7 @@ def _lookup(conn: libvirt.virConnect, name: str) -> libvirt.virNWFilter | None:
 
 def filter_xml(conn: libvirt.virConnect, sandbox: str) -> str | None:
     """The defined filter of a sandbox as libvirt holds it, or None."""
-    nwfilter = _lookup(conn, filter_name(sandbox))
+    nwfilter = _lookup(conn, names.nwfilter(sandbox))
     if nwfilter is None:
         return None
     try:
@@ -292,7 +286,9 @@ def filter_xml(conn: libvirt.virConnect, sandbox: str) -> str | None:
     except libvirt.libvirtError as exc:
         if _code(exc) == libvirt.VIR_ERR_NO_NWFILTER:
             return None
-        raise HypervisorError(f"cannot read network filter {filter_name(sandbox)}: {exc}") from None
+        raise HypervisorError(
+            f"cannot read network filter {names.nwfilter(sandbox)}: {exc}"
+        ) from None
 
 
 def define_filter(conn: libvirt.virConnect, xml: str) -> None:
@@ -342,7 +338,7 @@ def remove_shared_filters(conn: libvirt.virConnect) -> list[str]:
 def remove_filter(conn: libvirt.virConnect, sandbox: str) -> bool:
     """Undefine a sandbox's filter; False if there was none. A filter still used by a running
     domain cannot be removed: destroy the domain first."""
-    name = filter_name(sandbox)
+    name = names.nwfilter(sandbox)
     nwfilter = _lookup(conn, name)
     if nwfilter is None:
         return False

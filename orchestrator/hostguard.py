@@ -25,6 +25,7 @@ import json
 import shutil
 import subprocess
 
+from . import names
 from .errors import SandboxError
 
 NFT_TIMEOUT = 10.0
@@ -34,15 +35,9 @@ class GuardError(SandboxError):
     """The host-side input guard of the sandbox network could not be set or checked."""
 
 
-def table_name(bridge: str) -> str:
-    """The table of a bridge. nft identifiers allow letters, digits and underscores; bridge names
-    are at most 15 characters, from the config."""
-    return "sandbox_guard_" + "".join(c if c.isalnum() else "_" for c in bridge)
-
-
 def render_ruleset(bridge: str) -> str:
     """The nft script that creates (or replaces, atomically) the guard of `bridge`. Pure."""
-    table = table_name(bridge)
+    table = names.guard_table(bridge)
     quoted = json.dumps(bridge)  # nft strings are double-quoted like JSON's
     lines = [
         # Declared, flushed and filled in one transaction: a re-run replaces it atomically.
@@ -104,13 +99,13 @@ def apply(bridge: str) -> None:
 
 def present(bridge: str) -> bool:
     """Whether the guard table of `bridge` is loaded, with its final reject in place."""
-    proc = _run(["list", "table", "inet", table_name(bridge)])
+    proc = _run(["list", "table", "inet", names.guard_table(bridge)])
     return proc.returncode == 0 and "reject" in proc.stdout and f'"{bridge}"' in proc.stdout
 
 
 def remove(bridge: str) -> bool:
     """Delete the guard of `bridge`; False if there was none."""
-    table = table_name(bridge)
+    table = names.guard_table(bridge)
     if _run(["list", "table", "inet", table]).returncode != 0:
         return False
     proc = _run(["delete", "table", "inet", table])

@@ -12,12 +12,12 @@ import hashlib
 import ipaddress
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import libvirt
 
+from . import names
 from .domain import (
     METADATA_NS,
     SUBNET6_PREFIX,
@@ -32,8 +32,6 @@ from .domain import (
 )
 from .errors import HypervisorError, NotFoundError
 from .waits import Deadline, wait_for
-
-DOMAIN_PREFIX = "sandbox-"
 
 
 def _silence_libvirt(_ctx: object, _err: object) -> None:
@@ -71,48 +69,6 @@ def open_connection(uri: str) -> libvirt.virConnect:
         raise HypervisorError(
             f"cannot connect to libvirt at {uri}: {exc}", connection_hint(str(exc), _code(exc))
         ) from None
-
-
-def domain_name(sandbox: str) -> str:
-    return DOMAIN_PREFIX + sandbox
-
-
-def network_name(sandbox: str) -> str:
-    """The sandbox's own network (libvirt keeps networks and domains in separate namespaces)."""
-    return DOMAIN_PREFIX + sandbox
-
-
-def _name_hash(sandbox: str) -> str:
-    return hashlib.sha256(sandbox.encode()).hexdigest()[:10]
-
-
-def bridge_name(sandbox: str) -> str:
-    """The sandbox network's bridge: at most 15 characters, outside libvirt's `virbr` names."""
-    return "sbr" + _name_hash(sandbox)
-
-
-def target_dev(sandbox: str) -> str:
-    """The host-side name of the guest's interface: fixed before boot, at most 15 characters, and
-    never in libvirt's own `vnet` namespace."""
-    return "sbx" + _name_hash(sandbox)
-
-
-@dataclass(frozen=True)
-class SandboxVolumes:
-    """Per-sandbox volume names: derived from the sandbox name alone, so that `destroy` finds them
-    even when the `up` that made them was killed before it wrote any state."""
-
-    disk: str
-    seed: str
-    console: str
-
-    @classmethod
-    def for_sandbox(cls, sandbox: str) -> SandboxVolumes:
-        base = domain_name(sandbox)
-        return cls(disk=f"{base}.qcow2", seed=f"{base}-seed.iso", console=f"{base}-console.log")
-
-    def all(self) -> tuple[str, str, str]:
-        return (self.disk, self.seed, self.console)
 
 
 def resolve_accel(conn: libvirt.virConnect, requested: Accel) -> Accel:
@@ -259,13 +215,6 @@ def download(conn: libvirt.virConnect, vol: libvirt.virStorageVol) -> bytes:
     return b"".join(chunks)
 
 
-@dataclass(frozen=True)
-class BaseVolumes:
-    disk: str
-    kernel: str
-    initrd: str
-
-
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -283,41 +232,39 @@ def ensure_base_volumes(
     disk: Path,
     kernel: Path,
     initrd: Path,
-) -> BaseVolumes:
+) -> names.BaseVolumes:
     """Put the image's disk, kernel and initrd into the pool once per image version.
 
     A marker volume is written last: volumes without it are the remains of an interrupted upload
     and are uploaded again. Call under the global lock.
     """
-    stem = f"base-{image_name}-{image_hash[:12]}"
-    marker = f"{stem}.complete"
-    names = {"disk": f"{stem}.qcow2", "kernel": f"{stem}.vmlinuz", "initrd": f"{stem}.initrd"}
+    base = names.BaseVolumes.for_image(image_name, image_hash)
     pool.refresh(0)
-    if lookup_volume(pool, marker) is None:
-        upload(conn, pool, names["disk"], path=disk)
-        upload(conn, pool, names["kernel"], path=kernel)
-        upload(conn, pool, names["initrd"], path=initrd)
-        upload(conn, pool, marker, data=_sha256_file(disk).encode())
+    if lookup_volume(pool, base.marker) is None:
+        upload(conn, pool, base.disk, path=disk)
+        upload(conn, pool, base.kernel, path=kernel)
+        upload(conn, pool, base.initrd, path=initrd)
+        upload(conn, pool, base.marker, data=_sha256_file(disk).encode())
         pool.refresh(0)
         prune_base_volumes(pool, image_name, image_hash)
-    return BaseVolumes(**names)
+    return base
 
 
 def prune_base_volumes(pool: libvirt.virStoragePool, image_name: str, keep_hash: str) -> list[str]:
     """Delete older versions of an image's base volumes that no overlay in the pool is backed
     by (each rebuild would otherwise leave ~0.5 GB behind). Call under the global lock."""
-    prefix = f"base-{image_name}-"
-    names = [str(n) for n in pool.listVolumes()]
+    prefix = names.base_volume_prefix(image_name)
+    volumes = [str(n) for n in pool.listVolumes()]
     in_use: set[str] = set()
-    for name in names:
-        if name.startswith(DOMAIN_PREFIX) and name.endswith(".qcow2"):
+    for name in volumes:
+        if name.startswith(names.PREFIX) and name.endswith(".qcow2"):
             vol = lookup_volume(pool, name)
             if vol is not None:
                 backing = ET.fromstring(vol.XMLDesc(0)).findtext("backingStore/path")
                 if backing:
                     in_use.add(Path(backing).name.split(".")[0])
     removed = []
-    for name in sorted(names, key=lambda n: not n.endswith(".complete")):
+    for name in sorted(volumes, key=lambda n: not n.endswith(".complete")):
         stem = name.split(".")[0]
         if not name.startswith(prefix) or stem == f"{prefix}{keep_hash[:12]}" or stem in in_use:
             continue
@@ -575,7 +522,7 @@ def sandbox_domains(conn: libvirt.virConnect) -> dict[str, str]:
     found: dict[str, str] = {}
     for dom in conn.listAllDomains(0):
         name = str(dom.name())
-        if not name.startswith(DOMAIN_PREFIX):
+        if not name.startswith(names.PREFIX):
             continue
         try:
             meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0)
@@ -592,11 +539,11 @@ def console_rotations(pool: libvirt.virStoragePool, console: str) -> list[str]:
     with contextlib.suppress(libvirt.libvirtError):
         pool.refresh(0)
     try:
-        names = [str(v) for v in pool.listVolumes()]
+        volumes = [str(v) for v in pool.listVolumes()]
     except libvirt.libvirtError:
         return []
     return sorted(
-        n for n in names if n.startswith(console + ".") and n[len(console) + 1 :].isdigit()
+        n for n in volumes if n.startswith(console + ".") and n[len(console) + 1 :].isdigit()
     )
 
 

@@ -30,6 +30,7 @@ from . import (
     hostguard,
     logview,
     monitor,
+    names,
     paths,
     pcap,
     xdebug,
@@ -134,7 +135,7 @@ def network_of(state: SandboxState) -> NetworkSpec:
     subnet6 = state.subnet6 if state.subnet is not None else _LEGACY_SUBNET6
     return NetworkSpec(
         name=state.network,
-        bridge=hv.bridge_name(state.name),
+        bridge=names.bridge(state.name),
         subnet=ipaddress.IPv4Network(state.subnet or _LEGACY_SUBNET),
         subnet6=ipaddress.IPv6Network(subnet6) if subnet6 else None,
         guest_mac=state.mac,
@@ -220,14 +221,14 @@ def _up_locked(
     from .guest import Endpoint, Guest, generate_ed25519, known_hosts_line, wait_for_banner
 
     store, settings, report = ctx.store, ctx.settings, ctx.reporter
-    dom_name = hv.domain_name(name)
+    dom_name = names.domain(name)
     if hv.lookup_domain(conn, dom_name) is not None:
         raise ConflictError(
             f"a libvirt domain {dom_name} already exists without sandbox state",
             f"run `sandbox destroy --name {name}` to remove it",
         )
     accel = hv.resolve_accel(conn, settings.accel)
-    vols = hv.SandboxVolumes.for_sandbox(name)
+    vols = names.SandboxVolumes.for_sandbox(name)
     state = SandboxState(
         name=name,
         phase=Phase.CREATING,
@@ -235,7 +236,7 @@ def _up_locked(
         uri=settings.connect,
         domain=dom_name,
         pool=settings.pool.name,
-        network=hv.network_name(name),
+        network=names.network(name),
         volumes=vols.all(),
         image=img.name,
         image_hash=img.manifest.recipe_hash,
@@ -278,7 +279,7 @@ def _up_locked(
                     conn,
                     lambda subnet, subnet6: NetworkSpec(
                         name=state.network,
-                        bridge=hv.bridge_name(name),
+                        bridge=names.bridge(name),
                         subnet=subnet,
                         subnet6=subnet6,
                         dns_hosts=resolver_hosts(policy.names),
@@ -339,8 +340,8 @@ def _up_locked(
                 console_log=os.path.join(hv.pool_path(pool), vols.console),
                 sandbox=name,
                 image=img.name,
-                filterref=hostfilter.filter_name(name),
-                target_dev=hv.target_dev(name),
+                filterref=names.nwfilter(name),
+                target_dev=names.target_dev(name),
                 ip=address,
                 ip6=ip6,
             )
@@ -482,7 +483,7 @@ def _save_console(store: StateStore, name: str, text: str) -> None:
 def _remove_volumes(
     conn: libvirt.virConnect,
     pool: libvirt.virStoragePool,
-    vols: hv.SandboxVolumes,
+    vols: names.SandboxVolumes,
     store: StateStore,
     name: str,
 ) -> None:
@@ -571,7 +572,7 @@ def destroy(ctx: Context, name: str) -> DestroyReport:
         state = store.load(name)
         uri = state.uri if state else ctx.settings.connect
         pool_name = state.pool if state else ctx.settings.pool.name
-        network = state.network if state else hv.network_name(name)
+        network = state.network if state else names.network(name)
         if state is not None and state.phase is Phase.READY:
             # Destroy collects first: the guest's records exist only in the guest until now.
             # But the guest may be hostile or hung: whatever it does, destroy goes on.
@@ -592,14 +593,14 @@ def destroy(ctx: Context, name: str) -> DestroyReport:
         if state is not None and state.flows_pid:
             pcap.stop_pcap(state.flows_pid)
         with hv.connection(uri) as conn:
-            dom_name = hv.domain_name(name)
+            dom_name = names.domain(name)
             if hv.destroy_domain(conn, dom_name):
                 removed.append(f"domain {dom_name}")
             if hostfilter.remove_filter(conn, name):
-                removed.append(f"filter {hostfilter.filter_name(name)}")
+                removed.append(f"filter {names.nwfilter(name)}")
             pool = _lookup_pool(conn, pool_name)
             if pool is not None:
-                vols = hv.SandboxVolumes.for_sandbox(name)
+                vols = names.SandboxVolumes.for_sandbox(name)
                 _save_console(store, name, hv.console_text(conn, pool, vols.console))
                 # virtlogd rotates the console log (2 MiB a file, 3 kept): the old ones too.
                 for vol in (*vols.all(), *hv.console_rotations(pool, vols.console)):
@@ -686,7 +687,7 @@ def inspect(ctx: Context, name: str, conn: libvirt.virConnect | None = None) -> 
                     raise
                 problems.append(exc.message)
         if conn is not None:
-            dom = hv.lookup_domain(conn, hv.domain_name(name))
+            dom = hv.lookup_domain(conn, names.domain(name))
             domain = (
                 "missing" if dom is None else ("running" if hv.domain_running(dom) else "stopped")
             )
@@ -970,10 +971,10 @@ def policy_report(ctx: Context, name: str) -> PolicyReport:
         host_filter = hostfilter.filter_xml(conn, name) or ""
         bridge = hv.network_bridge(conn, state.network) if guards_host(state.uri) else None
     if not host_filter:
-        problems.append(f"the host-side filter {hostfilter.filter_name(name)} is missing")
+        problems.append(f"the host-side filter {names.nwfilter(name)} is missing")
     if bridge is not None and not hostguard.present(bridge):
         problems.append(
-            f"the host-side input guard {hostguard.table_name(bridge)} is missing: guests can "
+            f"the host-side input guard {names.guard_table(bridge)} is missing: guests can "
             "open connections to the host's own services"
         )
     return PolicyReport(name, policy, guest_rules, host_filter, tuple(problems))

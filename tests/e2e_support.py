@@ -13,7 +13,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from orchestrator import dnslog, hostfilter, hostguard, paths
+from orchestrator import dnslog, hostfilter, names, paths
 from orchestrator import hypervisor as hv
 from orchestrator.domain import dns_log_path
 from orchestrator.images import Image, ImageRecipe, build_image
@@ -101,9 +101,9 @@ def leftovers(name: str, cli: Cli) -> list[str]:
     tables = subprocess.run(
         in_lab(cli.lab, ["nft", "list", "tables"]), capture_output=True, text=True, check=True
     ).stdout
-    guard = hostguard.table_name(hv.bridge_name(name))
+    guard = names.guard_table(names.bridge(name))
     found += [f"nft:{t}" for t in tables.split() if t == guard]
-    log = Path(dns_log_path(hv.network_name(name)))
+    log = Path(dns_log_path(names.network(name)))
     found += [str(p) for p in (log, dnslog.rotated_copy(log)) if p.exists()]
     sdir = cli.sandbox_dir(name)
     found += [f for f in (*paths.SECRET_FILES, paths.STATE_FILE) if (sdir / f).exists()]

@@ -27,7 +27,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from orchestrator import hostfilter, hostguard
+from orchestrator import hostfilter, names
 from orchestrator.domain import DNSMASQ_DIR, NetworkSpec
 from orchestrator.waits import Deadline, wait_for
 from sandbox_lab import Lab, in_lab
@@ -134,7 +134,7 @@ def test_guest_root_reaches_no_host_service_and_forges_no_address(cli: Cli, lab:
     tables = subprocess.run(
         in_lab(lab, ["nft", "list", "tables"]), capture_output=True, text=True, check=True
     ).stdout
-    assert hostguard.table_name(bridge) in tables
+    assert names.guard_table(bridge) in tables
 
     # Recorded on both sides while the guest's records are intact.
     assert php(cli, CONNECT_PHP, ALLOWED, "80")["reply"].startswith("sandbox-lab inet")

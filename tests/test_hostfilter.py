@@ -19,7 +19,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from orchestrator import hostfilter
+from orchestrator import hostfilter, names
 from orchestrator.errors import HypervisorError
 from orchestrator.policy import EgressPolicy, build_policy
 from orchestrator.waits import Deadline, wait_for
@@ -577,10 +577,10 @@ def test_filter_holds_after_guest_root_flushes_its_firewall(cli: Cli, lab: Lab) 
             conn,
             hostfilter.render_filter(NAME, with_v6, gateway=gateway, gateway6=gateway6),
         )
-        hostfilter.set_interface_filter(dom, mac, hostfilter.filter_name(NAME))
+        hostfilter.set_interface_filter(dom, mac, names.nwfilter(NAME))
         print(f"define + attach live took {time.monotonic() - started:.2f} s")
         attached = ET.fromstring(dom.XMLDesc(0)).find("devices/interface/filterref")
-        assert attached is not None and attached.get("filter") == hostfilter.filter_name(NAME)
+        assert attached is not None and attached.get("filter") == names.nwfilter(NAME)
         ebt, _ = nwfilter_chains(lab, dev)
         assert f"--ip6-dst {SERVER6}" in ebt and "--ip6-icmp-type 135:136" in ebt, ebt
         if gateway6 is not None:
@@ -642,6 +642,6 @@ def test_filter_holds_after_guest_root_flushes_its_firewall(cli: Cli, lab: Lab) 
         assert hostfilter.remove_filter(conn, NAME) is False
         left = [f.name() for f in conn.listAllNWFilters(0) if f.name().startswith("sandbox-")]
         print(f"sandbox-* filters left (other sandboxes in the shared lab): {left}")
-        assert hostfilter.filter_name(NAME) not in left
+        assert names.nwfilter(NAME) not in left
     finally:
         conn.close()

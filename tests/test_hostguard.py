@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from orchestrator import hostguard
+from orchestrator import hostguard, names
 
 from .conftest import Golden
 
@@ -24,7 +24,7 @@ def test_golden(golden: Golden) -> None:
 
 
 def test_table_name_is_an_nft_identifier() -> None:
-    name = hostguard.table_name("virbr-sbx.1")
+    name = names.guard_table("virbr-sbx.1")
     assert name == "sandbox_guard_virbr_sbx_1"
     assert all(c.isalnum() or c == "_" for c in name)
 
@@ -124,7 +124,7 @@ def test_guard_in_a_real_namespace(netns: tuple[str, str]) -> None:
     assert _in(host, "present") == "True"
     # Applied twice: replaced in one transaction, still one table with one chain.
     _in(host, "apply")
-    listing = sh(host, "nft", "list", "table", "inet", hostguard.table_name(BRIDGE)).stdout
+    listing = sh(host, "nft", "list", "table", "inet", names.guard_table(BRIDGE)).stdout
     assert listing.count("chain input") == 1 and listing.count("reject") == 1
 
     # The forged management reply (source port 22) and a plain connect are both refused.

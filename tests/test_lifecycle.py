@@ -20,7 +20,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from orchestrator import hostfilter, lifecycle, paths
+from orchestrator import hostfilter, lifecycle, names, paths
 from orchestrator import hypervisor as hv
 from orchestrator.config import Settings
 from orchestrator.domain import (
@@ -168,18 +168,18 @@ def half_built(ctx: lifecycle.Context, name: str) -> None:
     """What a SIGKILLed `up` leaves: a CREATING state, keys, volumes, a running domain, a net."""
     with hv.connection(ctx.settings.connect) as conn:
         pool = hv.ensure_pool(conn, ctx.pool_spec())
-        for vol in hv.SandboxVolumes.for_sandbox(name).all():
+        for vol in names.SandboxVolumes.for_sandbox(name).all():
             pool.createXML(render_volume(VolumeSpec(vol, 1 << 20, "raw")), 0)
         hv.create_network(
             conn,
             lambda subnet, subnet6: NetworkSpec(
-                hv.network_name(name), hv.bridge_name(name), subnet, subnet6
+                names.network(name), names.bridge(name), subnet, subnet6
             ),
             ctx.settings.network.subnets,
             ctx.settings.network.subnets6,
         )
         spec = dataclasses.replace(
-            domain_spec(Accel.TCG), name=hv.domain_name(name), sandbox=name, uuid=str(uuid.uuid4())
+            domain_spec(Accel.TCG), name=names.domain(name), sandbox=name, uuid=str(uuid.uuid4())
         )
         conn.createXML(render_domain(spec), 0)
     state = SandboxState(
@@ -187,9 +187,9 @@ def half_built(ctx: lifecycle.Context, name: str) -> None:
         phase=Phase.CREATING,
         created="x",
         uri=ctx.settings.connect,
-        domain=hv.domain_name(name),
+        domain=names.domain(name),
         pool="sandbox",
-        network=hv.network_name(name),
+        network=names.network(name),
         volumes=(),
         image="default",
         image_hash="",
@@ -369,7 +369,7 @@ def test_each_sandbox_gets_a_network_of_its_own(ctx: lifecycle.Context) -> None:
             _net, spec = hv.create_network(
                 conn,
                 lambda subnet, subnet6, name=name: NetworkSpec(  # type: ignore[misc]
-                    hv.network_name(name), hv.bridge_name(name), subnet, subnet6
+                    names.network(name), names.bridge(name), subnet, subnet6
                 ),
                 ctx.settings.network.subnets,
                 ctx.settings.network.subnets6,
