@@ -27,6 +27,7 @@ from enum import Enum
 
 import libvirt
 
+from . import hypervisor as hv
 from . import names
 from .errors import HypervisorError
 from .policy import Allow, EgressPolicy, Proto
@@ -259,21 +260,14 @@ def link_local(mac: str) -> ipaddress.IPv6Address:
 # ---- libvirt edge --------------------------------------------------------------------------
 
 
-def _code(exc: libvirt.libvirtError) -> int:
-    return int(exc.get_error_code() or 0)
-
-
 def _lookup(conn: libvirt.virConnect, name: str) -> libvirt.virNWFilter | None:
-    try:
-        return conn.nwfilterLookupByName(name)
-    except libvirt.libvirtError as exc:
-        if _code(exc) == libvirt.VIR_ERR_NO_NWFILTER:
-            return None
-        raise HypervisorError(
-            f"cannot look up network filter {name}: {exc}",
-            "check that libvirt's nwfilter driver is available (libvirt-daemon-driver-nwfilter); "
-            "the test:/// driver has none",
-        ) from None
+    return hv.lookup_or_none(
+        lambda: conn.nwfilterLookupByName(name),
+        libvirt.VIR_ERR_NO_NWFILTER,
+        f"network filter {name}",
+        "check that libvirt's nwfilter driver is available (libvirt-daemon-driver-nwfilter); "
+        "the test:/// driver has none",
+    )
 
 
 def filter_xml(conn: libvirt.virConnect, sandbox: str) -> str | None:
@@ -284,7 +278,7 @@ def filter_xml(conn: libvirt.virConnect, sandbox: str) -> str | None:
     try:
         return str(nwfilter.XMLDesc(0))
     except libvirt.libvirtError as exc:
-        if _code(exc) == libvirt.VIR_ERR_NO_NWFILTER:
+        if hv.error_code(exc) == libvirt.VIR_ERR_NO_NWFILTER:
             return None
         raise HypervisorError(
             f"cannot read network filter {names.nwfilter(sandbox)}: {exc}"
@@ -345,7 +339,7 @@ def remove_filter(conn: libvirt.virConnect, sandbox: str) -> bool:
     try:
         nwfilter.undefine()
     except libvirt.libvirtError as exc:
-        if _code(exc) == libvirt.VIR_ERR_NO_NWFILTER:
+        if hv.error_code(exc) == libvirt.VIR_ERR_NO_NWFILTER:
             return False
         raise HypervisorError(
             f"cannot remove network filter {name}: {exc}",

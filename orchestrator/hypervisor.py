@@ -43,7 +43,7 @@ def _silence_libvirt(_ctx: object, _err: object) -> None:
 libvirt.registerErrorHandler(_silence_libvirt, None)
 
 
-def _code(exc: libvirt.libvirtError) -> int:
+def error_code(exc: libvirt.libvirtError) -> int:
     return int(exc.get_error_code() or 0)
 
 
@@ -67,7 +67,7 @@ def open_connection(uri: str) -> libvirt.virConnect:
         return libvirt.open(uri)
     except libvirt.libvirtError as exc:
         raise HypervisorError(
-            f"cannot connect to libvirt at {uri}: {exc}", connection_hint(str(exc), _code(exc))
+            f"cannot connect to libvirt at {uri}: {exc}", connection_hint(str(exc), error_code(exc))
         ) from None
 
 
@@ -114,7 +114,7 @@ def ensure_pool(conn: libvirt.virConnect, spec: PoolSpec) -> libvirt.virStorageP
     try:
         pool = conn.storagePoolLookupByName(spec.name)
     except libvirt.libvirtError as exc:
-        if _code(exc) != libvirt.VIR_ERR_NO_STORAGE_POOL:
+        if error_code(exc) != libvirt.VIR_ERR_NO_STORAGE_POOL:
             raise HypervisorError(f"cannot look up storage pool {spec.name}: {exc}") from None
         try:
             pool = conn.storagePoolDefineXML(render_pool(spec), 0)
@@ -137,18 +137,33 @@ def ensure_pool(conn: libvirt.virConnect, spec: PoolSpec) -> libvirt.virStorageP
 T = TypeVar("T")
 
 
-def _lookup(call: Callable[[], T], missing: int, what: str) -> T | None:
+def lookup_or_none(
+    call: Callable[[], T], missing: int, what: str, hint: str | None = None
+) -> T | None:
     """`call()`, or None when libvirt says the object does not exist (error code `missing`)."""
     try:
         return call()
     except libvirt.libvirtError as exc:
-        if _code(exc) == missing:
+        if error_code(exc) == missing:
             return None
-        raise HypervisorError(f"cannot look up {what}: {exc}") from None
+        raise HypervisorError(f"cannot look up {what}: {exc}", hint) from None
+
+
+def active_pool(conn: libvirt.virConnect, name: str) -> libvirt.virStoragePool | None:
+    """The storage pool, started if it was not (a host reboot stops it), or None where there is
+    none or it cannot be read: `destroy` then has no volumes to look for."""
+    try:
+        pool = conn.storagePoolLookupByName(name)
+    except libvirt.libvirtError:
+        return None
+    if not pool.isActive():
+        with contextlib.suppress(libvirt.libvirtError):
+            pool.create(0)
+    return pool
 
 
 def lookup_volume(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | None:
-    return _lookup(
+    return lookup_or_none(
         lambda: pool.storageVolLookupByName(name), libvirt.VIR_ERR_NO_STORAGE_VOL, f"volume {name}"
     )
 
@@ -160,7 +175,7 @@ def delete_volume(pool: libvirt.virStoragePool, name: str) -> bool:
     try:
         vol.delete(0)
     except libvirt.libvirtError as exc:
-        if _code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
+        if error_code(exc) == libvirt.VIR_ERR_NO_STORAGE_VOL:
             return False
         raise HypervisorError(f"cannot delete volume {name}: {exc}") from None
     return True
@@ -400,7 +415,7 @@ def create_network(
 
 
 def lookup_network(conn: libvirt.virConnect, network: str) -> libvirt.virNetwork | None:
-    return _lookup(
+    return lookup_or_none(
         lambda: conn.networkLookupByName(network), libvirt.VIR_ERR_NO_NETWORK, f"network {network}"
     )
 
@@ -435,7 +450,7 @@ def remove_network_if_unused(conn: libvirt.virConnect, network: str) -> bool:
             net.destroy()
         net.undefine()
     except libvirt.libvirtError as exc:
-        if _code(exc) == libvirt.VIR_ERR_NO_NETWORK:
+        if error_code(exc) == libvirt.VIR_ERR_NO_NETWORK:
             return False
         raise HypervisorError(f"cannot remove network {network}: {exc}") from None
     return True
@@ -445,7 +460,9 @@ def remove_network_if_unused(conn: libvirt.virConnect, network: str) -> bool:
 
 
 def lookup_domain(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
-    return _lookup(lambda: conn.lookupByName(name), libvirt.VIR_ERR_NO_DOMAIN, f"domain {name}")
+    return lookup_or_none(
+        lambda: conn.lookupByName(name), libvirt.VIR_ERR_NO_DOMAIN, f"domain {name}"
+    )
 
 
 def start_domain(conn: libvirt.virConnect, xml: str) -> libvirt.virDomain:
@@ -469,7 +486,7 @@ def destroy_domain(conn: libvirt.virConnect, name: str) -> bool:
         if dom.isPersistent():
             dom.undefine()
     except libvirt.libvirtError as exc:
-        if _code(exc) in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+        if error_code(exc) in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
             return True
         raise HypervisorError(f"cannot destroy domain {name}: {exc}") from None
     return True

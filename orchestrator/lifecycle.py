@@ -598,7 +598,7 @@ def destroy(ctx: Context, name: str) -> DestroyReport:
                 removed.append(f"domain {dom_name}")
             if hostfilter.remove_filter(conn, name):
                 removed.append(f"filter {names.nwfilter(name)}")
-            pool = _lookup_pool(conn, pool_name)
+            pool = hv.active_pool(conn, pool_name)
             if pool is not None:
                 vols = names.SandboxVolumes.for_sandbox(name)
                 _save_console(store, name, hv.console_text(conn, pool, vols.console))
@@ -616,17 +616,6 @@ def destroy(ctx: Context, name: str) -> DestroyReport:
     with contextlib.suppress(FileNotFoundError):
         store.file(name, paths.LOCK_FILE).unlink()
     return DestroyReport(name=name, removed=tuple(removed), warnings=tuple(warnings))
-
-
-def _lookup_pool(conn: libvirt.virConnect, name: str) -> libvirt.virStoragePool | None:
-    try:
-        pool = conn.storagePoolLookupByName(name)
-    except libvirt.libvirtError:
-        return None
-    if not pool.isActive():
-        with contextlib.suppress(libvirt.libvirtError):
-            pool.create(0)
-    return pool
 
 
 def known_names(ctx: Context) -> list[str]:
