@@ -1064,13 +1064,22 @@ def _collect_locked(
     return CollectReport(new_attempts, new_dns, tuple(collected.warnings))
 
 
+def readback_state(expected: dict[int, str], printed: str) -> tuple[str, dict[int, list[str]]]:
+    """("intact" or "changed DIGEST", what differs) for the guest's firewall as printed by
+    firewall.save_script. The digest is of what differs, not of the whole output: its chain
+    counters move at every collection, and one change would be a new row each time."""
+    diff = firewall.mismatches(expected, printed)
+    if not diff:
+        return "intact", diff
+    return f"changed {hashlib.sha256(repr(sorted(diff.items())).encode()).hexdigest()[:16]}", diff
+
+
 def _firewall_tamper(guest: Guest, expected: dict[int, str], logs: Path) -> list[Attempt]:
     """A tamper row when the guest's firewall no longer is (or is again) what `up` loaded, once
     per change: the last state seen is kept in logs/ (paths.FIREWALL_STATE)."""
     printed = guest.check(["sh", "-c", "\n".join(firewall.save_script())], timeout=30)
-    diff = firewall.mismatches(expected, printed)
-    digest = hashlib.sha256(printed.encode()).hexdigest()[:16]
-    now_state = f"changed {digest}" if diff else "intact"
+    now_state, diff = readback_state(expected, printed)
+    digest = now_state.removeprefix("changed ")
     state_file = logs / paths.FIREWALL_STATE
     before = state_file.read_text().strip() if state_file.exists() else "intact"
     if now_state == before:
