@@ -390,7 +390,8 @@ def _up_locked(
                         guest, policy, net_spec, files=xdebug.guest_files(xdebug_mode)
                     )
                 with report.step("checking connection capture (eBPF)"):
-                    monitor.start(guest)
+                    # Its clock now: the firewall changes up to here are the push just done.
+                    _mark_policy_push(logs_dir(ctx, name), monitor.start(guest))
         except SandboxError as exc:
             text = hv.console_text(conn, pool, vols.console)
             _save_console(store, name, text)
@@ -471,6 +472,19 @@ def _forget_earlier_vm(logs: Path) -> None:
     if cursor_path.exists():
         earlier = monitor.Cursor.from_json(cursor_path.read_text())
         atomic_write(cursor_path, monitor.Cursor(losses=earlier.losses).to_json() + "\n")
+
+
+def _mark_policy_push(logs: Path, mark: monitor.Mark) -> None:
+    """Keep `up`'s Mark in the capture cursor: the collections take the firewall changes up to
+    it for the push of the policy, every later one for the guest's."""
+    logs.mkdir(parents=True, exist_ok=True)
+    cursor_path = logs / paths.CAPTURE_CURSOR
+    cursor = (
+        monitor.Cursor.from_json(cursor_path.read_text())
+        if cursor_path.exists()
+        else monitor.Cursor()
+    )
+    atomic_write(cursor_path, cursor.marked(mark).to_json() + "\n")
 
 
 def _save_console(store: StateStore, name: str, text: str) -> None:
@@ -1025,7 +1039,9 @@ def _collect_locked(
 
     def gather(g: Guest) -> tuple[monitor.Collected, list[Attempt]]:
         collected = monitor.collect_full(g, cursor, final=final)
-        return collected, _firewall_tamper(g, guest_rules(policy, network_of(state)), logs)
+        changes = [a for a in collected.attempts if a.verdict is Verdict.TAMPER and a.pid]
+        expected = guest_rules(policy, network_of(state))
+        return collected, _firewall_tamper(g, expected, logs, changes)
 
     if guest is not None:
         collected, tampered = gather(guest)
@@ -1050,13 +1066,26 @@ def _collect_locked(
     return CollectReport(new_attempts, new_dns, tuple(collected.warnings))
 
 
-def _firewall_tamper(guest: Guest, expected: dict[int, str], logs: Path) -> list[Attempt]:
-    """A tamper row when the guest's firewall no longer is (or is again) what `up` loaded, once
-    per change: the last state seen is kept in logs/ (paths.FIREWALL_STATE)."""
-    printed = guest.check(["sh", "-c", "\n".join(firewall.save_script())], timeout=30)
+def readback_state(expected: dict[int, str], printed: str) -> tuple[str, dict[int, list[str]]]:
+    """("intact" or "changed DIGEST", what differs) for the guest's firewall as printed by
+    firewall.save_script. The digest is of what differs, not of the whole output: its chain
+    counters move at every collection, and one change would be a new row each time."""
     diff = firewall.mismatches(expected, printed)
-    digest = hashlib.sha256(printed.encode()).hexdigest()[:16]
-    now_state = f"changed {digest}" if diff else "intact"
+    if not diff:
+        return "intact", diff
+    return f"changed {hashlib.sha256(repr(sorted(diff.items())).encode()).hexdigest()[:16]}", diff
+
+
+def _firewall_tamper(
+    guest: Guest, expected: dict[int, str], logs: Path, changers: Sequence[Attempt] = ()
+) -> list[Attempt]:
+    """A tamper row when the guest's firewall no longer is (or is again) what `up` loaded, once
+    per change: the last state seen is kept in logs/ (paths.FIREWALL_STATE). `changers`: this
+    collection's rows of the changes the capture saw, each with its process: the row names
+    them (they came between the last collection and this one)."""
+    printed = guest.check(["sh", "-c", "\n".join(firewall.save_script())], timeout=30)
+    now_state, diff = readback_state(expected, printed)
+    digest = now_state.removeprefix("changed ")
     state_file = logs / paths.FIREWALL_STATE
     before = state_file.read_text().strip() if state_file.exists() else "intact"
     if now_state == before:
@@ -1069,6 +1098,10 @@ def _firewall_tamper(guest: Guest, expected: dict[int, str], logs: Path) -> list
         what = f"the guest's firewall no longer matches the policy ({changes})"
     else:
         what = "the guest's firewall matches the policy again"
+    if changers:
+        who = sorted({logview.process_label(c.exe, c.pid) for c in changers})
+        more = f" and {len(who) - 3} more" if len(who) > 3 else ""
+        what += f"; changed since the last collection by {', '.join(who[:3])}{more}"
     # Seen at this collection: the change happened since the last one (`collect_every`).
     return [monitor.tamper_record(time.time(), what[:500], f"fw{digest}{int(time.time())}")]
 

@@ -293,25 +293,30 @@ def render_table(attempts: Sequence[Attempt]) -> Table:
     # most attempts have no DNS name.
     names = any(a.dns_name for a in attempts)
     source = any(a.stack for a in attempts)
+    tampered = any(a.verdict is Verdict.TAMPER for a in attempts)
     columns = ["time", "verdict", "process", "uid", "proto", "destination"]
-    columns += ["dns name"] * names + ["php source"] * source
+    columns += ["dns name"] * names + ["php source"] * source + ["what changed"] * tampered
     for column in columns:
         table.add_column(
             column,
             no_wrap=column in ("time", "destination", "process"),
         )
     for a in attempts:
+        # A tamper row is no attempt: it has no destination, and a process only when the capture
+        # saw one make the change; its evidence says what changed.
+        tamper = a.verdict is Verdict.TAMPER
         # Every cell from the guest is a Text: data, never markup or terminal control.
         table.add_row(
             safe(_short_time(a.time)),
             Text(a.verdict.value, style=_VERDICT_STYLE[a.verdict]),
-            safe(process_label(a.exe, a.pid)),
+            safe("" if tamper and a.pid is None else process_label(a.exe, a.pid)),
             "" if a.uid is None else str(a.uid),
             safe(a.proto),
-            safe(destination(a.dst, a.dport)),
+            safe("" if tamper else destination(a.dst, a.dport)),
             *((safe(a.dns_name or ""),) if names else ()),
             # A frame a line: the innermost call first, as in a stack trace.
             *((Text("\n← ").join(safe(f.describe()) for f in a.stack),) if source else ()),
+            *((safe(a.evidence if tamper else ""),) if tampered else ()),
         )
     return table
 

@@ -2,7 +2,7 @@
 joined into `records.Attempt`s.
 
 One eBPF capture (images/capture/connect.bpf.c, attached at boot by `sbx-capture load`) writes
-two kinds of record into a ring buffer in the guest's kernel, at the moment of the attempt:
+three kinds of record into a ring buffer in the guest's kernel, each at the moment it happens:
 - the firewall's: every packet an NFLOG rule of orchestrator/firewall.py logs (SBX-ALLOW,
   SBX-BLOCK, SBX-DNS for the first packet of a flow, SBX-ALLOW-EST and SBX-DNS-EST for the next
   ones of an answered UDP flow; the boot rules' SBX-BOOT), taken where the rule runs (nft's
@@ -14,6 +14,12 @@ two kinds of record into a ring buffer in the guest's kernel, at the moment of t
   sends the SYN, a datagram socket's picks the route): which process (pid, parent, uid,
   executable and argv, read once per process image), the socket's protocol and the result. A
   blocking connect() that waits (its SYN gets no answer: minutes) is recorded before it waits.
+- the rules': every change to the guest's netfilter rules that took effect (an nf_tables
+  commit that changed something: iptables-nft, nft; a legacy x_tables table replaced:
+  iptables-legacy and its kin), with the process that made it. Reads (iptables-save) make none.
+  Those of `up`'s own push of the policy (up to the Mark `start` returns, which the cursor
+  keeps) are ours; every later one is a `tamper` row naming the process, even when the rules
+  were put back before the next collection.
 Nothing reads the ring buffer while the software runs; each collection drains it into a file of
 the guest (`sbx-capture drain`, one line per record) and reads that file from where the last
 collection ended: each record exactly once. A full buffer counts what it drops, and the
@@ -104,14 +110,48 @@ START_SCRIPT = f"""\
 set -u
 {CAPTURE_TOOL} load {CAPTURE_OBJECT} || exit 1
 {CAPTURE_TOOL} check >&2 || {{ echo "the connect() capture is not attached" >&2; exit 1; }}
+echo "@@boot $(cat /proc/sys/kernel/random/boot_id)"
+{CAPTURE_TOOL} clock
 """
 START_COMMAND: list[str] = ["sh", "-c", START_SCRIPT]
 
 
-def start(guest: Guest) -> None:
-    """Check that the connect() capture is attached in the guest; GuestError if it cannot be."""
+@dataclass(frozen=True)
+class Mark:
+    """A moment of one guest boot, on the capture's clock (CLOCK_MONOTONIC). The firewall changes
+    of that boot up to it are `up`'s own: its push of the policy (the boot's default rules are
+    loaded before the capture is). The clock only goes forward and the kernel stamps each
+    record: a later change cannot take an earlier time (guest root can make the records lie
+    only by changing the kernel itself)."""
+
+    boot_id: str
+    mono_ns: int
+
+
+_MONO = re.compile(r"([0-9]{1,12})\.([0-9]{9})")
+
+
+def parse_mark(text: str) -> Mark:
+    """START_SCRIPT's output: `@@boot ID` and `@@captureclock MONO REAL`."""
+    boot_id, mono = "", None
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == _BOOT:
+            boot_id = parts[1][:64]
+        elif len(parts) == 3 and parts[0] == _CAPTURE_CLOCK:
+            mono = _MONO.fullmatch(parts[1])
+    if not boot_id or mono is None:
+        raise GuestError(
+            f"the guest's capture did not say its boot and clock: {text[-200:]!r}", START_HINT
+        )
+    return Mark(boot_id, int(mono.group(1)) * 1_000_000_000 + int(mono.group(2)))
+
+
+def start(guest: Guest) -> Mark:
+    """Check that the connect() capture is attached in the guest; GuestError if it cannot be.
+    Returns the capture's clock now: the firewall changes up to it are the caller's own."""
     try:
-        guest.check(START_COMMAND, timeout=START_TIMEOUT)
+        return parse_mark(guest.check(START_COMMAND, timeout=START_TIMEOUT))
     except GuestError as error:
         raise GuestError(
             f"could not start connection capture: {error.message}", START_HINT
@@ -130,18 +170,23 @@ _BOOT, _CAPTURE, _EVENTS_POS, _CLOCK, _EVENTS, _END = (
     "@@end",
 )
 _CAPTURE_CLOCK = "@@captureclock"
+# A link of the capture the drain found unpinned (its program detached), one line each.
+_CAPTURE_PARTIAL = "@@capturepartial"
+_PIN_NAME = re.compile(r"[a-z0-9_]{1,64}")
 
 
 def events_script(inode: int, offset: int) -> str:
     """Shell that drains the ring buffer into this boot's events file, prints what the drain
-    said (`@@capture ok|missing ...`, `@@captureclock`), `@@eventspos INODE SIZE`, then under
-    `@@events` the file from byte `offset` (of the file `inode`; another file, or a shorter one,
-    is read whole). A capture found missing is loaded again, for what follows."""
+    said (`@@capture ok|missing ...`, `@@capturepartial LINK`, `@@captureclock`), `@@eventspos
+    INODE SIZE`, then under `@@events` the file from byte `offset` (of the file `inode`; another
+    file, or a shorter one, is read whole). A capture found missing, whole or in part, is loaded
+    again, for what follows."""
     return f"""\
 d={EVENTS_DIR}; f="$d/$(cat /proc/sys/kernel/random/boot_id).log"; mkdir -p "$d"
 drained=$({CAPTURE_TOOL} drain "$f" 2>&1); echo "$drained"
 case "$drained" in
-  *"{_CAPTURE} missing"*) {CAPTURE_TOOL} load {CAPTURE_OBJECT} >/dev/null 2>&1 ;;
+  *"{_CAPTURE} missing"*|*"{_CAPTURE_PARTIAL} "*)
+    {CAPTURE_TOOL} load {CAPTURE_OBJECT} >/dev/null 2>&1 ;;
 esac
 set -- $(stat -c '%i %s' "$f" 2>/dev/null || echo 0 0); off={offset}
 [ "$1" = {inode} ] && [ "$2" -ge "$off" ] || off=0
@@ -240,6 +285,50 @@ class ConnectEvent:
         """Unique within a boot, even across a capture loaded again (its seq starts at 0 again):
         one thread makes one connect per nanosecond at most."""
         return f"{self.mono_ns}-{self.tid}-{self.seq}"
+
+
+@dataclass(frozen=True)
+class FirewallChange:
+    """A change to the guest's netfilter rules that took effect, as the kernel made it."""
+
+    seq: int  # the capture's count of changes (starts again when it is loaded again)
+    mono_ns: int  # CLOCK_MONOTONIC then
+    time: float  # the same moment, guest wall clock, epoch seconds
+    what: str  # a key of FIREWALL_CHANGES
+    netns: int  # 0: the guest's own network namespace; else another one's inode number
+    pid: int
+    tid: int
+    ppid: int
+    uid: int
+    exe: str | None
+    cmdline: str | None
+
+    @property
+    def key(self) -> str:
+        """Unique within a boot, as ConnectEvent.key."""
+        return f"{self.mono_ns}-{self.tid}-{self.seq}"
+
+    def describe(self) -> str:
+        """The tamper row's evidence: what changed, and who (guest text, escaped where shown)."""
+        where = (
+            "the guest's firewall"
+            if self.netns == 0
+            else f"a firewall in another network namespace of the guest (inode {self.netns}), "
+            "not the one its traffic passes,"
+        )
+        who = f"{self.exe or '?'} (pid {self.pid}, parent {self.ppid}, uid {self.uid})"
+        command = f": {self.cmdline}" if self.cmdline else ""
+        return f"{where} was changed ({FIREWALL_CHANGES[self.what]}) by {who}{command}"
+
+
+# What sbx-capture calls each kind of change → how a row says it.
+FIREWALL_CHANGES = {
+    "nft": "nftables commit",
+    "ipt": "legacy iptables table replaced",
+    "ip6t": "legacy ip6tables table replaced",
+    "arpt": "legacy arptables table replaced",
+    "ebt": "legacy ebtables table replaced",
+}
 
 
 _ESCAPE = re.compile(rb"\\x([0-9a-f]{2})")
@@ -359,6 +448,46 @@ def parse_packet_line(line: str, mono_offset: float) -> FirewallRecord | None:
     )
 
 
+# The longest EXE and ARGV sbx-capture prints (8 names of 32 bytes, 128 bytes of argv, every
+# byte escaped as 4 characters): anything longer is not its output.
+_MAX_EXE_TEXT = 3 + 8 * (1 + 32 * 4)
+_MAX_ARGV_TEXT = 128 * 4
+_U32 = 1 << 32
+
+
+def parse_fwchange_line(line: str, mono_offset: float) -> FirewallChange | None:
+    """One firewall change of the events file (images/capture/sbx-capture.c: `w SEQ MONO_NS PID
+    TID PPID UID WHAT NETNS EXE ARGV`); None if it is not one."""
+    parts = line.split(" ")
+    if len(parts) != 11 or parts[0] != "w" or parts[7] not in FIREWALL_CHANGES:
+        return None
+    numbers = [_int(p) for p in (*parts[1:7], parts[8])]
+    if any(n is None or n < 0 for n in numbers):
+        return None
+    seq, mono_ns, pid, tid, ppid, uid, netns = (n or 0 for n in numbers)
+    exe, argv = parts[9], parts[10]
+    if (
+        max(pid, tid, ppid, uid, netns) >= _U32
+        or not (exe == "-" or exe.startswith(("/", "...")))
+        or len(exe) > _MAX_EXE_TEXT
+        or len(argv) > _MAX_ARGV_TEXT
+    ):
+        return None
+    return FirewallChange(
+        seq=seq,
+        mono_ns=mono_ns,
+        time=mono_offset + mono_ns / 1e9,
+        what=parts[7],
+        netns=netns,
+        pid=pid,
+        tid=tid,
+        ppid=ppid,
+        uid=uid,
+        exe=_exe(exe),
+        cmdline=decode_argv(argv),
+    )
+
+
 # ---- the collection's output -----------------------------------------------------------------
 
 
@@ -384,6 +513,14 @@ class Snapshot:
     firewall: tuple[FirewallRecord, ...]
     capture_error: str = ""  # what the drain said when it failed
     events_left: int = 0  # bytes of the events file past what this collection read
+    fwchanges: tuple[FirewallChange, ...] = ()
+    # The capture's count of firewall changes and of those dropped (None: not said).
+    fwchanges_seq: int | None = None
+    fwchanges_dropped: int | None = None
+    unreadable: int = 0  # lines of the events file that are no record sbx-capture writes
+    # Links of the capture found unpinned (their programs detached): the collection loaded it
+    # again, and its counts start at 0.
+    capture_partial: tuple[str, ...] = ()
 
 
 def _events_left(events_pos: list[str]) -> int:
@@ -401,6 +538,7 @@ def parse_snapshot(text: str) -> Snapshot:
     capture_clock: list[str] = []
     capture: list[str] = []
     capture_error: list[str] = []
+    partial: list[str] = []
     boot_id = ""
     events_pos: list[str] = []
     lines = text.splitlines()
@@ -421,6 +559,9 @@ def parse_snapshot(text: str) -> Snapshot:
             clock = line.split()[1:]
         elif head == _CAPTURE_CLOCK:
             capture_clock = line.split()[1:]
+        elif head == _CAPTURE_PARTIAL:
+            name = line.split()[1:2] or [""]
+            partial += [name[0]] if _PIN_NAME.fullmatch(name[0]) and len(partial) < 16 else []
         elif head == _CAPTURE:
             capture = line.split()[1:]
         elif head == _BOOT:
@@ -447,8 +588,12 @@ def parse_snapshot(text: str) -> Snapshot:
     lines = sections.get(_EVENTS, [])
     events = [parse_event_line(line, mono_offset) for line in lines if line.startswith("c ")]
     records = [parse_packet_line(line, mono_offset) for line in lines if line.startswith("f ")]
+    changes = [parse_fwchange_line(line, mono_offset) for line in lines if line.startswith("w ")]
+    parsed = sum(x is not None for x in (*events, *records, *changes))
     loaded = len(capture) >= 1 and capture[0] == "ok"
     counts = [_int(c) for c in capture[2:6]] if loaded and len(capture) >= 6 else [None] * 4
+    # An earlier capture printed no count of firewall changes.
+    fw_counts = [_int(c) for c in capture[6:8]] if loaded and len(capture) >= 8 else [None] * 2
     return Snapshot(
         boot_id=boot_id,
         wall=wall,
@@ -464,6 +609,12 @@ def parse_snapshot(text: str) -> Snapshot:
         events=tuple(e for e in events if e is not None),
         firewall=tuple(r for r in records if r is not None),
         capture_error="\n".join(capture_error),
+        fwchanges=tuple(c for c in changes if c is not None),
+        fwchanges_seq=fw_counts[0],
+        fwchanges_dropped=fw_counts[1],
+        # The read ends with an empty line (the script's own echo).
+        unreadable=sum(1 for line in lines if line) - parsed,
+        capture_partial=tuple(partial),
     )
 
 
@@ -482,7 +633,9 @@ class Cursor:
     pending / pending_events: items read but not emitted yet, waiting for their other half.
     flows: recently logged flows → [time, IPv4 ID or None] of their last record (a resent
     packet is logged again). losses: every loss ever detected, for `sandbox logs` to show next
-    to the records.
+    to the records. fwchanges_seq, fwchanges_dropped: the capture's counts of firewall changes.
+    policy_boot_id, policy_mono_ns: `up`'s Mark (the firewall changes of that boot up to it are
+    its own push of the policy); a reboot forgets it, and every change after one is the guest's.
     """
 
     boot_id: str = ""
@@ -496,6 +649,14 @@ class Cursor:
     pending_events: tuple[dict[str, Any], ...] = ()
     flows: dict[str, tuple[float, int | None]] = field(default_factory=dict)
     losses: tuple[str, ...] = ()
+    fwchanges_seq: int = 0
+    fwchanges_dropped: int = 0
+    policy_boot_id: str = ""
+    policy_mono_ns: int = 0
+
+    def marked(self, mark: Mark) -> Self:
+        """This cursor with `up`'s Mark."""
+        return replace(self, policy_boot_id=mark.boot_id, policy_mono_ns=mark.mono_ns)
 
     def to_json(self) -> str:
         value = asdict(self)
@@ -520,6 +681,10 @@ class Cursor:
                     for k, (t, i) in value.get("flows", {}).items()
                 },
                 losses=tuple(str(s) for s in value.get("losses", [])),
+                fwchanges_seq=int(value.get("fwchanges_seq", 0)),
+                fwchanges_dropped=int(value.get("fwchanges_dropped", 0)),
+                policy_boot_id=str(value.get("policy_boot_id", "")),
+                policy_mono_ns=int(value.get("policy_mono_ns", 0)),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise GuestError(
@@ -746,8 +911,19 @@ class Collected:
     warnings: list[str]  # losses detected by this collection (also appended to cursor.losses)
 
 
-def tamper_record(when: float, what: str, key: str, *, pid: int | None = None) -> Attempt:
-    """A row of the connection log that is no attempt: the guest changed what records them."""
+def tamper_record(
+    when: float,
+    what: str,
+    key: str,
+    *,
+    pid: int | None = None,
+    ppid: int | None = None,
+    uid: int | None = None,
+    exe: str | None = None,
+    cmdline: str | None = None,
+) -> Attempt:
+    """A row of the connection log that is no attempt: the guest changed what records them
+    (and, when the capture saw it, the process that did)."""
     return Attempt(
         id=f"t{key}",
         time=iso_time(when),
@@ -756,9 +932,33 @@ def tamper_record(when: float, what: str, key: str, *, pid: int | None = None) -
         family=4,
         dst="",
         dport=None,
+        uid=uid,
         pid=pid,
+        ppid=ppid,
+        exe=exe,
+        cmdline=cmdline,
         evidence=what,
     )
+
+
+def _fwchange_tamper(snapshot: Snapshot, cursor: Cursor) -> list[Attempt]:
+    """A tamper row for each change to the guest's firewall but `up`'s own push of the policy."""
+    boot = snapshot.boot_id.replace("-", "")[:8]
+    ours = snapshot.boot_id == cursor.policy_boot_id
+    return [
+        tamper_record(
+            change.time,
+            change.describe(),
+            f"w{change.key}.{boot}",
+            pid=change.pid,
+            ppid=change.ppid,
+            uid=change.uid,
+            exe=change.exe,
+            cmdline=change.cmdline,
+        )
+        for change in snapshot.fwchanges
+        if not (ours and change.mono_ns <= cursor.policy_mono_ns)
+    ]
 
 
 def _capture_tamper(snapshot: Snapshot, cursor: Cursor, rebooted: bool) -> list[Attempt]:
@@ -770,13 +970,29 @@ def _capture_tamper(snapshot: Snapshot, cursor: Cursor, rebooted: bool) -> list[
     key = f"{round(snapshot.wall * 1000)}.{snapshot.boot_id.replace('-', '')[:8]}"
     if not snapshot.capture_loaded:
         what = "the connection capture was detached in the guest (attached again now)"
-    elif (snapshot.capture_seq is not None and snapshot.capture_seq < cursor.capture_seq) or (
-        snapshot.packets_seq is not None and snapshot.packets_seq < cursor.packets_seq
-    ):
+    elif snapshot.capture_partial:
+        what = (
+            "part of the connection capture was detached in the guest ("
+            + ", ".join(snapshot.capture_partial)
+            + "; attached again now)"
+        )
+    elif _reloaded(snapshot, cursor):
         what = "the connection capture was loaded again in the guest"
     else:
         return []
     return [tamper_record(snapshot.wall, what, f"cap{key}")]
+
+
+def _reloaded(snapshot: Snapshot, cursor: Cursor) -> bool:
+    """Whether a count of the capture went back: it was loaded again (they start at 0)."""
+    return any(
+        now is not None and now < before
+        for now, before in (
+            (snapshot.capture_seq, cursor.capture_seq),
+            (snapshot.packets_seq, cursor.packets_seq),
+            (snapshot.fwchanges_seq, cursor.fwchanges_seq),
+        )
+    )
 
 
 def _loss_warnings(snapshot: Snapshot, cursor: Cursor, rebooted: bool) -> list[str]:
@@ -795,9 +1011,15 @@ def _loss_warnings(snapshot: Snapshot, cursor: Cursor, rebooted: bool) -> list[s
             "recorded (the host's DNS log and --pcap still are); the collection attached it again"
         )
         return warnings
-    if (snapshot.capture_seq is not None and snapshot.capture_seq < cursor.capture_seq) or (
-        snapshot.packets_seq is not None and snapshot.packets_seq < cursor.packets_seq
-    ):
+    if snapshot.capture_partial:
+        warnings.append(
+            f"{stamp}: part of the capture was detached in the guest ("
+            + ", ".join(snapshot.capture_partial)
+            + "): what it records since the last collection may be missing; the collection "
+            "attached it again"
+        )
+        return warnings
+    if _reloaded(snapshot, cursor):
         warnings.append(
             f"{stamp}: the capture was loaded again in the guest since the last collection (by "
             "guest root): records before that are lost"
@@ -806,6 +1028,7 @@ def _loss_warnings(snapshot: Snapshot, cursor: Cursor, rebooted: bool) -> list[s
     for what, now, before in (
         ("connect events", snapshot.capture_dropped, cursor.capture_dropped),
         ("firewall records", snapshot.packets_dropped, cursor.packets_dropped),
+        ("firewall changes", snapshot.fwchanges_dropped, cursor.fwchanges_dropped),
     ):
         if now is not None and now > before:
             warnings.append(
@@ -828,6 +1051,11 @@ def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Colle
         # Sequence numbers, the capture and its events file start again at every boot.
         cursor = Cursor(losses=cursor.losses)
     warnings = _loss_warnings(snapshot, cursor, rebooted)
+    if snapshot.unreadable:
+        warnings.append(
+            f"{iso_time(snapshot.wall)}: {snapshot.unreadable} line(s) of the guest's events file "
+            "are no record of the capture and were dropped (guest root may have written them)"
+        )
     events = [_event_from_json(p) for p in cursor.pending_events]
     events += snapshot.events
 
@@ -875,15 +1103,32 @@ def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Colle
         else:
             attempts.append(_attempt(half, event, snapshot.boot_id))
     attempts += _capture_tamper(snapshot, cursor, rebooted)
+    attempts += _fwchange_tamper(snapshot, cursor)
     attempts.sort(key=lambda a: (a.time, a.id))
 
+    # A capture attached again counts from 0 again (this collection loaded it again if it was
+    # found in part).
+    counts = (
+        snapshot.capture_seq,
+        snapshot.capture_dropped,
+        snapshot.packets_seq,
+        snapshot.packets_dropped,
+        snapshot.fwchanges_seq,
+        snapshot.fwchanges_dropped,
+    )
+    seq, dropped, pseq, pdropped, fseq, fdropped = (
+        0 if snapshot.capture_partial else n or 0 for n in counts
+    )
     new_cursor = Cursor(
         boot_id=snapshot.boot_id,
-        # A capture attached again counts from 0 again.
-        capture_seq=snapshot.capture_seq or 0,
-        capture_dropped=snapshot.capture_dropped or 0,
-        packets_seq=snapshot.packets_seq or 0,
-        packets_dropped=snapshot.packets_dropped or 0,
+        capture_seq=seq,
+        capture_dropped=dropped,
+        packets_seq=pseq,
+        packets_dropped=pdropped,
+        fwchanges_seq=fseq,
+        fwchanges_dropped=fdropped,
+        policy_boot_id=cursor.policy_boot_id,
+        policy_mono_ns=cursor.policy_mono_ns,
         **_next_events_position(snapshot, cursor),
         pending=tuple(_to_json(r) for r in pending),
         pending_events=tuple(_to_json(e) for e in pending_events),

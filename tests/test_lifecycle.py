@@ -440,3 +440,22 @@ def test_within_bounds_a_hung_or_failing_step() -> None:
 
     assert lifecycle._within(5, garbage) == (None, "ValueError: not a number: '\x1b[2J'")
     assert lifecycle._within(5, lambda: 42) == (42, "")
+
+
+def test_the_firewall_read_back_state_ignores_counters() -> None:
+    """The read-back's state is of what differs from the policy: the same change is one state
+    (one row) whatever its chain counters have counted since; another change is another."""
+    golden = Path(__file__).parent / "golden"
+    expected = {v: (golden / f"firewall-v{v}.rules").read_text() for v in (4, 6)}
+
+    def printed(v4: str) -> str:
+        return v4 + "----- sandbox: end of IPv4 rules -----\n" + expected[6]
+
+    assert lifecycle.readback_state(expected, printed(expected[4])) == ("intact", {})
+    flushed = expected[4].replace("-A OUTPUT -j SBX-BLOCK\n", "")
+    state, diff = lifecycle.readback_state(expected, printed(flushed))
+    assert state.startswith("changed ") and diff == {4: ["missing: -A OUTPUT -j SBX-BLOCK"]}
+    counted = flushed.replace(":OUTPUT DROP [0:0]", ":OUTPUT DROP [17:1020]")
+    assert lifecycle.readback_state(expected, printed(counted))[0] == state
+    other = expected[4].replace("-A OUTPUT -j SBX-BLOCK\n", "-A OUTPUT -j ACCEPT\n")
+    assert lifecycle.readback_state(expected, printed(other))[0] not in (state, "intact")

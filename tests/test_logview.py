@@ -314,6 +314,36 @@ def test_the_php_source_column_appears_with_a_stack() -> None:
     assert "php source" in text and "fsockopen() at x.php:12" in text and "← main" in text
 
 
+def test_tamper_rows_say_what_changed_and_who_escaped() -> None:
+    """A firewall change the capture saw names its process in the process column and says what
+    changed in its own column; the read-back row has no process. Guest text stays data."""
+    from orchestrator import monitor
+
+    hostile = "/tmp/\x1b[2J\u202e[bold]evil"
+    change = monitor.FirewallChange(
+        seq=0, mono_ns=1, time=1_795_000_000.0, what="nft", netns=0, pid=812, tid=812,
+        ppid=790, uid=0, exe=hostile, cmdline="iptables -F OUTPUT",
+    )  # fmt: skip
+    rows = [
+        CURL,
+        monitor.tamper_record(
+            change.time, change.describe(), "w1", pid=812, ppid=790, uid=0, exe=hostile
+        ),
+        monitor.tamper_record(
+            change.time + 5, "the guest's firewall no longer matches the policy (IPv4: x)", "fw1"
+        ),
+    ]
+    text = _text(logview.render_table(rows))
+    assert "what changed" in text
+    assert "\x1b" not in text and "\u202e" not in text
+    changed = next(line for line in text.splitlines() if "(812)" in line)
+    assert "\\x1b[2J\\u202e[bold]evil (812)" in changed
+    assert "the guest's firewall was changed (nftables commit) by" in changed
+    readback = next(line for line in text.splitlines() if "no longer matches" in line)
+    assert " ? " not in readback
+    assert "what changed" not in _text(logview.render_table([CURL]))
+
+
 def test_status_and_list_show_state_text_escaped(tmp_path: Path) -> None:
     """`status`, `status --json` and `list` through the real CLI, with a state whose text holds
     terminal escapes, a C1 CSI, a bidi override and markup: shown escaped and literal."""

@@ -45,6 +45,23 @@ def test_golden_join_of_a_real_collection(golden: Golden) -> None:
     assert collected.warnings == []
 
 
+def test_golden_firewall_changes_of_a_real_collection(golden: Golden) -> None:
+    """A real guest (tests/data/monitor/fwchange-1.txt): iptables-restore before the mark (as
+    `up`'s push), then a flush by a copy of iptables under /tmp/evil and its undo, a legacy
+    rule added and deleted, and changes in other network namespaces (root's `unshare -n`, an
+    unprivileged user's `unshare -rn` with iptables-legacy). `iptables -L` (an empty commit)
+    came between them and is not a change."""
+    snapshot = _snapshot("fwchange-1.txt")
+    cursor = monitor.Cursor().marked(monitor.Mark(snapshot.boot_id, 203_267_355_626))
+    collected = monitor.process(snapshot, cursor, final=True)
+    rows = [a for a in collected.attempts if a.verdict is Verdict.TAMPER]
+    golden.check("monitor/fwchange-1.jsonl", _jsonl(rows))
+    assert [r.pid for r in rows] == [749, 750, 751, 752, 753, 761]
+    assert rows[0].exe == "/tmp/evil/iptables" and rows[-1].uid == 1000
+    assert (snapshot.fwchanges_seq, snapshot.fwchanges_dropped) == (7, 0)
+    assert collected.warnings == []
+
+
 def test_real_sample_attributes_every_attempt_of_the_script() -> None:
     attempts = monitor.process(_snapshot("collect-1.txt"), monitor.Cursor(), final=True).attempts
     php = [a for a in attempts if a.exe and a.exe.startswith("/usr/bin/php")]
@@ -519,6 +536,176 @@ def test_a_detached_or_reloaded_capture_is_a_tamper_row() -> None:
     ]
     # The same collection again (a re-read) gives the same row id: stored once.
     assert monitor.process(detached, first.cursor).attempts[0].id == rows[0].id
+
+
+# A firewall change as sbx-capture writes it (a real line, from the guest's iptables-nft).
+_NFT_FLUSH = (
+    "w 5 {mono} 812 812 790 0 nft 0 /usr/sbin/xtables-nft-multi iptables\\x00-F\\x00OUTPUT\\x00"
+)
+_BOOT = "b00710ad-0000-0000-0000-000000000000"
+
+
+def _change(t: float, seq: int = 5, pid: int = 812) -> str:
+    """A firewall change at monotonic time t (_output's clocks: wall = 900 + t)."""
+    return _NFT_FLUSH.format(mono=round(t * 1e9)).replace(" 812 812 ", f" {pid} {pid} ") + "\n"
+
+
+def _with_changes(text: str, seq: int, dropped: int = 0) -> str:
+    """_output's text with no connects or packets counted, and the capture's counts of firewall
+    changes."""
+    line = next(x for x in text.splitlines() if x.startswith("@@capture ok"))
+    return text.replace(line, f"@@capture ok 0 0 0 0 0 {seq} {dropped}")
+
+
+def test_parse_fwchange_line_names_the_process_and_the_kind_of_change() -> None:
+    change = monitor.parse_fwchange_line(_NFT_FLUSH.format(mono=50_000_000_000), 900.0)
+    assert change is not None
+    assert (change.seq, change.pid, change.tid, change.ppid, change.uid) == (5, 812, 812, 790, 0)
+    assert (change.time, change.what, change.netns) == (950.0, "nft", 0)
+    assert (change.exe, change.cmdline) == ("/usr/sbin/xtables-nft-multi", "iptables -F OUTPUT")
+    assert change.describe() == (
+        "the guest's firewall was changed (nftables commit) by /usr/sbin/xtables-nft-multi "
+        "(pid 812, parent 790, uid 0): iptables -F OUTPUT"
+    )
+    legacy = monitor.parse_fwchange_line(
+        "w 0 7 9 9 1 0 ip6t 4026532311 /usr/sbin/xtables-legacy-multi ip6tables-legacy\\x00-F\\x00",
+        0.0,
+    )
+    assert legacy is not None
+    assert "legacy ip6tables table replaced" in legacy.describe()
+    assert "another network namespace of the guest (inode 4026532311)" in legacy.describe()
+    # A process with no executable (a kernel thread) or argv.
+    bare = monitor.parse_fwchange_line("w 0 7 9 9 1 0 ipt 0 - -", 0.0)
+    assert bare is not None and (bare.exe, bare.cmdline) == (None, None)
+    assert "by ? (pid 9, parent 1, uid 0)" in bare.describe()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "w 5 1 812 812 790 0 nft 0 /usr/sbin/x",  # a field short
+        "w 5 1 812 812 790 0 nft 0 /usr/sbin/x a b",  # one too many
+        "w 5 1 812 812 790 0 drop 0 /usr/sbin/x a",  # no such kind of change
+        "w 5 1 4294967296 812 790 0 nft 0 /usr/sbin/x a",  # pid past 32 bits
+        "w 5 1 812 812 790 -1 nft 0 /usr/sbin/x a",  # a negative uid
+        "w 5 1e9 812 812 790 0 nft 0 /usr/sbin/x a",
+        "w ² 1 812 812 790 0 nft 0 /usr/sbin/x a",
+        "w 5 " + "9" * 20 + " 812 812 790 0 nft 0 /usr/sbin/x a",
+        "w 5 1 812 812 790 0 nft 0 usr/sbin/x a",  # not a path
+        "w 5 1 812 812 790 0 nft 0 /" + "a" * 2000 + " a",  # longer than sbx-capture writes
+        "w 5 1 812 812 790 0 nft 0 /usr/sbin/x " + "\\x41" * 200,
+        "c 5 1 812 812 790 0 nft 0 /usr/sbin/x a",
+    ],
+)
+def test_a_malformed_fwchange_line_is_not_one(line: str) -> None:
+    assert monitor.parse_fwchange_line(line, 0.0) is None
+
+
+def test_hostile_fwchange_lines_are_dropped_with_a_warning_and_guest_text_stays_data() -> None:
+    """Guest root writes lines into its events file: the malformed ones are dropped and counted
+    in a warning; a well-formed one with control characters in its names is kept as data (each
+    view escapes it) and bounded by what sbx-capture can write."""
+    hostile = (
+        "w 6 60000000000 666 666 1 0 nft 0 /tmp/\\x1b[2J\\x1b]0;pwned\\x07[bold]x "
+        "x\\x00\\x1b[31m\\x00\n"
+    )
+    garbage = "w 1 1 1 1 1 1 nft 0\nw 1 1 1 1 1 1 rm 0 /x y\nzzz\n"
+    text = _with_changes(_output([], garbage + hostile + _change(70.0)), 7)
+    out = monitor.process(monitor.parse_snapshot(text), monitor.Cursor(), final=True)
+    rows = [a for a in out.attempts if a.verdict is Verdict.TAMPER]
+    assert [r.pid for r in rows] == [666, 812]
+    assert rows[0].exe == "/tmp/\x1b[2J\x1b]0;pwned\x07[bold]x"
+    assert rows[0].cmdline == "x '\x1b[31m'"
+    assert any("3 line(s) of the guest's events file are no record" in w for w in out.warnings)
+    assert all(len(r.evidence) <= 1000 for r in rows)
+
+
+def test_every_firewall_change_after_up_is_a_tamper_row_naming_its_process() -> None:
+    """`up`'s push (before its mark) is ours; a flush and its undo after it are two rows, though
+    the rules match again by the collection."""
+    mark = monitor.Mark(_BOOT, 40 * 10**9)
+    cursor = monitor.Cursor().marked(mark)
+    push = _change(30.0, pid=300) + _change(31.0, pid=301)
+    evil = _change(50.0, pid=812) + _change(50.2, pid=813)
+    text = _with_changes(_output([], push + evil), 4)
+    out = monitor.process(monitor.parse_snapshot(text), cursor)
+    rows = [a for a in out.attempts if a.verdict is Verdict.TAMPER]
+    assert [(r.pid, r.ppid, r.uid, r.exe, r.cmdline) for r in rows] == [
+        (812, 790, 0, "/usr/sbin/xtables-nft-multi", "iptables -F OUTPUT"),
+        (813, 790, 0, "/usr/sbin/xtables-nft-multi", "iptables -F OUTPUT"),
+    ]
+    assert [r.time for r in rows] == ["1970-01-01T00:15:50.000Z", "1970-01-01T00:15:50.200Z"]
+    assert rows[0].evidence.startswith("the guest's firewall was changed (nftables commit) by ")
+    assert len({r.id for r in rows}) == 2 and out.warnings == []
+    # Exactly once: the next collection reads on from where this one ended.
+    again = _with_changes(_output([], "", wall=1010.0, events_pos=(7, 10**6)), 4)
+    assert monitor.process(monitor.parse_snapshot(again), out.cursor).attempts == []
+    assert out.cursor.policy_mono_ns == mark.mono_ns
+
+
+def test_the_mark_holds_only_for_its_own_boot() -> None:
+    """After a reboot every change is the guest's: the mark's clock is another boot's."""
+    cursor = monitor.Cursor(boot_id="0ther000-0000").marked(monitor.Mark("0ther000-0000", 10**15))
+    text = _with_changes(_output([], _change(30.0)), 1)
+    out = monitor.process(monitor.parse_snapshot(text), cursor)
+    assert [a.pid for a in out.attempts if a.verdict is Verdict.TAMPER] == [812]
+    # A sandbox from before the mark existed: its cursor has none, and every change counts.
+    loaded = monitor.Cursor.from_json(json.dumps({"boot_id": _BOOT}))
+    assert (loaded.policy_boot_id, loaded.policy_mono_ns) == ("", 0)
+    out = monitor.process(monitor.parse_snapshot(text), loaded)
+    assert [a.pid for a in out.attempts if a.verdict is Verdict.TAMPER] == [812]
+
+
+def test_dropped_firewall_changes_and_a_reloaded_count_are_reported() -> None:
+    cursor = replace(monitor.Cursor(boot_id=_BOOT), fwchanges_seq=9, fwchanges_dropped=1)
+    dropped = _with_changes(_output([], ""), 12, dropped=3)
+    out = monitor.process(monitor.parse_snapshot(dropped), cursor)
+    assert any("2 firewall changes were dropped" in w for w in out.warnings), out.warnings
+    assert (out.cursor.fwchanges_seq, out.cursor.fwchanges_dropped) == (12, 3)
+    reloaded = _with_changes(_output([], ""), 1)
+    out = monitor.process(monitor.parse_snapshot(reloaded), cursor)
+    assert [a.evidence for a in out.attempts] == [
+        "the connection capture was loaded again in the guest"
+    ]
+
+
+def test_a_link_of_the_capture_unpinned_alone_is_a_tamper_row() -> None:
+    """Guest root unpins one link (its program detaches, the rest stays): the drain names it,
+    the collection loads the capture again, and the next counts start at 0 without another
+    row. A forged marker in the events file or a name that is no pin's is not taken."""
+    cursor = replace(monitor.Cursor(boot_id=_BOOT), capture_seq=40, fwchanges_seq=3)
+    forged = "@@capturepartial link_sbx_connect_tcp4\n"
+    text = _with_changes(_output([], forged), 5).replace(
+        "@@captureclock",
+        "@@capturepartial link_sbx_fwchange_nft\n@@capturepartial ../x\n@@captureclock",
+    )
+    snapshot = monitor.parse_snapshot(text)
+    assert snapshot.capture_partial == ("link_sbx_fwchange_nft",)
+    out = monitor.process(snapshot, cursor)
+    assert [a.evidence for a in out.attempts] == [
+        "part of the connection capture was detached in the guest (link_sbx_fwchange_nft; "
+        "attached again now)"
+    ]
+    assert any("part of the capture was detached" in w for w in out.warnings)
+    assert (out.cursor.capture_seq, out.cursor.fwchanges_seq) == (0, 0)
+    after = _with_changes(_output([], "", wall=1010.0, events_pos=(7, 10**6)), 1)
+    assert monitor.process(monitor.parse_snapshot(after), out.cursor).attempts == []
+    assert "@@capturepartial" in monitor.events_script(0, 0)
+
+
+def test_parse_mark_takes_the_boot_and_the_capture_clock() -> None:
+    mark = monitor.parse_mark(f"@@boot {_BOOT}\n@@captureclock 115.570099639 1796477816.9\n")
+    assert mark == monitor.Mark(_BOOT, 115_570_099_639)
+    for bad in (
+        f"@@boot {_BOOT}\n",
+        "@@captureclock 115.570099639 1.0\n",
+        f"@@boot {_BOOT}\n@@captureclock 1e9 1.0\n",
+        f"@@boot {_BOOT}\n@@captureclock 115.5 1.0\n",
+    ):
+        with pytest.raises(GuestError):
+            monitor.parse_mark(bad)
+    cursor = monitor.Cursor().marked(mark)
+    assert monitor.Cursor.from_json(cursor.to_json()) == cursor
 
 
 def test_a_reboot_restarts_positions_and_ids_stay_unique() -> None:

@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * The guest's connection capture: every connect to an inet or inet6 address, with the process
- * that made it (pid, thread, parent, uid, executable, argv) and its result, and every packet the
- * firewall's NFLOG rules log (the verdict, in the rule's prefix).
+ * that made it (pid, thread, parent, uid, executable, argv) and its result, every packet the
+ * firewall's NFLOG rules log (the verdict, in the rule's prefix), and every change to the
+ * firewall's rules, with the process that made it.
  *
  * connects: fexit on the protocols' connect: tcp_v4_connect, tcp_v6_connect (TCP: the SYN is out
  * when they return; a blocking connect() waits after that, its event already sent, and TCP Fast
@@ -13,6 +14,11 @@
  * remembers which were sent); each event names its record.
  * packets: fentry on nft_log_eval or nflog_tg, where an NFLOG rule runs (sbx-capture attaches
  * whichever the kernel has); a datagram's record names its sender's process record too.
+ * firewall changes: fexit on nf_tables_commit (an nf_tables transaction: iptables-nft, nft) and
+ * on nf_setsockopt (a legacy x_tables table replaced: iptables-legacy, ip6tables-legacy,
+ * arptables, ebtables), each when it succeeded, with the process that made it. Both run in the
+ * changing process's own call, and only on a change: never per packet or per connect. Reads
+ * (iptables-save, nft list) go through neither.
  *
  * All go into one ring buffer that nothing reads until a collection drains it (sbx-capture
  * drain): no daemon runs beside the software under test, and the cost is these programs alone.
@@ -67,10 +73,21 @@ struct file {
 
 struct socket;
 
+struct ns_common {
+	unsigned int inum;
+} __attribute__((preserve_access_index));
+
+struct net {
+	struct ns_common ns;
+} __attribute__((preserve_access_index));
+
 struct sock {
 	struct {
 		__u16 skc_family;
 		__u8 skc_state;
+		struct {
+			struct net *net;
+		} skc_net;
 	} __sk_common;
 	__u16 sk_protocol;
 	struct {
@@ -430,6 +447,114 @@ SEC("fentry/nflog_tg")
 int BPF_PROG(sbx_packet_xt, struct sk_buff *skb, const struct xt_action_param *par)
 {
 	record_packet(skb, par->state->pf, (const char *)par->targinfo + XT_NFLOG_PREFIX_OFFSET);
+	return 0;
+}
+
+/* The guest's own network namespace: a change elsewhere (unshare -n, a container) does not touch
+ * the rules its traffic passes. Typeless: the kernel's BTF has no variables but per-CPU ones. */
+extern const void init_net __ksym;
+
+/* A change to the rules of NET, done (the caller checked it succeeded) by the current task. */
+static __always_inline void record_fwchange(struct net *net, __u16 what)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	__u64 *seq = counter(SBX_COUNT_FWCHANGES);
+	__u64 *dropped = counter(SBX_COUNT_FWCHANGES_DROPPED);
+	struct sbx_fwchange *c;
+	__u64 proc, number;
+
+	if (!seq || !dropped)
+		return;
+	number = __sync_fetch_and_add(seq, 1);
+	proc = proc_id(task, task->mm);
+	c = proc == (__u64)-1 ? 0 : bpf_ringbuf_reserve(&sbx_events, sizeof(*c), 0);
+	if (!c) {
+		__sync_fetch_and_add(dropped, 1);
+		return;
+	}
+	c->kind = SBX_KIND_FWCHANGE;
+	c->what = what;
+	c->flags = (const void *)net == &init_net ? 0 : SBX_FW_OTHER_NETNS;
+	c->seq = number;
+	c->time_ns = bpf_ktime_get_ns();
+	c->pid_tgid = pid_tgid_of(task);
+	c->uid_gid = (__u64)task->cred->gid.val << 32 | task->cred->uid.val;
+	c->proc = proc;
+	c->ppid = task->real_parent->tgid;
+	c->netns = BPF_CORE_READ(net, ns.inum);
+	bpf_ringbuf_submit(c, BPF_RB_NO_WAKEUP);
+}
+
+struct list_head {
+	struct list_head *next;
+} __attribute__((preserve_access_index));
+
+/* Threads in an nf_tables commit that changes something (nf_tables_commit_audit_log saw a
+ * non-empty list of changed tables), until the commit returns: iptables-nft commits an empty
+ * batch on reads too (`iptables -L`, `-S`), which must not count as a change. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, __u8);
+} sbx_commits SEC(".maps");
+
+SEC("fentry/nf_tables_commit_audit_log")
+int BPF_PROG(sbx_fwchange_nft_tables, struct list_head *adl, __u32 generation)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__u8 one = 1;
+
+	if (adl->next != adl)
+		bpf_map_update_elem(&sbx_commits, &tid, &one, BPF_ANY);
+	return 0;
+}
+
+/* An nf_tables transaction (a batch of iptables-nft or nft) committed. The batch runs in the
+ * sender's own sendmsg(): the current task made it; NET is the namespace whose rules changed. */
+SEC("fexit/nf_tables_commit")
+int BPF_PROG(sbx_fwchange_nft, struct net *net, struct sk_buff *skb, int ret)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+
+	if (!bpf_map_lookup_elem(&sbx_commits, &tid))
+		return 0;
+	bpf_map_delete_elem(&sbx_commits, &tid);
+	if (ret == 0)
+		record_fwchange(net, SBX_FW_NFT);
+	return 0;
+}
+
+#define PF_INET 2
+#define PF_INET6 10
+#define IPT_SO_SET_REPLACE 64 /* IP6T_SO_SET_REPLACE too */
+#define ARPT_SO_SET_REPLACE 96
+#define EBT_SO_SET_ENTRIES 128
+
+/* A legacy table replaced: every iptables-legacy change loads the whole table with one
+ * setsockopt (the counters' own setsockopt that follows changes no rule). nf_setsockopt(sk, pf,
+ * val, sockptr_t opt, len): opt is a struct in two registers, so the arguments are read by their
+ * slots (ret with the helper) rather than through BPF_PROG. */
+SEC("fexit/nf_setsockopt")
+int sbx_fwchange_xt(unsigned long long *ctx)
+{
+	struct sock *sk = (struct sock *)ctx[0];
+	__u8 pf = (__u8)ctx[1];
+	int val = (int)ctx[2];
+	__u64 ret = 0;
+	__u16 what = 0;
+
+	if (pf == PF_INET && val == IPT_SO_SET_REPLACE)
+		what = SBX_FW_IPT;
+	else if (pf == PF_INET6 && val == IPT_SO_SET_REPLACE)
+		what = SBX_FW_IP6T;
+	else if (pf == PF_INET && val == ARPT_SO_SET_REPLACE)
+		what = SBX_FW_ARPT;
+	else if (pf == PF_INET && val == EBT_SO_SET_ENTRIES)
+		what = SBX_FW_EBT;
+	if (!what || bpf_get_func_ret(ctx, &ret) || (int)ret != 0)
+		return 0;
+	record_fwchange(BPF_CORE_READ(sk, __sk_common.skc_net.net), what);
 	return 0;
 }
 

@@ -16,11 +16,14 @@
 #define SBX_COUNT_PACKETS 2         /* firewall records seen */
 #define SBX_COUNT_PACKETS_DROPPED 3 /* of them, not stored */
 #define SBX_COUNT_PROCS 4           /* process records sent */
-#define SBX_COUNTERS 5
+#define SBX_COUNT_FWCHANGES 5       /* changes to the firewall's rules seen */
+#define SBX_COUNT_FWCHANGES_DROPPED 6 /* of them, not stored */
+#define SBX_COUNTERS 7
 
 #define SBX_KIND_CONNECT 1
 #define SBX_KIND_PACKET 2
 #define SBX_KIND_PROC 3
+#define SBX_KIND_FWCHANGE 4
 #define SBX_PREFIX_BYTES 32
 
 struct sbx_event {
@@ -85,6 +88,31 @@ struct sbx_packet {
 	__u8 src[16];
 	__u8 dst[16];
 	char prefix[SBX_PREFIX_BYTES];
+};
+
+/* What kind of change an sbx_fwchange is: an nf_tables transaction committed (iptables-nft,
+ * nft), or a legacy x_tables table replaced (iptables-legacy and its kin, setsockopt) */
+#define SBX_FW_NFT 1
+#define SBX_FW_IPT 2  /* IPT_SO_SET_REPLACE, PF_INET */
+#define SBX_FW_IP6T 3 /* IP6T_SO_SET_REPLACE, PF_INET6 */
+#define SBX_FW_ARPT 4 /* ARPT_SO_SET_REPLACE */
+#define SBX_FW_EBT 5  /* EBT_SO_SET_ENTRIES */
+
+#define SBX_FW_OTHER_NETNS 1 /* flags: not the guest's own (initial) network namespace */
+
+/* A change to the guest's netfilter rules that took effect, with the process that made it. Reads
+ * (iptables-save, nft list) make none. */
+struct sbx_fwchange {
+	__u32 kind;     /* SBX_KIND_FWCHANGE */
+	__u16 what;     /* SBX_FW_* */
+	__u16 flags;    /* SBX_FW_OTHER_NETNS */
+	__u64 seq;
+	__u64 time_ns;  /* CLOCK_MONOTONIC when the change was done */
+	__u64 pid_tgid; /* tgid << 32 | thread id */
+	__u64 uid_gid;  /* gid << 32 | uid */
+	__u64 proc;     /* the sbx_proc record of the process */
+	__u32 ppid;
+	__u32 netns;    /* the network namespace's inode number */
 };
 
 #endif

@@ -7,8 +7,9 @@
  *   sbx-capture check         exit 0 if attached; else say what is missing, exit 1
  *   sbx-capture drain FILE    append every event waiting in the ring buffer to FILE, one line
  *                             each (the process records they name kept in FILE.procs); print
- *                             the counters and both clocks on stdout
+ *                             the counters, the links found missing and both clocks on stdout
  *   sbx-capture unload        detach (the events not drained are gone)
+ *   sbx-capture clock         print "@@captureclock MONO REAL": both clocks at one moment
  *
  * A connect line: "c SEQ MONO_NS PID TID PPID UID RET FAMILY PROTOCOL ADDRESS PORT EXE ARGV"
  * (PROTOCOL: the socket's IP protocol number); EXE and ARGV escaped (bytes outside '!'..'~', and
@@ -18,6 +19,9 @@
  * A packet line: "f SEQ MONO_NS UID FAMILY PROTOCOL SRC SPORT DST DPORT IPID PREFIX PID TID PPID
  * EXE ARGV" (UID -1: no socket; PREFIX escaped; the sender, for a datagram from a user's socket,
  * as in a connect line: else PID 0 and EXE and ARGV "-").
+ * A firewall change line: "w SEQ MONO_NS PID TID PPID UID WHAT NETNS EXE ARGV" (WHAT: nft, an
+ * nf_tables commit; ipt, ip6t, arpt, ebt, a legacy table replaced; NETNS 0 for the guest's own
+ * network namespace, else the other one's inode number; the process as in a connect line).
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -42,12 +46,20 @@
 #define PIN_LINK_DGRAM PIN_DIR "/link_sbx_connect_dgram"
 #define PIN_LINK_NFT PIN_DIR "/link_sbx_packet_nft"
 #define PIN_LINK_XT PIN_DIR "/link_sbx_packet_xt"
+#define PIN_LINK_FW_NFT PIN_DIR "/link_sbx_fwchange_nft"
+#define PIN_LINK_FW_XT PIN_DIR "/link_sbx_fwchange_xt"
+#define PIN_LINK_FW_TABLES PIN_DIR "/link_sbx_fwchange_nft_tables"
+#define PIN_COMMITS PIN_DIR "/sbx_commits"
 
-static const char *const pins[] = {PIN_LINK_TCP4, PIN_LINK_TCP6, PIN_LINK_DGRAM, PIN_LINK_NFT,
-				   PIN_LINK_XT, PIN_EVENTS, PIN_COUNTS, PIN_PROCS};
+static const char *const pins[] = {
+	PIN_LINK_TCP4,  PIN_LINK_TCP6,      PIN_LINK_DGRAM, PIN_LINK_NFT, PIN_LINK_XT,
+	PIN_LINK_FW_NFT, PIN_LINK_FW_TABLES, PIN_LINK_FW_XT, PIN_EVENTS,   PIN_COUNTS,
+	PIN_PROCS,      PIN_COMMITS};
 /* what `check` wants: all of these, and one of the two packet links */
-static const char *const required[] = {PIN_LINK_TCP4, PIN_LINK_TCP6, PIN_LINK_DGRAM,
-				       PIN_EVENTS, PIN_COUNTS, PIN_PROCS};
+static const char *const required[] = {
+	PIN_LINK_TCP4,      PIN_LINK_TCP6,  PIN_LINK_DGRAM, PIN_LINK_FW_NFT,
+	PIN_LINK_FW_TABLES, PIN_LINK_FW_XT, PIN_EVENTS,     PIN_COUNTS,
+	PIN_PROCS};
 #define REQUIRED (sizeof(required) / sizeof(required[0]))
 #define PINS (sizeof(pins) / sizeof(pins[0]))
 
@@ -116,6 +128,32 @@ static void print_packet(FILE *out, const struct sbx_packet *p, const char *proc
 	escaped(out, p->prefix, strnlen(p->prefix, SBX_PREFIX_BYTES));
 	fprintf(out, " %u %u %u %s\n", (unsigned)(p->pid_tgid >> 32),
 		(unsigned)(p->pid_tgid & 0xffffffff), p->ppid, proc);
+}
+
+static const char *fwchange_what(__u16 what)
+{
+	switch (what) {
+	case SBX_FW_NFT:
+		return "nft";
+	case SBX_FW_IPT:
+		return "ipt";
+	case SBX_FW_IP6T:
+		return "ip6t";
+	case SBX_FW_ARPT:
+		return "arpt";
+	case SBX_FW_EBT:
+		return "ebt";
+	}
+	return "?";
+}
+
+/* PROC as for print_line */
+static void print_fwchange(FILE *out, const struct sbx_fwchange *c, const char *proc)
+{
+	fprintf(out, "w %llu %llu %u %u %u %u %s %u %s\n", (unsigned long long)c->seq,
+		(unsigned long long)c->time_ns, (unsigned)(c->pid_tgid >> 32),
+		(unsigned)(c->pid_tgid & 0xffffffff), c->ppid, (unsigned)(c->uid_gid & 0xffffffff),
+		fwchange_what(c->what), c->flags & SBX_FW_OTHER_NETNS ? c->netns : 0, proc);
 }
 
 /* The process records of this load of the capture, by id ("EXE ARGV"): kept in a file beside
@@ -203,6 +241,10 @@ static int print_event(void *ctx, void *data, size_t size)
 		const struct sbx_packet *p = data;
 
 		print_packet(drain->out, p, p->pid_tgid ? procs_get(&drain->procs, p->proc) : "- -");
+	} else if (kind == SBX_KIND_FWCHANGE && size >= sizeof(struct sbx_fwchange)) {
+		const struct sbx_fwchange *c = data;
+
+		print_fwchange(drain->out, c, procs_get(&drain->procs, c->proc));
 	} else if (kind == SBX_KIND_PROC && size >= sizeof(struct sbx_proc)) {
 		const struct sbx_proc *p = data;
 		char *proc = NULL;
@@ -236,17 +278,18 @@ static int kernel_has(const char *function)
 	return found;
 }
 
-/* 0 if every pin `load` makes is there (one of the two packet links); else 1, and, if
- * `verbose`, what is missing on stdout. */
-static int check(int verbose)
+/* 0 if every pin `load` makes is there (one of the two packet links); else 1, and, unless
+ * `report` is NULL, a line on stdout for each one missing: REPORT and the pin's name (in
+ * PIN_DIR; "link_sbx_packet" for both packet links). */
+static int check(const char *report)
 {
 	int missing = 0, fd;
 
 	for (size_t i = 0; i < REQUIRED; i++) {
 		fd = bpf_obj_get(required[i]);
 		if (fd < 0) {
-			if (verbose)
-				printf("missing %s\n", required[i]);
+			if (report)
+				printf("%s%s\n", report, required[i] + sizeof(PIN_DIR));
 			missing = 1;
 		} else {
 			close(fd);
@@ -256,8 +299,8 @@ static int check(int verbose)
 	if (fd < 0)
 		fd = bpf_obj_get(PIN_LINK_XT);
 	if (fd < 0) {
-		if (verbose)
-			printf("missing %s or %s\n", PIN_LINK_NFT, PIN_LINK_XT);
+		if (report)
+			printf("%slink_sbx_packet\n", report);
 		missing = 1;
 	} else {
 		close(fd);
@@ -272,7 +315,7 @@ static int load(const char *path)
 	struct bpf_link *link;
 	int err, packets;
 
-	if (check(0) == 0)
+	if (check(NULL) == 0)
 		return 0;
 	obj = bpf_object__open_file(path, NULL);
 	if (!obj) {
@@ -335,12 +378,15 @@ static int load(const char *path)
 	return 0;
 }
 
-static double clock_seconds(clockid_t id)
+/* Both clocks at one moment: event times are CLOCK_MONOTONIC. */
+static void print_clock(void)
 {
-	struct timespec ts;
+	struct timespec mono, real;
 
-	clock_gettime(id, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+	clock_gettime(CLOCK_MONOTONIC, &mono);
+	clock_gettime(CLOCK_REALTIME, &real);
+	printf("@@captureclock %lld.%09ld %lld.%09ld\n", (long long)mono.tv_sec, mono.tv_nsec,
+	       (long long)real.tv_sec, real.tv_nsec);
 }
 
 static int drain(const char *path)
@@ -388,13 +434,16 @@ static int drain(const char *path)
 	}
 	for (__u32 i = 0; i < SBX_COUNTERS; i++)
 		bpf_map_lookup_elem(counts, &i, &values[i]);
-	printf("@@capture ok %d %llu %llu %llu %llu\n", n, (unsigned long long)values[SBX_COUNT_SEQ],
+	printf("@@capture ok %d %llu %llu %llu %llu %llu %llu\n", n,
+	       (unsigned long long)values[SBX_COUNT_SEQ],
 	       (unsigned long long)values[SBX_COUNT_DROPPED],
 	       (unsigned long long)values[SBX_COUNT_PACKETS],
-	       (unsigned long long)values[SBX_COUNT_PACKETS_DROPPED]);
-	/* both clocks at one moment: event times are CLOCK_MONOTONIC */
-	printf("@@captureclock %.9f %.9f\n", clock_seconds(CLOCK_MONOTONIC),
-	       clock_seconds(CLOCK_REALTIME));
+	       (unsigned long long)values[SBX_COUNT_PACKETS_DROPPED],
+	       (unsigned long long)values[SBX_COUNT_FWCHANGES],
+	       (unsigned long long)values[SBX_COUNT_FWCHANGES_DROPPED]);
+	/* a link unpinned alone (guest root) detaches its program and nothing else: say which */
+	check("@@capturepartial ");
+	print_clock();
 	return n < 0;
 }
 
@@ -411,11 +460,15 @@ int main(int argc, char **argv)
 	if (argc == 3 && strcmp(argv[1], "load") == 0)
 		return load(argv[2]);
 	if (argc == 2 && strcmp(argv[1], "check") == 0)
-		return check(1);
+		return check("missing " PIN_DIR "/");
 	if (argc == 3 && strcmp(argv[1], "drain") == 0)
 		return drain(argv[2]);
 	if (argc == 2 && strcmp(argv[1], "unload") == 0)
 		return unload();
-	fprintf(stderr, "usage: sbx-capture load OBJECT | check | drain FILE | unload\n");
+	if (argc == 2 && strcmp(argv[1], "clock") == 0) {
+		print_clock();
+		return 0;
+	}
+	fprintf(stderr, "usage: sbx-capture load OBJECT | check | drain FILE | unload | clock\n");
 	return 2;
 }
