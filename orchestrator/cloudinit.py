@@ -106,30 +106,3 @@ def build_seed_iso(spec: SeedSpec) -> bytes:
     iso.write_fp(out)
     iso.close()
     return out.getvalue()
-
-
-def read_seed_iso(data: bytes) -> dict[str, bytes]:
-    """The files of a seed ISO by their Joliet names (for tests and `sandbox status --debug`)."""
-    iso = pycdlib.PyCdlib()
-    iso.open_fp(io.BytesIO(data))
-    try:
-        result: dict[str, bytes] = {}
-        for child in iso.list_children(joliet_path="/"):
-            name = iso.full_path_from_dirrecord(child)
-            if child.is_dir():
-                continue
-            out = io.BytesIO()
-            iso.get_file_from_iso_fp(out, joliet_path=name)
-            result[name.lstrip("/")] = out.getvalue()
-        return result
-    finally:
-        iso.close()
-
-
-def volume_label(data: bytes) -> str:
-    iso = pycdlib.PyCdlib()
-    iso.open_fp(io.BytesIO(data))
-    try:
-        return str(iso.pvd.volume_identifier.decode().strip())
-    finally:
-        iso.close()

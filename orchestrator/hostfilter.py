@@ -346,37 +346,3 @@ def remove_filter(conn: libvirt.virConnect, sandbox: str) -> bool:
             f"a running VM still uses it: run `sandbox destroy --name {sandbox}` first",
         ) from None
     return True
-
-
-def interface_with_filter(domain_xml: str, mac: str, filter_ref: str | None) -> str:
-    """The domain's <interface> with this MAC, its <filterref> set to `filter_ref` (or removed
-    when None) with the old one's parameters ($IP); everything else as the live XML has it, so
-    libvirt sees the same device."""
-    root = ET.fromstring(domain_xml)
-    for iface in root.findall("devices/interface"):
-        mac_el = iface.find("mac")
-        if mac_el is None or mac_el.get("address", "").lower() != mac.lower():
-            continue
-        parameters: list[ET.Element] = []
-        for old in iface.findall("filterref"):
-            parameters += old.findall("parameter")
-            iface.remove(old)
-        if filter_ref is not None:
-            ET.SubElement(iface, "filterref", filter=filter_ref).extend(parameters)
-        return ET.tostring(iface, encoding="unicode")
-    raise HypervisorError(
-        f"the VM has no network interface with MAC {mac}",
-        "the sandbox's state does not match its VM: destroy it and bring it up again",
-    )
-
-
-def set_interface_filter(dom: libvirt.virDomain, mac: str, filter_ref: str | None) -> None:
-    """Attach (or detach) a filter on a running domain's interface, live (~1 s)."""
-    try:
-        xml = interface_with_filter(dom.XMLDesc(0), mac, filter_ref)
-        dom.updateDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-    except libvirt.libvirtError as exc:
-        raise HypervisorError(
-            f"cannot set the network filter of {dom.name()}'s interface {mac}: {exc}",
-            "check that the filter is defined (`virsh nwfilter-list`) and the VM is running",
-        ) from None

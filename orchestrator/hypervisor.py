@@ -247,8 +247,11 @@ def ensure_base_volumes(
     disk: Path,
     kernel: Path,
     initrd: Path,
+    verify: Callable[[], None] | None = None,
 ) -> names.BaseVolumes:
-    """Put the image's disk, kernel and initrd into the pool once per image version.
+    """Put the image's disk, kernel and initrd into the pool once per image version, after
+    `verify` (the image's files against its manifest: a damaged cache must not become the base of
+    every sandbox).
 
     A marker volume is written last: volumes without it are the remains of an interrupted upload
     and are uploaded again. Call under the global lock.
@@ -256,6 +259,8 @@ def ensure_base_volumes(
     base = names.BaseVolumes.for_image(image_name, image_hash)
     pool.refresh(0)
     if lookup_volume(pool, base.marker) is None:
+        if verify is not None:
+            verify()
         upload(conn, pool, base.disk, path=disk)
         upload(conn, pool, base.kernel, path=kernel)
         upload(conn, pool, base.initrd, path=initrd)

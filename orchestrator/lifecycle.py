@@ -54,7 +54,7 @@ from .errors import (
     SandboxError,
     UsageError,
 )
-from .images import KERNEL_CMDLINE, Image, default_image_name, load_image
+from .images import KERNEL_CMDLINE, Image, default_image_name, load_image, verify_image
 from .policy import Blocked, EgressPolicy, build_policy, load_policy_file
 from .records import Attempt, DnsQuery, Verdict
 from .state import Phase, SandboxState, StateStore, atomic_write, file_lock, validate_name
@@ -272,6 +272,7 @@ def _up_locked(
                     disk=img.disk,
                     kernel=img.kernel,
                     initrd=img.initrd,
+                    verify=lambda: verify_image(img),
                 )
             rollback.callback(_remove_volumes, conn, pool, vols, store, name)
             with report.step(f"starting network {state.network}"):

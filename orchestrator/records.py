@@ -134,11 +134,6 @@ class Attempt:
     stack: tuple[Frame, ...] = ()  # PHP frames, innermost first, from the xdebug trace
     run: str | None = None  # the `sandbox run` this attempt belongs to
 
-    @property
-    def origin(self) -> str:
-        """`fsockopen() at phone_home.php:12 <- main`, or "" without a PHP stack."""
-        return " ← ".join(frame.describe() for frame in self.stack)
-
     def to_json(self) -> str:
         value = asdict(self)
         value["verdict"] = self.verdict.value

@@ -100,6 +100,42 @@ def verdict(root: ET.Element, pkt: Packet) -> str:
 # ---- pure tests ------------------------------------------------------------------------------
 
 
+# Swapping a running guest's filter, live: what these tests do to compare a guest with and
+# without the filter (the product defines a domain with its filter from the start).
+def interface_with_filter(domain_xml: str, mac: str, filter_ref: str | None) -> str:
+    """The domain's <interface> with this MAC, its <filterref> set to `filter_ref` (or removed
+    when None) with the old one's parameters ($IP); everything else as the live XML has it, so
+    libvirt sees the same device."""
+    root = ET.fromstring(domain_xml)
+    for iface in root.findall("devices/interface"):
+        mac_el = iface.find("mac")
+        if mac_el is None or mac_el.get("address", "").lower() != mac.lower():
+            continue
+        parameters: list[ET.Element] = []
+        for old in iface.findall("filterref"):
+            parameters += old.findall("parameter")
+            iface.remove(old)
+        if filter_ref is not None:
+            ET.SubElement(iface, "filterref", filter=filter_ref).extend(parameters)
+        return ET.tostring(iface, encoding="unicode")
+    raise HypervisorError(
+        f"the VM has no network interface with MAC {mac}",
+        "the sandbox's state does not match its VM: destroy it and bring it up again",
+    )
+
+
+def set_interface_filter(dom: libvirt.virDomain, mac: str, filter_ref: str | None) -> None:
+    """Attach (or detach) a filter on a running domain's interface, live (~1 s)."""
+    try:
+        xml = interface_with_filter(dom.XMLDesc(0), mac, filter_ref)
+        dom.updateDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    except libvirt.libvirtError as exc:
+        raise HypervisorError(
+            f"cannot set the network filter of {dom.name()}'s interface {mac}: {exc}",
+            "check that the filter is defined (`virsh nwfilter-list`) and the VM is running",
+        ) from None
+
+
 def test_golden_ipv4(golden: Golden) -> None:
     p = policy("203.0.113.7", "tcp:198.51.100.0/24:443", "192.0.2.5:5353", "icmp:203.0.113.8")
     xml = hostfilter.render_filter("demo", p, gateway=GW, gateway6=None, uuid=UUID)
@@ -304,7 +340,7 @@ def test_interface_with_filter_keeps_the_device_and_replaces_the_filter() -> Non
         <model type='virtio'/><filterref filter='old'><parameter name='IP' value='10.0.0.5'/>
         </filterref><alias name='net1'/></interface>
     </devices></domain>"""
-    iface = ET.fromstring(hostfilter.interface_with_filter(domain, "52:54:00:aa:bb:cc", "new"))
+    iface = ET.fromstring(interface_with_filter(domain, "52:54:00:aa:bb:cc", "new"))
     assert [f.get("filter") for f in iface.findall("filterref")] == ["new"]
     # The pinned address goes with it: without it libvirt would learn one from the guest.
     assert [(p.get("name"), p.get("value")) for p in iface.findall("filterref/parameter")] == [
@@ -312,10 +348,10 @@ def test_interface_with_filter_keeps_the_device_and_replaces_the_filter() -> Non
     ]
     assert iface.find("target").get("dev") == "vnet3"  # type: ignore[union-attr]
     assert iface.find("alias").get("name") == "net1"  # type: ignore[union-attr]
-    bare = ET.fromstring(hostfilter.interface_with_filter(domain, "52:54:00:aa:bb:cc", None))
+    bare = ET.fromstring(interface_with_filter(domain, "52:54:00:aa:bb:cc", None))
     assert bare.findall("filterref") == []
     with pytest.raises(HypervisorError) as info:
-        hostfilter.interface_with_filter(domain, "52:54:00:00:00:00", "new")
+        interface_with_filter(domain, "52:54:00:00:00:00", "new")
     assert info.value.hint
 
 
@@ -577,7 +613,7 @@ def test_filter_holds_after_guest_root_flushes_its_firewall(cli: Cli, lab: Lab) 
             conn,
             hostfilter.render_filter(NAME, with_v6, gateway=gateway, gateway6=gateway6),
         )
-        hostfilter.set_interface_filter(dom, mac, names.nwfilter(NAME))
+        set_interface_filter(dom, mac, names.nwfilter(NAME))
         print(f"define + attach live took {time.monotonic() - started:.2f} s")
         attached = ET.fromstring(dom.XMLDesc(0)).find("devices/interface/filterref")
         assert attached is not None and attached.get("filter") == names.nwfilter(NAME)

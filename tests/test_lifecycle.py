@@ -6,6 +6,7 @@ removes whatever a test added. The real boot is in test_e2e.py."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ipaddress
 import os
 import pwd
@@ -31,7 +32,13 @@ from orchestrator.domain import (
     render_network,
     render_volume,
 )
-from orchestrator.errors import ConflictError, NotFoundError, TimeoutExpired, UsageError
+from orchestrator.errors import (
+    ConflictError,
+    ImageError,
+    NotFoundError,
+    TimeoutExpired,
+    UsageError,
+)
 from orchestrator.images import Image, ImageManifest
 from orchestrator.state import Phase, SandboxState
 from orchestrator.waits import Deadline
@@ -75,15 +82,18 @@ def ctx(tmp_path: Path) -> Iterator[lifecycle.Context]:
 
 
 def fake_image(tmp_path: Path) -> Image:
+    files = {}
+    for f in ("base.qcow2", "vmlinuz", "initrd.img"):
+        (tmp_path / f).write_bytes(b"x")
+        files[f] = hashlib.sha256(b"x").hexdigest()
     manifest = ImageManifest(
         name="default",
         recipe_hash="ab" * 32,
         created="2026-11-23T00:00:00+00:00",
         suite="bookworm",
         kernel_version="6.1.0-test-cloud-amd64",
+        files=files,
     )
-    for f in ("base.qcow2", "vmlinuz", "initrd.img"):
-        (tmp_path / f).write_bytes(b"x")
     return Image.at(tmp_path, manifest)
 
 
@@ -138,6 +148,25 @@ def test_failed_up_rolls_back_everything(ctx: lifecycle.Context) -> None:
     # A new up after the failure starts clean (and fails the same way, not with a conflict).
     with pytest.raises(TimeoutExpired):
         lifecycle.up(ctx, "rb")
+
+
+def test_a_damaged_image_is_refused_before_it_becomes_a_base(
+    ctx: lifecycle.Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def damaged(name: str, images_dir: Path) -> Image:
+        image = fake_image(tmp_path)
+        (tmp_path / "base.qcow2").write_bytes(b"bit rot")
+        # A version of its own, so no earlier test's upload of the base volumes counts.
+        manifest = dataclasses.replace(image.manifest, recipe_hash="cd" * 32)
+        return Image.at(tmp_path, manifest)
+
+    monkeypatch.setattr(lifecycle, "load_image", damaged)
+    with pytest.raises(ImageError, match=r"base\.qcow2 has sha256"):
+        lifecycle.up(ctx, "rot")
+    assert leftovers(ctx, "sandbox-rot") == []
+    with hv.connection(ctx.settings.connect) as conn:
+        vols = conn.storagePoolLookupByName("sandbox").listVolumes()
+    assert not any(v.startswith("base-default-cdcd") for v in vols)
 
 
 def test_up_refuses_existing_and_bad_input(ctx: lifecycle.Context) -> None:

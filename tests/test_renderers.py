@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pycdlib
 import pytest
 import yaml
 
 from orchestrator.cloudinit import (
     SeedSpec,
     build_seed_iso,
-    read_seed_iso,
     render_meta_data,
     render_user_data,
-    volume_label,
 )
 from orchestrator.domain import (
     Accel,
@@ -189,6 +189,34 @@ def test_cloud_config_passes_the_guests_cloud_init_schema(config: str) -> None:
         for e in jsonschema.Draft4Validator(schema).iter_errors(data)
     ]
     assert errors == []
+
+
+# Reading a seed back, as cloud-init does: by its volume label and Joliet names.
+def read_seed_iso(data: bytes) -> dict[str, bytes]:
+    """The files of a seed ISO by their Joliet names."""
+    iso = pycdlib.PyCdlib()
+    iso.open_fp(io.BytesIO(data))
+    try:
+        result: dict[str, bytes] = {}
+        for child in iso.list_children(joliet_path="/"):
+            name = iso.full_path_from_dirrecord(child)
+            if child.is_dir():
+                continue
+            out = io.BytesIO()
+            iso.get_file_from_iso_fp(out, joliet_path=name)
+            result[name.lstrip("/")] = out.getvalue()
+        return result
+    finally:
+        iso.close()
+
+
+def volume_label(data: bytes) -> str:
+    iso = pycdlib.PyCdlib()
+    iso.open_fp(io.BytesIO(data))
+    try:
+        return str(iso.pvd.volume_identifier.decode().strip())
+    finally:
+        iso.close()
 
 
 def test_seed_iso_round_trip() -> None:
