@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 
+from . import jsontext
 from .errors import SandboxError
 from .records import DnsQuery, iso_time
 
@@ -198,8 +199,8 @@ class LogCursor:
 
     @classmethod
     def from_json(cls, text: str) -> LogCursor:
+        data = jsontext.object_or_none(text) or {}
         try:
-            data = json.loads(text)
             return cls(int(data["inode"]), int(data["offset"]))
         except (ValueError, KeyError, TypeError):
             return cls()  # a damaged cursor costs a re-read, not the collection

@@ -28,6 +28,7 @@ from . import (
     hostfilter,
     hostflows,
     hostguard,
+    jsontext,
     logview,
     monitor,
     names,
@@ -1174,7 +1175,7 @@ def _record_network(logs: Path, net: NetworkSpec) -> None:
 
 def _resolver_addresses(logs: Path) -> list[str]:
     try:
-        record = json.loads((logs / paths.NETWORK_RECORD).read_text())
+        record = jsontext.object_or_none((logs / paths.NETWORK_RECORD).read_text()) or {}
         return [str(ipaddress.ip_address(a)) for a in record["resolver"]]
     except (OSError, ValueError, KeyError, TypeError):
         # Logs of a sandbox from before each had its own network: the shared one's gateways.

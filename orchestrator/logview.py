@@ -9,7 +9,6 @@ except the file functions; rich appears only in the render functions.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -19,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from . import paths
+from . import jsontext, paths
 from .errors import UsageError
 from .records import Attempt, DnsQuery, LogRecordError, Verdict, parse_time
 from .safetext import text as safe
@@ -53,11 +52,10 @@ def _complete_lines(data: bytes) -> list[str]:
 def _ids(lines: Iterable[str]) -> set[str]:
     found = set()
     for line in lines:
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError:
+        value = jsontext.object_or_none(line)
+        if value is None:
             continue  # reading reports it; appending must not be blocked by it
-        if isinstance(value, dict) and isinstance(value.get("id"), str):
+        if isinstance(value.get("id"), str):
             found.add(value["id"])
     return found
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, Self
 
+from . import jsontext
 from .errors import GuestError, SandboxError
 
 _CORRUPT_HINT = (
@@ -70,29 +71,20 @@ def parse_time(text: str) -> datetime:
 
 def _load(line: str, kind: str) -> dict[str, Any]:
     try:
-        value = json.loads(line)
-    except json.JSONDecodeError as error:
+        return jsontext.parse_object(line)
+    except jsontext.JsonObjectError as error:
         raise LogRecordError(
             f"not a JSON {kind} record: {line[:80]!r} ({error})", _CORRUPT_HINT
         ) from None
-    if not isinstance(value, dict):
-        raise LogRecordError(f"not a JSON {kind} record: {line[:80]!r}", _CORRUPT_HINT)
-    return value
 
 
 def _known_fields(cls: type[Any], value: dict[str, Any], kind: str) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)}
-    required = {
-        f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
-    }
-    missing = required - value.keys()
-    if missing:
+    try:
+        return jsontext.known_fields(cls, value)
+    except jsontext.JsonObjectError as error:
         raise LogRecordError(
-            f"{kind} record without {', '.join(sorted(missing))}: {json.dumps(value)[:80]}",
-            _CORRUPT_HINT,
-        )
-    # Unknown keys are dropped, not refused: a newer version may add fields to old logs.
-    return {k: v for k, v in value.items() if k in names}
+            f"{kind} record with {error}: {json.dumps(value)[:80]}", _CORRUPT_HINT
+        ) from None
 
 
 @dataclass(frozen=True)

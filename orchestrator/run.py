@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from . import paths, xdebug
+from . import jsontext, paths, xdebug
 from .config import Limits
 from .errors import (
     GuestError,
@@ -282,9 +282,7 @@ class RunRecord:
 
     @classmethod
     def from_json(cls, text: str) -> RunRecord:
-        data: dict[str, Any] = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        data = {k: v for k, v in data.items() if k in known}
+        data = jsontext.known_fields(cls, jsontext.parse_object(text))
         data["argv"] = tuple(data["argv"])
         return cls(**data)
 

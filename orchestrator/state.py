@@ -16,7 +16,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from . import paths
+from . import jsontext, paths
 from .errors import ConflictError, SandboxError, UsageError
 from .waits import Deadline, wait_for
 
@@ -83,9 +83,7 @@ class SandboxState:
 
     @classmethod
     def from_json(cls, text: str) -> SandboxState:
-        data: dict[str, Any] = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        data = {k: v for k, v in data.items() if k in known}
+        data = jsontext.known_fields(cls, jsontext.parse_object(text))
         data["phase"] = Phase(data["phase"])
         data["volumes"] = tuple(data.get("volumes", ()))
         data["allow"] = tuple(data.get("allow", ()))
