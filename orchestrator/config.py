@@ -94,8 +94,9 @@ class Settings:
     accel: Accel = Accel.AUTO
     memory_mib: int = 512
     vcpus: int = 2
-    # Under TCG a cold boot with cloud-init takes 40-80 s here (PLATFORM.md), more on a loaded
-    # machine; with KVM it is a few seconds. The deadline is generous, not a target.
+    # Under TCG a cold boot reaches SSH in about 30 s here, 2-3 times that on a loaded machine
+    # (docs/platform.md#boot-times-under-tcg); with KVM it is a few seconds. The deadline is
+    # generous, not a target.
     boot_timeout: float = 400.0
     # Seconds between collections of the connection records while `run` or `exec` runs (0: only
     # at its end). The guest's capture buffer holds about 70,000 attempts between two.

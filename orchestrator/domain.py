@@ -68,7 +68,7 @@ class DomainSpec:
     # Its IPv6 addresses (the DHCPv6 one kept for its DUID, its link-local): the filter's $IPV6.
     ip6: tuple[str, ...] = ()
     # Keeps QEMU's translation cache small under TCG: ~320 MiB resident instead of ~800 MiB
-    # (PLATFORM.md), at no visible cost.
+    # (docs/platform.md#tcg-translation-cache), at no visible cost.
     tcg_tb_cache_mib: int = 64
 
 
@@ -270,7 +270,8 @@ def render_network(spec: NetworkSpec) -> str:
         if spec.guest_mac:
             _sub(dhcp6, "host", id=duid_ll(spec.guest_mac), ip=str(spec.guest_ip6))
     # libvirt's dnsmasq otherwise forwards unknown names to the host's resolvers and serves the
-    # host's /etc/hosts (PLATFORM.md): a DNS exfiltration channel and a leak of host names.
+    # host's /etc/hosts (docs/platform.md#dns-leaks-of-a-plain-libvirt-network): a DNS
+    # exfiltration channel and a leak of host names.
     options = ET.SubElement(net, f"{{{DNSMASQ_NS}}}options")
     for value in ("no-resolv", "no-hosts"):
         ET.SubElement(options, f"{{{DNSMASQ_NS}}}option", value=value)

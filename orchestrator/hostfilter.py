@@ -4,9 +4,10 @@ guest's interface, where root in the guest cannot flush it.
 Only ebtables-level rules (`mac`, `arp`, `ip`, `ipv6`) are used. nwfilter's iptables-level
 protocols (`tcp`, `udp`, `all`, `icmp`, ...) only see bridged packets when br_netfilter is loaded
 and `net.bridge.bridge-nf-call-iptables=1`; with it off a filtered guest reached a blocked server
-silently (PLATFORM.md). ebtables sees every frame that crosses the bridge port, whatever those
-sysctls say. The price is statelessness: replies are let in by address and port, not by
-connection state, which is enough because what matters is what leaves the guest.
+silently (docs/platform.md#bridged-packets-and-iptables). ebtables sees every frame that crosses
+the bridge port, whatever those sysctls say. The price is statelessness: replies are let in by
+address and port, not by connection state, which is enough because what matters is what leaves
+the guest.
 
 Rule order (libvirt sorts a chain by priority, lowest first; the referenced filters are jumped to
 at their chain's priority): no-mac-spoofing (-800), no-ip-spoofing (-710), no-arp-mac-spoofing
@@ -145,7 +146,7 @@ def _ipv4_rules(policy: EgressPolicy, gateway: ipaddress.IPv4Address) -> Iterato
     yield _out(PRIO_ARP, "arp", (), "arp")
     yield _in(PRIO_ARP, "arp", (), "arp")
     # Pinned to broadcast or the gateway: an unpinned 68->67 rule let a packet out to an outside
-    # address (PLATFORM.md).
+    # address (docs/platform.md#nwfilter).
     for dst in (_host(BROADCAST), gw):
         yield _out(PRIO_DHCP, "ip", _dst(dst) + _proto("udp", sport=68, dport=67), "dhcp")
     yield _in(PRIO_DHCP, "ip", _src(gw) + _proto("udp", sport=67, dport=68), "dhcp")

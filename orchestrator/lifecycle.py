@@ -87,7 +87,8 @@ def _now() -> str:
 
 
 def _random_mac() -> str:
-    # 52:54:00 is QEMU's prefix; a fresh MAC per boot never picks up a stale lease (PLATFORM.md).
+    # 52:54:00 is QEMU's prefix; a fresh MAC per boot never picks up a stale lease
+    # (docs/platform.md#a-new-mac-per-boot).
     return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
 
 
