@@ -198,6 +198,11 @@ class LogCursor:
         return json.dumps({"inode": self.inode, "offset": self.offset})
 
     @classmethod
+    def load(cls, path: Path) -> LogCursor:
+        """The cursor kept in `path`; a fresh one where there is none yet."""
+        return cls.from_json(path.read_text()) if path.exists() else cls()
+
+    @classmethod
     def from_json(cls, text: str) -> LogCursor:
         data = jsontext.object_or_none(text) or {}
         try:

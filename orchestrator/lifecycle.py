@@ -473,7 +473,7 @@ def _forget_earlier_vm(logs: Path) -> None:
     reboot with records lost. Keep only the losses it recorded."""
     cursor_path = logs / paths.CAPTURE_CURSOR
     if cursor_path.exists():
-        earlier = monitor.Cursor.from_json(cursor_path.read_text())
+        earlier = monitor.Cursor.load(cursor_path)
         atomic_write(cursor_path, monitor.Cursor(losses=earlier.losses).to_json() + "\n")
 
 
@@ -482,11 +482,7 @@ def _mark_policy_push(logs: Path, mark: monitor.Mark) -> None:
     it for the push of the policy, every later one for the guest's."""
     logs.mkdir(parents=True, exist_ok=True)
     cursor_path = logs / paths.CAPTURE_CURSOR
-    cursor = (
-        monitor.Cursor.from_json(cursor_path.read_text())
-        if cursor_path.exists()
-        else monitor.Cursor()
-    )
+    cursor = monitor.Cursor.load(cursor_path)
     atomic_write(cursor_path, cursor.marked(mark).to_json() + "\n")
 
 
@@ -1033,11 +1029,7 @@ def _collect_locked(
     logs = logs_dir(ctx, state.name)
     logs.mkdir(parents=True, exist_ok=True)
     cursor_path = logs / paths.CAPTURE_CURSOR
-    cursor = (
-        monitor.Cursor.from_json(cursor_path.read_text())
-        if cursor_path.exists()
-        else monitor.Cursor()
-    )
+    cursor = monitor.Cursor.load(cursor_path)
     policy = EgressPolicy.from_dict(state.policy)
 
     def gather(g: Guest) -> tuple[monitor.Collected, list[Attempt]]:
@@ -1131,11 +1123,7 @@ def _dns_queries(ctx: Context, state: SandboxState) -> list[DnsQuery]:
     since = dt.datetime.fromisoformat(state.created)
     # Read from where this sandbox's last collection ended, not the log whole.
     cursor_path = logs_dir(ctx, state.name) / paths.DNS_CURSOR
-    cursor = (
-        dnslog.LogCursor.from_json(cursor_path.read_text())
-        if cursor_path.exists()
-        else dnslog.LogCursor()
-    )
+    cursor = dnslog.LogCursor.load(cursor_path)
     log = network_of(state).dns_log
     queries, after = dnslog.read_for(log, clients, since, cursor)
     atomic_write(cursor_path, after.to_json() + "\n")
@@ -1156,10 +1144,7 @@ def sockets(ctx: Context, name: str) -> list[logview.Socket]:
 
 def recorded_losses(ctx: Context, name: str) -> list[str]:
     """Every loss a collection ever detected for this sandbox (kept in the capture cursor)."""
-    cursor_path = logs_dir(ctx, name) / paths.CAPTURE_CURSOR
-    if not cursor_path.exists():
-        return []
-    return list(monitor.Cursor.from_json(cursor_path.read_text()).losses)
+    return list(monitor.Cursor.load(logs_dir(ctx, name) / paths.CAPTURE_CURSOR).losses)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ import re
 import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 from . import firewall
@@ -661,6 +662,11 @@ class Cursor:
     def to_json(self) -> str:
         value = asdict(self)
         return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in value.items()})
+
+    @classmethod
+    def load(cls, path: Path) -> Self:
+        """The cursor kept in `path`; a fresh one where there is none yet."""
+        return cls.from_json(path.read_text()) if path.exists() else cls()
 
     @classmethod
     def from_json(cls, text: str) -> Self:

@@ -65,45 +65,35 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return target, build.stdout + build.stderr
 
 
-def test_a_wheel_install_finds_its_recipe_and_template(installed: tuple[Path, str]) -> None:
-    target, _log = installed
-    # The installed copy comes first on the path; the checkout's editable one is never used.
-    env = {**os.environ, "PYTHONPATH": str(target)}
-    # Not from the checkout: `python -c` puts its working directory first on the path.
-    probe = subprocess.run(
-        [sys.executable, "-c", PROBE],
+def _run_installed(target: Path, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """`argv` with the installed copy first on the path and not from the checkout (`python -c`
+    puts its working directory first on the path)."""
+    return subprocess.run(
+        argv,
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(target)},
         cwd=target,
         timeout=120,
     )
+
+
+def test_a_wheel_install_finds_its_recipe_and_template(installed: tuple[Path, str]) -> None:
+    target, _log = installed
+    probe = _run_installed(target, [sys.executable, "-c", PROBE])
     assert probe.returncode == 0, probe.stderr
     found = json.loads(probe.stdout)
+    # The installed copy is used, never the checkout's editable one.
     assert Path(found["package"]).is_relative_to(target)
     assert Path(found["recipe"]).is_relative_to(target)
     assert Path(found["template"]).is_relative_to(target)
     # The same recipe as the checkout's, executable bits included: the same cached image.
     assert found["hash"] == recipe_hash(ImageRecipe())
     assert found["seed"] > 0
-    cli = subprocess.run(
-        [str(target / "bin" / "sandbox"), "--help"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=target,
-        timeout=120,
-    )
+    cli = _run_installed(target, [str(target / "bin" / "sandbox"), "--help"])
     assert cli.returncode == 0 and "destroy" in cli.stdout, cli.stdout + cli.stderr
     # The lab is a package of its own beside the product, installed with it as `sandbox-lab`.
-    lab = subprocess.run(
-        [str(target / "bin" / "sandbox-lab"), "--help"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=target,
-        timeout=120,
-    )
+    lab = _run_installed(target, [str(target / "bin" / "sandbox-lab"), "--help"])
     assert lab.returncode == 0 and "status" in lab.stdout, lab.stdout + lab.stderr
     assert not (target / "orchestrator" / "lab.py").exists()
 
