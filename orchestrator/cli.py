@@ -177,7 +177,7 @@ def up(
     state = lifecycle.up(ctx, name, image=image, policy=egress, capture=pcap, xdebug_mode=mode)
     err.print(
         f"sandbox [bold]{state.name}[/] is ready at {state.ip} "
-        f"({state.accel}, booted in {state.boot_seconds} s)"
+        f"({state.accel.value}, booted in {state.boot_seconds} s)"
     )
 
 
@@ -345,7 +345,7 @@ def _status_dict(st: lifecycle.Status) -> dict[str, Any]:
         "domain": st.domain,
         "ip": s.ip if s else None,
         "image": s.image if s else None,
-        "accel": s.accel if s else None,
+        "accel": s.accel.value if s else None,
         "created": s.created if s else None,
         "boot_seconds": s.boot_seconds if s else None,
         "allow": list(s.allow) if s else [],

@@ -242,11 +242,11 @@ def _up_locked(
         volumes=vols.all(),
         image=img.name,
         image_hash=img.manifest.recipe_hash,
-        accel=accel.value,
+        accel=accel,
         mac=_random_mac(),
         allow=tuple(a.describe() for a in policy.allow),
         policy=policy.to_dict(),
-        xdebug=xdebug_mode.value,
+        xdebug=xdebug_mode,
     )
 
     with ExitStack() as rollback:
@@ -855,7 +855,7 @@ def run_target(
                 request,
                 logs=logs,
                 expected_rules=expected,
-                default_mode=xdebug.XdebugMode(state.xdebug),
+                default_mode=state.xdebug,
                 stdout=stdout,
                 stderr=stderr,
                 on_warning=on_warning,

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from . import jsontext, paths
+from .domain import Accel
 from .errors import ConflictError, SandboxError, UsageError
 from .waits import Deadline, wait_for
+from .xdebug import XdebugMode
 
 # The global lock covers uploading a base image (once per image version, seconds) and creating a
 # VM; several `up`s queue behind each other.
@@ -55,7 +57,7 @@ class SandboxState:
     volumes: tuple[str, ...]
     image: str
     image_hash: str
-    accel: str
+    accel: Accel
     mac: str
     user: str = "root"
     ip: str | None = None
@@ -74,17 +76,21 @@ class SandboxState:
     # tcpdump keeping the host-side flow record (hostflows.py).
     flows_pid: int | None = None
     # The xdebug mode `sandbox run` uses unless told otherwise (xdebug.XdebugMode value).
-    xdebug: str = "trace"
+    xdebug: XdebugMode = XdebugMode.TRACE
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
         data["phase"] = self.phase.value
+        data["accel"] = self.accel.value
+        data["xdebug"] = self.xdebug.value
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> SandboxState:
         data = jsontext.known_fields(cls, jsontext.parse_object(text))
         data["phase"] = Phase(data["phase"])
+        data["accel"] = Accel(data["accel"])
+        data["xdebug"] = XdebugMode(data.get("xdebug", XdebugMode.TRACE.value))
         data["volumes"] = tuple(data.get("volumes", ()))
         data["allow"] = tuple(data.get("allow", ()))
         return cls(**data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import multiprocessing
 import os
 import signal
@@ -128,7 +129,7 @@ def sample_state(name: str = "s1") -> SandboxState:
         volumes=("a.qcow2", "b.iso"),
         image="default",
         image_hash="00" * 32,
-        accel="tcg",
+        accel=Accel.TCG,
         mac="52:54:00:aa:bb:cc",
         ip="192.168.213.5",
         allow=("203.0.113.7/32",),
@@ -140,6 +141,8 @@ def test_state_round_trip_and_permissions(tmp_path: Path) -> None:
     store.save(sample_state())
     assert store.load("s1") == sample_state()
     assert store.names() == ["s1"]
+    stored = json.loads(store.file("s1", paths.STATE_FILE).read_text())
+    assert (stored["accel"], stored["xdebug"], stored["phase"]) == ("tcg", "trace", "ready")
     mode = os.stat(store.file("s1", paths.STATE_FILE)).st_mode & 0o777
     assert mode == 0o600
     store.write_secret("s1", paths.CLIENT_KEY, "k")
@@ -151,10 +154,11 @@ def test_state_round_trip_and_permissions(tmp_path: Path) -> None:
 def test_damaged_state_says_what_to_do(tmp_path: Path) -> None:
     store = StateStore(tmp_path)
     store.dir("s1").mkdir(parents=True)
-    store.file("s1", paths.STATE_FILE).write_text("{not json")
-    with pytest.raises(Exception, match="damaged") as info:
-        store.load("s1")
-    assert "sandbox destroy --name s1" in (info.value.hint or "")  # type: ignore[attr-defined]
+    for damage in ("{not json", sample_state().to_json().replace('"tcg"', '"hvf"')):
+        store.file("s1", paths.STATE_FILE).write_text(damage)
+        with pytest.raises(Exception, match="damaged") as info:
+            store.load("s1")
+        assert "sandbox destroy --name s1" in (info.value.hint or "")  # type: ignore[attr-defined]
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:

@@ -185,7 +185,7 @@ def test_up_refuses_existing_and_bad_input(ctx: lifecycle.Context) -> None:
         volumes=(),
         image="default",
         image_hash="",
-        accel="tcg",
+        accel=Accel.TCG,
         mac="52:54:00:00:00:01",
     )
     ctx.store.save(state)
@@ -222,7 +222,7 @@ def half_built(ctx: lifecycle.Context, name: str) -> None:
         volumes=(),
         image="default",
         image_hash="",
-        accel="tcg",
+        accel=Accel.TCG,
         mac="52:54:00:00:00:02",
     )
     ctx.store.save(state)

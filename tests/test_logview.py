@@ -17,6 +17,7 @@ import pytest
 from rich.console import Console
 
 from orchestrator import logview, paths
+from orchestrator.domain import Accel
 from orchestrator.errors import UsageError
 from orchestrator.logview import Filter
 from orchestrator.records import Attempt, DnsQuery, LogRecordError, Verdict
@@ -362,7 +363,7 @@ def test_status_and_list_show_state_text_escaped(tmp_path: Path) -> None:
             volumes=(),
             image=hostile,
             image_hash="00" * 32,
-            accel="tcg",
+            accel=Accel.TCG,
             mac="52:54:00:aa:bb:cc",
             ip="192.168.213.5",
             allow=(),
