@@ -244,7 +244,6 @@ def _up_locked(
         image_hash=img.manifest.recipe_hash,
         accel=accel,
         mac=_random_mac(),
-        allow=tuple(a.describe() for a in policy.allow),
         policy=policy.to_dict(),
         xdebug=xdebug_mode,
     )

@@ -67,8 +67,8 @@ class SandboxState:
     subnet6: str | None = None
     ssh_port: int = 22
     host_key: str = ""
-    allow: tuple[str, ...] = field(default_factory=tuple)
-    # The effective EgressPolicy (policy.EgressPolicy.to_dict()), as enforced in both layers.
+    # The effective EgressPolicy (policy.EgressPolicy.to_dict()), as enforced in both layers:
+    # the one record of it (`allow` is derived).
     policy: dict[str, Any] = field(default_factory=dict)
     boot_seconds: float | None = None
     # tcpdump on the host side of the guest's interface (`up --pcap`), stopped by destroy.
@@ -77,6 +77,13 @@ class SandboxState:
     flows_pid: int | None = None
     # The xdebug mode `sandbox run` uses unless told otherwise (xdebug.XdebugMode value).
     xdebug: XdebugMode = XdebugMode.TRACE
+
+    @property
+    def allow(self) -> tuple[str, ...]:
+        """The allowed destinations, as `status` shows them."""
+        from .policy import EgressPolicy
+
+        return tuple(a.describe() for a in EgressPolicy.from_dict(self.policy).allow)
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -92,7 +99,6 @@ class SandboxState:
         data["accel"] = Accel(data["accel"])
         data["xdebug"] = XdebugMode(data.get("xdebug", XdebugMode.TRACE.value))
         data["volumes"] = tuple(data.get("volumes", ()))
-        data["allow"] = tuple(data.get("allow", ()))
         return cls(**data)
 
 

@@ -17,6 +17,7 @@ from orchestrator import hypervisor as hv
 from orchestrator.config import DEFAULT_URI, load_settings, parse_settings
 from orchestrator.domain import Accel
 from orchestrator.errors import ConflictError, TimeoutExpired, UsageError
+from orchestrator.policy import build_policy
 from orchestrator.state import (
     Phase,
     SandboxState,
@@ -132,7 +133,7 @@ def sample_state(name: str = "s1") -> SandboxState:
         accel=Accel.TCG,
         mac="52:54:00:aa:bb:cc",
         ip="192.168.213.5",
-        allow=("203.0.113.7/32",),
+        policy=build_policy(["203.0.113.7"]).to_dict(),
     )
 
 

@@ -33,7 +33,8 @@ def test_up_exec_ssh_destroy(cli: Cli) -> None:
 
     state = json.loads((cli.sandbox_dir("e2e") / paths.STATE_FILE).read_text())
     assert state["phase"] == "ready" and state["ip"]
-    assert state["allow"] == ["203.0.113.7"]
+    assert state["policy"]["allow"][0]["network"] == "203.0.113.7/32"
+    assert "allow" not in state  # one record of the policy; status derives the list
 
     # Output streams are kept apart and the exit code comes back.
     result = cli.run("exec", "--name", "e2e", "--", "sh", "-c", "hostname; echo oops >&2; exit 7")
@@ -75,6 +76,7 @@ def test_up_exec_ssh_destroy(cli: Cli) -> None:
 
     status = json.loads(cli.ok("status", "--name", "e2e", "--json").stdout)
     assert status["status"] == "ready" and status["domain"] == "running"
+    assert status["allow"] == ["203.0.113.7"]
     listing = json.loads(cli.ok("list", "--json").stdout)
     # Sandboxes of other sessions sharing the lab's libvirtd show up too, as orphans.
     ours = [r for r in listing if r["name"] == "e2e"]

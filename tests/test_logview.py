@@ -366,7 +366,6 @@ def test_status_and_list_show_state_text_escaped(tmp_path: Path) -> None:
             accel=Accel.TCG,
             mac="52:54:00:aa:bb:cc",
             ip="192.168.213.5",
-            allow=(),
         )
     )
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path), "SANDBOX_CONNECT": "test:///default"}
