@@ -34,8 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-from orchestrator import monitor  # noqa: E402
+from orchestrator.capture import monitor  # noqa: E402
 from sandbox_lab import inside, run_in_lab  # noqa: E402
 
 SANDBOX = str(Path(sys.executable).parent / "sandbox")

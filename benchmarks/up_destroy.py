@@ -21,14 +21,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-from orchestrator import hypervisor as hv  # noqa: E402
 from orchestrator import lifecycle, paths  # noqa: E402
-from orchestrator.cloudinit import SeedSpec, build_seed_iso  # noqa: E402
 from orchestrator.config import Settings  # noqa: E402
-from orchestrator.domain import DomainSpec, NetworkSpec, render_domain  # noqa: E402
-from orchestrator.guest import generate_ed25519, wait_for_banner  # noqa: E402
-from orchestrator.images import KERNEL_CMDLINE, ImageRecipe, build_image  # noqa: E402
+from orchestrator.vm import hypervisor as hv  # noqa: E402
+from orchestrator.vm.cloudinit import SeedSpec, build_seed_iso  # noqa: E402
+from orchestrator.vm.domain import DomainSpec, NetworkSpec, render_domain  # noqa: E402
+from orchestrator.vm.guest import generate_ed25519, wait_for_banner  # noqa: E402
+from orchestrator.vm.images import KERNEL_CMDLINE, ImageRecipe, build_image  # noqa: E402
 from orchestrator.waits import Deadline  # noqa: E402
 from sandbox_lab import inside, run_in_lab  # noqa: E402
 

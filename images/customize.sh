@@ -24,7 +24,7 @@ chroot "$root" systemctl mask --quiet \
 chroot "$root" systemctl enable --quiet systemd-networkd.service
 chroot "$root" systemctl enable --quiet sandbox-boot-firewall.service
 
-# The connect() capture (orchestrator/monitor.py), built on the host by images/capture/build.sh
+# The connect() capture (orchestrator/capture/monitor.py), built on the host by images/capture/build.sh
 # into $SANDBOX_CAPTURE_BUILD; attached at boot by sandbox-capture.service.
 install -D -m 0755 "$SANDBOX_CAPTURE_BUILD/sbx-capture" "$root/usr/sbin/sbx-capture"
 install -D -m 0644 "$SANDBOX_CAPTURE_BUILD/connect.bpf.o" "$root/usr/lib/sandbox/connect.bpf.o"

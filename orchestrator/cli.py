@@ -20,13 +20,22 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import images, lifecycle, logview, paths, safetext, xdebug
-from . import run as runs
-from .config import MEMORY_MIB_RANGE, VCPUS_RANGE, check_range, load_settings, parse_accel
-from .errors import SandboxError, UsageError
-from .policy import Blocked
-from .records import iso_time
-from .state import Phase
+from orchestrator import lifecycle, paths, safetext
+from orchestrator.capture import logview
+from orchestrator.capture.records import iso_time
+from orchestrator.config import (
+    MEMORY_MIB_RANGE,
+    VCPUS_RANGE,
+    check_range,
+    load_settings,
+    parse_accel,
+)
+from orchestrator.egress.policy import Blocked
+from orchestrator.errors import SandboxError, UsageError
+from orchestrator.run import target as runs
+from orchestrator.run import xdebug
+from orchestrator.state import Phase
+from orchestrator.vm import images
 
 app = typer.Typer(
     name="sandbox",

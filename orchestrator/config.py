@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from .domain import SUBNET6_PREFIX, SUBNET_PREFIX, Accel
-from .errors import UsageError
+from orchestrator.errors import UsageError
+from orchestrator.vm.domain import SUBNET6_PREFIX, SUBNET_PREFIX, Accel
 
 DEFAULT_URI = "qemu:///system"
 ENV_CONNECT = "SANDBOX_CONNECT"

@@ -16,11 +16,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from . import jsontext, paths
-from .domain import Accel
-from .errors import ConflictError, SandboxError, UsageError
-from .waits import Deadline, wait_for
-from .xdebug import XdebugMode
+from orchestrator import jsontext, paths
+from orchestrator.errors import ConflictError, SandboxError, UsageError
+from orchestrator.run.xdebug import XdebugMode
+from orchestrator.vm.domain import Accel
+from orchestrator.waits import Deadline, wait_for
 
 # The global lock covers uploading a base image (once per image version, seconds) and creating a
 # VM; several `up`s queue behind each other.
@@ -70,6 +70,9 @@ class SandboxState:
     # The effective EgressPolicy (policy.EgressPolicy.to_dict()), as enforced in both layers:
     # the one record of it (`allow` is derived).
     policy: dict[str, Any] = field(default_factory=dict)
+    # The guest's filter tables as `up` loaded them ("4"/"6" -> iptables-save text): what every
+    # later check compares the guest with, not a new rendering of `policy` by today's code.
+    guest_rules: dict[str, str] = field(default_factory=dict)
     boot_seconds: float | None = None
     # tcpdump on the host side of the guest's interface (`up --pcap`), stopped by destroy.
     pcap_pid: int | None = None
@@ -81,7 +84,7 @@ class SandboxState:
     @property
     def allow(self) -> tuple[str, ...]:
         """The allowed destinations, as `status` shows them."""
-        from .policy import EgressPolicy
+        from orchestrator.egress.policy import EgressPolicy
 
         return tuple(a.describe() for a in EgressPolicy.from_dict(self.policy).allow)
 

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from .errors import TimeoutExpired
+from orchestrator.errors import TimeoutExpired
 
 T = TypeVar("T")
 

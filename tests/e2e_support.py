@@ -13,10 +13,11 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from orchestrator import dnslog, hostfilter, names, paths
-from orchestrator import hypervisor as hv
-from orchestrator.domain import dns_log_path
-from orchestrator.images import Image, ImageRecipe, build_image
+from orchestrator import names, paths
+from orchestrator.egress import dnslog, hostfilter
+from orchestrator.vm import hypervisor as hv
+from orchestrator.vm.domain import dns_log_path
+from orchestrator.vm.images import Image, ImageRecipe, build_image
 from sandbox_lab import Lab, in_lab
 
 SANDBOX = str(Path(sys.executable).parent / "sandbox")

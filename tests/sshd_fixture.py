@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.guest import Endpoint
+from orchestrator.vm.guest import Endpoint
 
 SSHD = Path("/usr/sbin/sshd")
 SFTP_SERVER = Path("/usr/lib/openssh/sftp-server")

@@ -13,11 +13,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator import cli, paths
-from orchestrator import hypervisor as hv
 from orchestrator.config import DEFAULT_URI, load_settings, parse_settings
-from orchestrator.domain import Accel
+from orchestrator.egress.policy import build_policy
 from orchestrator.errors import ConflictError, TimeoutExpired, UsageError
-from orchestrator.policy import build_policy
 from orchestrator.state import (
     Phase,
     SandboxState,
@@ -26,6 +24,8 @@ from orchestrator.state import (
     file_lock,
     validate_name,
 )
+from orchestrator.vm import hypervisor as hv
+from orchestrator.vm.domain import Accel
 
 
 def test_defaults_and_full_config(tmp_path: Path) -> None:

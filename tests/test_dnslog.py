@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import dnslog
-from orchestrator.domain import NetworkSpec, render_network
-from orchestrator.records import DnsQuery
+from orchestrator.capture.records import DnsQuery
+from orchestrator.egress import dnslog
+from orchestrator.vm.domain import NetworkSpec, render_network
 from sandbox_lab import Lab, in_lab
 
 from .conftest import Golden

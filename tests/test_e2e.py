@@ -16,8 +16,8 @@ import libvirt
 import pytest
 
 from orchestrator import paths
-from orchestrator.guest import generate_ed25519
 from orchestrator.state import SandboxState
+from orchestrator.vm.guest import generate_ed25519
 from sandbox_lab import in_lab
 
 from .e2e_support import Cli, leftovers

@@ -27,8 +27,9 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from orchestrator import hostfilter, names
-from orchestrator.domain import DNSMASQ_DIR, NetworkSpec
+from orchestrator import names
+from orchestrator.egress import hostfilter
+from orchestrator.vm.domain import DNSMASQ_DIR, NetworkSpec
 from orchestrator.waits import Deadline, wait_for
 from sandbox_lab import Lab, in_lab
 

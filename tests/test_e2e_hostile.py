@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import monitor
+from orchestrator.capture import monitor
 
 from .e2e_support import Cli, leftovers
 

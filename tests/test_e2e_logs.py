@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from orchestrator import monitor, paths, pcap
+from orchestrator import paths
+from orchestrator.capture import monitor, pcap
 
 from .e2e_support import Cli
 

@@ -18,7 +18,7 @@ import pytest
 
 import sandbox_lab as labmod
 from orchestrator import paths
-from orchestrator.images import Image
+from orchestrator.vm.images import Image
 from sandbox_lab import Lab
 
 from .e2e_support import Cli, leftovers

@@ -19,8 +19,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 
-from orchestrator.errors import UsageError
-from orchestrator.firewall import (
+from orchestrator.egress.firewall import (
     ESTABLISHED_LOG_PACKETS,
     LOG_ALLOW,
     LOG_ALLOW_EST,
@@ -33,7 +32,8 @@ from orchestrator.firewall import (
     render_rules,
     restore_commands,
 )
-from orchestrator.policy import Blocked, EgressPolicy, build_policy
+from orchestrator.egress.policy import Blocked, EgressPolicy, build_policy
+from orchestrator.errors import UsageError
 
 from .conftest import Golden
 

@@ -16,7 +16,7 @@ import paramiko
 import pytest
 
 from orchestrator.errors import GuestError, HostKeyMismatchError, OutputTooLarge, TimeoutExpired
-from orchestrator.guest import (
+from orchestrator.vm.guest import (
     Guest,
     fingerprint,
     generate_ed25519,

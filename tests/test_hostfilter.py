@@ -19,9 +19,10 @@ from typing import Any
 import libvirt
 import pytest
 
-from orchestrator import hostfilter, names
+from orchestrator import names
+from orchestrator.egress import hostfilter
+from orchestrator.egress.policy import EgressPolicy, build_policy
 from orchestrator.errors import HypervisorError
-from orchestrator.policy import EgressPolicy, build_policy
 from orchestrator.waits import Deadline, wait_for
 from sandbox_lab import Lab, accept_log, in_lab
 

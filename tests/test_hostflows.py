@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import hostflows, pcap
-from orchestrator.hostflows import Flow
-from orchestrator.records import Attempt, Verdict
+from orchestrator.capture import hostflows, pcap
+from orchestrator.capture.hostflows import Flow
+from orchestrator.capture.records import Attempt, Verdict
 
 MLD = "HBH ICMP6, multicast listener report v2, 2 group record(s), length 48"
 LINES = f"""\
@@ -159,7 +159,7 @@ def test_real_tcpdump_records_first_packets_only(veth: tuple[str, str], tmp_path
             host,
             sys.executable,
             "-c",
-            f"from orchestrator import hostflows; from pathlib import Path; "
+            f"from orchestrator.capture import hostflows; from pathlib import Path; "
             f"print(hostflows.start('hf-tap', Path({str(tmp_path)!r})))",
         ],
         capture_output=True,

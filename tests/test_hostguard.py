@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from orchestrator import hostguard, names
+from orchestrator import names
+from orchestrator.egress import hostguard
 
 from .conftest import Golden
 
@@ -169,5 +170,5 @@ def test_guard_in_a_real_namespace(netns: tuple[str, str]) -> None:
 
 def _in(netns: str, what: str) -> str:
     """hostguard.<what>(BRIDGE) run inside `netns` (nft acts on the namespace it runs in)."""
-    code = f"from orchestrator import hostguard; print(hostguard.{what}({BRIDGE!r}))"
+    code = f"from orchestrator.egress import hostguard; print(hostguard.{what}({BRIDGE!r}))"
     return sh(netns, sys.executable, "-c", code).stdout.strip()

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import images, paths
+from orchestrator import paths
 from orchestrator.errors import ImageError, NotFoundError, UsageError
-from orchestrator.images import (
+from orchestrator.vm import images
+from orchestrator.vm.images import (
     AptSource,
     ImageManifest,
     ImageRecipe,

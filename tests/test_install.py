@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.images import ImageRecipe, recipe_hash
+from orchestrator.vm.images import ImageRecipe, recipe_hash
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 PROBE = """
 import json, orchestrator
-from orchestrator import cloudinit, images
+from orchestrator.vm import cloudinit, images
 seed = cloudinit.build_seed_iso(cloudinit.SeedSpec("i", "h", "k", "k.pub", "a", "192.0.2.1"))
 print(json.dumps({
     "package": orchestrator.__file__,

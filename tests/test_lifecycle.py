@@ -21,10 +21,14 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from orchestrator import hostfilter, lifecycle, names, paths
-from orchestrator import hypervisor as hv
+from orchestrator import lifecycle, names, paths
 from orchestrator.config import Settings
-from orchestrator.domain import (
+from orchestrator.egress import guestfw, hostfilter
+from orchestrator.errors import ConflictError, ImageError, NotFoundError, TimeoutExpired, UsageError
+from orchestrator.lifecycle import build, teardown
+from orchestrator.state import Phase, SandboxState
+from orchestrator.vm import hypervisor as hv
+from orchestrator.vm.domain import (
     Accel,
     NetworkSpec,
     VolumeSpec,
@@ -32,15 +36,7 @@ from orchestrator.domain import (
     render_network,
     render_volume,
 )
-from orchestrator.errors import (
-    ConflictError,
-    ImageError,
-    NotFoundError,
-    TimeoutExpired,
-    UsageError,
-)
-from orchestrator.images import Image, ImageManifest
-from orchestrator.state import Phase, SandboxState
+from orchestrator.vm.images import Image, ImageManifest
 from orchestrator.waits import Deadline
 
 from .test_renderers import domain_spec
@@ -112,7 +108,7 @@ def test_driver_edges(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(hv, "upload", upload)
     monkeypatch.setattr(hv, "resolve_accel", lambda conn, requested: Accel.TCG)
     monkeypatch.setattr(hv, "wait_for_lease", lease)
-    monkeypatch.setattr(lifecycle, "load_image", lambda name, d: fake_image(tmp_path))
+    monkeypatch.setattr(build, "load_image", lambda name, d: fake_image(tmp_path))
     filters: set[str] = set()
     monkeypatch.setattr(hostfilter, "define_filter", lambda conn, xml: filters.add(xml))
 
@@ -160,7 +156,7 @@ def test_a_damaged_image_is_refused_before_it_becomes_a_base(
         manifest = dataclasses.replace(image.manifest, recipe_hash="cd" * 32)
         return Image.at(tmp_path, manifest)
 
-    monkeypatch.setattr(lifecycle, "load_image", damaged)
+    monkeypatch.setattr(build, "load_image", damaged)
     with pytest.raises(ImageError, match=r"base\.qcow2 has sha256"):
         lifecycle.up(ctx, "rot")
     assert leftovers(ctx, "sandbox-rot") == []
@@ -274,8 +270,8 @@ def test_guest_access_needs_a_ready_sandbox(ctx: lifecycle.Context) -> None:
 def test_run_needs_an_applied_policy_and_local_files_first(
     ctx: lifecycle.Context, tmp_path: Path
 ) -> None:
-    from orchestrator import run as runs
     from orchestrator.errors import GuestError
+    from orchestrator.run import target as runs
 
     script = tmp_path / "x.php"
     script.write_text("<?php")
@@ -460,15 +456,15 @@ def test_within_bounds_a_hung_or_failing_step() -> None:
     import threading as th
 
     release = th.Event()
-    result, why = lifecycle._within(0.2, lambda: release.wait(30))
+    result, why = teardown._within(0.2, lambda: release.wait(30))
     assert result is None and "did not finish within 0.2 s" in why
     release.set()
 
     def garbage() -> int:
         raise ValueError("not a number: '\x1b[2J'")
 
-    assert lifecycle._within(5, garbage) == (None, "ValueError: not a number: '\x1b[2J'")
-    assert lifecycle._within(5, lambda: 42) == (42, "")
+    assert teardown._within(5, garbage) == (None, "ValueError: not a number: '\x1b[2J'")
+    assert teardown._within(5, lambda: 42) == (42, "")
 
 
 def test_the_firewall_read_back_state_ignores_counters() -> None:
@@ -480,11 +476,11 @@ def test_the_firewall_read_back_state_ignores_counters() -> None:
     def printed(v4: str) -> str:
         return v4 + "----- sandbox: end of IPv4 rules -----\n" + expected[6]
 
-    assert lifecycle.readback_state(expected, printed(expected[4])) == ("intact", {})
+    assert guestfw.readback_state(expected, printed(expected[4])) == ("intact", {})
     flushed = expected[4].replace("-A OUTPUT -j SBX-BLOCK\n", "")
-    state, diff = lifecycle.readback_state(expected, printed(flushed))
+    state, diff = guestfw.readback_state(expected, printed(flushed))
     assert state.startswith("changed ") and diff == {4: ["missing: -A OUTPUT -j SBX-BLOCK"]}
     counted = flushed.replace(":OUTPUT DROP [0:0]", ":OUTPUT DROP [17:1020]")
-    assert lifecycle.readback_state(expected, printed(counted))[0] == state
+    assert guestfw.readback_state(expected, printed(counted))[0] == state
     other = expected[4].replace("-A OUTPUT -j SBX-BLOCK\n", "-A OUTPUT -j ACCEPT\n")
-    assert lifecycle.readback_state(expected, printed(other))[0] not in (state, "intact")
+    assert guestfw.readback_state(expected, printed(other))[0] not in (state, "intact")

@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from orchestrator import logview, paths
-from orchestrator.domain import Accel
+from orchestrator import paths
+from orchestrator.capture import logview
+from orchestrator.capture.logview import Filter
+from orchestrator.capture.records import Attempt, DnsQuery, LogRecordError, Verdict
 from orchestrator.errors import UsageError
-from orchestrator.logview import Filter
-from orchestrator.records import Attempt, DnsQuery, LogRecordError, Verdict
+from orchestrator.vm.domain import Accel
 
 DATA = Path(__file__).parent / "data"
 
@@ -300,7 +301,7 @@ def test_an_append_waiting_on_the_old_file_lands_in_the_new_one(tmp_path: Path) 
 
 
 def test_the_php_source_column_appears_with_a_stack() -> None:
-    from orchestrator.records import Frame
+    from orchestrator.capture.records import Frame
 
     plain = _text(logview.render_table([CURL]))
     assert "php source" not in plain
@@ -318,7 +319,7 @@ def test_the_php_source_column_appears_with_a_stack() -> None:
 def test_tamper_rows_say_what_changed_and_who_escaped() -> None:
     """A firewall change the capture saw names its process in the process column and says what
     changed in its own column; the read-back row has no process. Guest text stays data."""
-    from orchestrator import monitor
+    from orchestrator.capture import monitor
 
     hostile = "/tmp/\x1b[2J\u202e[bold]evil"
     change = monitor.FirewallChange(

@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from orchestrator import firewall, monitor
+from orchestrator.capture import monitor
+from orchestrator.capture.records import Attempt, DnsQuery, Verdict
+from orchestrator.egress import firewall
 from orchestrator.errors import GuestError
-from orchestrator.records import Attempt, DnsQuery, Verdict
 from sandbox_lab import in_lab
 
 from .conftest import Golden
@@ -869,7 +870,8 @@ def test_parsing_speed() -> None:
 _DRIVER = """
 import json, os, sys, time
 from pathlib import Path
-from orchestrator import lifecycle, monitor, paths
+from orchestrator import lifecycle, paths
+from orchestrator.capture import monitor
 from orchestrator.config import load_settings
 action, name, cursor_file = sys.argv[1:4]
 dirs = paths.Dirs.from_env()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.pcap import CaptureError, ring_files, start_pcap, stop_pcap
+from orchestrator.capture.pcap import CaptureError, ring_files, start_pcap, stop_pcap
 
 NETNS = "sbx-pcap-test"
 PEER_NETNS = "sbx-pcap-peer"  # the far end of the veth, so that packets really cross it
@@ -73,7 +73,9 @@ def _send(ns: str, payload: bytes, count: int = 1) -> None:
 
 def _start_in(ns: str, interface: str, path: Path) -> int:
     # start_pcap captures in the namespace it is called in, as `up` does in the lab.
-    code = "import sys; from orchestrator.pcap import start_pcap as s; print(s(*sys.argv[1:]))"
+    code = (
+        "import sys; from orchestrator.capture.pcap import start_pcap as s; print(s(*sys.argv[1:]))"
+    )
     out = subprocess.run(
         ["ip", "netns", "exec", ns, sys.executable, "-c", code, interface, str(path)],
         capture_output=True,
@@ -116,7 +118,7 @@ def test_the_capture_is_a_bounded_ring(netns: str, tmp_path: Path) -> None:
     """A guest that sends without end fills at most files x file_mib: the oldest file goes."""
     base = tmp_path / "ring" / "capture.pcap"
     code = (
-        "import sys; from orchestrator.pcap import start_pcap as s; "
+        "import sys; from orchestrator.capture.pcap import start_pcap as s; "
         "print(s(sys.argv[1], sys.argv[2], file_mib=1, files=2))"
     )
     pid = int(

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.errors import UsageError
-from orchestrator.policy import (
+from orchestrator.egress.policy import (
     Allow,
     Blocked,
     EgressPolicy,
@@ -18,6 +17,7 @@ from orchestrator.policy import (
     load_policy_file,
     parse_allow,
 )
+from orchestrator.errors import UsageError
 
 
 def fake_resolver(name: str) -> Sequence[str]:

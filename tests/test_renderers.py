@@ -12,13 +12,8 @@ import pycdlib
 import pytest
 import yaml
 
-from orchestrator.cloudinit import (
-    SeedSpec,
-    build_seed_iso,
-    render_meta_data,
-    render_user_data,
-)
-from orchestrator.domain import (
+from orchestrator.vm.cloudinit import SeedSpec, build_seed_iso, render_meta_data, render_user_data
+from orchestrator.vm.domain import (
     Accel,
     DomainSpec,
     NetworkSpec,

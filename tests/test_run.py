@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator import paths
-from orchestrator import run as runs
+from orchestrator.capture.records import Attempt, Verdict, guest_seconds, iso_time
 from orchestrator.errors import GuestError, NotFoundError, UsageError
-from orchestrator.records import Attempt, Verdict, guest_seconds, iso_time
+from orchestrator.run import target as runs
 
 from .conftest import Golden
 

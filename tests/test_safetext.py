@@ -7,8 +7,9 @@ import io
 import pytest
 from rich.console import Console
 
-from orchestrator import logview, safetext
-from orchestrator.records import Attempt, DnsQuery, Frame, Verdict
+from orchestrator import safetext
+from orchestrator.capture import logview
+from orchestrator.capture.records import Attempt, DnsQuery, Frame, Verdict
 
 HOSTILE = "/tmp/\x1b[2J\x1b]0;pwned\x07x[/]\u202e[bold]\x9b31m\r\x08php"
 

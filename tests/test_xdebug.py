@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import xdebug
-from orchestrator.records import Attempt, Frame, Verdict, iso_time, parse_time
-from orchestrator.xdebug import XdebugMode
+from orchestrator.capture.records import Attempt, Frame, Verdict, iso_time, parse_time
+from orchestrator.run import xdebug
+from orchestrator.run.xdebug import XdebugMode
 
 from .conftest import Golden
 

@@ -348,7 +348,7 @@ struct xt_action_param {
 	const struct nf_hook_state *state;
 } __attribute__((preserve_access_index));
 
-/* Every packet an NFLOG rule of the guest's firewall logs (orchestrator/firewall.py: one per new
+/* Every packet an NFLOG rule of the guest's firewall logs (orchestrator/egress/firewall.py: one per new
  * attempt, the verdict in the prefix), whether or not anything listens on the group. */
 static __always_inline void record_packet(struct sk_buff *skb, __u8 pf, const char *prefix)
 {

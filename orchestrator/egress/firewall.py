@@ -12,8 +12,8 @@ import shlex
 from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Address, IPv6Address
 
-from .errors import UsageError
-from .policy import Allow, Blocked, EgressPolicy, IPNetwork, Proto
+from orchestrator.egress.policy import Allow, Blocked, EgressPolicy, IPNetwork, Proto
+from orchestrator.errors import UsageError
 
 # NFLOG prefixes, one record per NEW attempt: the guest's capture takes every packet these rules
 # log (images/capture/connect.bpf.c, where the rule runs), the connection log reads the verdict
@@ -30,7 +30,7 @@ LOG_BOOT = "SBX-BOOT "  # the image's boot rules (images/rootfs/etc/sandbox/boot
 # their last packet; a burst of UDP connects hits one every few dozen) rides it as ESTABLISHED
 # and is never NEW: without these its attempt has no firewall record. The connection log tells
 # the flow's own next datagram (IPv4 ID +1) from another socket's (a random ID) and never counts
-# one of these records without a connect() of its own (orchestrator/monitor.py).
+# one of these records without a connect() of its own (orchestrator/capture/monitor.py).
 LOG_ALLOW_EST = "SBX-ALLOW-EST "
 LOG_DNS_EST = "SBX-DNS-EST "
 ESTABLISHED_LOG_PACKETS = 16

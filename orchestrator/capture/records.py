@@ -17,8 +17,8 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, Self
 
-from . import jsontext
-from .errors import GuestError, SandboxError
+from orchestrator import jsontext
+from orchestrator.errors import GuestError, SandboxError
 
 _CORRUPT_HINT = (
     "the sandbox's log file is damaged or was written by another version; "

@@ -25,21 +25,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import jsontext, paths, xdebug
-from .config import Limits
-from .errors import (
-    GuestError,
+from orchestrator import jsontext, paths
+from orchestrator.capture.records import Attempt, guest_seconds, parse_time
+from orchestrator.config import Limits
+from orchestrator.errors import (
     NotFoundError,
     OutputTooLarge,
     SandboxError,
     TimeoutExpired,
     UsageError,
 )
-from .records import Attempt, guest_seconds, parse_time
-from .state import atomic_write
+from orchestrator.run import xdebug
+from orchestrator.state import atomic_write
 
 if TYPE_CHECKING:
-    from .guest import Guest
+    from orchestrator.vm.guest import Guest
 
 RUN_USER = "sandbox"  # made by the image recipe (images/customize.sh), uid 1000
 RUN_UID = 1000
@@ -171,7 +171,7 @@ def base_env(root: bool) -> dict[str, str]:
 def prepare_script(run_id: str, *, root: bool, output_dir: str) -> str:
     """Make the run's directories (owned by the user who runs), then print the guest's clock and
     both firewall tables, so one round trip also checks that the policy is still in force."""
-    from . import firewall
+    from orchestrator.egress import firewall
 
     owner = (
         ""
@@ -394,7 +394,7 @@ def execute(
 ) -> RunResult:
     """Run the request in the guest behind `guest` and record it under `logs`."""
     limits = limits or Limits()
-    from . import firewall
+    from orchestrator.egress import guestfw
 
     the_plan = plan(request)
     run_id = new_run_id()
@@ -405,13 +405,13 @@ def execute(
         timeout=60,
     )
     clock, _, saved = prepared.partition("\n")
-    for version, diff in firewall.mismatches(expected_rules, saved).items():
-        raise GuestError(
-            f"the guest's IPv{version} firewall no longer matches the sandbox's policy:\n"
-            + "\n".join(diff[:10]),
-            "something in the guest (an earlier --root run?) changed the rules; "
-            "destroy the sandbox and create it again",
-        )
+    guestfw.require(
+        expected_rules,
+        saved,
+        when="no longer matches the sandbox's policy",
+        hint="something in the guest (an earlier --root run?) changed the rules; "
+        "destroy the sandbox and create it again",
+    )
     directory = guest_dir(run_id)
     if the_plan.upload_file is not None:
         guest.put(

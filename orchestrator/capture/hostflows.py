@@ -22,10 +22,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SandboxError
-from .logview import destination
-from .pcap import ring_files, start_tcpdump
-from .records import Attempt, Verdict, iso_time
+from orchestrator.capture.logview import destination
+from orchestrator.capture.pcap import ring_files, start_tcpdump
+from orchestrator.capture.records import Attempt, Verdict, iso_time
+from orchestrator.errors import SandboxError
 
 # A flow's first packet: a TCP SYN without ACK (IPv4; IPv6 without extension headers), any UDP
 # datagram, an ICMP/ICMPv6 echo request, and any other IP protocol. Replies (SYN-ACK, the

@@ -26,15 +26,14 @@ Facts this relies on, measured with the image's PHP 8.2 and xdebug 3.2.0:
   always separates fields; other bytes are written as they are (not necessarily UTF-8); strings
   are cut at 512 bytes ("'...").
 
-The join. An attempt's time is its connect()'s return (orchestrator/monitor.py), inside the call
-that made it. The samples in tests/data/xdebug were taken when the time came from auditd: the
+The join. An attempt's time is its connect()'s return (orchestrator/capture/monitor.py), inside the
+call that made it. The samples in tests/data/xdebug were taken when the time came from auditd: the
 kernel's coarse clock at connect() entry, cut to the millisecond, which lags by up to a tick, and
 ticks come late under TCG: the stamps of 100 back-to-back connects (tests/data/xdebug/burst) were
 all 0.9-9.6 ms earlier than the start of the fsockopen() that made them, most of them inside the
-previous call. "The innermost call whose interval contains the time" named the right call for 42
-of the 81 attempts of those samples; see `attribute` for what is done instead, which holds for
-both clocks.
-"""
+previous call. "The innermost call whose interval contains the time" named the right call for 42 of
+the 81 attempts of those samples; see `attribute` for what is done instead, which holds for both
+clocks."""
 
 from __future__ import annotations
 
@@ -50,9 +49,9 @@ from datetime import UTC, datetime
 from enum import Enum
 from functools import cached_property
 
-from .config import Limits
-from .errors import SandboxError
-from .records import Attempt, Frame, Verdict, parse_time
+from orchestrator.capture.records import Attempt, Frame, Verdict, parse_time
+from orchestrator.config import Limits
+from orchestrator.errors import SandboxError
 
 
 class XdebugMode(Enum):

@@ -11,8 +11,8 @@ from typing import Any
 import pycdlib
 import yaml
 
-from . import paths
-from .errors import SandboxError
+from orchestrator import paths
+from orchestrator.errors import SandboxError
 
 SEED_TEMPLATE = paths.project_dir("cloud-init") / "user-data.yaml"
 VOLUME_LABEL = "cidata"

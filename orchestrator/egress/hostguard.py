@@ -25,8 +25,8 @@ import json
 import shutil
 import subprocess
 
-from . import names
-from .errors import SandboxError
+from orchestrator import names
+from orchestrator.errors import SandboxError
 
 NFT_TIMEOUT = 10.0
 

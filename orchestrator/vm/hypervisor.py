@@ -17,8 +17,9 @@ from typing import Any, TypeVar
 
 import libvirt
 
-from . import names
-from .domain import (
+from orchestrator import names
+from orchestrator.errors import HypervisorError, NotFoundError
+from orchestrator.vm.domain import (
     METADATA_NS,
     SUBNET6_PREFIX,
     SUBNET_PREFIX,
@@ -30,8 +31,7 @@ from .domain import (
     render_pool,
     render_volume,
 )
-from .errors import HypervisorError, NotFoundError
-from .waits import Deadline, wait_for
+from orchestrator.waits import Deadline, wait_for
 
 
 def _silence_libvirt(_ctx: object, _err: object) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UsageError
+from orchestrator.errors import UsageError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[str], Sequence[str]]

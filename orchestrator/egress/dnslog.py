@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 
-from . import jsontext
-from .errors import SandboxError
-from .records import DnsQuery, iso_time
+from orchestrator import jsontext
+from orchestrator.capture.records import DnsQuery, iso_time
+from orchestrator.errors import SandboxError
 
 _MONTHS = {
     name: number

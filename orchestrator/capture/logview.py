@@ -18,11 +18,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from . import jsontext, paths
-from .errors import UsageError
-from .records import Attempt, DnsQuery, LogRecordError, Verdict, parse_time
-from .safetext import text as safe
-from .state import atomic_write
+from orchestrator import jsontext, paths
+from orchestrator.capture.records import Attempt, DnsQuery, LogRecordError, Verdict, parse_time
+from orchestrator.errors import UsageError
+from orchestrator.safetext import text as safe
+from orchestrator.state import atomic_write
 
 if TYPE_CHECKING:
     from rich.table import Table

@@ -31,8 +31,8 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from .errors import GuestError, HostKeyMismatchError, OutputTooLarge, TimeoutExpired
-from .waits import Deadline
+from orchestrator.errors import GuestError, HostKeyMismatchError, OutputTooLarge, TimeoutExpired
+from orchestrator.waits import Deadline
 
 SSH_PORT = 22
 

@@ -28,10 +28,10 @@ from enum import Enum
 
 import libvirt
 
-from . import hypervisor as hv
-from . import names
-from .errors import HypervisorError
-from .policy import Allow, EgressPolicy, Proto
+from orchestrator import names
+from orchestrator.egress.policy import Allow, EgressPolicy, Proto
+from orchestrator.errors import HypervisorError
+from orchestrator.vm import hypervisor as hv
 
 # libvirt's shipped filters. The MAC ones take $MAC, which libvirt fills in from the interface;
 # the IP ones take $IP, the address the network's DHCP server keeps for the guest, given as the

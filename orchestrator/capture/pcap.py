@@ -15,8 +15,8 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import SandboxError
-from .waits import Deadline, wait_for
+from orchestrator.errors import SandboxError
+from orchestrator.waits import Deadline, wait_for
 
 STDERR_SUFFIX = ".tcpdump.log"  # beside the capture: tcpdump's own messages, kept for a failure
 

@@ -3,7 +3,7 @@ joined into `records.Attempt`s.
 
 One eBPF capture (images/capture/connect.bpf.c, attached at boot by `sbx-capture load`) writes
 three kinds of record into a ring buffer in the guest's kernel, each at the moment it happens:
-- the firewall's: every packet an NFLOG rule of orchestrator/firewall.py logs (SBX-ALLOW,
+- the firewall's: every packet an NFLOG rule of orchestrator/egress/firewall.py logs (SBX-ALLOW,
   SBX-BLOCK, SBX-DNS for the first packet of a flow, SBX-ALLOW-EST and SBX-DNS-EST for the next
   ones of an answered UDP flow; the boot rules' SBX-BOOT), taken where the rule runs (nft's
   `log` expression or the xtables NFLOG target, whichever iptables-nft chose): the verdict (the
@@ -46,12 +46,19 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
-from . import firewall
-from .errors import GuestError
-from .records import Attempt, DnsQuery, Verdict, guest_seconds, iso_time, parse_time
+from orchestrator.capture.records import (
+    Attempt,
+    DnsQuery,
+    Verdict,
+    guest_seconds,
+    iso_time,
+    parse_time,
+)
+from orchestrator.egress import firewall
+from orchestrator.errors import GuestError
 
 if TYPE_CHECKING:
-    from .guest import Guest
+    from orchestrator.vm.guest import Guest
 
 log = logging.getLogger(__name__)
 
@@ -740,7 +747,7 @@ def _attempt(
     if record is not None:
         return Attempt(
             id=f"k{record.key}.{boot}",
-            # The connect's own time: inside the call that made it (orchestrator/xdebug.py
+            # The connect's own time: inside the call that made it (orchestrator/run/xdebug.py
             # attributes by it).
             time=iso_time(event.time if event is not None else record.time),
             verdict=record.verdict,

@@ -44,10 +44,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import paths
-from .errors import ImageError, NotFoundError, UsageError
-from .state import file_lock
-from .waits import Deadline
+from orchestrator import paths
+from orchestrator.errors import ImageError, NotFoundError, UsageError
+from orchestrator.state import file_lock
+from orchestrator.waits import Deadline
 
 RECIPE_DIR = paths.project_dir("images")
 

@@ -1,0 +1,62 @@
+"""The verbs, one module each: `up` (build.py: named steps, each with its rollback), `destroy`
+(teardown.py), `status`, `list` and `policy show` (status.py), `exec`, `run`, `ssh` and sockets
+(access.py), and the one pipeline that brings connection records home (collection.py).
+context.py is what they share. The CLI calls only what is exported here."""
+
+from orchestrator.lifecycle.access import (
+    RunOutcome,
+    collect_quietly,
+    exec_command,
+    run_target,
+    sockets,
+    ssh_argv,
+)
+from orchestrator.lifecycle.build import make_policy, up
+from orchestrator.lifecycle.collection import (
+    CollectReport,
+    HostFlowReport,
+    collect,
+    host_flows,
+    recorded_losses,
+)
+from orchestrator.lifecycle.context import (
+    Context,
+    QuietReporter,
+    Reporter,
+    logs_dir,
+    open_guest,
+    ready_state,
+)
+from orchestrator.lifecycle.status import PolicyReport, Status, inspect, list_status, policy_report
+from orchestrator.lifecycle.teardown import DestroyReport, destroy, destroy_all, known_names
+
+__all__ = [
+    "CollectReport",
+    "Context",
+    "DestroyReport",
+    "HostFlowReport",
+    "PolicyReport",
+    "QuietReporter",
+    "Reporter",
+    "RunOutcome",
+    "Status",
+    "collect",
+    "collect_quietly",
+    "destroy",
+    "destroy_all",
+    "exec_command",
+    "host_flows",
+    "inspect",
+    "known_names",
+    "list_status",
+    "logs_dir",
+    "make_policy",
+    "open_guest",
+    "policy_report",
+    "ready_state",
+    "recorded_losses",
+    "run_target",
+    "sockets",
+    "ssh_argv",
+    "up",
+]

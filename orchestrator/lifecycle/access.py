@@ -1,0 +1,200 @@
+"""Into a running sandbox: `exec`, `run` (with collections while it runs), `ssh`, sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from orchestrator import paths
+from orchestrator.capture import logview, monitor
+from orchestrator.errors import (
+    GuestError,
+    SandboxError,
+    UsageError,
+)
+from orchestrator.lifecycle.collection import CollectReport, collect
+from orchestrator.lifecycle.context import (
+    Context,
+    expected_rules,
+    logs_dir,
+    open_guest,
+    ready_state,
+    runnable_state,
+)
+from orchestrator.run import target as runs
+
+if TYPE_CHECKING:
+    # paramiko and pycdlib cost a tenth of a second to import: only the verbs that talk to a
+    # guest or build a seed load them (destroy, list and status do not).
+    from orchestrator.vm.guest import Guest
+
+
+def exec_command(
+    ctx: Context,
+    name: str,
+    argv: Sequence[str],
+    *,
+    stdout: Callable[[bytes], None],
+    stderr: Callable[[bytes], None],
+    timeout: float | None = None,
+    on_warning: Callable[[str], None],
+) -> int:
+    """Run a command in the guest as root, then bring its connection records home over the same
+    SSH connection. A failed collection is a warning: it must not change the exit code."""
+    if not argv:
+        raise UsageError("no command given", "usage: sandbox exec -- CMD [ARGS...]")
+    with open_guest(ctx, name) as guest:
+        with collecting_meanwhile(ctx, name, on_warning, guest):
+            code = guest.run(list(argv), stdout=stdout, stderr=stderr, timeout=timeout)
+        collect_quietly(ctx, name, on_warning, guest=guest)
+    return code
+
+
+@contextlib.contextmanager
+def collecting_meanwhile(
+    ctx: Context, name: str, on_warning: Callable[[str], None], guest: Guest
+) -> Iterator[None]:
+    """Collections every `collect_every` seconds while the body runs, each on a channel of its
+    own on the same SSH connection: a long run's records reach the host as it goes, and they
+    never pile up past what the guest's capture buffer holds. The body's own end
+    waits for a collection under way (they take turns with every other one on the lock)."""
+    every = ctx.settings.collect_every
+    if every <= 0:
+        yield
+        return
+    stop = threading.Event()
+
+    def collect_until_stopped() -> None:
+        while not stop.wait(every):
+            collect_quietly(ctx, name, on_warning, guest=guest)
+
+    thread = threading.Thread(target=collect_until_stopped, name=f"collect {name}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(monitor.COLLECT_TIMEOUT)
+
+
+def collect_quietly(
+    ctx: Context,
+    name: str,
+    on_warning: Callable[[str], None],
+    *,
+    guest: Guest | None = None,
+    after_run: bool = False,
+) -> CollectReport | None:
+    """`collect`, with its failure and its capture warnings said through `on_warning`."""
+    try:
+        report = collect(ctx, name, guest=guest, after_run=after_run)
+    except SandboxError as exc:
+        on_warning(f"connection records not collected: {exc.message}")
+        return None
+    for warning in report.warnings:
+        on_warning(warning)
+    return report
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    result: runs.RunResult
+    collected: CollectReport | None  # None when it failed (a warning said why)
+
+
+def run_target(
+    ctx: Context,
+    name: str,
+    request: runs.RunRequest,
+    *,
+    stdout: Callable[[bytes], None],
+    stderr: Callable[[bytes], None],
+    on_warning: Callable[[str], None],
+) -> RunOutcome:
+    """`sandbox run`: the target software in the guest, then its records brought home and tied
+    to it. Local files are checked before anything is sent to the guest."""
+    runs.plan(request)
+    state = runnable_state(ctx, name)
+    logs = logs_dir(ctx, name)
+    expected = expected_rules(state)
+    with open_guest(ctx, name) as guest:
+        with collecting_meanwhile(ctx, name, on_warning, guest):
+            result = runs.execute(
+                guest,
+                request,
+                logs=logs,
+                expected_rules=expected,
+                default_mode=state.xdebug,
+                stdout=stdout,
+                stderr=stderr,
+                on_warning=on_warning,
+                limits=ctx.settings.limits,
+            )
+        # The run's last records are complete once the settle window has passed since its end
+        # (younger halves wait for the next collection): wait out the rest of it, so that
+        # `sandbox logs` right after `run` shows everything the run did.
+        time.sleep(max(0.0, monitor.SETTLE_SECONDS - (time.monotonic() - result.finished)))
+        collected = collect_quietly(ctx, name, on_warning, guest=guest, after_run=True)
+    return RunOutcome(result, collected)
+
+
+def ssh_argv(ctx: Context, name: str, command: Sequence[str]) -> list[str]:
+    """An OpenSSH command line that trusts only the pinned host key and gives the guest nothing
+    of the user's: no ssh config (-F /dev/null: no ProxyCommand, LocalCommand, forwardings or
+    control sockets from ~/.ssh/config), no agent (-a, and IdentityAgent none), no X11 (-x)."""
+    state = ready_state(ctx, name)
+    store = ctx.store
+    known_hosts: Path = store.file(name, paths.KNOWN_HOSTS)
+    return [
+        "ssh",
+        "-F",
+        "/dev/null",
+        "-a",
+        "-x",
+        "-o",
+        "ForwardAgent=no",
+        "-o",
+        "IdentityAgent=none",
+        "-o",
+        "ForwardX11=no",
+        "-o",
+        "ClearAllForwardings=yes",
+        "-o",
+        "PermitLocalCommand=no",
+        "-o",
+        "ControlPath=none",
+        "-o",
+        "Tunnel=no",
+        "-i",
+        str(store.file(name, paths.CLIENT_KEY)),
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        f"UserKnownHostsFile={known_hosts}",
+        "-o",
+        "GlobalKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+        "-p",
+        str(state.ssh_port),
+        f"{state.user}@{state.ip}",
+        *command,
+    ]
+
+
+def sockets(ctx: Context, name: str) -> list[logview.Socket]:
+    """The guest's current sockets, like the recipe's `lsof -i -nP`."""
+    with open_guest(ctx, name) as guest:
+        out: list[bytes] = []
+        code = guest.run(logview.sockets_command(), stdout=out.append, timeout=30)
+    text = b"".join(out).decode(errors="replace")
+    if code not in (0, 1):
+        raise GuestError(f"lsof in the guest failed (exit {code})", "check `sandbox status`")
+    return logview.parse_sockets(text)

@@ -1,0 +1,460 @@
+"""`sandbox up`: the effective policy, then the sandbox built as named steps, each registering
+its own rollback, so that a failure anywhere leaves nothing behind."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import secrets
+import uuid
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import libvirt
+
+from orchestrator import names, paths
+from orchestrator.capture import hostflows, monitor, pcap
+from orchestrator.egress import guestfw, hostfilter, hostguard
+from orchestrator.egress.policy import Blocked, EgressPolicy, build_policy, load_policy_file
+from orchestrator.errors import (
+    ConflictError,
+    HypervisorError,
+    SandboxError,
+    UsageError,
+)
+from orchestrator.lifecycle.context import (
+    Context,
+    guards_host,
+    is_local,
+    logs_dir,
+)
+from orchestrator.lifecycle.resources import remove_network, remove_volumes, save_console
+from orchestrator.run import xdebug
+from orchestrator.state import (
+    Phase,
+    SandboxState,
+    atomic_write,
+    validate_name,
+)
+from orchestrator.vm import hypervisor as hv
+from orchestrator.vm.domain import (
+    DomainSpec,
+    NetworkSpec,
+    render_domain,
+    resolver_hosts,
+)
+from orchestrator.vm.images import (
+    KERNEL_CMDLINE,
+    Image,
+    load_image,
+    verify_image,
+)
+from orchestrator.waits import Deadline
+
+if TYPE_CHECKING:
+    # paramiko and pycdlib cost a tenth of a second to import: only the verbs that talk to a
+    # guest or build a seed load them (destroy, list and status do not).
+    from orchestrator.vm.cloudinit import SeedSpec
+    from orchestrator.vm.guest import KeyPair
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _random_mac() -> str:
+    # 52:54:00 is QEMU's prefix; a fresh MAC per boot never picks up a stale lease
+    # (docs/platform.md#a-new-mac-per-boot).
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+
+
+def make_policy(
+    ctx: Context,
+    allow: Sequence[str] = (),
+    *,
+    policy_file: Path | None = None,
+    dns: bool | None = None,
+    blocked: Blocked | None = None,
+) -> EgressPolicy:
+    """The effective policy: the config file's allow list, then the policy file, then the
+    flags. Host names are resolved here, on the host, before anything is created."""
+    entries = [*ctx.settings.allow]
+    file_dns: bool | None = None
+    file_blocked: Blocked | None = None
+    if policy_file is not None:
+        pf = load_policy_file(policy_file)
+        entries += pf.allow
+        file_dns, file_blocked = pf.dns, pf.blocked
+    entries += allow
+    policy = build_policy(
+        entries,
+        dns=dns if dns is not None else (file_dns if file_dns is not None else True),
+        blocked=blocked or file_blocked or Blocked.REJECT,
+    )
+    net = ctx.settings.network
+    for entry in policy.allow:
+        own = net.subnets if entry.version == 4 else net.subnets6
+        if own is not None and entry.network.overlaps(own):
+            raise UsageError(
+                f"--allow {entry.source!r} overlaps the sandbox networks' range {own}",
+                "sandboxes may not reach each other or the host's side of their network; "
+                "allow outside destinations only (or set network.subnets in the config file)",
+            )
+    return policy
+
+
+def _seed_spec(name: str, host_key: tuple[str, str], client_pub: str, nameserver: str) -> SeedSpec:
+    from orchestrator.vm.cloudinit import SeedSpec
+
+    return SeedSpec(
+        instance_id=f"sandbox-{name}-{uuid.uuid4().hex[:12]}",
+        hostname=f"sandbox-{name}",
+        host_key_private=host_key[0],
+        host_key_public=host_key[1],
+        authorized_key=client_pub,
+        nameserver=nameserver,
+    )
+
+
+def up(
+    ctx: Context,
+    name: str,
+    *,
+    image: str | None = None,
+    policy: EgressPolicy | None = None,
+    capture: bool = False,
+    xdebug_mode: xdebug.XdebugMode = xdebug.XdebugMode.TRACE,
+) -> SandboxState:
+    validate_name(name)
+    policy = policy if policy is not None else make_policy(ctx)
+    if capture and not is_local(ctx.settings.connect):
+        raise UsageError(
+            f"--pcap needs libvirt on this machine, not {ctx.settings.connect}",
+            "run sandbox on the hypervisor host for a packet capture, or leave out --pcap",
+        )
+    store = ctx.store
+    img = load_image(ctx.image_name(image), ctx.dirs.images)
+    with store.lock(name):
+        existing = store.load(name)
+        if existing is not None:
+            what = "exists" if existing.phase is Phase.READY else "was left half-built"
+            raise ConflictError(
+                f"sandbox {name!r} {what} (phase: {existing.phase.value})",
+                f"use it, or run `sandbox destroy --name {name}` first",
+            )
+        with hv.connection(ctx.settings.connect) as conn:
+            return _up_locked(ctx, conn, name, img, policy, capture, xdebug_mode)
+
+
+def _up_locked(
+    ctx: Context,
+    conn: libvirt.virConnect,
+    name: str,
+    img: Image,
+    policy: EgressPolicy,
+    capture: bool,
+    xdebug_mode: xdebug.XdebugMode,
+) -> SandboxState:
+    dom_name = names.domain(name)
+    if hv.lookup_domain(conn, dom_name) is not None:
+        raise ConflictError(
+            f"a libvirt domain {dom_name} already exists without sandbox state",
+            f"run `sandbox destroy --name {name}` to remove it",
+        )
+    state = SandboxState(
+        name=name,
+        phase=Phase.CREATING,
+        created=_now(),
+        uri=ctx.settings.connect,
+        domain=dom_name,
+        pool=ctx.settings.pool.name,
+        network=names.network(name),
+        volumes=names.SandboxVolumes.for_sandbox(name).all(),
+        image=img.name,
+        image_hash=img.manifest.recipe_hash,
+        accel=hv.resolve_accel(conn, ctx.settings.accel),
+        mac=_random_mac(),
+        policy=policy.to_dict(),
+        xdebug=xdebug_mode,
+    )
+    with ExitStack() as rollback:
+        build = _Build(ctx, conn, img, policy, rollback, state)
+        build.record_intent()
+        build.make_keys()
+        with ctx.store.global_lock():
+            build.prepare_storage()
+            build.start_network()
+            build.make_disks()
+            build.guard_host()
+            build.define_host_filter()
+            build.start_vm()
+            build.record_host_side(capture)
+        build.log_in_and_push(xdebug_mode)
+        build.mark_ready()
+        rollback.pop_all()
+    return build.state
+
+
+@dataclass
+class _Build:
+    """One `up` in progress: its steps in order, each saving what it made into the state and
+    registering its own undo on `rollback` (unwound if a later step fails)."""
+
+    ctx: Context
+    conn: libvirt.virConnect
+    img: Image
+    policy: EgressPolicy
+    rollback: ExitStack
+    state: SandboxState
+    vols: names.SandboxVolumes = field(init=False)
+    # Filled in by the steps, in this order.
+    client: KeyPair = field(init=False)
+    host: KeyPair = field(init=False)
+    key_path: Path = field(init=False)
+    pool: libvirt.virStoragePool = field(init=False)
+    base: names.BaseVolumes = field(init=False)
+    net: libvirt.virNetwork = field(init=False)
+    net_spec: NetworkSpec = field(init=False)
+    disk_path: str = field(init=False)
+    seed_path: str = field(init=False)
+    spec: DomainSpec = field(init=False)
+    dom: libvirt.virDomain = field(init=False)
+    boot: Deadline = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.vols = names.SandboxVolumes.for_sandbox(self.state.name)
+
+    @property
+    def name(self) -> str:
+        return self.state.name
+
+    def _save(self, **changes: Any) -> None:
+        self.state = dataclasses.replace(self.state, **changes)
+        self.ctx.store.save(self.state)
+
+    def record_intent(self) -> None:
+        # Written before anything exists, so that `destroy` knows what to look for even if this
+        # process is killed with SIGKILL in the middle.
+        self.ctx.store.save(self.state)
+        _forget_earlier_vm(logs_dir(self.ctx, self.name))
+
+    def make_keys(self) -> None:
+        from orchestrator.vm.guest import generate_ed25519
+
+        store = self.ctx.store
+        self.rollback.callback(store.remove_secrets, self.name)
+        self.client = generate_ed25519(f"sandbox-{self.name}-client")
+        self.host = generate_ed25519(f"sandbox-{self.name}-host")
+        self.key_path = store.write_secret(self.name, paths.CLIENT_KEY, self.client.private_openssh)
+        store.write_secret(self.name, paths.CLIENT_KEY_PUB, self.client.public_line + "\n")
+        store.write_secret(self.name, paths.HOST_KEY_PUB, self.host.public_line + "\n")
+        self._save(host_key=self.host.public_line)
+
+    def prepare_storage(self) -> None:
+        img = self.img
+        with self.ctx.reporter.step("preparing storage pool and base image"):
+            self.pool = hv.ensure_pool(self.conn, self.ctx.pool_spec())
+            self.base = hv.ensure_base_volumes(
+                self.conn,
+                self.pool,
+                image_name=img.name,
+                image_hash=img.manifest.recipe_hash,
+                disk=img.disk,
+                kernel=img.kernel,
+                initrd=img.initrd,
+                verify=lambda: verify_image(img),
+            )
+        self.rollback.callback(
+            remove_volumes, self.conn, self.pool, self.vols, self.ctx.store, self.name
+        )
+
+    def start_network(self) -> None:
+        settings, name = self.ctx.settings, self.name
+        with self.ctx.reporter.step(f"starting network {self.state.network}"):
+            self.net, self.net_spec = hv.create_network(
+                self.conn,
+                lambda subnet, subnet6: NetworkSpec(
+                    name=self.state.network,
+                    bridge=names.bridge(name),
+                    subnet=subnet,
+                    subnet6=subnet6,
+                    dns_hosts=resolver_hosts(self.policy.names),
+                    guest_mac=self.state.mac,
+                ),
+                settings.network.subnets,
+                settings.network.subnets6,
+            )
+        self.rollback.callback(remove_network, self.ctx, self.conn, self.state.network)
+        spec = self.net_spec
+        self._save(
+            ip=str(spec.guest_ip),
+            subnet=str(spec.subnet),
+            subnet6=str(spec.subnet6) if spec.subnet6 else None,
+        )
+        _record_network(logs_dir(self.ctx, name), spec)
+
+    def make_disks(self) -> None:
+        from orchestrator.vm.cloudinit import build_seed_iso
+
+        with self.ctx.reporter.step("creating disk overlay and cloud-init seed"):
+            self.disk_path = hv.create_overlay(self.pool, self.vols.disk, self.base.disk)
+            seed = build_seed_iso(
+                _seed_spec(
+                    self.name,
+                    (self.host.private_openssh, self.host.public_line),
+                    self.client.public_line,
+                    str(self.net_spec.gateway),
+                )
+            )
+            self.seed_path = str(hv.upload(self.conn, self.pool, self.vols.seed, data=seed).path())
+
+    def guard_host(self) -> None:
+        # Removed with the network (remove_network), whose rollback is registered already.
+        if guards_host(self.ctx.settings.connect):
+            with self.ctx.reporter.step("closing the host's own services to the guests (nftables)"):
+                hostguard.apply(str(self.net.bridgeName()))
+
+    def define_host_filter(self) -> None:
+        spec = self.net_spec
+        with self.ctx.reporter.step("defining the host-side egress filter"):
+            hostfilter.ensure_shared_filters(self.conn)
+            hostfilter.define_filter(
+                self.conn,
+                hostfilter.render_filter(
+                    self.name, self.policy, gateway=spec.gateway, gateway6=spec.gateway6
+                ),
+            )
+        self.rollback.callback(hostfilter.remove_filter, self.conn, self.name)
+
+    def start_vm(self) -> None:
+        settings, state, name = self.ctx.settings, self.state, self.name
+        ip6: tuple[str, ...] = ()
+        if self.net_spec.guest_ip6 is not None:
+            ip6 = (str(self.net_spec.guest_ip6), str(hostfilter.link_local(state.mac)))
+        assert state.ip is not None
+        self.spec = DomainSpec(
+            name=state.domain,
+            uuid=str(uuid.uuid4()),
+            accel=state.accel,
+            memory_mib=settings.memory_mib,
+            vcpus=settings.vcpus,
+            kernel=hv.volume_path(self.pool, self.base.kernel),
+            initrd=hv.volume_path(self.pool, self.base.initrd),
+            cmdline=KERNEL_CMDLINE,
+            disk=self.disk_path,
+            seed=self.seed_path,
+            network=self.net_spec.name,
+            mac=state.mac,
+            console_log=os.path.join(hv.pool_path(self.pool), self.vols.console),
+            sandbox=name,
+            image=self.img.name,
+            filterref=names.nwfilter(name),
+            target_dev=names.target_dev(name),
+            ip=state.ip,
+            ip6=ip6,
+        )
+        with self.ctx.reporter.step(f"starting VM {state.domain} ({state.accel.value})"):
+            self.boot = Deadline(
+                settings.boot_timeout,
+                f"sandbox {name!r} to boot",
+                "the machine may be overloaded; raise boot_timeout in the config file",
+            )
+            self.dom = hv.start_domain(self.conn, render_domain(self.spec))
+        self.rollback.callback(hv.destroy_domain, self.conn, state.domain)
+
+    def record_host_side(self, capture: bool) -> None:
+        """The host's own records of the guest's traffic: the flow record, and `--pcap`."""
+        tap = str(self.spec.target_dev)
+        if guards_host(self.ctx.settings.connect):
+            with self.ctx.reporter.step(f"recording the guest's flows on {tap} (host side)"):
+                flows_pid = hostflows.start(tap, logs_dir(self.ctx, self.name))
+            self.rollback.callback(pcap.stop_pcap, flows_pid)
+            self._save(flows_pid=flows_pid)
+        if capture:
+            with self.ctx.reporter.step(f"capturing packets on {tap}"):
+                logs = logs_dir(self.ctx, self.name)
+                logs.mkdir(parents=True, exist_ok=True)
+                pid = pcap.start_pcap(tap, logs / paths.PCAP_FILE)
+            self.rollback.callback(pcap.stop_pcap, pid)
+            self._save(pcap_pid=pid)
+
+    def log_in_and_push(self, xdebug_mode: xdebug.XdebugMode) -> None:
+        """Wait for the guest, log in with the pinned key, load the policy and start the
+        capture: before `up` returns, so before any target software can run."""
+        from orchestrator.vm.guest import Endpoint, Guest, wait_for_banner
+
+        report, state, boot = self.ctx.reporter, self.state, self.boot
+        address = state.ip
+        try:
+            with report.step("waiting for the DHCP lease"):
+                ip = hv.wait_for_lease(self.dom, state.mac, boot)
+            if ip != address:
+                raise HypervisorError(
+                    f"the guest was leased {ip}, not the address kept for it ({address})",
+                    f"another DHCP client holds {address}: destroy the sandbox and retry",
+                )
+            with report.step(f"waiting for sshd on {ip}"):
+                wait_for_banner(ip, state.ssh_port, boot)
+            with report.step("logging in with the pinned host key"):
+                endpoint = Endpoint(
+                    ip, state.ssh_port, state.user, self.key_path, self.host.public_line
+                )
+                guest = Guest.connect(endpoint, boot)
+            rules = guestfw.render(self.policy, self.net_spec)
+            with guest:
+                with report.step(
+                    f"loading the egress policy and xdebug ({xdebug_mode.value}) in the guest"
+                ):
+                    guestfw.apply(guest, rules, files=xdebug.guest_files(xdebug_mode))
+                self._save(guest_rules={str(v): text for v, text in rules.items()})
+                with report.step("checking connection capture (eBPF)"):
+                    # Its clock now: the firewall changes up to here are the push just done.
+                    _mark_policy_push(logs_dir(self.ctx, self.name), monitor.start(guest))
+        except SandboxError as exc:
+            text = hv.console_text(self.conn, self.pool, self.vols.console)
+            save_console(self.ctx.store, self.name, text)
+            tail = "\n".join(text.splitlines()[-25:]) or "(empty: the guest printed nothing yet)"
+            exc.message += "\n--- last lines of the VM console ---\n" + tail
+            raise
+
+    def mark_ready(self) -> None:
+        from orchestrator.vm.guest import known_hosts_line
+
+        state = self.state
+        assert state.ip is not None
+        self.ctx.store.write_secret(
+            self.name,
+            paths.KNOWN_HOSTS,
+            known_hosts_line(state.ip, state.ssh_port, self.host.public_line) + "\n",
+        )
+        self._save(phase=Phase.READY, boot_seconds=round(self.boot.elapsed(), 1))
+
+
+def _forget_earlier_vm(logs: Path) -> None:
+    """The logs of a destroyed sandbox of the same name stay, but its capture cursor described
+    that VM's capture: starting from it, the new VM would look like a
+    reboot with records lost. Keep only the losses it recorded."""
+    cursor_path = logs / paths.CAPTURE_CURSOR
+    if cursor_path.exists():
+        earlier = monitor.Cursor.load(cursor_path)
+        atomic_write(cursor_path, monitor.Cursor(losses=earlier.losses).to_json() + "\n")
+
+
+def _mark_policy_push(logs: Path, mark: monitor.Mark) -> None:
+    """Keep `up`'s Mark in the capture cursor: the collections take the firewall changes up to
+    it for the push of the policy, every later one for the guest's."""
+    logs.mkdir(parents=True, exist_ok=True)
+    cursor_path = logs / paths.CAPTURE_CURSOR
+    cursor = monitor.Cursor.load(cursor_path)
+    atomic_write(cursor_path, cursor.marked(mark).to_json() + "\n")
+
+
+def _record_network(logs: Path, net: NetworkSpec) -> None:
+    """Keep the network's resolver addresses with the logs: they outlive the sandbox's state."""
+    record = {"resolver": [str(net.gateway), *([str(net.gateway6)] if net.gateway6 else [])]}
+    atomic_write(logs / paths.NETWORK_RECORD, json.dumps(record) + "\n")

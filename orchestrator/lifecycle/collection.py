@@ -1,0 +1,219 @@
+"""The one collection pipeline: the guest's new capture records and firewall state, the
+resolver's new queries, joined, given verdicts and DNS names, tied to runs and PHP lines, and
+appended to the logs. Every verb that brings records home goes through `collect`."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import ipaddress
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from orchestrator import jsontext, paths
+from orchestrator.capture import hostflows, logview, monitor
+from orchestrator.capture.records import Attempt, DnsQuery, Verdict
+from orchestrator.egress import dnslog, guestfw
+from orchestrator.egress.policy import EgressPolicy
+from orchestrator.errors import (
+    SandboxError,
+)
+from orchestrator.lifecycle.context import (
+    LEGACY_SUBNET,
+    LEGACY_SUBNET6,
+    Context,
+    endpoint,
+    expected_rules,
+    is_local,
+    logs_dir,
+    network_of,
+    ready_state,
+)
+from orchestrator.run import target as runs
+from orchestrator.state import (
+    SandboxState,
+    atomic_write,
+    file_lock,
+)
+from orchestrator.vm import hypervisor as hv
+from orchestrator.vm.domain import (
+    NetworkSpec,
+)
+from orchestrator.waits import Deadline
+
+if TYPE_CHECKING:
+    # paramiko and pycdlib cost a tenth of a second to import: only the verbs that talk to a
+    # guest or build a seed load them (destroy, list and status do not).
+    from orchestrator.vm.guest import Guest
+
+
+@dataclass(frozen=True)
+class CollectReport:
+    new_attempts: int
+    new_dns: int
+    warnings: tuple[str, ...]
+
+
+def collect(
+    ctx: Context,
+    name: str,
+    *,
+    lock_timeout: float = 120.0,
+    guest: Guest | None = None,
+    after_run: bool = False,
+) -> CollectReport:
+    """Bring the guest's new connection records and the resolver's new queries to the host;
+    tie attempts to the runs (and PHP lines) that made them."""
+    state = ready_state(ctx, name)
+    # Collections of one sandbox take turns: the cursor moves forward exactly once per record.
+    with file_lock(
+        logs_dir(ctx, name) / paths.COLLECT_LOCK,
+        f"collecting the logs of sandbox {name!r}",
+        timeout=lock_timeout,
+    ):
+        return collect_locked(ctx, state, final=False, guest=guest, after_run=after_run)
+
+
+def collect_locked(
+    ctx: Context,
+    state: SandboxState,
+    *,
+    final: bool,
+    guest: Guest | None = None,
+    after_run: bool = False,
+) -> CollectReport:
+    from orchestrator.vm.guest import Guest
+
+    logs = logs_dir(ctx, state.name)
+    logs.mkdir(parents=True, exist_ok=True)
+    cursor_path = logs / paths.CAPTURE_CURSOR
+    cursor = monitor.Cursor.load(cursor_path)
+    policy = EgressPolicy.from_dict(state.policy)
+
+    def gather(g: Guest) -> tuple[monitor.Collected, list[Attempt]]:
+        collected = monitor.collect_full(g, cursor, final=final)
+        changes = [a for a in collected.attempts if a.verdict is Verdict.TAMPER and a.pid]
+        expected = expected_rules(state)
+        return collected, _firewall_tamper(g, expected, logs, changes)
+
+    if guest is not None:
+        collected, tampered = gather(guest)
+    else:
+        deadline = Deadline(60, f"SSH to sandbox {state.name!r} to collect its records")
+        with Guest.connect(endpoint(ctx, state), deadline) as own:
+            collected, tampered = gather(own)
+    collected = dataclasses.replace(collected, attempts=collected.attempts + tampered)
+    queries = _dns_queries(ctx, state)
+    new_dns = logview.append_dns(logs, queries)
+    known_dns: list[DnsQuery] = logview.read_dns(logs)
+    attempts: list[Attempt] = monitor.attach_dns_names(
+        [_host_verdict(a, policy) for a in collected.attempts], known_dns
+    )
+    inflate = ctx.settings.limits.decompressed
+    new_attempts = logview.append_attempts(logs, runs.annotate(attempts, logs, limit=inflate))
+    if after_run:
+        # Attempts collected while the run was still going (a `logs --follow` beside it) could
+        # not be tied to its trace then; now its trace is here.
+        logview.rewrite_attempts(logs, lambda stored: runs.annotate(stored, logs, limit=inflate))
+    atomic_write(cursor_path, collected.cursor.to_json() + "\n")
+    return CollectReport(new_attempts, new_dns, tuple(collected.warnings))
+
+
+def _host_verdict(attempt: Attempt, policy: EgressPolicy) -> Attempt:
+    """An attempt the guest's firewall never logged gets the host-side filter's verdict."""
+    if attempt.verdict is Verdict.UNLOGGED and not policy.allows(
+        attempt.proto, attempt.dst, attempt.dport
+    ):
+        return dataclasses.replace(attempt, verdict=Verdict.HOST_BLOCKED)
+    return attempt
+
+
+def _dns_queries(ctx: Context, state: SandboxState) -> list[DnsQuery]:
+    """The sandbox network resolver's log, for this guest's addresses, since it was created.
+    Only where libvirt runs on this machine: the log is a file on the hypervisor host."""
+    if not is_local(state.uri):
+        return []
+    clients = [state.ip] if state.ip else []
+    with contextlib.suppress(SandboxError), hv.connection(state.uri) as conn:
+        dom = hv.lookup_domain(conn, state.domain)
+        if dom is not None:
+            clients = sorted(set(clients) | set(hv.domain_addresses(dom)))
+    since = dt.datetime.fromisoformat(state.created)
+    # Read from where this sandbox's last collection ended, not the log whole.
+    cursor_path = logs_dir(ctx, state.name) / paths.DNS_CURSOR
+    cursor = dnslog.LogCursor.load(cursor_path)
+    log = network_of(state).dns_log
+    queries, after = dnslog.read_for(log, clients, since, cursor)
+    atomic_write(cursor_path, after.to_json() + "\n")
+    dnslog.rotate_if_large(log)
+    return queries
+
+
+def recorded_losses(ctx: Context, name: str) -> list[str]:
+    """Every loss a collection ever detected for this sandbox (kept in the capture cursor)."""
+    return list(monitor.Cursor.load(logs_dir(ctx, name) / paths.CAPTURE_CURSOR).losses)
+
+
+@dataclass(frozen=True)
+class HostFlowReport:
+    flows: tuple[hostflows.Flow, ...]
+    unrecorded: tuple[hostflows.Unrecorded, ...]
+
+
+def _resolver_addresses(logs: Path) -> list[str]:
+    try:
+        record = jsontext.object_or_none((logs / paths.NETWORK_RECORD).read_text()) or {}
+        return [str(ipaddress.ip_address(a)) for a in record["resolver"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        # Logs of a sandbox from before each had its own network: the shared one's gateways.
+        legacy = NetworkSpec(
+            "", "", ipaddress.IPv4Network(LEGACY_SUBNET), ipaddress.IPv6Network(LEGACY_SUBNET6)
+        )
+        return [str(legacy.gateway), str(legacy.gateway6)]
+
+
+def host_flows(ctx: Context, name: str, *, before: float | None = None) -> HostFlowReport:
+    """The host's own record of the flows the guest started, and the destinations it saw more
+    flows to than the guest's record holds. Only flows before `before` (an epoch time: when the
+    last collection started) are compared, since later ones cannot be in the guest's record yet."""
+    directory = logs_dir(ctx, name)
+    if not hostflows.capture_files(directory):
+        return HostFlowReport((), ())
+    flows = hostflows.read_flows(directory)
+    compared = [f for f in flows if before is None or f.time < before]
+    resolver = _resolver_addresses(directory)
+    missing = hostflows.unrecorded(compared, logview.read_attempts(directory), resolver=resolver)
+    return HostFlowReport(tuple(flows), tuple(missing))
+
+
+def _firewall_tamper(
+    guest: Guest, expected: Mapping[int, str], logs: Path, changers: Sequence[Attempt] = ()
+) -> list[Attempt]:
+    """A tamper row when the guest's firewall no longer is (or is again) what `up` loaded, once
+    per change: the last state seen is kept in logs/ (paths.FIREWALL_STATE). `changers`: this
+    collection's rows of the changes the capture saw, each with its process: the row names
+    them (they came between the last collection and this one)."""
+    now_state, diff = guestfw.readback_state(expected, guestfw.read_back(guest))
+    digest = now_state.removeprefix("changed ")
+    state_file = logs / paths.FIREWALL_STATE
+    before = state_file.read_text().strip() if state_file.exists() else "intact"
+    if now_state == before:
+        return []
+    atomic_write(state_file, now_state + "\n")
+    if diff:
+        changes = "; ".join(
+            f"IPv{version}: " + " / ".join(lines[:3]) for version, lines in sorted(diff.items())
+        )
+        what = f"the guest's firewall no longer matches the policy ({changes})"
+    else:
+        what = "the guest's firewall matches the policy again"
+    if changers:
+        who = sorted({logview.process_label(c.exe, c.pid) for c in changers})
+        more = f" and {len(who) - 3} more" if len(who) > 3 else ""
+        what += f"; changed since the last collection by {', '.join(who[:3])}{more}"
+    # Seen at this collection: the change happened since the last one (`collect_every`).
+    return [monitor.tamper_record(time.time(), what[:500], f"fw{digest}{int(time.time())}")]

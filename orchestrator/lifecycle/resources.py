@@ -1,0 +1,67 @@
+"""Removing what a sandbox owns on the hypervisor: shared by `up`'s rollback and `destroy`."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import libvirt
+
+from orchestrator import names, paths
+from orchestrator.egress import dnslog, hostfilter, hostguard
+from orchestrator.errors import (
+    HypervisorError,
+)
+from orchestrator.lifecycle.context import Context, guards_host
+from orchestrator.state import (
+    StateStore,
+)
+from orchestrator.vm import hypervisor as hv
+from orchestrator.vm.domain import (
+    dns_log_path,
+)
+
+if TYPE_CHECKING:
+    # paramiko and pycdlib cost a tenth of a second to import: only the verbs that talk to a
+    # guest or build a seed load them (destroy, list and status do not).
+    pass
+
+
+def save_console(store: StateStore, name: str, text: str) -> None:
+    if text:
+        logs = store.dir(name) / paths.LOGS_DIR
+        logs.mkdir(parents=True, exist_ok=True)
+        (logs / paths.CONSOLE_LOG).write_text(text)
+
+
+def remove_volumes(
+    conn: libvirt.virConnect,
+    pool: libvirt.virStoragePool,
+    vols: names.SandboxVolumes,
+    store: StateStore,
+    name: str,
+) -> None:
+    save_console(store, name, hv.console_text(conn, pool, vols.console))
+    for vol in (*vols.all(), *hv.console_rotations(pool, vols.console)):
+        hv.delete_volume(pool, vol)
+
+
+def remove_network(ctx: Context, conn: libvirt.virConnect, network: str) -> bool:
+    """Remove the sandbox's network (once its domain is gone), the host-side guard of its bridge
+    and its resolver's query log (read by the final collection before), and the filters all
+    sandboxes share once no sandbox is left. Takes the global lock."""
+    with ctx.store.global_lock():
+        bridge = hv.network_bridge(conn, network)
+        removed = hv.remove_network_if_unused(conn, network)
+        if removed and guards_host(str(conn.getURI())):
+            if bridge is not None:
+                hostguard.remove(bridge)
+            log = dns_log_path(network)
+            for path in (Path(log), dnslog.rotated_copy(log)):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        if not hv.sandbox_domains(conn):
+            with contextlib.suppress(HypervisorError):  # the test:/// driver has no nwfilter
+                hostfilter.remove_shared_filters(conn)
+        return removed
