@@ -34,7 +34,6 @@ from orchestrator.egress.policy import Blocked
 from orchestrator.errors import SandboxError, UsageError
 from orchestrator.run import target as runs
 from orchestrator.run import xdebug
-from orchestrator.state import Phase
 from orchestrator.vm import images
 
 app = typer.Typer(
@@ -458,41 +457,28 @@ def logs(
 ) -> None:
     """Every connection attempt: when, which process, where, allowed or blocked."""
     ctx = _context()
-    directory = lifecycle.logs_dir(ctx, name)
     if purge:
-        if ctx.store.load(name) is not None:
-            raise UsageError(
-                f"sandbox {name!r} still exists", f"destroy it first: sandbox destroy --name {name}"
-            )
-        gone = logview.purge(directory)
+        gone = lifecycle.purge_logs(ctx, name)
         err.print(f"{'purged' if gone else 'no logs for'} {name}")
         return
     if sockets:
         out.print(logview.render_sockets(lifecycle.sockets(ctx, name)))
         return
-    state = ctx.store.load(name)
-    if state is None and not directory.exists():
-        raise SandboxError(f"no logs for sandbox {name!r}", "check the name with `sandbox list`")
-    if run_id == "last":
-        known = runs.load_records(directory)
-        if not known:
-            raise SandboxError(f"sandbox {name!r} has had no run", "use `sandbox run` first")
-        run_id = max(known, key=lambda r: r.started).id
+    lifecycle.require_logs(ctx, name)
     chosen = logview.Filter.from_options(
-        blocked=blocked, allowed=allowed, since=since, process=process, run=run_id
+        blocked=blocked,
+        allowed=allowed,
+        since=since,
+        process=process,
+        run=lifecycle.last_run_id(ctx, name) if run_id == "last" else run_id,
     )
     seen: set[str] = set()
     while True:
-        collected_at = time.time()
-        if state is not None and state.phase is Phase.READY:
-            lifecycle.collect_quietly(ctx, name, _warn)
+        collected_at = lifecycle.refresh_logs(ctx, name, _warn)
         if host and not follow:
             _print_host_flows(lifecycle.host_flows(ctx, name, before=collected_at), as_json)
             return
-        if dns:
-            records: list[Any] = logview.apply_dns(chosen, logview.read_dns(directory))
-        else:
-            records = logview.apply(chosen, logview.read_attempts(directory))
+        records: list[Any] = lifecycle.read_logs(ctx, name, chosen, dns=dns)
         fresh = logview.new_records(records, seen) if follow else records
         if as_json:
             for line in logview.json_lines(fresh):
@@ -515,7 +501,6 @@ def logs(
                 )
             return
         time.sleep(1.0)
-        state = ctx.store.load(name)
 
 
 def _print_host_flows(report: lifecycle.HostFlowReport, as_json: bool) -> None:

@@ -1,7 +1,11 @@
-"""Shared test plumbing: golden files (refresh with `pytest --regenerate`, review the diff)."""
+"""Shared test plumbing: golden files. `pytest --regenerate` rewrites them from the current
+output; the suite then fails (test_goldens.py) until the change is reviewed (`git diff
+tests/golden`) and accepted with `pytest --accept-golden`, which records each golden's digest in
+tests/golden/ACCEPTED."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -15,12 +19,41 @@ from .lab_fixture import lab, lab_session
 __all__ = ["cli", "image", "lab", "lab_session"]
 
 GOLDEN = Path(__file__).parent / "golden"
+ACCEPTED = GOLDEN / "ACCEPTED"
+
+
+def golden_digests() -> dict[str, str]:
+    """Relative path -> sha256 of every golden file as it is now."""
+    return {
+        str(path.relative_to(GOLDEN)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(GOLDEN.rglob("*"))
+        if path.is_file() and path != ACCEPTED
+    }
+
+
+def accepted_digests() -> dict[str, str]:
+    if not ACCEPTED.exists():
+        return {}
+    pairs = (line.split("  ", 1) for line in ACCEPTED.read_text().splitlines() if line)
+    return {name: digest for digest, name in pairs}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--regenerate", action="store_true", help="rewrite golden files from current output"
     )
+    parser.addoption(
+        "--accept-golden",
+        action="store_true",
+        help="record the golden files as they are now as reviewed (tests/golden/ACCEPTED)",
+    )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if session.config.getoption("--accept-golden"):
+        ACCEPTED.write_text(
+            "".join(f"{digest}  {name}\n" for name, digest in golden_digests().items())
+        )
 
 
 class Golden:

@@ -3,12 +3,14 @@ check that nothing of a sandbox is left. Fixtures are registered once, in confte
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import pytest
@@ -18,6 +20,7 @@ from orchestrator.egress import dnslog, hostfilter
 from orchestrator.vm import hypervisor as hv
 from orchestrator.vm.domain import dns_log_path
 from orchestrator.vm.images import Image, ImageRecipe, build_image
+from orchestrator.waits import Deadline, wait_for
 from sandbox_lab import Lab, in_lab
 
 SANDBOX = str(Path(sys.executable).parent / "sandbox")
@@ -62,6 +65,32 @@ class Cli:
 
     def sandbox_dir(self, name: str) -> Path:
         return self.state_home / "sandbox" / name
+
+    def records(self, name: str, *args: str) -> list[dict[str, Any]]:
+        """`sandbox logs --json` (which collects first), parsed."""
+        out = self.ok("logs", "--name", name, "--json", *args).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def records_when(
+        self,
+        name: str,
+        ready: Callable[[list[dict[str, Any]]], bool],
+        what: str,
+        *args: str,
+        timeout: float = 60,
+    ) -> list[dict[str, Any]]:
+        """The records once `ready` holds for them: a connect's record may wait a few seconds
+        for its firewall half (the capture's settle window), so a test waits for the rows it
+        expects instead of sleeping for a guess at that window."""
+        deadline = Deadline(timeout, f"sandbox {name!r}'s logs to show {what}")
+        seen: list[list[dict[str, Any]]] = []
+
+        def attempt() -> bool | None:
+            seen.append(self.records(name, *args))
+            return True if ready(seen[-1]) else None
+
+        wait_for(attempt, deadline, interval=1.0)
+        return seen[-1]
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from orchestrator import paths
-from orchestrator.capture import monitor, pcap
+from orchestrator.capture import pcap
 
 from .e2e_support import Cli
 
@@ -40,11 +40,16 @@ def test_every_attempt_once_with_its_process(cli: Cli) -> None:
     bash = cli.run("exec", "--name", "lg", "--", "bash", "-c", "echo x > /dev/tcp/198.51.100.9/80")
     assert bash.returncode != 0  # refused
 
-    # Records younger than the settle window wait for their other half until the next
-    # collection; after it, a collection adds nothing more.
-    time.sleep(monitor.SETTLE_SECONDS + 1)
-    logs(cli)
-    records = logs(cli)
+    # A connect's record may wait a few seconds for its firewall half: wait for the last one
+    # made; after it, a collection adds nothing more.
+    records = cli.records_when(
+        "lg",
+        lambda rows: any(
+            "bash" in (r.get("exe") or "") and r["dport"] == 80 and r["verdict"] == "blocked"
+            for r in rows
+        ),
+        "bash's blocked attempt",
+    )
     mine = [r for r in records if r["verdict"] in ("allowed", "blocked")]
 
     def count(exe_part: str, verdict: str, dst: str, dport: int, proto: str = "tcp") -> int:
@@ -122,8 +127,9 @@ def test_every_attempt_once_with_its_process(cli: Cli) -> None:
         follow.terminate()
         follow.wait(10)
 
-    time.sleep(monitor.SETTLE_SECONDS + 1)
-    before_destroy = len(logs(cli))
+    before_destroy = len(
+        cli.records_when("lg", lambda rows: any(r["dport"] == 8080 for r in rows), "port 8080")
+    )
     cli.ok("destroy", "--name", "lg")
     logs_dir = cli.sandbox_dir("lg") / paths.LOGS_DIR
     ring = pcap.ring_files(logs_dir / paths.PCAP_FILE)

@@ -14,10 +14,9 @@ from orchestrator import paths
 from orchestrator.capture import logview, monitor
 from orchestrator.errors import (
     GuestError,
-    SandboxError,
     UsageError,
 )
-from orchestrator.lifecycle.collection import CollectReport, collect
+from orchestrator.lifecycle.collection import CollectReport, collect_quietly
 from orchestrator.lifecycle.context import (
     Context,
     expected_rules,
@@ -80,25 +79,6 @@ def collecting_meanwhile(
     finally:
         stop.set()
         thread.join(monitor.COLLECT_TIMEOUT)
-
-
-def collect_quietly(
-    ctx: Context,
-    name: str,
-    on_warning: Callable[[str], None],
-    *,
-    guest: Guest | None = None,
-    after_run: bool = False,
-) -> CollectReport | None:
-    """`collect`, with its failure and its capture warnings said through `on_warning`."""
-    try:
-        report = collect(ctx, name, guest=guest, after_run=after_run)
-    except SandboxError as exc:
-        on_warning(f"connection records not collected: {exc.message}")
-        return None
-    for warning in report.warnings:
-        on_warning(warning)
-    return report
 
 
 @dataclass(frozen=True)

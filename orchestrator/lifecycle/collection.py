@@ -9,7 +9,7 @@ import dataclasses
 import datetime as dt
 import ipaddress
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,9 +19,7 @@ from orchestrator.capture import hostflows, logview, monitor
 from orchestrator.capture.records import Attempt, DnsQuery, Verdict
 from orchestrator.egress import dnslog, guestfw
 from orchestrator.egress.policy import EgressPolicy
-from orchestrator.errors import (
-    SandboxError,
-)
+from orchestrator.errors import NotFoundError, SandboxError, UsageError
 from orchestrator.lifecycle.context import (
     LEGACY_SUBNET,
     LEGACY_SUBNET6,
@@ -35,9 +33,11 @@ from orchestrator.lifecycle.context import (
 )
 from orchestrator.run import target as runs
 from orchestrator.state import (
+    Phase,
     SandboxState,
     atomic_write,
     file_lock,
+    validate_name,
 )
 from orchestrator.vm import hypervisor as hv
 from orchestrator.vm.domain import (
@@ -217,3 +217,70 @@ def _firewall_tamper(
         what += f"; changed since the last collection by {', '.join(who[:3])}{more}"
     # Seen at this collection: the change happened since the last one (`collect_every`).
     return [monitor.tamper_record(time.time(), what[:500], f"fw{digest}{int(time.time())}")]
+
+
+def collect_quietly(
+    ctx: Context,
+    name: str,
+    on_warning: Callable[[str], None],
+    *,
+    guest: Guest | None = None,
+    after_run: bool = False,
+) -> CollectReport | None:
+    """`collect`, with its failure and its capture warnings said through `on_warning`."""
+    try:
+        report = collect(ctx, name, guest=guest, after_run=after_run)
+    except SandboxError as exc:
+        on_warning(f"connection records not collected: {exc.message}")
+        return None
+    for warning in report.warnings:
+        on_warning(warning)
+    return report
+
+
+# ---- reading the logs (sandbox logs) ---------------------------------------------------------
+
+
+def purge_logs(ctx: Context, name: str) -> bool:
+    """Delete a destroyed sandbox's logs; False when there were none."""
+    validate_name(name)
+    if ctx.store.load(name) is not None:
+        raise UsageError(
+            f"sandbox {name!r} still exists", f"destroy it first: sandbox destroy --name {name}"
+        )
+    return logview.purge(logs_dir(ctx, name))
+
+
+def require_logs(ctx: Context, name: str) -> None:
+    """Fail unless the sandbox exists or left logs."""
+    validate_name(name)
+    if ctx.store.load(name) is None and not logs_dir(ctx, name).exists():
+        raise NotFoundError(f"no logs for sandbox {name!r}", "check the name with `sandbox list`")
+
+
+def last_run_id(ctx: Context, name: str) -> str:
+    known = runs.load_records(logs_dir(ctx, name))
+    if not known:
+        raise NotFoundError(f"sandbox {name!r} has had no run", "use `sandbox run` first")
+    return max(known, key=lambda r: r.started).id
+
+
+def refresh_logs(ctx: Context, name: str, on_warning: Callable[[str], None]) -> float:
+    """Bring the records home if the sandbox is up (a failure is a warning: the stored logs are
+    still shown). Returns when this collection started: records of flows after it cannot be in
+    the logs yet."""
+    started = time.time()
+    state = ctx.store.load(name)
+    if state is not None and state.phase is Phase.READY:
+        collect_quietly(ctx, name, on_warning)
+    return started
+
+
+def read_logs(
+    ctx: Context, name: str, chosen: logview.Filter, *, dns: bool = False
+) -> list[Attempt] | list[DnsQuery]:
+    """The stored attempts (or, with `dns`, the resolver's queries) that pass `chosen`."""
+    directory = logs_dir(ctx, name)
+    if dns:
+        return logview.apply_dns(chosen, logview.read_dns(directory))
+    return logview.apply(chosen, logview.read_attempts(directory))
