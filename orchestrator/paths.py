@@ -54,7 +54,7 @@ XDEBUG_DIR = "xdebug"  # the run's xdebug traces, profiles and coverage, fetched
 # Files the orchestrator removes at destroy; everything else in the state dir (logs) is kept.
 SECRET_FILES = (CLIENT_KEY, CLIENT_KEY_PUB, HOST_KEY_PUB, KNOWN_HOSTS, SEED_ISO)
 
-# In the guest: one directory per run, the run user's working directory (run.py).
+# In the guest: one directory per run, the run user's working directory (run/target.py).
 GUEST_RUNS_DIR = "/var/lib/sandbox/runs"
 
 CONFIG_FILE = "config.yaml"

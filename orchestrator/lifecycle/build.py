@@ -151,22 +151,22 @@ def up(
             return _up_locked(ctx, conn, name, img, policy, capture, xdebug_mode)
 
 
-def _up_locked(
+def new_state(
     ctx: Context,
     conn: libvirt.virConnect,
     name: str,
     img: Image,
     policy: EgressPolicy,
-    capture: bool,
     xdebug_mode: xdebug.XdebugMode,
 ) -> SandboxState:
+    """The state of a sandbox about to be built: every name derived, nothing created yet."""
     dom_name = names.domain(name)
     if hv.lookup_domain(conn, dom_name) is not None:
         raise ConflictError(
             f"a libvirt domain {dom_name} already exists without sandbox state",
             f"run `sandbox destroy --name {name}` to remove it",
         )
-    state = SandboxState(
+    return SandboxState(
         name=name,
         phase=Phase.CREATING,
         created=_now(),
@@ -182,8 +182,20 @@ def _up_locked(
         policy=policy.to_dict(),
         xdebug=xdebug_mode,
     )
+
+
+def _up_locked(
+    ctx: Context,
+    conn: libvirt.virConnect,
+    name: str,
+    img: Image,
+    policy: EgressPolicy,
+    capture: bool,
+    xdebug_mode: xdebug.XdebugMode,
+) -> SandboxState:
+    state = new_state(ctx, conn, name, img, policy, xdebug_mode)
     with ExitStack() as rollback:
-        build = _Build(ctx, conn, img, policy, rollback, state)
+        build = Build(ctx, conn, img, policy, rollback, state)
         build.record_intent()
         build.make_keys()
         with ctx.store.global_lock():
@@ -201,7 +213,7 @@ def _up_locked(
 
 
 @dataclass
-class _Build:
+class Build:
     """One `up` in progress: its steps in order, each saving what it made into the state and
     registering its own undo on `rollback` (unwound if a later step fails)."""
 
@@ -331,7 +343,9 @@ class _Build:
             )
         self.rollback.callback(hostfilter.remove_filter, self.conn, self.name)
 
-    def start_vm(self) -> None:
+    def start_vm(self, *, host_filter: bool = True) -> None:
+        """Define and start the domain. `host_filter=False` is the benchmark's bare boot: the
+        same VM without the nwfilter on its interface."""
         settings, state, name = self.ctx.settings, self.state, self.name
         ip6: tuple[str, ...] = ()
         if self.net_spec.guest_ip6 is not None:
@@ -353,7 +367,7 @@ class _Build:
             console_log=os.path.join(hv.pool_path(self.pool), self.vols.console),
             sandbox=name,
             image=self.img.name,
-            filterref=names.nwfilter(name),
+            filterref=names.nwfilter(name) if host_filter else None,
             target_dev=names.target_dev(name),
             ip=state.ip,
             ip6=ip6,
