@@ -54,7 +54,7 @@ from typing import IO, Any
 
 from orchestrator import paths
 from orchestrator.errors import ConflictError, SandboxError, UsageError
-from orchestrator.state import atomic_write, file_lock
+from orchestrator.files import atomic_write, file_lock
 from orchestrator.waits import Deadline, wait_for
 
 IPAddress = IPv4Address | IPv6Address

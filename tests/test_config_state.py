@@ -16,12 +16,11 @@ from orchestrator import cli, paths
 from orchestrator.config import DEFAULT_URI, load_settings, parse_settings
 from orchestrator.egress.policy import build_policy
 from orchestrator.errors import ConflictError, TimeoutExpired, UsageError
+from orchestrator.files import atomic_write, file_lock
 from orchestrator.state import (
     Phase,
     SandboxState,
     StateStore,
-    atomic_write,
-    file_lock,
     validate_name,
 )
 from orchestrator.vm import hypervisor as hv

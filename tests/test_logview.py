@@ -281,7 +281,7 @@ def test_an_append_waiting_on_the_old_file_lands_in_the_new_one(tmp_path: Path) 
     import threading
     import time
 
-    from orchestrator.state import atomic_write
+    from orchestrator.files import atomic_write
 
     logview.append_attempts(tmp_path, [CURL])
     path = tmp_path / paths.CONNECTIONS_LOG

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from orchestrator import jsontext, paths
 from orchestrator.capture.records import Attempt, DnsQuery, LogRecordError, Verdict, parse_time
 from orchestrator.errors import UsageError
+from orchestrator.files import atomic_write
 from orchestrator.safetext import text as safe
-from orchestrator.state import atomic_write
 
 if TYPE_CHECKING:
     from rich.table import Table

@@ -27,6 +27,7 @@ from orchestrator.errors import (
     SandboxError,
     UsageError,
 )
+from orchestrator.files import atomic_write
 from orchestrator.lifecycle.context import (
     Context,
     guards_host,
@@ -35,12 +36,7 @@ from orchestrator.lifecycle.context import (
 )
 from orchestrator.lifecycle.resources import remove_network, remove_volumes, save_console
 from orchestrator.run import xdebug
-from orchestrator.state import (
-    Phase,
-    SandboxState,
-    atomic_write,
-    validate_name,
-)
+from orchestrator.state import Phase, SandboxState, validate_name
 from orchestrator.vm import hypervisor as hv
 from orchestrator.vm.domain import (
     DomainSpec,

@@ -20,6 +20,7 @@ from orchestrator.capture.records import Attempt, DnsQuery, Verdict
 from orchestrator.egress import dnslog, guestfw
 from orchestrator.egress.policy import EgressPolicy
 from orchestrator.errors import NotFoundError, SandboxError, UsageError
+from orchestrator.files import atomic_write, file_lock
 from orchestrator.lifecycle.context import (
     LEGACY_SUBNET,
     LEGACY_SUBNET6,
@@ -32,13 +33,7 @@ from orchestrator.lifecycle.context import (
     ready_state,
 )
 from orchestrator.run import target as runs
-from orchestrator.state import (
-    Phase,
-    SandboxState,
-    atomic_write,
-    file_lock,
-    validate_name,
-)
+from orchestrator.state import Phase, SandboxState, validate_name
 from orchestrator.vm import hypervisor as hv
 from orchestrator.vm.domain import (
     NetworkSpec,

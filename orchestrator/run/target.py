@@ -35,8 +35,8 @@ from orchestrator.errors import (
     TimeoutExpired,
     UsageError,
 )
+from orchestrator.files import atomic_write
 from orchestrator.run import xdebug
-from orchestrator.state import atomic_write
 
 if TYPE_CHECKING:
     from orchestrator.vm.guest import Guest

@@ -46,7 +46,7 @@ from typing import Any
 
 from orchestrator import paths
 from orchestrator.errors import ImageError, NotFoundError, UsageError
-from orchestrator.state import file_lock
+from orchestrator.files import file_lock
 from orchestrator.waits import Deadline
 
 RECIPE_DIR = paths.project_dir("images")
