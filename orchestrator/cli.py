@@ -317,6 +317,80 @@ def run(
     raise typer.Exit(record.exit_code if record.exit_code is not None else 1)
 
 
+@app.command()
+def serve(
+    name: NameOpt = "default",
+    workdir: Annotated[
+        Path, typer.Option("--workdir", help="The application's directory, uploaded.")
+    ] = Path("."),
+    port: Annotated[
+        int, typer.Option("--port", "-p", help="Port on this machine's 127.0.0.1 (0: any free).")
+    ] = 8080,
+    docroot: Annotated[
+        str, typer.Option("--docroot", help="Web root inside --workdir (e.g. public).")
+    ] = ".",
+    router: Annotated[
+        str | None,
+        typer.Option("--router", help="Script inside --workdir that every request goes through."),
+    ] = None,
+    env: Annotated[
+        list[str] | None,
+        typer.Option("--env", "-e", help="NAME=VALUE for the server (repeatable)."),
+    ] = None,
+    xdebug_mode: Annotated[
+        str | None,
+        typer.Option("--xdebug", help="xdebug mode (default: the one `up` set, trace)."),
+    ] = None,
+) -> None:
+    """Serve a PHP web application from the sandbox (PHP's built-in server) on this machine's
+    127.0.0.1:PORT; each attempt names the request it served. Ctrl-C stops it."""
+    check_range(port, (0, 65535), "--port")
+    outcome = lifecycle.serve_target(
+        _context(),
+        name,
+        workdir,
+        port=port,
+        docroot=docroot,
+        router=router,
+        env=runs.parse_env(env or ()),
+        mode=_xdebug_mode(xdebug_mode) if xdebug_mode else None,
+        on_ready=lambda url: err.print(
+            safetext.text(f"serving {workdir} at {url} (Ctrl-C to stop)"), soft_wrap=True
+        ),
+        stdout=_escaped_lines(err),
+        stderr=_escaped_lines(err),
+        on_warning=_warn,
+    )
+    record = outcome.run.result.record
+    summary = f"served {len(outcome.requests)} request(s) in run {record.id}"
+    if outcome.run.collected is not None:
+        summary += f", {outcome.run.collected.new_attempts} new connection record(s)"
+    err.print(
+        safetext.text(
+            f"{summary}; see `sandbox logs --name {name} --run {record.id}`", style="dim"
+        ),
+        soft_wrap=True,
+    )
+    code = record.exit_code
+    # Stopped with Ctrl-C, as meant: success. A server that died on its own passes its code on.
+    raise typer.Exit(0 if code == runs.EXIT_INTERRUPTED else (code if code is not None else 1))
+
+
+def _escaped_lines(console: Console) -> Any:
+    """A sink for guest output that is a log, not the user's data: whole lines, printed with
+    control characters escaped (the application's own log lines are guest text)."""
+    pending = bytearray()
+
+    def sink(data: bytes) -> None:
+        pending.extend(data)
+        *lines, rest = bytes(pending).split(b"\n")
+        pending[:] = rest[-65536:]
+        for line in lines:
+            console.print(safetext.text(line.decode(errors="replace")), soft_wrap=True)
+
+    return sink
+
+
 def _sink(stream: Any) -> Any:
     def sink(data: bytes) -> None:
         stream.buffer.write(data)

@@ -15,7 +15,13 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from orchestrator.errors import GuestError, HostKeyMismatchError, OutputTooLarge, TimeoutExpired
+from orchestrator.errors import (
+    GuestError,
+    HostKeyMismatchError,
+    OutputTooLarge,
+    TimeoutExpired,
+    UsageError,
+)
 from orchestrator.vm.guest import (
     Guest,
     fingerprint,
@@ -24,7 +30,7 @@ from orchestrator.vm.guest import (
     tcp_connect,
     wait_for_banner,
 )
-from orchestrator.waits import Deadline
+from orchestrator.waits import Deadline, wait_for
 
 from .sshd_fixture import Sshd, SshdFactory, free_port, keygen, sshd, sshd_factory
 
@@ -669,6 +675,103 @@ def test_reverse_forward_admits_a_bounded_number_of_connections(guest: Guest) ->
             hold.set()
             for c in conns:
                 c.close()
+
+
+# --- local forwards (sandbox serve) ----------------------------------------------------------
+# The "guest service" is a listener on 127.0.0.1, which the guest's sshd (on this machine) reaches
+# as its own loopback.
+
+
+def test_local_forward_carries_bytes_both_ways_and_passes_eof(guest: Guest) -> None:
+    def answer(conn: socket.socket, n: int) -> None:
+        with conn:
+            request = read_until_eof(conn)
+            conn.sendall(b"got " + request)
+
+    with listener(echo) as service, guest.local_forward("127.0.0.1", 0, service) as port:
+        assert port > 0
+        big = bytes(range(256)) * 8192  # 2 MiB: more than the SSH windows both ways
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            sender = threading.Thread(target=conn.sendall, args=(big,))
+            sender.start()
+            assert read_exactly(conn, len(big), timeout=20) == big
+            sender.join(5)
+    with (
+        listener(answer) as service,
+        guest.local_forward("127.0.0.1", 0, service) as port,
+        socket.create_connection(("127.0.0.1", port), timeout=5) as conn,
+    ):
+        conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        conn.shutdown(socket.SHUT_WR)
+        assert read_until_eof(conn) == b"got GET / HTTP/1.0\r\n\r\n"
+
+
+def test_local_forward_to_nothing_closes_the_client_and_keeps_serving(guest: Guest) -> None:
+    unused = free_port()
+    with guest.local_forward("127.0.0.1", 0, unused) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            assert read_until_eof(conn) == b""  # sshd refused the channel: closed, no hang
+        # The same forward works once something listens there.
+        server = socket.create_server(("127.0.0.1", unused))
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+                accepted, _ = server.accept()
+                with accepted:
+                    accepted.sendall(b"late")
+                    assert read_exactly(conn, 4) == b"late"
+        finally:
+            server.close()
+    assert guest.check(["true"]) == ""  # the management session is unharmed
+
+
+def test_local_forward_bounds_connections_and_closes_on_exit(guest: Guest) -> None:
+    releases = [threading.Event() for _ in range(5)]
+    served: list[int] = []
+
+    def held(conn: socket.socket, n: int) -> None:
+        served.append(n)
+        releases[n].wait(60)
+        conn.close()
+
+    with (
+        listener(held) as service,
+        guest.local_forward("127.0.0.1", 0, service, max_links=3) as port,
+    ):
+        conns = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(5)]
+        # Connections past the bound wait in the backlog instead of reaching the guest.
+        wait_for(lambda: True if len(served) >= 3 else None, deadline(10))
+        time.sleep(0.5)
+        assert len(served) == 3
+        # The service ends one and its client closes: the slot goes to a waiting connection.
+        releases[0].set()
+        assert read_until_eof(conns[0]) == b""
+        conns[0].close()
+        wait_for(lambda: True if len(served) >= 4 else None, deadline(10))
+    # On exit every open connection is closed (one still in the listen backlog is reset), none
+    # left hanging, and the port no longer listens.
+    try:
+        for conn in conns[1:]:
+            with contextlib.suppress(ConnectionResetError):
+                assert read_until_eof(conn) == b""
+    finally:
+        for release in releases:
+            release.set()
+        for conn in conns:
+            conn.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def test_local_forward_port_taken_is_a_usage_error(guest: Guest) -> None:
+    taken = socket.create_server(("127.0.0.1", 0))
+    try:
+        with (
+            pytest.raises(UsageError, match=r"cannot listen on 127\.0\.0\.1"),
+            guest.local_forward("127.0.0.1", taken.getsockname()[1], 1),
+        ):
+            pass
+    finally:
+        taken.close()
 
 
 def test_a_guest_that_stops_answering_is_detected(guest: Guest) -> None:

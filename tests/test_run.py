@@ -12,6 +12,7 @@ from orchestrator import paths
 from orchestrator.capture.records import Attempt, Verdict, guest_seconds, iso_time
 from orchestrator.errors import GuestError, NotFoundError, UsageError
 from orchestrator.run import target as runs
+from orchestrator.run import xdebug
 
 from .conftest import Golden
 
@@ -256,3 +257,57 @@ def test_guest_clock_and_counts_are_parsed_strictly() -> None:
     for bad in ("nan", "inf", "1e400", "²", "1" * 5000, "-5"):
         with pytest.raises(GuestError):
             guest_seconds(bad, "finishing the run")
+
+
+# --- sandbox serve -----------------------------------------------------------------------------
+
+
+def test_serve_request_runs_the_built_in_server_on_the_guest_loopback(tmp_path: Path) -> None:
+    (tmp_path / "public").mkdir()
+    (tmp_path / "router.php").write_text("<?php return false;")
+    request = runs.serve_request(
+        tmp_path, guest_port=24567, docroot="public/", router="router.php", env=(("A", "b"),)
+    )
+    assert request.argv == (
+        "php",
+        "-d",
+        f"auto_prepend_file={xdebug.SERVE_PREPEND_PATH}",
+        "-S",
+        "127.0.0.1:24567",
+        "-t",
+        "public",
+        xdebug.SERVE_ROUTER,
+    )
+    assert not request.php and request.workdir == tmp_path and request.env == (("A", "b"),)
+    assert request.interrupt_ends
+    assert dict(request.extra_files) == {
+        xdebug.SERVE_PREPEND_PATH: xdebug.SERVE_PREPEND,
+        xdebug.SERVE_ROUTER: xdebug.serve_router("router.php"),
+    }
+    assert "return require __DIR__ . '/router.php';" in xdebug.serve_router("router.php")
+    assert xdebug.serve_router("it's.php").endswith("'/it\\'s.php';\n")
+    # The whole directory goes up; the server runs in the run's directory.
+    plan = runs.plan(request)
+    assert plan.upload_dir == tmp_path and plan.argv == request.argv
+    assert runs.serve_request(tmp_path, guest_port=1).argv[-2:] == ("-t", ".")
+
+
+@pytest.mark.parametrize(
+    ("docroot", "router", "message"),
+    [
+        ("..", None, "is not a directory inside"),
+        ("missing", None, "is not a directory inside"),
+        (".", "../outside.php", "is not a file inside"),
+        (".", "missing.php", "is not a file inside"),
+    ],
+)
+def test_serve_request_keeps_to_the_workdir(
+    tmp_path: Path, docroot: str, router: str | None, message: str
+) -> None:
+    app = tmp_path / "app"
+    app.mkdir()
+    (tmp_path / "outside.php").write_text("<?php")
+    with pytest.raises(NotFoundError, match=message):
+        runs.serve_request(app, guest_port=1, docroot=docroot, router=router)
+    with pytest.raises(NotFoundError, match="no such directory"):
+        runs.serve_request(tmp_path / "nope", guest_port=1)

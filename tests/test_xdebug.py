@@ -4,6 +4,7 @@ see its README) and on cut, compressed and made-up variants of them."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import re
 from dataclasses import replace
@@ -516,3 +517,50 @@ def test_a_gzip_bomb_is_refused_without_inflating_it() -> None:
     with pytest.raises(xdebug.TraceError, match="inflates to more than 1 MiB"):
         xdebug._decompress(bomb, "trace.1.ab.xt.gz", limit=1 << 20)
     assert xdebug._decompress(gzip.compress(b"ok"), "t", limit=2) == b"ok"
+
+
+# --- the requests of `sandbox serve` -------------------------------------------------------------
+
+
+def test_each_serve_request_is_named_from_its_trace() -> None:
+    traces = _traces("serve")
+    assert sorted(xdebug.request_of(t) or "" for t in traces) == [
+        "GET /fetch",
+        "GET /phone?from=test",
+    ]
+    # A trace without the serve prepend names no request.
+    assert all(xdebug.request_of(t) is None for t in _traces("phone_home"))
+
+
+def test_attempts_get_the_request_being_served_and_the_line() -> None:
+    traces = _traces("serve")
+    attempts = xdebug.name_requests(xdebug.attribute(_attempts("serve"), traces), traces)
+    assert [(a.dst, a.request, _origin(a)) for a in attempts] == [
+        ("198.51.100.9", "GET /phone?from=test", "fsockopen@5"),
+        ("203.0.113.7", "GET /fetch", "file_get_contents@10"),
+    ]
+    # Outside every request's trace (another process, or between requests): no request.
+    other = dataclasses.replace(attempts[0], request=None, pid=9999)
+    later = dataclasses.replace(attempts[0], request=None, time="2026-12-05T18:00:00.000Z")
+    assert [a.request for a in xdebug.name_requests([other, later], traces)] == [None, None]
+
+
+def test_a_request_name_is_bounded_and_unquoted() -> None:
+    call = xdebug.Call(
+        1,
+        1,
+        xdebug.SERVE_MARKER,
+        False,
+        "/etc/sandbox/php/serve-prepend.php",
+        9,
+        ("'POST'", "'/" + "a" * 600 + "'..."),
+        0.0,
+        0.0,
+        None,
+    )
+    trace = xdebug.Trace(1, "trace.1.ab.xt", 0.0, 0.0, 1.0, True, (call,))
+    named = xdebug.request_of(trace)
+    assert named is not None and named.startswith("POST /aaa") and len(named) == 300
+    # Only our own marker counts: an internal function of that name is not it.
+    internal = dataclasses.replace(call, internal=True)
+    assert xdebug.request_of(dataclasses.replace(trace, calls=(internal,))) is None

@@ -292,8 +292,10 @@ def render_table(attempts: Sequence[Attempt]) -> Table:
     names = any(a.dns_name for a in attempts)
     source = any(a.stack for a in attempts)
     tampered = any(a.verdict is Verdict.TAMPER for a in attempts)
+    served = any(a.request for a in attempts)
     columns = ["time", "verdict", "process", "uid", "proto", "destination"]
-    columns += ["dns name"] * names + ["php source"] * source + ["what changed"] * tampered
+    columns += ["dns name"] * names + ["http request"] * served + ["php source"] * source
+    columns += ["what changed"] * tampered
     for column in columns:
         table.add_column(
             column,
@@ -312,6 +314,7 @@ def render_table(attempts: Sequence[Attempt]) -> Table:
             safe(a.proto),
             safe("" if tamper else destination(a.dst, a.dport)),
             *((safe(a.dns_name or ""),) if names else ()),
+            *((safe(a.request or ""),) if served else ()),
             # A frame a line: the innermost call first, as in a stack trace.
             *((Text("\n← ").join(safe(f.describe()) for f in a.stack),) if source else ()),
             *((safe(a.evidence if tamper else ""),) if tampered else ()),

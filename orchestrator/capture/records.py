@@ -125,6 +125,8 @@ class Attempt:
     evidence: str = ""  # "connect+firewall" | "firewall" | "connect"
     stack: tuple[Frame, ...] = ()  # PHP frames, innermost first, from the xdebug trace
     run: str | None = None  # the `sandbox run` this attempt belongs to
+    # The HTTP request being served when it was made (`sandbox serve`): "GET /path?query".
+    request: str | None = None
 
     def to_json(self) -> str:
         value = asdict(self)
@@ -133,6 +135,8 @@ class Attempt:
             del value["stack"]
         if self.run is None:
             del value["run"]
+        if self.request is None:
+            del value["request"]
         return json.dumps(value, sort_keys=False, separators=(",", ":"))
 
     @classmethod

@@ -5,8 +5,10 @@ context.py is what they share. The CLI calls only what is exported here."""
 
 from orchestrator.lifecycle.access import (
     RunOutcome,
+    ServeOutcome,
     exec_command,
     run_target,
+    serve_target,
     sockets,
     ssh_argv,
 )
@@ -44,6 +46,7 @@ __all__ = [
     "QuietReporter",
     "Reporter",
     "RunOutcome",
+    "ServeOutcome",
     "Status",
     "collect",
     "collect_quietly",
@@ -66,6 +69,7 @@ __all__ = [
     "refresh_logs",
     "require_logs",
     "run_target",
+    "serve_target",
     "sockets",
     "ssh_argv",
     "up",

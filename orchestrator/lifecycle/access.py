@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -12,10 +13,7 @@ from typing import TYPE_CHECKING
 
 from orchestrator import paths
 from orchestrator.capture import logview, monitor
-from orchestrator.errors import (
-    GuestError,
-    UsageError,
-)
+from orchestrator.errors import GuestError, UsageError
 from orchestrator.lifecycle.collection import CollectReport, collect_quietly
 from orchestrator.lifecycle.context import (
     Context,
@@ -26,6 +24,8 @@ from orchestrator.lifecycle.context import (
     runnable_state,
 )
 from orchestrator.run import target as runs
+from orchestrator.run import xdebug
+from orchestrator.state import SandboxState
 
 if TYPE_CHECKING:
     # paramiko and pycdlib cost a tenth of a second to import: only the verbs that talk to a
@@ -100,27 +100,115 @@ def run_target(
     to it. Local files are checked before anything is sent to the guest."""
     runs.plan(request)
     state = runnable_state(ctx, name)
-    logs = logs_dir(ctx, name)
-    expected = expected_rules(state)
     with open_guest(ctx, name) as guest:
-        with collecting_meanwhile(ctx, name, on_warning, guest):
-            result = runs.execute(
-                guest,
-                request,
-                logs=logs,
-                expected_rules=expected,
-                default_mode=state.xdebug,
-                stdout=stdout,
-                stderr=stderr,
-                on_warning=on_warning,
-                limits=ctx.settings.limits,
-            )
-        # The run's last records are complete once the settle window has passed since its end
-        # (younger halves wait for the next collection): wait out the rest of it, so that
-        # `sandbox logs` right after `run` shows everything the run did.
-        time.sleep(max(0.0, monitor.SETTLE_SECONDS - (time.monotonic() - result.finished)))
-        collected = collect_quietly(ctx, name, on_warning, guest=guest, after_run=True)
+        return _execute_and_collect(ctx, state, guest, request, stdout, stderr, on_warning)
+
+
+def _execute_and_collect(
+    ctx: Context,
+    state: SandboxState,
+    guest: Guest,
+    request: runs.RunRequest,
+    stdout: Callable[[bytes], None],
+    stderr: Callable[[bytes], None],
+    on_warning: Callable[[str], None],
+) -> RunOutcome:
+    name = state.name
+    with collecting_meanwhile(ctx, name, on_warning, guest):
+        result = runs.execute(
+            guest,
+            request,
+            logs=logs_dir(ctx, name),
+            expected_rules=expected_rules(state),
+            default_mode=state.xdebug,
+            stdout=stdout,
+            stderr=stderr,
+            on_warning=on_warning,
+            limits=ctx.settings.limits,
+        )
+    # The run's last records are complete once the settle window has passed since its end
+    # (younger halves wait for the next collection): wait out the rest of it, so that
+    # `sandbox logs` right after `run` shows everything the run did.
+    time.sleep(max(0.0, monitor.SETTLE_SECONDS - (time.monotonic() - result.finished)))
+    collected = collect_quietly(ctx, name, on_warning, guest=guest, after_run=True)
     return RunOutcome(result, collected)
+
+
+# The guest port PHP's built-in server listens on: on the guest's loopback only, reached through
+# the management connection. Picked at random so that two serves of one sandbox do not collide.
+_SERVE_PORTS = (20000, 60000)
+# PHP's built-in server says it started in its first line; what comes later is not looked at.
+_SERVE_BANNER_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class ServeOutcome:
+    run: RunOutcome
+    requests: tuple[str, ...]  # the HTTP requests served, in order ("GET /path")
+
+
+def serve_target(
+    ctx: Context,
+    name: str,
+    workdir: Path,
+    *,
+    port: int,
+    docroot: str = ".",
+    router: str | None = None,
+    env: tuple[tuple[str, str], ...] = (),
+    mode: xdebug.XdebugMode | None = None,
+    on_ready: Callable[[str], None],
+    stdout: Callable[[bytes], None],
+    stderr: Callable[[bytes], None],
+    on_warning: Callable[[str], None],
+) -> ServeOutcome:
+    """`sandbox serve`: a PHP web application run by PHP's built-in server in the guest, reached
+    from this machine's 127.0.0.1:`port` through the management SSH connection (ingress only:
+    the guest's egress rules stay as they are). Runs until Ctrl-C; then like `sandbox run`: the
+    outputs fetched, the records collected, each attempt tied to its request and PHP line.
+    `on_ready` gets the URL once the server has started."""
+    guest_port = _SERVE_PORTS[0] + secrets.randbelow(_SERVE_PORTS[1] - _SERVE_PORTS[0])
+    request = runs.serve_request(
+        workdir, guest_port=guest_port, docroot=docroot, router=router, env=env, mode=mode
+    )
+    runs.plan(request)
+    state = runnable_state(ctx, name)
+    with (
+        open_guest(ctx, name) as guest,
+        guest.local_forward("127.0.0.1", port, guest_port) as bound,
+    ):
+        url = f"http://127.0.0.1:{bound}/"
+        # Ready when the server says so: asking by connecting would add a connection to the
+        # records at every try.
+        started = f"Development Server (http://127.0.0.1:{guest_port}) started".encode()
+        seen = bytearray()
+
+        def watch(data: bytes) -> None:
+            if len(seen) < _SERVE_BANNER_BYTES:
+                seen.extend(data[:_SERVE_BANNER_BYTES])
+                if started in seen:
+                    seen.extend(b"\0" * _SERVE_BANNER_BYTES)  # said once
+                    on_ready(url)
+            stderr(data)
+
+        outcome = _execute_and_collect(ctx, state, guest, request, stdout, watch, on_warning)
+    return ServeOutcome(outcome, _served(outcome.result, ctx.settings.limits.decompressed))
+
+
+def _served(result: runs.RunResult, limit: int) -> tuple[str, ...]:
+    """The requests the fetched traces name, in the order they started."""
+    named: list[tuple[float, str]] = []
+    for path in result.fetched:
+        if not xdebug.is_trace_name(path.name):
+            continue
+        try:
+            trace = xdebug.parse_trace(path.read_bytes(), path.name, limit=limit)
+        except (OSError, xdebug.TraceError):
+            continue
+        request = xdebug.request_of(trace)
+        if request is not None:
+            named.append((trace.start, request))
+    return tuple(request for _start, request in sorted(named))
 
 
 def ssh_argv(ctx: Context, name: str, command: Sequence[str]) -> list[str]:

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 RUN_USER = "sandbox"  # made by the image recipe (images/customize.sh), uid 1000
 RUN_UID = 1000
 EXIT_TIMEOUT = 124  # what timeout(1) returns: scripts around `sandbox run` know it
+EXIT_INTERRUPTED = 130  # a shell's code for a command ended by Ctrl-C (128 + SIGINT)
 # Every run gets a scope unit in this slice, so its cgroup is at a known path and the whole
 # process tree (double-forked daemons included) can be killed with one write to cgroup.kill.
 SLICE = "sandbox.slice"
@@ -68,6 +69,12 @@ class RunRequest:
     timeout: float | None = None
     xdebug: xdebug.XdebugMode | None = None  # None: the sandbox's default (set at `up`)
     debug_port: int = 9003
+    # Files of ours written into the guest (mode 0644) before the target starts: guest path
+    # (relative: in the run's directory) -> text.
+    extra_files: tuple[tuple[str, str], ...] = ()
+    # Ctrl-C is how the target is meant to end (`sandbox serve`): it stops the target and the
+    # run finishes as if the target had exited (outputs fetched, record kept), exit code 130.
+    interrupt_ends: bool = False
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,58 @@ def plan(request: RunRequest) -> Plan:
             "give a local executable to upload, an absolute guest path, or a command in the image",
         )
     return Plan(None, None, False, request.argv)
+
+
+def serve_request(
+    workdir: Path,
+    *,
+    guest_port: int,
+    docroot: str = ".",
+    router: str | None = None,
+    env: tuple[tuple[str, str], ...] = (),
+    mode: xdebug.XdebugMode | None = None,
+) -> RunRequest:
+    """`sandbox serve`: PHP's built-in web server on the guest's loopback, serving `docroot`
+    (and `router`, a script every request goes through) of the uploaded `workdir`. The serve
+    prepend names each HTTP request in its trace (xdebug.SERVE_PREPEND)."""
+    if not workdir.is_dir():
+        raise NotFoundError(f"--workdir {workdir}: no such directory", "give a local directory")
+    root = workdir.resolve()
+    served = (root / docroot).resolve()
+    if not served.is_dir() or not served.is_relative_to(root):
+        raise NotFoundError(
+            f"--docroot {docroot!r} is not a directory inside {workdir}",
+            "give the web root relative to --workdir, e.g. public",
+        )
+    argv = [
+        "php",
+        "-d",
+        f"auto_prepend_file={xdebug.SERVE_PREPEND_PATH}",
+        "-S",
+        f"127.0.0.1:{guest_port}",
+        "-t",
+        served.relative_to(root).as_posix(),
+    ]
+    files = [(xdebug.SERVE_PREPEND_PATH, xdebug.SERVE_PREPEND)]
+    if router is not None:
+        script = _inside(root, root / router)
+        if script is None:
+            raise NotFoundError(
+                f"--router {router!r} is not a file inside {workdir}",
+                "give the router script relative to --workdir, e.g. router.php",
+            )
+        # The server runs a router without the prepend: ours runs it, then the application's.
+        argv.append(xdebug.SERVE_ROUTER)
+        files.append((xdebug.SERVE_ROUTER, xdebug.serve_router(script)))
+    return RunRequest(
+        argv=tuple(argv),
+        php=False,
+        workdir=workdir,
+        env=env,
+        xdebug=mode,
+        extra_files=tuple(files),
+        interrupt_ends=True,
+    )
 
 
 def new_run_id(now: float | None = None) -> str:
@@ -361,7 +420,7 @@ def annotate(
                 and not any(r.covers(moments[a.id]) for r in others)
             )
         ]
-        for attempt in xdebug.attribute(owned, traces):
+        for attempt in xdebug.name_requests(xdebug.attribute(owned, traces), traces):
             changed[attempt.id] = dataclasses.replace(attempt, run=run.id)
     return [changed.get(a.id, a) for a in attempts]
 
@@ -421,6 +480,9 @@ def execute(
         )
     if the_plan.upload_dir is not None:
         guest.put_bytes(upload_tar(the_plan.upload_dir), posixpath.join(directory, _UPLOAD_TAR))
+    if request.extra_files:
+        files = {posixpath.join(directory, path): text for path, text in request.extra_files}
+        guest.check(["sh", "-c", "\n".join(guestfw.files_script(files))])
     record = RunRecord(
         id=run_id,
         argv=request.argv,
@@ -443,12 +505,14 @@ def execute(
         except TimeoutExpired:
             timed_out, code = True, EXIT_TIMEOUT
             guest.check(["sh", "-c", kill_command(run_id)], timeout=30)
+        except KeyboardInterrupt:
+            if not request.interrupt_ends:
+                _stop_after_interrupt(guest, run_id, on_warning)
+                raise
+            code = EXIT_INTERRUPTED
+            guest.check(["sh", "-c", kill_command(run_id)], timeout=30)
         except BaseException:
-            # Interrupted (Ctrl-C) or the connection broke: never leave the target running.
-            try:
-                guest.check(["sh", "-c", kill_command(run_id)], timeout=10)
-            except SandboxError as exc:
-                on_warning(f"could not stop run {run_id} in the guest: {exc.message}")
+            _stop_after_interrupt(guest, run_id, on_warning)
             raise
     finished = guest.check(["sh", "-c", finish_script(run_id, output_dir)], timeout=30)
     finished_at = time.monotonic()
@@ -471,6 +535,14 @@ def execute(
         on_warning(f"not fetched from the guest: {reason}")
     save_record(logs, record)
     return RunResult(record, fetched.files, finished_at, fetched.skipped)
+
+
+def _stop_after_interrupt(guest: Guest, run_id: str, on_warning: Callable[[str], None]) -> None:
+    # Interrupted (Ctrl-C) or the connection broke: never leave the target running.
+    try:
+        guest.check(["sh", "-c", kill_command(run_id)], timeout=10)
+    except SandboxError as exc:
+        on_warning(f"could not stop run {run_id} in the guest: {exc.message}")
 
 
 # More output files than this in one run are not fetched (each costs an SFTP round trip).

@@ -726,3 +726,83 @@ def attribute(attempts: Sequence[Attempt], traces: Sequence[Trace]) -> list[Atte
                 stack = traces[index].stack(calls.calls[call])
                 result[position] = replace(attempt, stack=stack)
     return result
+
+
+# ---- the requests of `sandbox serve` -----------------------------------------------------------
+
+# PHP's built-in server starts a request (and xdebug a trace, a file of its own: %r) for each
+# HTTP request. The prepend names it there: a call whose arguments the trace records.
+SERVE_MARKER = "__sandbox_serving_request"
+# Root's, outside the upload: the application cannot replace it. Written at each serve, so a
+# sandbox made before serve existed serves too.
+SERVE_PREPEND_PATH = posixpath.join(GUEST_INI_DIR, "serve-prepend.php")
+SERVE_PREPEND = f"""\
+<?php
+// Written by `sandbox serve`, run at the start of every request (auto_prepend_file, and by the
+// router wrapper: PHP's built-in server runs a router without the prepend): the call below puts
+// the request's method and URI into this request's xdebug trace, where the host finds them to
+// name the request behind each connection attempt. It does nothing else.
+if (!function_exists('{SERVE_MARKER}')) {{
+    function {SERVE_MARKER}(string $method, string $uri): void {{}}
+}}
+{SERVE_MARKER}(
+    (string) ($_SERVER['REQUEST_METHOD'] ?? ''),
+    (string) ($_SERVER['REQUEST_URI'] ?? ''),
+);
+"""
+SERVE_ROUTER = ".sandbox-serve-router.php"
+
+
+def serve_router(router: str) -> str:
+    """The router `sandbox serve` gives PHP's built-in server in place of the application's
+    (`router`, relative to the run's directory, where this file is written): the prepend, then
+    the application's router, whose return value (false: serve the file as it is) passes on."""
+    return (
+        "<?php\n"
+        "// Written by `sandbox serve`: names the request, then runs the application's router.\n"
+        f"require {_php_string(SERVE_PREPEND_PATH)};\n"
+        f"return require __DIR__ . {_php_string('/' + router)};\n"
+    )
+
+
+def _php_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+_REQUEST_TEXT_MAX = 300
+
+
+def _unquote(arg: str) -> str:
+    # xdebug writes a string argument as 'text' (cut ones as 'text'...).
+    if arg.startswith("'") and arg.endswith("'") and len(arg) >= 2:
+        return arg[1:-1]
+    if arg.startswith("'") and arg.endswith("'..."):
+        return arg[1:-4] + "..."
+    return arg
+
+
+def request_of(trace: Trace) -> str | None:
+    """'METHOD URI' of the HTTP request the trace's process served, when the serve prepend named
+    it (the first marker call: an application calling it again does not rename its request)."""
+    for call in trace.calls:
+        if call.function == SERVE_MARKER and not call.internal and len(call.args) >= 2:
+            text = f"{_unquote(call.args[0])} {_unquote(call.args[1])}"
+            return text[:_REQUEST_TEXT_MAX]
+    return None
+
+
+def name_requests(attempts: Sequence[Attempt], traces: Sequence[Trace]) -> list[Attempt]:
+    """The attempts, in the same order, with `request` set where the trace covering the
+    attempt's process and time is one request of `sandbox serve`."""
+    spans = _spans(traces)
+    requests = [request_of(trace) for trace in traces]
+    result = list(attempts)
+    for position, attempt in enumerate(attempts):
+        if attempt.request is not None or attempt.pid is None or attempt.pid not in spans:
+            continue
+        stamp = parse_time(attempt.time).timestamp()
+        for since, until, index in spans[attempt.pid]:
+            if since <= stamp <= until and requests[index] is not None:
+                result[position] = replace(attempt, request=requests[index])
+                break
+    return result

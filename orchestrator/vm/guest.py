@@ -31,7 +31,13 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from orchestrator.errors import GuestError, HostKeyMismatchError, OutputTooLarge, TimeoutExpired
+from orchestrator.errors import (
+    GuestError,
+    HostKeyMismatchError,
+    OutputTooLarge,
+    TimeoutExpired,
+    UsageError,
+)
 from orchestrator.waits import Deadline
 
 SSH_PORT = 22
@@ -62,6 +68,8 @@ _DEAD_PEER_SECONDS = 90.0
 # Connections one tunnel relays at once; more are closed at once (a guest looping on connect()
 # must not make the host open sockets and threads without end).
 _RELAY_MAX_LINKS = 8
+# Connections at once through a local forward (`sandbox serve`): a browser opens about six.
+_FORWARD_MAX_LINKS = 32
 # The most of a command's output the host buffers whole (check(): collections of the connection
 # records, `logs --sockets`, a run's bookkeeping); a caller that expects more gives its own.
 DEFAULT_OUTPUT_LIMIT = 64 << 20
@@ -618,6 +626,35 @@ class Guest:
                         )
             relay.close()
 
+    @contextlib.contextmanager
+    def local_forward(
+        self,
+        local_host: str,
+        local_port: int,
+        guest_port: int,
+        *,
+        max_links: int = _FORWARD_MAX_LINKS,
+    ) -> Iterator[int]:
+        """Listen on this machine's `local_host:local_port` (0: a free port) and pass every
+        connection made to it on to the guest's 127.0.0.1:`guest_port`, over the management SSH
+        connection (`ssh -L`): ingress to a service in the guest opens nothing in its firewall,
+        whose egress rules stay as they are. Yields the bound local port. At most `max_links`
+        connections at once; more wait in the listen backlog. On exit the listener closes and
+        open connections are closed, their threads joined (bounded)."""
+        try:
+            listener = socket.create_server((local_host, local_port), backlog=64)
+        except OSError as e:
+            raise UsageError(
+                f"cannot listen on {local_host}:{local_port}: {e.strerror or e}",
+                "choose another port with --port (or stop what uses this one)",
+            ) from e
+        forward = _Forward(self.transport, listener, guest_port, max_links)
+        forward.start()
+        try:
+            yield int(listener.getsockname()[1])
+        finally:
+            forward.close()
+
     def _route_forwarded(
         self,
         channel: paramiko.Channel,
@@ -860,6 +897,113 @@ class _Relay:
         # A thread still here waits for SSH window space the guest program never frees by
         # reading. It is parked, not between building and sending a message, so closing its
         # channel from here is safe, and wakes it.
+        for link in links:
+            link.channel.close()
+        for thread in threads:
+            thread.join(max(0.0, start + _RELAY_JOIN_TIMEOUT - time.monotonic()))
+
+
+class _Forward:
+    """A local forward's connections: a thread accepts on the host's listener; each connection
+    gets a channel to the guest port and, as in _Relay, one thread that copies host→guest and is
+    the only one to send on the channel, and one that copies guest→host."""
+
+    def __init__(
+        self,
+        transport: paramiko.Transport,
+        listener: socket.socket,
+        guest_port: int,
+        max_links: int,
+    ) -> None:
+        self._transport = transport
+        self._listener = listener
+        self._guest_port = guest_port
+        self._slots = threading.BoundedSemaphore(max_links)
+        self._lock = threading.Lock()
+        self._closing = False
+        self._links: set[_Link] = set()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        self._spawn(self._accept_loop, None)
+
+    def _spawn(self, target: Callable[..., None], arg: object) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            self._threads = [t for t in self._threads if t.is_alive()]
+            args = () if arg is None else (arg,)
+            thread = threading.Thread(
+                target=target, args=args, name=f"forward-{self._guest_port}", daemon=True
+            )
+            self._threads.append(thread)
+            thread.start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            while not self._slots.acquire(timeout=0.5):
+                if self._closing:
+                    return
+            try:
+                sock, _peer = self._listener.accept()
+            except OSError:
+                self._slots.release()
+                return  # the listener was closed
+            self._spawn(self._serve, sock)
+
+    def _serve(self, sock: socket.socket) -> None:
+        back: threading.Thread | None = None
+        link: _Link | None = None
+        try:
+            try:
+                peer = sock.getpeername()
+                channel = self._transport.open_channel(
+                    "direct-tcpip",
+                    (_GUEST_LOOPBACK, self._guest_port),
+                    (str(peer[0]), int(peer[1])),
+                    timeout=_RELAY_CONNECT_TIMEOUT,
+                )
+            except (OSError, EOFError, paramiko.SSHException):
+                return  # nothing listens in the guest (yet): the client sees its connection end
+            link = _Link(channel)
+            link.sock = sock
+            with self._lock:
+                if self._closing:
+                    channel.close()
+                    return
+                self._links.add(link)
+                back = threading.Thread(
+                    target=_Relay._to_host, args=(link,), name="forward-back", daemon=True
+                )
+                back.start()
+            _Relay._to_guest(link, sock)
+            link.guest_done.wait()
+        finally:
+            if link is not None:
+                link.channel.close()
+                if back is not None:
+                    back.join(_RELAY_JOIN_TIMEOUT)
+                with self._lock:
+                    self._links.discard(link)
+            sock.close()
+            self._slots.release()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            links = list(self._links)
+            threads = list(self._threads)
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        for link in links:
+            link.guest_done.set()
+            if link.sock is not None:
+                with contextlib.suppress(OSError):
+                    link.sock.shutdown(socket.SHUT_RDWR)
+        start = time.monotonic()
+        for thread in threads:
+            thread.join(max(0.0, start + _RELAY_JOIN_TIMEOUT / 2 - time.monotonic()))
         for link in links:
             link.channel.close()
         for thread in threads:
