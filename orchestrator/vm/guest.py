@@ -884,23 +884,28 @@ class _Relay:
             self._closing = True
             links = list(self._links)
             threads = list(self._threads)
-        for link in links:
-            link.guest_done.set()
-            if link.sock is not None:
-                # shutdown, not close: it wakes the thread blocked in recv() on this socket,
-                # which then closes the channel itself.
-                with contextlib.suppress(OSError):
-                    link.sock.shutdown(socket.SHUT_RDWR)
-        start = time.monotonic()
-        for thread in threads:
-            thread.join(max(0.0, start + _RELAY_JOIN_TIMEOUT / 2 - time.monotonic()))
-        # A thread still here waits for SSH window space the guest program never frees by
-        # reading. It is parked, not between building and sending a message, so closing its
-        # channel from here is safe, and wakes it.
-        for link in links:
-            link.channel.close()
-        for thread in threads:
-            thread.join(max(0.0, start + _RELAY_JOIN_TIMEOUT - time.monotonic()))
+        _close_links(links, threads)
+
+
+def _close_links(links: list[_Link], threads: list[threading.Thread]) -> None:
+    """End a tunnel's connections and join their threads, within _RELAY_JOIN_TIMEOUT."""
+    for link in links:
+        link.guest_done.set()
+        if link.sock is not None:
+            # shutdown, not close: it wakes the thread blocked in recv() on this socket,
+            # which then closes the channel itself.
+            with contextlib.suppress(OSError):
+                link.sock.shutdown(socket.SHUT_RDWR)
+    start = time.monotonic()
+    for thread in threads:
+        thread.join(max(0.0, start + _RELAY_JOIN_TIMEOUT / 2 - time.monotonic()))
+    # A thread still here waits for SSH window space the guest program never frees by
+    # reading. It is parked, not between building and sending a message, so closing its
+    # channel from here is safe, and wakes it.
+    for link in links:
+        link.channel.close()
+    for thread in threads:
+        thread.join(max(0.0, start + _RELAY_JOIN_TIMEOUT - time.monotonic()))
 
 
 class _Forward:
@@ -996,15 +1001,4 @@ class _Forward:
         with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
-        for link in links:
-            link.guest_done.set()
-            if link.sock is not None:
-                with contextlib.suppress(OSError):
-                    link.sock.shutdown(socket.SHUT_RDWR)
-        start = time.monotonic()
-        for thread in threads:
-            thread.join(max(0.0, start + _RELAY_JOIN_TIMEOUT / 2 - time.monotonic()))
-        for link in links:
-            link.channel.close()
-        for thread in threads:
-            thread.join(max(0.0, start + _RELAY_JOIN_TIMEOUT - time.monotonic()))
+        _close_links(links, threads)
