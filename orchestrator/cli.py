@@ -520,6 +520,12 @@ def logs(
         str | None, typer.Option("--run", help="Only this run's attempts (a run id, or last).")
     ] = None,
     dns: Annotated[bool, typer.Option("--dns", help="The resolver's queries instead.")] = False,
+    probes: Annotated[
+        bool,
+        typer.Option(
+            "--probes", help="Also glibc's address-sorting probes (UDP connects never sent on)."
+        ),
+    ] = False,
     host: Annotated[
         bool,
         typer.Option("--host", help="The flows the host saw the guest start (its own record)."),
@@ -545,6 +551,7 @@ def logs(
         since=since,
         process=process,
         run=lifecycle.last_run_id(ctx, name) if run_id == "last" else run_id,
+        probes=probes,
     )
     seen: set[str] = set()
     while True:

@@ -11,14 +11,16 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
-from orchestrator.capture import monitor
+from orchestrator.capture import logview, monitor
 from orchestrator.capture.records import Attempt, DnsQuery, Verdict
-from orchestrator.egress import firewall
+from orchestrator.egress import dnslog, firewall
 from orchestrator.errors import GuestError
 from sandbox_lab import in_lab
 
@@ -296,14 +298,16 @@ def test_established_records_are_attempts_only_with_a_connect_of_their_own() -> 
     udp = "203.0.113.7"
     events = (
         _event(1, 950.0, udp, 5353, 0, 17)
-        + _event(2, 950.2, udp, 0, 0, 17)  # a getaddrinfo probe, port 0
+        + _event(2, 950.2, udp, 0, 0, 17)  # a lone socket that sends nothing, port 0
         + _event(3, 951.0, udp, 5353, 0, 17)
         + _event(4, 951.4, udp, 5353, 0, 17)  # sends nothing
     )
     out = monitor.process(monitor.parse_snapshot(_output(records, events)), monitor.Cursor())
     assert [(a.id.split("-")[0], a.pid, a.verdict, a.proto, a.dport) for a in out.attempts] == [
         ("k10", 1, Verdict.ALLOWED, "udp", 5353),
+        ("c50200000000", 2, Verdict.UNSENT, "udp", 0),
         ("k12", 3, Verdict.ALLOWED, "udp", 5353),
+        ("c51400000000", 4, Verdict.UNSENT, "udp", 5353),
     ]
 
 
@@ -349,6 +353,103 @@ def test_getaddrinfo_probes_are_not_attempts_in_a_real_guest() -> None:
     assert len(mine) == 300
     assert {(a.verdict, a.dst, a.dport) for a in mine} == {(Verdict.ALLOWED, "203.0.113.7", 5353)}
     assert len([r for r in snapshot.firewall if r.established]) == 16
+
+
+def _named(name: str) -> tuple[monitor.Snapshot, list[Attempt], list[DnsQuery]]:
+    """A recorded collection and its resolver's log, through the collection's steps: join,
+    queries named by their socket, probes confirmed by the answers, destinations named."""
+    snapshot = _snapshot(f"{name}.txt")
+    log = (DATA / f"{name}.dnsmasq.log").read_text()
+    queries = dnslog.parse(log, year=2026, tz=UTC)
+    attempts = monitor.process(snapshot, monitor.Cursor(), final=True).attempts
+    attempts = monitor.name_queries(attempts, queries)
+    attempts = monitor.attach_dns_names(monitor.confirm_probes(attempts, queries), queries)
+    return snapshot, attempts, queries
+
+
+def test_every_query_row_carries_the_name_and_types_asked_in_a_real_guest() -> None:
+    """dns-names.txt (+ .dnsmasq.log): four runs of `php -r` in a real guest (README.md here)
+    with www.inet.test allowed: curl_exec of http://www.inet.test/ (curl resolves in a thread of
+    its own: A and AAAA on one socket), gethostbyname("api.inet.test") (the main thread; refused,
+    asked twice), and stream_socket_client("udp://198.51.100.9:53") never written to. Every
+    query row names what it asked, whichever thread asked: the resolver's log gives each query's
+    client port, the row its socket's. Before: attach_dns_names alone named none of the 12."""
+    snapshot, attempts, _ = _named("dns-names")
+    # curl's lookups were made by a thread of their own.
+    threaded = {e.pid for e in snapshot.events if e.dport == 53 and e.tid != e.pid}
+    assert threaded == {353, 499, 572, 680}
+    rows = [a for a in attempts if a.verdict is Verdict.DNS]
+    assert len(rows) == 12
+    assert sorted((a.pid, a.dns_name, a.dns_type) for a in rows) == sorted(
+        [(pid, "www.inet.test", "A, AAAA") for pid in threaded]
+        + [(pid, "api.inet.test", "A") for pid in threaded] * 2
+    )
+    # Each attempt to an address the answer gave carries the name.
+    connects = [a for a in attempts if a.verdict is Verdict.ALLOWED]
+    assert {(a.dst, a.dport, a.dns_name) for a in connects} == {
+        ("2001:db8:1::9", 80, "www.inet.test")
+    }
+    assert len(connects) == 4
+    # The table shows the name (and types) beside the resolver's address.
+    console = Console(width=250, record=True)
+    console.print(logview.render_table(rows))
+    assert "www.inet.test (A, AAAA)" in console.export_text()
+
+
+def test_unused_udp_sockets_are_intent_and_probes_are_told_apart_in_a_real_guest() -> None:
+    """dns-names.txt: glibc's getaddrinfo in curl's resolver thread connected a UDP socket to
+    each of www.inet.test's two addresses (port 80) and sent nothing: probes. PHP's
+    stream_socket_client("udp://198.51.100.9:53") in the main thread, never written to: unsent.
+    sshd's checks of its listening address (UDP to 0.0.0.0) are no attempt. Before: none of
+    these were rows."""
+    _, attempts, queries = _named("dns-names")
+    silent = [a for a in attempts if a.verdict in (Verdict.PROBE, Verdict.UNSENT)]
+    assert sorted((a.verdict.value, a.dst, a.dport) for a in silent) == sorted(
+        [("probe", "203.0.113.7", 80), ("probe", "2001:db8:1::9", 80)] * 4
+        + [("unsent", "198.51.100.9", 53)] * 4
+    )
+    assert all(a.exe == "/usr/bin/php8.2" and a.evidence == "connect" for a in silent)
+    assert not [a for a in attempts if a.dst == "0.0.0.0"]
+    # Hidden by default, shown when asked.
+    shown = logview.apply(logview.Filter(), attempts)
+    assert Verdict.PROBE not in {a.verdict for a in shown}
+    assert Verdict.UNSENT in {a.verdict for a in shown}
+    assert len(logview.apply(logview.Filter(probes=True), attempts)) == len(attempts)
+    # A probe whose addresses no answer gave is the software's own: two unused sockets of its
+    # own back to back look like glibc's to the capture; the resolver's log tells them apart.
+    unanswered = [q for q in queries if "203.0.113.7" not in q.result]
+    probes = [a for a in attempts if a.verdict is Verdict.PROBE]
+    again = monitor.confirm_probes(probes, unanswered)
+    assert {(a.verdict, a.dst) for a in again} == {
+        (Verdict.UNSENT, "203.0.113.7"),
+        (Verdict.PROBE, "2001:db8:1::9"),
+    }
+
+
+def test_probes_are_a_burst_of_one_thread_to_two_addresses_on_one_port() -> None:
+    """glibc connects one socket to each of two or more answers, back to back, in one thread,
+    with the port asked for; a lone unused socket is the software's."""
+
+    def line(seq: int, t: float, tid: int, dst: str, port: int, ret: int = 0) -> str:
+        family = 6 if ":" in dst else 4
+        mono_ns = round((t - 900.0) * 1e9)
+        return f"c {seq} {mono_ns} 7 {tid} 1 0 {ret} {family} 17 {dst} {port} /usr/bin/php -\n"
+
+    events = (
+        line(1, 950.0, 8, "203.0.113.7", 80)
+        + line(2, 950.01, 8, "2001:db8:1::9", 80, ret=-101)  # no IPv6 route: refused
+        + line(3, 950.02, 7, "198.51.100.9", 80)  # another thread: its own
+        + line(4, 953.0, 8, "198.51.100.10", 80)  # the same thread, seconds later: its own
+        + line(5, 953.1, 8, "198.51.100.11", 53)  # another port: its own
+    )
+    out = monitor.process(monitor.parse_snapshot(_output([], events)), monitor.Cursor(), final=True)
+    assert [(a.verdict, a.dst) for a in out.attempts] == [
+        (Verdict.PROBE, "203.0.113.7"),
+        (Verdict.PROBE, "2001:db8:1::9"),
+        (Verdict.UNSENT, "198.51.100.9"),
+        (Verdict.UNSENT, "198.51.100.10"),
+        (Verdict.UNSENT, "198.51.100.11"),
+    ]
 
 
 def test_firewall_records_the_buffer_dropped_are_reported_not_ignored() -> None:
@@ -491,6 +592,7 @@ def test_connect_only_attempts_loopback_refused_and_udp_without_packets() -> Non
     assert [(a.verdict, a.proto, a.pid, a.evidence) for a in out.attempts] == [
         (Verdict.LOOPBACK, "tcp", 1, "connect"),
         (Verdict.BLOCKED, "tcp", 2, "connect"),
+        (Verdict.UNSENT, "udp", 3, "connect"),
         (Verdict.BLOCKED, "udp", 5, "connect"),
     ]
 
@@ -501,7 +603,7 @@ def test_a_tcp_connect_the_firewall_never_logged_is_kept_as_unlogged() -> None:
     events = (
         _event(1, 950.0, ret=-115)  # EINPROGRESS: a SYN went out, no firewall record
         + _event(2, 950.1, dst="203.0.113.7", ret=0)  # it even connected
-        + _event(3, 950.2, ret=0, protocol=17)  # UDP that never sent: still not an attempt
+        + _event(3, 950.2, ret=0, protocol=17)  # UDP that never sent: unsent, not unlogged
     )
     snapshot = monitor.parse_snapshot(_output([], events, wall=950.3, uptime=50.3))
     # Young: kept back for its firewall record (which may be drained later)...
@@ -515,9 +617,14 @@ def test_a_tcp_connect_the_firewall_never_logged_is_kept_as_unlogged() -> None:
     assert [(a.verdict, a.dst, a.pid, a.evidence) for a in settled.attempts] == [
         (Verdict.UNLOGGED, "198.51.100.9", 1, "connect"),
         (Verdict.UNLOGGED, "203.0.113.7", 2, "connect"),
+        (Verdict.UNSENT, "198.51.100.9", 3, "connect"),
     ]
     final = monitor.process(snapshot, monitor.Cursor(), final=True)
-    assert [a.verdict for a in final.attempts] == [Verdict.UNLOGGED, Verdict.UNLOGGED]
+    assert [a.verdict for a in final.attempts] == [
+        Verdict.UNLOGGED,
+        Verdict.UNLOGGED,
+        Verdict.UNSENT,
+    ]
 
 
 def test_a_detached_or_reloaded_capture_is_a_tamper_row() -> None:

@@ -202,6 +202,9 @@ class Filter:
     since: datetime | None = None
     process: str | None = None
     run: str | None = None  # a run id, or "last" resolved by the caller
+    # glibc's address-sorting probes (Verdict.PROBE): the lookup's, not the software's; hidden
+    # unless asked for (--probes).
+    probes: bool = False
 
     @classmethod
     def from_options(
@@ -212,15 +215,25 @@ class Filter:
         since: str | None = None,
         process: str | None = None,
         run: str | None = None,
+        probes: bool = False,
         now: datetime | None = None,
     ) -> Filter:
         """Build from the CLI's flags; `since` as typed (see parse_since)."""
         moment = None
         if since is not None:
             moment = parse_since(since, now or datetime.now(UTC))
-        return cls(blocked=blocked, allowed=allowed, since=moment, process=process or None, run=run)
+        return cls(
+            blocked=blocked,
+            allowed=allowed,
+            since=moment,
+            process=process or None,
+            run=run,
+            probes=probes,
+        )
 
     def matches(self, attempt: Attempt) -> bool:
+        if attempt.verdict is Verdict.PROBE and not self.probes:
+            return False
         # "allowed" is everything let through: the policy, DNS to the resolver, loopback.
         if self.blocked != self.allowed and (attempt.verdict in _BLOCKED) != self.blocked:
             return False
@@ -261,6 +274,8 @@ _VERDICT_STYLE = {
     Verdict.UNLOGGED: "bold yellow",
     Verdict.HOST_BLOCKED: "bold red",
     Verdict.TAMPER: "bold magenta",
+    Verdict.UNSENT: "yellow",
+    Verdict.PROBE: "dim",
 }
 
 
@@ -313,13 +328,21 @@ def render_table(attempts: Sequence[Attempt]) -> Table:
             "" if a.uid is None else str(a.uid),
             safe(a.proto),
             safe("" if tamper else destination(a.dst, a.dport)),
-            *((safe(a.dns_name or ""),) if names else ()),
+            *((safe(_dns_cell(a)),) if names else ()),
             *((safe(a.request or ""),) if served else ()),
             # A frame a line: the innermost call first, as in a stack trace.
             *((Text("\n← ").join(safe(f.describe()) for f in a.stack),) if source else ()),
             *((safe(a.evidence if tamper else ""),) if tampered else ()),
         )
     return table
+
+
+def _dns_cell(attempt: Attempt) -> str:
+    """A query's name and the types asked ("www.example (A, AAAA)"), or the name an answer gave
+    for the destination."""
+    if attempt.dns_name and attempt.dns_type:
+        return f"{attempt.dns_name} ({attempt.dns_type})"
+    return attempt.dns_name or ""
 
 
 def render_dns_table(queries: Sequence[DnsQuery]) -> Table:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
+import itertools
 import json
 import logging
 import re
@@ -90,6 +91,10 @@ SETTLE_SECONDS = 3.0
 # TCP retries its SYN (and a blocked UDP flow resends) as long as this; every copy is NEW to
 # conntrack and logged again: they are the same attempt.
 FLOW_MEMORY_SECONDS = 180.0
+# glibc's getaddrinfo sorts a lookup's two or more answers (RFC 6724) by connecting a UDP
+# socket to each address in turn, with the port asked for, right after the answer and in the
+# thread that asked, and sends nothing: its connects come this close together.
+PROBE_BURST_SECONDS = 1.0
 
 COLLECT_TIMEOUT = 120.0
 # At most this much of the guest's events file per collection (guest root can make it any
@@ -735,12 +740,19 @@ def _loopback(address: str) -> bool:
     return ipaddress.ip_address(address).is_loopback
 
 
+def _local(address: str) -> bool:
+    """Loopback, or the unspecified address (a connect to 0.0.0.0 or :: reaches this host:
+    sshd checks its listening address so)."""
+    parsed = ipaddress.ip_address(address)
+    return parsed.is_loopback or parsed.is_unspecified
+
+
 def _attempt(
     record: FirewallRecord | None,
     event: ConnectEvent | None,
     boot_id: str,
     *,
-    unlogged: bool = False,
+    verdict: Verdict | None = None,
 ) -> Attempt:
     # Ids carry the boot: the capture's counts and clocks start again when the guest reboots.
     boot = boot_id.replace("-", "")[:8]
@@ -765,12 +777,12 @@ def _attempt(
             evidence="connect+firewall" if event else "firewall",
         )
     assert event is not None
-    loopback = _loopback(event.dst)
-    verdict = Verdict.LOOPBACK if loopback else Verdict.BLOCKED
+    if verdict is None:
+        verdict = Verdict.LOOPBACK if _loopback(event.dst) else Verdict.BLOCKED
     return Attempt(
         id=f"c{event.key}.{boot}",
         time=iso_time(event.time),
-        verdict=Verdict.UNLOGGED if unlogged else verdict,
+        verdict=verdict,
         proto=event.proto,
         family=event.family,
         dst=event.dst,
@@ -1095,6 +1107,7 @@ def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Colle
         records.append(record)
 
     pairs = join(records, events)
+    probes = _probes([e for half, e in pairs if half is None and e is not None])
 
     attempts: list[Attempt] = []
     pending: list[FirewallRecord] = []
@@ -1112,7 +1125,15 @@ def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Colle
                 # A TCP connect sends its SYN, which an intact guest firewall always logs. None
                 # came: the rules were changed or bypassed. Still an attempt (the host-side
                 # filter decided it; lifecycle sets which way from the policy).
-                attempts.append(_attempt(None, event, snapshot.boot_id, unlogged=True))
+                attempts.append(_attempt(None, event, snapshot.boot_id, verdict=Verdict.UNLOGGED))
+            elif _datagram(event) and not _local(event.dst):
+                # A datagram socket connected outside that sent nothing: intent all the same,
+                # unless it is glibc sorting its lookup's answers.
+                verdict = Verdict.PROBE if event.key in probes else Verdict.UNSENT
+                attempts.append(_attempt(None, event, snapshot.boot_id, verdict=verdict))
+        elif half is None and event is not None and event.key in probes:
+            # A probe the kernel refused (no route to the address family): the lookup's too.
+            attempts.append(_attempt(None, event, snapshot.boot_id, verdict=Verdict.PROBE))
         else:
             attempts.append(_attempt(half, event, snapshot.boot_id))
     attempts += _capture_tamper(snapshot, cursor, rebooted)
@@ -1192,6 +1213,32 @@ def _unlogged(event: ConnectEvent) -> bool:
     return event.proto == "tcp" and not _loopback(event.dst)
 
 
+def _datagram(event: ConnectEvent) -> bool:
+    return event.proto in ("udp", "udplite")
+
+
+def _probes(alone: Sequence[ConnectEvent]) -> set[str]:
+    """The keys of the connects (of those with no packet) that are glibc's getaddrinfo sorting
+    a lookup's answers: it connects a UDP socket to each of two or more addresses in turn (one
+    family's reused: connect, AF_UNSPEC connect, connect again), with the same port, from the
+    thread that looked the name up, and sends nothing (the kernel may refuse one: no route to
+    that family). A UDP connect that sent nothing is a probe when the same thread connected
+    another address with the same port so, within PROBE_BURST_SECONDS; a lone one is the
+    software's own intent. Two unused sockets of the software's own, to two addresses on one
+    port back to back, would count as probes: shown with them (--probes), not lost."""
+    groups: dict[tuple[int, int], list[ConnectEvent]] = {}
+    for event in alone:
+        if _datagram(event) and not _local(event.dst):
+            groups.setdefault((event.tid, event.dport), []).append(event)
+    found: set[str] = set()
+    for group in groups.values():
+        group.sort(key=lambda e: (e.time, e.seq))
+        for before, after in itertools.pairwise(group):
+            if after.dst != before.dst and after.time - before.time <= PROBE_BURST_SECONDS:
+                found.update((before.key, after.key))
+    return found
+
+
 def _event_only(event: ConnectEvent) -> bool:
     """Whether a connect event with no firewall record is an attempt of its own: a TCP connect
     to loopback (never logged by the firewall), or one the kernel refused before any packet (no
@@ -1203,6 +1250,47 @@ def _event_only(event: ConnectEvent) -> bool:
 
 
 # ---- DNS names -------------------------------------------------------------------------------
+
+# A resolver's log line and the guest's record of the same query: the log has whole seconds
+# (the query's second, rounded down) on the host's clock, the guest's record its own clock (set
+# from the host's at boot: they differ by less than CLOCK_SKEW). A lookup's queries (A, AAAA, a
+# resend after the resolver's 5 s timeout) leave the socket within QUERY_WINDOW of its connect.
+CLOCK_SKEW = 2.0
+QUERY_WINDOW = 12.0
+
+
+def name_queries(attempts: Iterable[Attempt], queries: Iterable[DnsQuery]) -> list[Attempt]:
+    """Each query to the resolver (verdict dns) with the name and types it asked: the resolver's
+    log names each query's client address and source port, the guest's record the socket's
+    (`src`, `sport`), whichever thread or library sent it. One socket may ask several (glibc
+    asks A and AAAA on one); rows already named keep their name."""
+    by_socket: dict[tuple[str, int], list[tuple[float, DnsQuery]]] = {}
+    for query in queries:
+        if query.port is not None:
+            when = parse_time(query.time).timestamp()
+            by_socket.setdefault((_canonical(query.client), query.port), []).append((when, query))
+    result = []
+    for attempt in attempts:
+        if (
+            attempt.verdict is Verdict.DNS
+            and attempt.dns_name is None
+            and attempt.src is not None
+            and attempt.sport is not None
+        ):
+            when = parse_time(attempt.time).timestamp()
+            asked = [
+                query
+                for logged, query in by_socket.get((_canonical(attempt.src), attempt.sport), [])
+                if -1.0 - CLOCK_SKEW <= logged - when <= QUERY_WINDOW + CLOCK_SKEW
+            ]
+            if asked:
+                attempt = replace(
+                    attempt,
+                    dns_name=", ".join(dict.fromkeys(q.name for q in asked)),
+                    dns_type=", ".join(dict.fromkeys(q.qtype for q in asked)),
+                )
+        result.append(attempt)
+    return result
 
 
 def attach_dns_names(attempts: Iterable[Attempt], queries: Iterable[DnsQuery]) -> list[Attempt]:
@@ -1223,6 +1311,32 @@ def attach_dns_names(attempts: Iterable[Attempt], queries: Iterable[DnsQuery]) -
             index = bisect.bisect_right(entries, (when, "\uffff"))
             if index:
                 attempt = replace(attempt, dns_name=entries[index - 1][1])
+        result.append(attempt)
+    return result
+
+
+def confirm_probes(attempts: Iterable[Attempt], queries: Sequence[DnsQuery]) -> list[Attempt]:
+    """A probe (see _probes) stays one only if a query answered shortly before it gave its
+    destination: glibc probes the addresses a lookup returned, while the software's own unused
+    sockets (to addresses it was given, not looked up) are its intent (Verdict.UNSENT). Names
+    from /etc/hosts are looked up without the resolver: their probes show as unsent. Without
+    the resolver's log (a remote hypervisor: no query at all) the capture alone decides."""
+    if not queries:
+        return list(attempts)
+    answers: dict[str, list[float]] = {}
+    for query in queries:
+        for address in query.addresses():
+            answers.setdefault(address, []).append(parse_time(query.time).timestamp())
+    result = []
+    for attempt in attempts:
+        if attempt.verdict is Verdict.PROBE:
+            when = parse_time(attempt.time).timestamp()
+            earliest = when - QUERY_WINDOW - 1.0 - CLOCK_SKEW
+            if not any(
+                earliest <= logged <= when + CLOCK_SKEW
+                for logged in answers.get(_canonical(attempt.dst), [])
+            ):
+                attempt = replace(attempt, verdict=Verdict.UNSENT)
         result.append(attempt)
     return result
 

@@ -42,6 +42,13 @@ class Verdict(Enum):
     HOST_BLOCKED = "host-blocked"  # it does not: the host-side filter dropped it
     # The guest's firewall or capture changed under it (a record of its own, not an attempt).
     TAMPER = "tamper"
+    # A UDP socket connected to an outside address that sent nothing: no packet left, but the
+    # software meant to talk there (stream_socket_client("udp://...") never written to).
+    UNSENT = "unsent"
+    # The same from glibc's getaddrinfo sorting a lookup's answers (RFC 6724: it connects a UDP
+    # socket to each address to learn the source it would use, and never sends): the lookup's,
+    # not the software's own intent. Hidden by `sandbox logs` unless asked (--probes).
+    PROBE = "probe"
 
 
 def iso_time(epoch_seconds: float) -> str:
@@ -121,7 +128,10 @@ class Attempt:
     ppid: int | None = None
     exe: str | None = None
     cmdline: str | None = None
-    dns_name: str | None = None  # the name a DNS lookup returned this dst for, if any
+    # For a query to the resolver (verdict dns): the name asked. For another attempt: the name
+    # a DNS lookup returned this dst for, if any.
+    dns_name: str | None = None
+    dns_type: str | None = None  # a query's types asked, "A" or "A, AAAA" (verdict dns only)
     evidence: str = ""  # "connect+firewall" | "firewall" | "connect"
     stack: tuple[Frame, ...] = ()  # PHP frames, innermost first, from the xdebug trace
     run: str | None = None  # the `sandbox run` this attempt belongs to
@@ -135,6 +145,8 @@ class Attempt:
             del value["stack"]
         if self.run is None:
             del value["run"]
+        if self.dns_type is None:
+            del value["dns_type"]
         if self.request is None:
             del value["request"]
         return json.dumps(value, sort_keys=False, separators=(",", ":"))
@@ -167,6 +179,9 @@ class DnsQuery:
     name: str
     qtype: str
     result: str  # "203.0.113.7, 2001:db8::7" | "REFUSED" | "NXDOMAIN" | "NODATA" ...
+    # The client's source port: with `client`, the guest socket that asked (None: a record
+    # stored before it was kept).
+    port: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

@@ -64,12 +64,13 @@ class _Pending:
     client: str
     name: str
     qtype: str
+    port: int
     addresses: list[str] = field(default_factory=list)
     status: str | None = None
 
     def record(self) -> DnsQuery:
         result = ", ".join(self.addresses) if self.addresses else self.status or UNANSWERED
-        return DnsQuery(self.id, self.time, self.client, self.name, self.qtype, result)
+        return DnsQuery(self.id, self.time, self.client, self.name, self.qtype, result, self.port)
 
 
 def _client(text: str) -> str:
@@ -140,6 +141,7 @@ def parse(text: str, *, year: int, tz: tzinfo | None = None) -> list[DnsQuery]:
                 client=_client(query["frm"]),
                 name=query["name"],
                 qtype=query["qtype"],
+                port=int(m["port"]),
             )
             pending[key] = item
             order.append(item)

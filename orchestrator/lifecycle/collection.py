@@ -105,9 +105,10 @@ def collect_locked(
     queries = _dns_queries(ctx, state)
     new_dns = logview.append_dns(logs, queries)
     known_dns: list[DnsQuery] = logview.read_dns(logs)
-    attempts: list[Attempt] = monitor.attach_dns_names(
+    attempts = monitor.name_queries(
         [_host_verdict(a, policy) for a in collected.attempts], known_dns
     )
+    attempts = monitor.attach_dns_names(monitor.confirm_probes(attempts, known_dns), known_dns)
     inflate = ctx.settings.limits.decompressed
     new_attempts = logview.append_attempts(logs, runs.annotate(attempts, logs, limit=inflate))
     if after_run:
