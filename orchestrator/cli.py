@@ -535,7 +535,15 @@ def logs(
     ] = False,
     purge: Annotated[bool, typer.Option("--purge", help="Delete the stored logs.")] = False,
 ) -> None:
-    """Every connection attempt: when, which process, where, allowed or blocked."""
+    """Every connection attempt: when, which process, where, allowed or blocked.
+
+    dns: a query to the sandbox's resolver (the name and types asked in the dns name column).
+
+    unsent: a UDP socket connected outside that sent nothing (the software's intent).
+
+    probe: glibc's getaddrinfo sorting a lookup's answers (hidden unless --probes).
+
+    loopback, boot, unlogged, host-blocked, tamper: see README.md."""
     ctx = _context()
     if purge:
         gone = lifecycle.purge_logs(ctx, name)
