@@ -38,7 +38,7 @@ CURL = Attempt(
     exe="/usr/bin/curl",
     cmdline="curl https://allowed.example/",
     dns_name="allowed.example",
-    evidence="audit+firewall",
+    evidence="connect+firewall",
 )
 PHP_V6 = Attempt(
     id="k102",
