@@ -457,6 +457,25 @@ def test_probes_are_a_burst_of_one_thread_to_two_addresses_on_one_port() -> None
     ]
 
 
+def test_a_probe_held_back_stays_a_probe_when_its_burst_went_out_before() -> None:
+    """No IPv6 route: the kernel refuses the v6 probe (a row at once), the v4 one waits for a
+    datagram that never comes; at the next collection it is still the burst's."""
+    events = (
+        "c 1 50000000000 7 8 1 0 0 4 17 203.0.113.7 80 /usr/bin/php -\n"
+        "c 2 50010000000 7 8 1 0 -101 6 17 2001:db8:1::9 80 /usr/bin/php -\n"
+    )
+    first = monitor.process(
+        monitor.parse_snapshot(_output([], events, wall=950.5, uptime=50.5)), monitor.Cursor()
+    )
+    assert [(a.verdict, a.dst) for a in first.attempts] == [(Verdict.PROBE, "2001:db8:1::9")]
+    later = _output(
+        [], "", wall=1000.0, uptime=100.0, events_pos=(7, 0), capture="@@capture ok 2 2 0 0 0"
+    )
+    second = monitor.process(monitor.parse_snapshot(later), first.cursor)
+    assert [(a.verdict, a.dst) for a in second.attempts] == [(Verdict.PROBE, "203.0.113.7")]
+    assert monitor.Cursor.from_json(first.cursor.to_json()) == first.cursor
+
+
 def test_firewall_records_the_buffer_dropped_are_reported_not_ignored() -> None:
     first = monitor.process(monitor.parse_snapshot(_output([_record(10, 50.0)])), monitor.Cursor())
     assert first.warnings == []

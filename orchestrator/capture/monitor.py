@@ -660,6 +660,7 @@ class Cursor:
     packets_dropped: int = 0
     pending: tuple[dict[str, Any], ...] = ()
     pending_events: tuple[dict[str, Any], ...] = ()
+    pending_probes: tuple[str, ...] = ()  # the keys of pending events that are probes
     flows: dict[str, tuple[float, int | None]] = field(default_factory=dict)
     losses: tuple[str, ...] = ()
     fwchanges_seq: int = 0
@@ -694,6 +695,7 @@ class Cursor:
                 packets_dropped=int(value.get("packets_dropped", 0)),
                 pending=tuple(dict(p) for p in value.get("pending", [])),
                 pending_events=tuple(dict(p) for p in value.get("pending_events", [])),
+                pending_probes=tuple(str(k) for k in value.get("pending_probes", [])),
                 flows={
                     str(k): (float(t), None if i is None else int(i))
                     for k, (t, i) in value.get("flows", {}).items()
@@ -1107,7 +1109,10 @@ def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Colle
         records.append(record)
 
     pairs = join(records, events)
+    # A probe held back for its datagram keeps what its burst said (the other half of the
+    # burst, refused by the kernel, may have gone out already).
     probes = _probes([e for half, e in pairs if half is None and e is not None])
+    probes |= set(cursor.pending_probes)
 
     attempts: list[Attempt] = []
     pending: list[FirewallRecord] = []
@@ -1166,6 +1171,7 @@ def process(snapshot: Snapshot, cursor: Cursor, *, final: bool = False) -> Colle
         **_next_events_position(snapshot, cursor),
         pending=tuple(_to_json(r) for r in pending),
         pending_events=tuple(_to_json(e) for e in pending_events),
+        pending_probes=tuple(e.key for e in pending_events if e.key in probes),
         flows=flows,
         losses=cursor.losses + tuple(warnings),
     )
