@@ -431,6 +431,35 @@ def test_unused_udp_sockets_are_intent_and_probes_are_told_apart_in_a_real_guest
     }
 
 
+def test_an_answer_logged_on_a_clock_ahead_of_the_guests_still_names_the_connect() -> None:
+    """From a real run (tests/test_e2e_dns.py): the resolver logged www.inet.test's answer at
+    18:22:20 on the host's clock; the guest's connect to the address came at 18:22:19.664 on
+    its own, after the answer."""
+    query = DnsQuery(
+        "d1",
+        "2026-12-05T18:22:20.000Z",
+        "192.168.208.2",
+        "www.inet.test",
+        "AAAA",
+        "2001:db8:1::9",
+        51105,
+    )
+    connect = Attempt(
+        id="k2",
+        time="2026-12-05T18:22:19.664Z",
+        verdict=Verdict.ALLOWED,
+        proto="tcp",
+        family=6,
+        dst="2001:db8:1::9",
+        dport=80,
+    )
+    [named] = monitor.attach_dns_names([connect], [query])
+    assert named.dns_name == "www.inet.test"
+    # A name given for the address only well after the connect is not its name.
+    later = replace(query, time="2026-12-05T18:22:25.000Z")
+    assert monitor.attach_dns_names([connect], [later])[0].dns_name is None
+
+
 def test_probes_are_a_burst_of_one_thread_to_two_addresses_on_one_port() -> None:
     """glibc connects one socket to each of two or more answers, back to back, in one thread,
     with the port asked for; a lone unused socket is the software's."""
