@@ -882,8 +882,13 @@ def attribute(attempts: Sequence[Attempt], traces: Sequence[Trace]) -> list[Atte
             if call is None:
                 continue
             made_by = calls.calls[call]
-            if made_by.function in ASYNC_DRIVERS:
-                dns = attempt.verdict is Verdict.DNS
+            dns = attempt.verdict is Verdict.DNS
+            # curl's resolver thread asks while the script does anything at all (Guzzle
+            # reading the error of another request, say): a query made during a call that
+            # looks no name up is a queued request's, if one names a host.
+            if made_by.function in ASYNC_DRIVERS or (
+                dns and made_by.function not in RESOLVER_FUNCTIONS and not calls.targets[call].names
+            ):
                 request = calls.request(attempt, call, used[dns])
                 if request is not None:
                     used[dns].add(request[0])

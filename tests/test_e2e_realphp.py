@@ -1,0 +1,167 @@
+"""Real PHP software from Debian's packages, end to end on a real VM: Composer (which restarts PHP
+without xdebug through composer/xdebug-handler and downloads through curl_multi) and Guzzle's
+async requests. Each attempt must name the package's own file and line: the call that set the
+request's URL, as the guest's copy of the package has it, not the polling loop.
+
+Nothing here may reach a real host: Composer's only repository is a lab address, packagist.org
+is disabled in composer.json, and COMPOSER_HOME and the cache are fresh directories."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator import paths
+from orchestrator.run import xdebug
+from orchestrator.vm.images import Image
+
+from .e2e_support import Cli
+
+pytestmark = [pytest.mark.vm, pytest.mark.root]
+
+NAME = "harealphp"
+DATA = Path(__file__).parent / "data" / "xdebug"
+CURL_DOWNLOADER = "/usr/share/php/Composer/Util/Http/CurlDownloader.php"
+CURL_FACTORY = "/usr/share/php/GuzzleHttp/Handler/CurlFactory.php"
+COMPOSER_ENV = (
+    "COMPOSER_HOME=/tmp/composer-home",
+    "COMPOSER_CACHE_DIR=/tmp/composer-cache",
+    "COMPOSER_NO_INTERACTION=1",
+)
+
+
+def composer_project(directory: Path, repository: str) -> Path:
+    directory.mkdir()
+    (directory / "composer.json").write_text(
+        json.dumps(
+            {
+                "name": "sandbox/probe",
+                "repositories": [
+                    {"type": "composer", "url": repository},
+                    {"packagist.org": False},
+                ],
+                "config": {"secure-http": False},
+            }
+        )
+    )
+    return directory
+
+
+def guest_line(cli: Cli, path: str, text: str) -> int:
+    """The line of the guest's `path` holding `text` (the only one): the package's own source."""
+    out = cli.ok("exec", "--name", NAME, "--", "grep", "-nF", "--", text, path).stdout
+    lines = out.splitlines()
+    assert len(lines) == 1, f"{text!r} in {path}: {lines}"
+    return int(lines[0].split(":", 1)[0])
+
+
+def run_attempts(cli: Cli, run_id: str) -> list[dict[str, Any]]:
+    out = cli.ok("logs", "--name", NAME, "--json", "--run", run_id).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def run_id_of(stderr: str) -> str:
+    found = re.search(r"run (\d{8}-\d{6}-[0-9a-f]{4}): exit", stderr)
+    assert found, stderr
+    return found.group(1)
+
+
+def traces_of(cli: Cli, run_id: str) -> list[xdebug.Trace]:
+    directory = cli.sandbox_dir(NAME) / paths.LOGS_DIR / paths.RUNS_DIR / run_id / paths.XDEBUG_DIR
+    return [
+        xdebug.parse_trace(p.read_bytes(), p.name)
+        for p in sorted(directory.iterdir())
+        if xdebug.is_trace_name(p.name)
+    ]
+
+
+def url_of(frame: dict[str, Any]) -> str:
+    found = re.search(r"(?:10002 => |10002, )'([^']*)'", frame["args"] or "")
+    assert found, frame
+    return found.group(1)
+
+
+def measured(package: str, attempts: list[dict[str, Any]], file: str) -> str:
+    named = [a for a in attempts if a.get("stack") and a["stack"][0]["file"] == file]
+    return f"{package}: {len(attempts)} attempts, {len(named)} attributed to {file}"
+
+
+def test_real_php_packages(real_php_cli: Cli, real_php_image: Image, tmp_path: Path) -> None:
+    cli = real_php_cli
+    cli.ok(
+        "up",
+        "--name",
+        NAME,
+        "--image",
+        real_php_image.name,
+        "--allow",
+        "203.0.113.7",
+        "--allow",
+        "www.inet.test",
+    )
+    url_line = guest_line(cli, CURL_DOWNLOADER, "curl_setopt($curlHandle, CURLOPT_URL, $url);")
+
+    # Composer, blocked and allowed repositories: one run each (the first failure ends a run).
+    for repository, verdict in (
+        ("http://198.51.100.9/", "blocked"),
+        ("http://203.0.113.7/", "allowed"),
+    ):
+        project = composer_project(tmp_path / verdict, repository)
+        env = [arg for pair in COMPOSER_ENV for arg in ("--env", pair)]
+        result = cli.run(
+            "run", "--name", NAME, "--workdir", str(project), *env, "--timeout", "600",
+            "--", "composer", "show", "--all", "--no-plugins", "acme/widget",
+        )  # fmt: skip
+        assert result.returncode == 1, result.stderr  # the lab answers no packages.json
+        run_id = run_id_of(result.stderr)
+        attempts = run_attempts(cli, run_id)
+        print(measured(f"composer ({verdict})", attempts, CURL_DOWNLOADER))
+        assert attempts and all(a["verdict"] == verdict for a in attempts), attempts
+        for attempt in attempts:
+            # Made by the process xdebug-handler restarted, which loaded xdebug again.
+            assert " -n -c " in attempt["cmdline"], attempt
+            top = attempt["stack"][0]
+            assert (top["function"], top["file"], top["line"]) == (
+                "curl_setopt",
+                CURL_DOWNLOADER,
+                url_line,
+            ), attempt["stack"]
+            assert url_of(top) == f"{repository}packages.json"
+            assert attempt["stack"][-2]["file"] == "/usr/bin/composer"
+        # Two processes traced, no more: the handler restarted once and did not loop.
+        parent, restarted = sorted(traces_of(cli, run_id), key=lambda t: t.start)
+        assert {a["pid"] for a in attempts} == {restarted.pid}
+        launch = [c for c in parent.calls if c.function == "proc_open"]
+        assert len(launch) == 1 and "'-n'" in launch[0].args[0]
+        print(f"  restart: the restarted PHP began {restarted.start - parent.start:.3f} s "
+              f"after the first (proc_open at {launch[0].entry:.3f} s)")  # fmt: skip
+
+    # Guzzle: three requests in flight together through curl_multi.
+    setopt_line = guest_line(cli, CURL_FACTORY, "curl_setopt_array($easy->handle, $conf);")
+    script = DATA / "guzzle" / "async.php"
+    result = cli.ok("run", "--name", NAME, str(script), timeout=600)
+    assert result.stdout.splitlines() == ["allowed rejected", "blocked rejected", "named rejected"]
+    attempts = run_attempts(cli, run_id_of(result.stderr))
+    print(measured("guzzle", attempts, CURL_FACTORY))
+    expected = {
+        "203.0.113.7": "http://203.0.113.7/guzzle/allowed",
+        "198.51.100.9": "http://198.51.100.9/guzzle/blocked",
+        "2001:db8:1::9": "http://www.inet.test/guzzle/named",
+    }
+    connects = {a["dst"]: a for a in attempts if a["verdict"] != "dns"}
+    assert set(connects) <= set(expected) and "198.51.100.9" in connects, attempts
+    assert connects["198.51.100.9"]["verdict"] == "blocked"
+    for attempt in attempts:
+        top = attempt["stack"][0]
+        assert (top["file"], top["line"]) == (CURL_FACTORY, setopt_line), attempt
+        want = "http://www.inet.test/guzzle/named" if attempt["verdict"] == "dns" else None
+        assert url_of(top) == (want or expected[attempt["dst"]])
+        lines = [line_no for line_no, text in enumerate(script.read_text().splitlines(), 1)
+                 if url_of(top) in text]  # fmt: skip
+        assert attempt["stack"][-2]["line"] == lines[0]  # the script's getAsync() line
+
+    cli.ok("destroy", "--name", NAME)
