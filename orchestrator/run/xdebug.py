@@ -22,6 +22,13 @@ Facts this relies on, measured with the image's PHP 8.2 and xdebug 3.2.0:
   and TRACE END are taken together, so `TRACE END - index` is the origin to the microsecond; a
   trace without a footer (a killed process) only bounds it: between `TRACE START - first
   call's index` and `TRACE START` (13-53 ms apart on the samples, under TCG).
+- composer/xdebug-handler (Composer, PHPStan, Psalm...) restarts PHP as `php -n -c TMPINI`
+  with every loaded ini copied into TMPINI, its zend_extension lines naming xdebug commented
+  out (the pattern is quoted at GUEST_EXTENSION); the environment (XDEBUG_MODE,
+  XDEBUG_CONFIG) is inherited. Loaded through GUEST_EXTENSION, xdebug comes back in the
+  restarted process, under its own pid and trace.
+- Objects are printed without identity: every curl handle is `class CurlHandle {  }` (see
+  `_Request` for how curl_multi requests are told apart).
 - Strings in arguments are quoted with control characters escaped (\\t, \\n, \\001), so a tab
   always separates fields; other bytes are written as they are (not necessarily UTF-8); strings
   are cut at 512 bytes ("'...").
@@ -853,7 +860,12 @@ def attribute(attempts: Sequence[Attempt], traces: Sequence[Trace]) -> list[Atte
     candidate; it costs less when its arguments name the attempt's destination (or, for a DNS
     query, when it looks a name up), when it is a known network function, and when it is not
     already the previous attempt's; closeness to the stamp only breaks ties. The alignment is
-    what gets back-to-back connects to one address right despite the stamps' lag."""
+    what gets back-to-back connects to one address right despite the stamps' lag.
+
+    An attempt made inside a curl_multi call (and a resolver query of curl's thread made during
+    a call that looks no name up) is the request's that curl was serving: of the requests queued
+    before that call that fit its destination, the first not yet given an attempt of its kind,
+    else the last. Its stack is that of the call that set the request's URL."""
     spans = _spans(traces)
     work: dict[int, list[tuple[int, Attempt, float]]] = {}  # position in traces -> attempts
     for position, attempt in enumerate(attempts):
