@@ -1,7 +1,8 @@
 """Real PHP software from Debian's packages, end to end on a real VM: Composer (which restarts PHP
-without xdebug through composer/xdebug-handler and downloads through curl_multi) and Guzzle's
-async requests. Each attempt must name the package's own file and line: the call that set the
-request's URL, as the guest's copy of the package has it, not the polling loop.
+without xdebug through composer/xdebug-handler and downloads through curl_multi), Guzzle's async
+requests and Symfony HttpClient's concurrent ones. Each attempt must name the package's own file
+and line: the call that set the request's URL, as the guest's copy of the package has it, not
+the polling loop.
 
 Nothing here may reach a real host: Composer's only repository is a lab address, packagist.org
 is disabled in composer.json, and COMPOSER_HOME and the cache are fresh directories."""
@@ -26,7 +27,18 @@ pytestmark = [pytest.mark.vm, pytest.mark.root]
 NAME = "harealphp"
 DATA = Path(__file__).parent / "data" / "xdebug"
 CURL_DOWNLOADER = "/usr/share/php/Composer/Util/Http/CurlDownloader.php"
-CURL_FACTORY = "/usr/share/php/GuzzleHttp/Handler/CurlFactory.php"
+# The package's file and the text of its line that sets a request's URL, per client script in
+# tests/data/xdebug/CLIENT/.
+HTTP_CLIENTS = {
+    "guzzle": (
+        "/usr/share/php/GuzzleHttp/Handler/CurlFactory.php",
+        "curl_setopt_array($easy->handle, $conf);",
+    ),
+    "symfony": (
+        "/usr/share/php/Symfony/Component/HttpClient/CurlHttpClient.php",
+        "!curl_setopt($ch, $opt, $value)",
+    ),
+}
 COMPOSER_ENV = (
     "COMPOSER_HOME=/tmp/composer-home",
     "COMPOSER_CACHE_DIR=/tmp/composer-cache",
@@ -140,28 +152,33 @@ def test_real_php_packages(real_php_cli: Cli, real_php_image: Image, tmp_path: P
         print(f"  restart: the restarted PHP began {restarted.start - parent.start:.3f} s "
               f"after the first (proc_open at {launch[0].entry:.3f} s)")  # fmt: skip
 
-    # Guzzle: three requests in flight together through curl_multi.
-    setopt_line = guest_line(cli, CURL_FACTORY, "curl_setopt_array($easy->handle, $conf);")
-    script = DATA / "guzzle" / "async.php"
-    result = cli.ok("run", "--name", NAME, str(script), timeout=600)
-    assert result.stdout.splitlines() == ["allowed rejected", "blocked rejected", "named rejected"]
-    attempts = run_attempts(cli, run_id_of(result.stderr))
-    print(measured("guzzle", attempts, CURL_FACTORY))
-    expected = {
-        "203.0.113.7": "http://203.0.113.7/guzzle/allowed",
-        "198.51.100.9": "http://198.51.100.9/guzzle/blocked",
-        "2001:db8:1::9": "http://www.inet.test/guzzle/named",
-    }
-    connects = {a["dst"]: a for a in attempts if a["verdict"] != "dns"}
-    assert set(connects) <= set(expected) and "198.51.100.9" in connects, attempts
-    assert connects["198.51.100.9"]["verdict"] == "blocked"
-    for attempt in attempts:
-        top = attempt["stack"][0]
-        assert (top["file"], top["line"]) == (CURL_FACTORY, setopt_line), attempt
-        want = "http://www.inet.test/guzzle/named" if attempt["verdict"] == "dns" else None
-        assert url_of(top) == (want or expected[attempt["dst"]])
-        lines = [line_no for line_no, text in enumerate(script.read_text().splitlines(), 1)
-                 if url_of(top) in text]  # fmt: skip
-        assert attempt["stack"][-2]["line"] == lines[0]  # the script's getAsync() line
+    # Guzzle and Symfony HttpClient: three requests in flight together through curl_multi.
+    for client, (library, source) in HTTP_CLIENTS.items():
+        request_line = guest_line(cli, library, source)
+        script = next((DATA / client).glob("*.php"))
+        result = cli.ok("run", "--name", NAME, str(script), timeout=600)
+        attempts = run_attempts(cli, run_id_of(result.stderr))
+        print(measured(client, attempts, library))
+        expected = {
+            "203.0.113.7": f"http://203.0.113.7/{client}/allowed",
+            "198.51.100.9": f"http://198.51.100.9/{client}/blocked",
+            "2001:db8:1::9": f"http://www.inet.test/{client}/named",
+        }
+        named = expected["2001:db8:1::9"]
+        connects = {a["dst"]: a for a in attempts if a["verdict"] != "dns"}
+        assert set(connects) <= set(expected) and "198.51.100.9" in connects, attempts
+        assert connects["198.51.100.9"]["verdict"] == "blocked"
+        assert any(a["verdict"] == "dns" for a in attempts), attempts  # curl's resolver thread
+        for attempt in attempts:
+            top = attempt["stack"][0]
+            assert (top["file"], top["line"]) == (library, request_line), attempt
+            assert url_of(top) == (
+                named if attempt["verdict"] == "dns" else expected[attempt["dst"]]
+            )
+            # Down to the script's line that made the request.
+            lines = [n for n, text in enumerate(script.read_text().splitlines(), 1)
+                     if url_of(top) in text or "->request(" in text]  # fmt: skip
+            assert attempt["stack"][-2]["file"].endswith(script.name)
+            assert attempt["stack"][-2]["line"] in lines
 
     cli.ok("destroy", "--name", NAME)

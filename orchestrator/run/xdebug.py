@@ -746,6 +746,9 @@ class _Index:
             last = bisect.bisect_right(self.short_entries, horizon)
             positions = sorted({*self.short[first:last], *(p for _exit, p in active)})
             mine = []
+            # A polling loop makes many driving calls between two queued requests: they all
+            # see the same requests (keyed by how many were queued before).
+            named: dict[int, bool] = {}
             for position in positions:
                 entry, leave = self.entries[position], self.exits[position]
                 if leave < stamp - early:
@@ -754,8 +757,11 @@ class _Index:
                 call = self.calls[position]
                 cost = _match_cost(attempt, call, self.targets[position])
                 if call.function in ASYNC_DRIVERS:
-                    request = self.request(attempt, position)
-                    if request is not None and request[1] is _Fit.YES:
+                    queued = bisect.bisect_left(self.queued, position)
+                    if queued not in named:
+                        request = self.request(attempt, position)
+                        named[queued] = request is not None and request[1] is _Fit.YES
+                    if named[queued]:
                         cost = _MATCH_NAMED
                 mine.append(_Candidate(position, cost, distance))
             found.append(mine)
