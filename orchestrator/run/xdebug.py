@@ -869,7 +869,7 @@ def attribute(attempts: Sequence[Attempt], traces: Sequence[Trace]) -> list[Atte
     what gets back-to-back connects to one address right despite the stamps' lag.
 
     An attempt made inside a curl_multi call (and a resolver query of curl's thread made during
-    a call that looks no name up) is the request's that curl was serving: of the requests queued
+    a call that is no network function) is the request's that curl was serving: of the requests queued
     before that call that fit its destination, the first not yet given an attempt of its kind,
     else the last. Its stack is that of the call that set the request's URL."""
     spans = _spans(traces)
@@ -902,10 +902,10 @@ def attribute(attempts: Sequence[Attempt], traces: Sequence[Trace]) -> list[Atte
             made_by = calls.calls[call]
             dns = attempt.verdict is Verdict.DNS
             # curl's resolver thread asks while the script does anything at all (Guzzle
-            # reading the error of another request, say): a query made during a call that
-            # looks no name up is a queued request's, if one names a host.
+            # reading the error of another request, say): a query made during a call that is
+            # no network function of its own is a queued request's, if one names a host.
             if made_by.function in ASYNC_DRIVERS or (
-                dns and made_by.function not in RESOLVER_FUNCTIONS and not calls.targets[call].names
+                dns and made_by.function not in NETWORK_FUNCTIONS
             ):
                 request = calls.request(attempt, call, used[dns])
                 if request is not None:
