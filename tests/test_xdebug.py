@@ -28,6 +28,7 @@ SAMPLES = [
     "guzzle",
     "guzzle_2",
     "symfony",
+    "streams",
 ]
 
 
@@ -663,3 +664,23 @@ def test_an_attempt_no_request_fits_keeps_the_polling_call() -> None:
     attributed = xdebug.attribute(attempts, _traces("symfony"))
     assert all(a.stack[0].function in xdebug.ASYNC_DRIVERS for a in attributed)
     assert all(a.stack[0].file.endswith("/Response/CurlResponse.php") for a in attributed)
+
+
+def test_non_blocking_streams_and_stream_contexts() -> None:
+    """stream_socket_client(..., STREAM_CLIENT_ASYNC_CONNECT) connects (and looks the name up)
+    inside the call itself, before stream_select waits on it; an HTTP stream with a context
+    connects inside file_get_contents."""
+    attributed = xdebug.attribute(_attempts("streams"), _traces("streams"))
+    assert [(a.verdict, a.dst, _origin(a)) for a in attributed] == [
+        (Verdict.ALLOWED, "203.0.113.7", "stream_socket_client@6"),
+        (Verdict.BLOCKED, "198.51.100.9", "stream_socket_client@6"),
+        (Verdict.DNS, attributed[2].dst, "stream_socket_client@6"),
+        (Verdict.ALLOWED, "2001:db8:1::9", "stream_socket_client@6"),
+        (Verdict.BLOCKED, "198.51.100.9", "file_get_contents@25"),
+    ]
+    assert [(a.stack[0].args or "").split(",")[0] for a in attributed[:4]] == [
+        "'tcp://203.0.113.7:80'",
+        "'tcp://198.51.100.9:80'",
+        "'tcp://www.inet.test:80'",
+        "'tcp://www.inet.test:80'",
+    ]

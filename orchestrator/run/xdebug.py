@@ -869,9 +869,9 @@ def attribute(attempts: Sequence[Attempt], traces: Sequence[Trace]) -> list[Atte
     what gets back-to-back connects to one address right despite the stamps' lag.
 
     An attempt made inside a curl_multi call (and a resolver query of curl's thread made during
-    a call that is no network function) is the request's that curl was serving: of the requests queued
-    before that call that fit its destination, the first not yet given an attempt of its kind,
-    else the last. Its stack is that of the call that set the request's URL."""
+    a call that is no network function) is the request's that curl was serving: of the requests
+    queued before that call that fit its destination, the first not yet given an attempt of its
+    kind, else the last. Its stack is that of the call that set the request's URL."""
     spans = _spans(traces)
     work: dict[int, list[tuple[int, Attempt, float]]] = {}  # position in traces -> attempts
     for position, attempt in enumerate(attempts):
