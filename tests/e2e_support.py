@@ -29,9 +29,10 @@ def image() -> Image:
     return build_image(ImageRecipe(), paths.Dirs.from_env().images, progress=print)
 
 
-# Real PHP software from Debian for tests/test_e2e_realphp.py: a tool using composer/xdebug-handler
-# and curl_multi (composer), and two HTTP clients with async requests.
-REAL_PHP_PACKAGES = ("composer", "php-guzzlehttp-guzzle", "php-symfony-http-client")
+# Real PHP software from Debian for tests/test_e2e_realphp.py: tools using composer/xdebug-handler
+# (composer, which downloads through curl_multi, and phpmd), and two HTTP clients with async
+# requests.
+REAL_PHP_PACKAGES = ("composer", "php-guzzlehttp-guzzle", "php-symfony-http-client", "phpmd")
 
 
 @pytest.fixture(scope="session")

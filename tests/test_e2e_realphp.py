@@ -181,4 +181,21 @@ def test_real_php_packages(real_php_cli: Cli, real_php_image: Image, tmp_path: P
             assert attempt["stack"][-2]["file"].endswith(script.name)
             assert attempt["stack"][-2]["line"] in lines
 
+    # Another tool on xdebug-handler, under its own name (PHPMD_ALLOW_XDEBUG): restarted once,
+    # and the restarted process, which does the work, is traced.
+    source = tmp_path / "md"
+    source.mkdir()
+    (source / "code.php").write_text("<?php\nfunction f($a) { $unused = 1; return $a; }\n")
+    result = cli.run(
+        "run", "--name", NAME, "--workdir", str(source), "--timeout", "600",
+        "--", "phpmd", "code.php", "text", "unusedcode",
+    )  # fmt: skip
+    assert result.returncode == 2 and "UnusedLocalVariable" in result.stdout, result.stderr
+    parent, restarted = sorted(traces_of(cli, run_id_of(result.stderr)), key=lambda t: t.start)
+    handler = [c for c in parent.calls if c.function.endswith("XdebugHandler->__construct")]
+    assert [c.args for c in handler] == [("'PHPMD'",)]
+    launch = [c for c in parent.calls if c.function == "proc_open"]
+    assert len(launch) == 1 and "'-n'" in launch[0].args[0]
+    assert any(c.file.startswith("/usr/share/php/PHPMD/") for c in restarted.calls)
+
     cli.ok("destroy", "--name", NAME)
