@@ -183,11 +183,11 @@ def test_real_php_packages(real_php_cli: Cli, real_php_image: Image, tmp_path: P
 
     # Another tool on xdebug-handler, under its own name (PHPMD_ALLOW_XDEBUG): restarted once,
     # and the restarted process, which does the work, is traced.
-    source = tmp_path / "md"
-    source.mkdir()
-    (source / "code.php").write_text("<?php\nfunction f($a) { $unused = 1; return $a; }\n")
+    project = tmp_path / "md"
+    project.mkdir()
+    (project / "code.php").write_text("<?php\nfunction f($a) { $unused = 1; return $a; }\n")
     result = cli.run(
-        "run", "--name", NAME, "--workdir", str(source), "--timeout", "600",
+        "run", "--name", NAME, "--workdir", str(project), "--timeout", "600",
         "--", "phpmd", "code.php", "text", "unusedcode",
     )  # fmt: skip
     assert result.returncode == 2 and "UnusedLocalVariable" in result.stdout, result.stderr
