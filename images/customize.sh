@@ -33,6 +33,14 @@ chroot "$root" systemctl enable --quiet sandbox-capture.service
 # Debian's php-xdebug enables itself for every PHP run. Off here: `sandbox run` loads it for its
 # own processes only (PHP_INI_SCAN_DIR), so nothing else in the guest runs with a debugger.
 chroot "$root" phpdismod -v ALL -s ALL xdebug
+# The same xdebug.so under a name without "xdebug" in it, for the ini `sandbox run` loads
+# (orchestrator/run/xdebug.py): composer/xdebug-handler restarts PHP with a copy of every loaded
+# ini in which lines matching /^\s*(zend_extension\s*=.*xdebug.*)$/mi are commented out, so
+# only a line that does not name xdebug loads it again in the restarted process.
+extension_dir=$(chroot "$root" php -n -r 'echo ini_get("extension_dir");')
+test -f "$root$extension_dir/xdebug.so"
+mkdir -p "$root/usr/lib/sandbox/php"
+ln -s "$extension_dir/xdebug.so" "$root/usr/lib/sandbox/php/sandbox-trace.so"
 
 # The unprivileged account for the software under test: no password, no sudo.
 chroot "$root" useradd --uid 1000 --user-group --create-home --shell /bin/bash sandbox

@@ -13,10 +13,10 @@ import pytest
 
 # Session fixtures are registered here, once: a fixture imported into several test modules is a
 # separate fixture per module, and the lab would be "already up" for all but the first.
-from .e2e_support import cli, image
+from .e2e_support import cli, image, real_php_cli, real_php_image
 from .lab_fixture import lab, lab_session
 
-__all__ = ["cli", "image", "lab", "lab_session"]
+__all__ = ["cli", "image", "lab", "lab_session", "real_php_cli", "real_php_image"]
 
 GOLDEN = Path(__file__).parent / "golden"
 ACCEPTED = GOLDEN / "ACCEPTED"

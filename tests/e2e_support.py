@@ -32,6 +32,20 @@ def image() -> Image:
     return build_image(ImageRecipe(), paths.Dirs.from_env().images, progress=print)
 
 
+# Real PHP software from Debian for tests/test_e2e_realphp.py: tools using composer/xdebug-handler
+# (composer, which downloads through curl_multi, and phpmd), and two HTTP clients with async
+# requests.
+REAL_PHP_PACKAGES = ("composer", "php-guzzlehttp-guzzle", "php-symfony-http-client", "phpmd")
+
+
+@pytest.fixture(scope="session")
+def real_php_image() -> Image:
+    # Named like `sandbox image build --package ...` names it: the same cached image.
+    return build_image(
+        ImageRecipe.create(REAL_PHP_PACKAGES), paths.Dirs.from_env().images, progress=print
+    )
+
+
 @dataclass
 class Cli:
     lab: Lab
@@ -95,6 +109,16 @@ class Cli:
 
 @pytest.fixture
 def cli(lab: Lab, image: Image, tmp_path: Path) -> Iterator[Cli]:
+    yield from _cli(lab, tmp_path)
+
+
+@pytest.fixture
+def real_php_cli(lab: Lab, real_php_image: Image, tmp_path: Path) -> Iterator[Cli]:
+    """The CLI with the image of REAL_PHP_PACKAGES built (not the default one)."""
+    yield from _cli(lab, tmp_path)
+
+
+def _cli(lab: Lab, tmp_path: Path) -> Iterator[Cli]:
     config = tmp_path / "config.yaml"
     config.write_text("boot_timeout: 600\n")
     c = Cli(lab=lab, state_home=tmp_path / "state", config=config)

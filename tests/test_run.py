@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import paths
-from orchestrator.capture.records import Attempt, Verdict, guest_seconds, iso_time
+from orchestrator.capture.records import Attempt, Verdict, guest_seconds, iso_time, parse_time
 from orchestrator.errors import GuestError, NotFoundError, UsageError
 from orchestrator.run import target as runs
 from orchestrator.run import xdebug
@@ -311,3 +311,36 @@ def test_serve_request_keeps_to_the_workdir(
         runs.serve_request(app, guest_port=1, docroot=docroot, router=router)
     with pytest.raises(NotFoundError, match="no such directory"):
         runs.serve_request(tmp_path / "nope", guest_port=1)
+
+
+def test_attempts_tied_while_the_run_went_on_get_their_stack_once_its_traces_are_here(
+    tmp_path: Path,
+) -> None:
+    """A collection during the run ties the run user's attempts to it before any trace is
+    fetched; the collection after the run, with the traces here, gives them their stacks. Real
+    attempts and traces of a Composer run (tests/data/xdebug/composer)."""
+    import dataclasses
+    import shutil
+
+    sample = Path(__file__).parent / "data" / "xdebug" / "composer"
+    attempts = [
+        Attempt.from_json(line) for line in (sample / "attempts.jsonl").read_text().splitlines()
+    ]
+    moments = [parse_time(a.time).timestamp() for a in attempts]
+    run_id = "20261205-174515-e1a5"
+    runs.save_record(tmp_path, _record(run_id, min(moments) - 7.0, None))  # still going
+    during = runs.annotate(attempts, tmp_path)
+    assert {a.run for a in during} == {run_id} and not any(a.stack for a in during)
+    assert runs.annotate(during, tmp_path) == during  # no trace yet: nothing to redo
+
+    runs.save_record(tmp_path, _record(run_id, min(moments) - 7.0, max(moments) + 1.0))
+    directory = runs.runs_dir(tmp_path) / run_id / paths.XDEBUG_DIR
+    directory.mkdir(parents=True)
+    for trace in sample.glob("trace.*"):
+        shutil.copy(trace, directory / trace.name)
+    after = runs.annotate(during, tmp_path)
+    assert [a.stack[0].function for a in after] == ["curl_setopt"] * 4
+    assert [dataclasses.replace(a, stack=()) for a in after] == during
+    # Attempts of processes with no trace, tied to the run, stay as they are.
+    other = dataclasses.replace(during[0], pid=1)
+    assert runs.annotate([other], tmp_path) == [other]

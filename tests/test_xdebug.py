@@ -19,7 +19,18 @@ from orchestrator.run.xdebug import XdebugMode
 from .conftest import Golden
 
 DATA = Path(__file__).parent / "data" / "xdebug"
-SAMPLES = ["phone_home", "phone_home_2", "example", "burst", "killed"]
+SAMPLES = [
+    "phone_home",
+    "phone_home_2",
+    "example",
+    "burst",
+    "killed",
+    "composer",
+    "guzzle",
+    "guzzle_2",
+    "symfony",
+    "streams",
+]
 
 
 def _traces(sample: str) -> list[xdebug.Trace]:
@@ -72,6 +83,22 @@ def test_guest_files_golden(golden: Golden) -> None:
     ]
     for path, content in files.items():
         golden.check(f"xdebug/{path.rsplit('/', 1)[-1]}", content)
+
+
+# What composer/xdebug-handler 3.0.3 (Debian's, XdebugHandler::writeTmpIni) comments out of
+# every ini it copies into the restarted PHP's: PHP's /mi is Python's MULTILINE | IGNORECASE.
+HANDLER_REGEX = re.compile(r"^\s*(zend_extension\s*=.*xdebug.*)$", re.MULTILINE | re.IGNORECASE)
+
+
+def test_the_ini_loads_xdebug_through_a_line_the_handler_keeps() -> None:
+    ini = xdebug.guest_files(XdebugMode.TRACE)["/etc/sandbox/php/xdebug.ini"]
+    loads = [line for line in ini.splitlines() if line.startswith("zend_extension")]
+    assert loads == [f"zend_extension={xdebug.GUEST_EXTENSION}"]
+    assert HANDLER_REGEX.search(ini) is None
+    assert HANDLER_REGEX.search("zend_extension=xdebug.so") is not None  # what it was before
+    # The image makes the link the ini names.
+    recipe = (Path(__file__).parent.parent / "images" / "customize.sh").read_text()
+    assert f'"$root{xdebug.GUEST_EXTENSION}"' in recipe
 
 
 @pytest.mark.parametrize(
@@ -564,3 +591,144 @@ def test_a_request_name_is_bounded_and_unquoted() -> None:
     # Only our own marker counts: an internal function of that name is not it.
     internal = dataclasses.replace(call, internal=True)
     assert xdebug.request_of(dataclasses.replace(trace, calls=(internal,))) is None
+
+
+# ---- real packages: a restarted Composer, curl_multi requests ----------------------------------
+
+CURL_DOWNLOADER = "/usr/share/php/Composer/Util/Http/CurlDownloader.php"
+
+
+def _request_url(attempt: Attempt) -> str:
+    """The URL in the innermost frame's arguments (curl_setopt or curl_setopt_array)."""
+    assert attempt.stack and attempt.stack[0].args is not None, attempt
+    found = re.search(r"(?:^|, )(?:10002 => |10002, )'([^']*)'", attempt.stack[0].args)
+    assert found, attempt.stack[0].args
+    return found.group(1)
+
+
+def test_composer_restarted_by_xdebug_handler_is_traced_and_attributed() -> None:
+    """`composer show` against a blocked repository: xdebug-handler restarted PHP (the first
+    trace ends in proc_open with -n -c), the restarted process loaded xdebug again from the
+    copied ini and made every attempt; each names the curl_setopt(CURLOPT_URL) of its own
+    request in CurlDownloader, not the curl_multi_exec polling loop."""
+    parent, restarted = _traces("composer")
+    launch = [c for c in parent.calls if c.function == "proc_open"]
+    assert len(launch) == 1 and launch[0].file.endswith("/XdebugHandler/XdebugHandler.php")
+    assert "1 => '-n', 2 => '-c'" in launch[0].args[0]
+    attempts = _attempts("composer")
+    assert {a.pid for a in attempts} == {restarted.pid}
+    attributed = xdebug.attribute(attempts, [parent, restarted])
+    assert [(a.verdict, a.dst) for a in attributed] == [(Verdict.BLOCKED, "198.51.100.9")] * 4
+    for attempt in attributed:
+        assert attempt.stack[0] == Frame(
+            "curl_setopt",
+            CURL_DOWNLOADER,
+            193,
+            "class CurlHandle {  }, 10002, 'http://198.51.100.9/packages.json'",
+        )
+    # The first request, then Composer's three retries (restartJob), each its own request.
+    callers = [(a.stack[1].line, a.stack[2].function) for a in attributed]
+    assert (
+        callers
+        == [(140, "Composer\\Util\\Http\\CurlDownloader->download")]
+        + [(589, "Composer\\Util\\Http\\CurlDownloader->restartJob")] * 3
+    )
+    assert all(a.stack[-2].file == "/usr/bin/composer" for a in attributed)
+
+
+@pytest.mark.parametrize("sample", ["guzzle", "guzzle_2"])
+def test_guzzle_async_requests_name_the_request_not_the_poll(sample: str) -> None:
+    """Three getAsync() requests in flight together (GuzzleHttp\\Handler\\CurlMultiHandler):
+    each attempt, the resolver query of curl's thread included, names the request it was for:
+    curl_setopt_array in Guzzle's CurlFactory, down to the getAsync() line of the script. In
+    guzzle_2 the query came while the script read the blocked request's error (curl_getinfo in
+    CurlFactory::finishError), outside any curl_multi call."""
+    attributed = xdebug.attribute(_attempts(sample), _traces(sample))
+    resolver = attributed[2].dst  # the sandbox network's own address: each sandbox has one
+    rows = [
+        (a.verdict, a.dst, _request_url(a), a.stack[0].function, a.stack[-2].line)
+        for a in attributed
+    ]
+    assert rows == [
+        (
+            Verdict.ALLOWED,
+            "203.0.113.7",
+            "http://203.0.113.7/guzzle/allowed",
+            "curl_setopt_array",
+            7,
+        ),
+        (
+            Verdict.BLOCKED,
+            "198.51.100.9",
+            "http://198.51.100.9/guzzle/blocked",
+            "curl_setopt_array",
+            8,
+        ),
+        (Verdict.DNS, resolver, "http://www.inet.test/guzzle/named", "curl_setopt_array", 9),
+        (
+            Verdict.ALLOWED,
+            "2001:db8:1::9",
+            "http://www.inet.test/guzzle/named",
+            "curl_setopt_array",
+            9,
+        ),
+    ]
+    for attempt in attributed:
+        assert attempt.stack[0].file == "/usr/share/php/GuzzleHttp/Handler/CurlFactory.php"
+        assert attempt.stack[0].line == 70
+        assert attempt.stack[-2].function == "GuzzleHttp\\Client->getAsync"
+
+
+def test_symfony_http_client_requests() -> None:
+    attributed = xdebug.attribute(_attempts("symfony"), _traces("symfony"))
+    assert [(a.dst, _request_url(a)) for a in attributed] == [
+        ("203.0.113.7", "http://203.0.113.7/symfony/allowed"),
+        ("198.51.100.9", "http://198.51.100.9/symfony/blocked"),
+        ("192.168.208.1", "http://www.inet.test/symfony/named"),
+        ("2001:db8:1::9", "http://www.inet.test/symfony/named"),
+    ]
+    for attempt in attributed:
+        assert _described(attempt) == (
+            "curl_setopt() at CurlHttpClient.php:316"
+            " ← Symfony\\Component\\HttpClient\\CurlHttpClient->request() at symfony.php:9 ← main"
+        )
+
+
+def test_without_a_dns_name_a_named_request_still_fits() -> None:
+    """The address 2001:db8:1::9 is in no URL; without the name the resolver returned for it,
+    the only request that can have led there is the one naming a host."""
+    attempts = [replace(a, dns_name=None) for a in _attempts("guzzle")]
+    attributed = xdebug.attribute(attempts, _traces("guzzle"))
+    assert _request_url(attributed[3]) == "http://www.inet.test/guzzle/named"
+    assert _request_url(attributed[0]) == "http://203.0.113.7/guzzle/allowed"
+
+
+def test_an_attempt_no_request_fits_keeps_the_polling_call() -> None:
+    """A connect to an address and name no queued request names (a redirect, a proxy) is not
+    pinned on a request that did not make it: it keeps the curl_multi call it was made in."""
+    attempts = [
+        replace(a, dst="192.0.2.99", dns_name="proxy.example") for a in _attempts("symfony")[:2]
+    ]
+    attributed = xdebug.attribute(attempts, _traces("symfony"))
+    assert all(a.stack[0].function in xdebug.ASYNC_DRIVERS for a in attributed)
+    assert all(a.stack[0].file.endswith("/Response/CurlResponse.php") for a in attributed)
+
+
+def test_non_blocking_streams_and_stream_contexts() -> None:
+    """stream_socket_client(..., STREAM_CLIENT_ASYNC_CONNECT) connects (and looks the name up)
+    inside the call itself, before stream_select waits on it; an HTTP stream with a context
+    connects inside file_get_contents."""
+    attributed = xdebug.attribute(_attempts("streams"), _traces("streams"))
+    assert [(a.verdict, a.dst, _origin(a)) for a in attributed] == [
+        (Verdict.ALLOWED, "203.0.113.7", "stream_socket_client@6"),
+        (Verdict.BLOCKED, "198.51.100.9", "stream_socket_client@6"),
+        (Verdict.DNS, attributed[2].dst, "stream_socket_client@6"),
+        (Verdict.ALLOWED, "2001:db8:1::9", "stream_socket_client@6"),
+        (Verdict.BLOCKED, "198.51.100.9", "file_get_contents@25"),
+    ]
+    assert [(a.stack[0].args or "").split(",")[0] for a in attributed[:4]] == [
+        "'tcp://203.0.113.7:80'",
+        "'tcp://198.51.100.9:80'",
+        "'tcp://www.inet.test:80'",
+        "'tcp://www.inet.test:80'",
+    ]

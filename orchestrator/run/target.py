@@ -389,22 +389,44 @@ def _traces(logs: Path, run: RunRecord, limit: int) -> list[xdebug.Trace]:
     return traces
 
 
+def _traced_pids(logs: Path, run: RunRecord) -> frozenset[int]:
+    """The pids the run's fetched traces are named after (their names only: nothing is read)."""
+    directory = runs_dir(logs) / run.id / paths.XDEBUG_DIR
+    if not directory.is_dir():
+        return frozenset()
+    return frozenset(
+        int(path.name.split(".")[1])
+        for path in directory.iterdir()
+        if xdebug.is_trace_name(path.name)
+    )
+
+
 def annotate(
     attempts: Sequence[Attempt], logs: Path, *, limit: int = xdebug.MAX_DECOMPRESSED
 ) -> list[Attempt]:
     """Tie attempts to the runs that made them and, where an xdebug trace of the process exists,
-    to the PHP frames that were running at that moment. Attempts already tied stay as they are.
+    to the PHP frames that were running at that moment. Attempts already tied stay as they are,
+    except those tied while their run was going (a collection during the run, before its traces
+    were fetched): without a stack and with a trace of their process now there, they are
+    attributed again.
 
     An attempt is a run's when its process is one the run's traces name, or when it was made by
     the run user (nobody else in the guest runs as that user) while only that run was going."""
-    pending = [a for a in attempts if a.run is None]
+    runs = load_records(logs)
+    traced_pids = {run.id: _traced_pids(logs, run) for run in runs}
+    pending = [
+        a
+        for a in attempts
+        if a.run is None or (not a.stack and a.pid in traced_pids.get(a.run, ()))
+    ]
     if not pending:
         return list(attempts)
-    runs = load_records(logs)
     moments = {a.id: parse_time(a.time).timestamp() for a in pending}
     changed: dict[str, Attempt] = {}
     for run in runs:
-        mine = [a for a in pending if run.covers(moments[a.id])]
+        mine = [
+            a for a in pending if a.run == run.id or (a.run is None and run.covers(moments[a.id]))
+        ]
         if not mine:
             continue
         traces = _traces(logs, run, limit)
@@ -413,7 +435,8 @@ def annotate(
         owned = [
             a
             for a in mine
-            if a.pid in traced
+            if a.run == run.id
+            or a.pid in traced
             or (
                 run.user == RUN_USER
                 and a.uid == RUN_UID

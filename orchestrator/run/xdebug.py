@@ -22,6 +22,13 @@ Facts this relies on, measured with the image's PHP 8.2 and xdebug 3.2.0:
   and TRACE END are taken together, so `TRACE END - index` is the origin to the microsecond; a
   trace without a footer (a killed process) only bounds it: between `TRACE START - first
   call's index` and `TRACE START` (13-53 ms apart on the samples, under TCG).
+- composer/xdebug-handler (Composer, PHPStan, Psalm...) restarts PHP as `php -n -c TMPINI`
+  with every loaded ini copied into TMPINI, its zend_extension lines naming xdebug commented
+  out (the pattern is quoted at GUEST_EXTENSION); the environment (XDEBUG_MODE,
+  XDEBUG_CONFIG) is inherited. Loaded through GUEST_EXTENSION, xdebug comes back in the
+  restarted process, under its own pid and trace.
+- Objects are printed without identity: every curl handle is `class CurlHandle {  }` (see
+  `_Request` for how curl_multi requests are told apart).
 - Strings in arguments are quoted with control characters escaped (\\t, \\n, \\001), so a tab
   always separates fields; other bytes are written as they are (not necessarily UTF-8); strings
   are cut at 512 bytes ("'...").
@@ -69,6 +76,10 @@ class TraceError(SandboxError):
 
 GUEST_INI_DIR = "/etc/sandbox/php"  # scanned only by `sandbox run` processes (PHP_INI_SCAN_DIR)
 GUEST_OUTPUT_ROOT = "/var/lib/sandbox/xdebug"  # one subdirectory per run
+# A link to Debian's xdebug.so made by images/customize.sh. Its path must not contain "xdebug"
+# (in any case): composer/xdebug-handler comments out /^\s*(zend_extension\s*=.*xdebug.*)$/mi
+# in the ini it restarts PHP with.
+GUEST_EXTENSION = "/usr/lib/sandbox/php/sandbox-trace.so"
 # Added to PHP_INI_SCAN_DIR for coverage runs only: PHP does not scan subdirectories.
 COVERAGE_INI_DIR = posixpath.join(GUEST_INI_DIR, "coverage")
 COVERAGE_PREPEND = posixpath.join(COVERAGE_INI_DIR, "prepend.php")
@@ -91,7 +102,10 @@ MAX_DECOMPRESSED = Limits().decompressed
 _INI = """\
 ; Written by `sandbox up`. Read only by the processes `sandbox run` starts: their
 ; PHP_INI_SCAN_DIR adds this directory to Debian's, where xdebug is disabled.
-zend_extension=xdebug.so
+; Debian's xdebug.so under another name: tools using composer/xdebug-handler restart PHP
+; without every zend_extension line that names xdebug; this one does not, so the restarted
+; process is traced too (see images/customize.sh).
+zend_extension={extension}
 ; The sandbox's default mode; every run sets XDEBUG_MODE, which takes precedence.
 xdebug.mode={mode}
 xdebug.start_with_request=yes
@@ -162,7 +176,12 @@ def output_dir(run_id: str) -> str:
 def guest_files(mode: XdebugMode) -> dict[str, str]:
     """Guest path -> content, written at `up`. Everything every mode needs is pushed whatever the
     default, so `sandbox run --xdebug X` can pick another mode without another push."""
-    ini = _INI.format(mode=modes(mode), output_root=GUEST_OUTPUT_ROOT, port=DEFAULT_DEBUG_PORT)
+    ini = _INI.format(
+        extension=GUEST_EXTENSION,
+        mode=modes(mode),
+        output_root=GUEST_OUTPUT_ROOT,
+        port=DEFAULT_DEBUG_PORT,
+    )
     return {
         posixpath.join(GUEST_INI_DIR, "xdebug.ini"): ini,
         posixpath.join(COVERAGE_INI_DIR, "coverage.ini"): _COVERAGE_INI.format(
@@ -440,6 +459,7 @@ NETWORK_FUNCTIONS = RESOLVER_FUNCTIONS | frozenset(
         "exif_read_data",
         "curl_exec",
         "curl_multi_exec",
+        "curl_multi_select",
         "ftp_connect",
         "ftp_ssl_connect",
         "mail",
@@ -513,18 +533,31 @@ def _targets(call: Call) -> _Targets:
     names = set()
     strings = [a[1:-1] for a in call.args if len(a) >= 2 and a[0] == "'" and a[-1] == "'"]
     for position, value in enumerate(strings):
-        url = _URL_HOST.match(value)
-        host = url.group(1) if url else value
-        address = _ip(host)
-        if address is None and ":" in host and not host.startswith("["):
-            address = _ip(host.rsplit(":", 1)[0])
-        if address is None and host.startswith("[") and "]" in host:
-            address = _ip(host[: host.index("]") + 1])
+        address, name = _host(value, bare=position == 0)
         if address is not None:
             addresses.add(address)
-        elif (url or position == 0) and _HOSTNAME.match(host.rsplit(":", 1)[0]):
-            names.add(host.rsplit(":", 1)[0].rstrip(".").lower())
+        elif name is not None:
+            names.add(name)
     return _Targets(frozenset(addresses), frozenset(names))
+
+
+def _host(
+    value: str, *, bare: bool
+) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address | None, str | None]:
+    """The address or host name a URL, 'host', 'host:port' or '[v6]:port' names; a bare host
+    name (no scheme) only if `bare`."""
+    url = _URL_HOST.match(value)
+    host = url.group(1) if url else value
+    address = _ip(host)
+    if address is None and ":" in host and not host.startswith("["):
+        address = _ip(host.rsplit(":", 1)[0])
+    if address is None and host.startswith("[") and "]" in host:
+        address = _ip(host[: host.index("]") + 1])
+    if address is not None:
+        return address, None
+    if (url or bare) and _HOSTNAME.match(host.rsplit(":", 1)[0]):
+        return None, host.rsplit(":", 1)[0].rstrip(".").lower()
+    return None, None
 
 
 def _match_cost(attempt: Attempt, call: Call, targets: _Targets) -> float:
@@ -544,6 +577,108 @@ def _match_cost(attempt: Attempt, call: Call, targets: _Targets) -> float:
     if call.function in RESOLVER_FUNCTIONS:
         return _MATCH_OTHER  # a lookup connects to the resolver, not elsewhere
     return _MATCH_OTHER if targets.addresses and not targets.names else _MATCH_UNKNOWN
+
+
+# curl's multi interface (Composer, Guzzle, Symfony HttpClient): curl connects inside these
+# calls for whichever queued request is due, and its resolver thread asks DNS while they run.
+# The place that matters is the request's: where its URL was set, and so where it was queued.
+ASYNC_DRIVERS = frozenset({"curl_multi_exec", "curl_multi_select"})
+_CURLOPT_URL = "10002"
+# curl_setopt_array($handle, [CURLOPT_URL => ...]) as xdebug prints the array.
+_URL_IN_ARRAY = re.compile(r"(?:^\[|, )10002 => '((?:[^'\\]|\\.)*)'")
+_URL_PORT = re.compile(
+    r"^([A-Za-z][A-Za-z0-9+.-]*)://(?:[^/@]*@)?(?:\[[^\]]*\]|[^/:?#]*)(?::([0-9]{1,5}))?"
+)
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21, "ftps": 990}
+# How many earlier requests a driving call looks back at: a polling loop serves the recent ones.
+_MAX_REQUESTS = 512
+
+
+class _Fit(Enum):
+    NO = 0
+    MAYBE = 1  # a URL naming a host whose address the attempt does not say (no DNS name on it)
+    YES = 2
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A curl handle queued with curl_multi_add_handle. xdebug prints every handle as
+    `class CurlHandle {  }`, so a request is paired with its URL by order: the URLs set (by
+    curl_init, curl_setopt CURLOPT_URL or curl_setopt_array) and not yet queued, oldest first,
+    the way Composer, Guzzle and Symfony set up a handle and then queue it."""
+
+    queued: int  # position of curl_multi_add_handle among the index's calls
+    origin: int  # position of the call that set its URL (`queued` when none did)
+    targets: _Targets
+    port: int | None  # from the URL: explicit, or the scheme's
+
+    def fits(self, attempt: Attempt) -> _Fit:
+        name = attempt.dns_name.rstrip(".").lower() if attempt.dns_name else None
+        if attempt.verdict is Verdict.DNS:
+            if not self.targets.names:
+                return _Fit.NO  # an address in the URL: curl asks no resolver
+            if name is None:
+                return _Fit.MAYBE
+            return _Fit.YES if name in self.targets.names else _Fit.NO
+        if self.port is not None and attempt.dport is not None and attempt.dport != self.port:
+            return _Fit.NO
+        destination = _ip(attempt.dst)
+        if destination is not None and destination in self.targets.addresses:
+            return _Fit.YES
+        if name is not None:
+            return _Fit.YES if name in self.targets.names else _Fit.NO
+        return _Fit.MAYBE if self.targets.names else _Fit.NO
+
+
+def _url_set(call: Call) -> str | None:
+    """The URL a call gives a curl handle, if it does."""
+    args = call.args
+    if call.function == "curl_init" and args:
+        text = args[0]
+    elif call.function == "curl_setopt" and len(args) >= 3 and args[1] == _CURLOPT_URL:
+        text = args[2]
+    elif call.function == "curl_setopt_array" and len(args) >= 2:
+        match = _URL_IN_ARRAY.search(args[1])
+        return match.group(1) if match else None
+    else:
+        return None
+    return text[1:-1] if len(text) >= 2 and text[0] == "'" and text[-1] == "'" else None
+
+
+def _requests(calls: Sequence[Call]) -> list[_Request]:
+    pending: list[tuple[int, str]] = []  # (position, URL) set on handles not queued yet
+    last: tuple[int, str] | None = None  # a handle queued again keeps its URL
+    found = []
+    for position, call in enumerate(calls):
+        url = _url_set(call)
+        if url is not None:
+            pending.append((position, url))
+        elif call.function == "curl_exec" and pending:
+            pending.pop()  # the easy interface ran the handle set up last
+        elif call.function == "curl_multi_add_handle":
+            if pending:
+                last = pending.pop(0)
+            if last is None:
+                found.append(_Request(position, position, _Targets(frozenset(), frozenset()), None))
+                continue
+            origin, url = last
+            address, name = _host(url, bare=False)
+            port = _URL_PORT.match(url)
+            number = None
+            if port is not None:
+                scheme, explicit = port.group(1).lower(), port.group(2)
+                number = int(explicit) if explicit else _DEFAULT_PORTS.get(scheme)
+            found.append(
+                _Request(
+                    position,
+                    origin,
+                    _Targets(
+                        frozenset([address] if address else []), frozenset([name] if name else [])
+                    ),
+                    number,
+                )
+            )
+    return found
 
 
 @dataclass(frozen=True)
@@ -568,6 +703,28 @@ class _Index:
         self.short = [p for p, length in enumerate(durations) if length <= _SHORT_CALL]
         self.short_entries = [self.entries[p] for p in self.short]
         self.long = [p for p, length in enumerate(durations) if length > _SHORT_CALL]
+        self.requests = _requests(self.calls)
+        self.queued = [request.queued for request in self.requests]
+
+    def request(
+        self, attempt: Attempt, position: int, used: frozenset[int] | set[int] = frozenset()
+    ) -> tuple[int, _Fit] | None:
+        """The request (index in `requests`) behind an attempt made while the call at
+        `position`, a driving call, ran: of those queued before it that fit the attempt
+        (the ones naming its destination, else the ones that may), the first not in `used`,
+        else the last."""
+        before = bisect.bisect_left(self.queued, position)
+        fitting: dict[_Fit, list[int]] = {_Fit.YES: [], _Fit.MAYBE: []}
+        for index in range(max(0, before - _MAX_REQUESTS), before):
+            fit = self.requests[index].fits(attempt)
+            if fit is not _Fit.NO:
+                fitting[fit].append(index)
+        fit = _Fit.YES if fitting[_Fit.YES] else _Fit.MAYBE
+        pool = fitting[fit]
+        if not pool:
+            return None
+        unused = [index for index in pool if index not in used]
+        return (unused[0] if unused else pool[-1]), fit
 
     def candidates(self, stamped: Sequence[tuple[Attempt, float]]) -> list[list[_Candidate]]:
         """Each attempt's candidates; `stamped` in stamp order. Short calls are found by their
@@ -589,12 +746,23 @@ class _Index:
             last = bisect.bisect_right(self.short_entries, horizon)
             positions = sorted({*self.short[first:last], *(p for _exit, p in active)})
             mine = []
+            # A polling loop makes many driving calls between two queued requests: they all
+            # see the same requests (keyed by how many were queued before).
+            named: dict[int, bool] = {}
             for position in positions:
                 entry, leave = self.entries[position], self.exits[position]
                 if leave < stamp - early:
                     continue
                 distance = max(0.0, entry - stamp - _STAMP_WIDTH) + max(0.0, stamp - leave)
-                cost = _match_cost(attempt, self.calls[position], self.targets[position])
+                call = self.calls[position]
+                cost = _match_cost(attempt, call, self.targets[position])
+                if call.function in ASYNC_DRIVERS:
+                    queued = bisect.bisect_left(self.queued, position)
+                    if queued not in named:
+                        request = self.request(attempt, position)
+                        named[queued] = request is not None and request[1] is _Fit.YES
+                    if named[queued]:
+                        cost = _MATCH_NAMED
                 mine.append(_Candidate(position, cost, distance))
             found.append(mine)
         return found
@@ -698,7 +866,12 @@ def attribute(attempts: Sequence[Attempt], traces: Sequence[Trace]) -> list[Atte
     candidate; it costs less when its arguments name the attempt's destination (or, for a DNS
     query, when it looks a name up), when it is a known network function, and when it is not
     already the previous attempt's; closeness to the stamp only breaks ties. The alignment is
-    what gets back-to-back connects to one address right despite the stamps' lag."""
+    what gets back-to-back connects to one address right despite the stamps' lag.
+
+    An attempt made inside a curl_multi call (and a resolver query of curl's thread made during
+    a call that is no network function) is the request's that curl was serving: of the requests
+    queued before that call that fit its destination, the first not yet given an attempt of its
+    kind, else the last. Its stack is that of the call that set the request's URL."""
     spans = _spans(traces)
     work: dict[int, list[tuple[int, Attempt, float]]] = {}  # position in traces -> attempts
     for position, attempt in enumerate(attempts):
@@ -721,10 +894,24 @@ def attribute(attempts: Sequence[Attempt], traces: Sequence[Trace]) -> list[Atte
             prepared.append((stamp, named, position, attempt, candidates))
         prepared.sort(key=lambda item: (item[0], item[1], item[2]))
         chosen = _align([candidates for *_, candidates in prepared])
+        # Requests already given an attempt, apart for DNS queries and connects.
+        used: dict[bool, set[int]] = {True: set(), False: set()}
         for (_stamp, _named, position, attempt, _c), call in zip(prepared, chosen, strict=True):
-            if call is not None:
-                stack = traces[index].stack(calls.calls[call])
-                result[position] = replace(attempt, stack=stack)
+            if call is None:
+                continue
+            made_by = calls.calls[call]
+            dns = attempt.verdict is Verdict.DNS
+            # curl's resolver thread asks while the script does anything at all (Guzzle
+            # reading the error of another request, say): a query made during a call that is
+            # no network function of its own is a queued request's, if one names a host.
+            if made_by.function in ASYNC_DRIVERS or (
+                dns and made_by.function not in NETWORK_FUNCTIONS
+            ):
+                request = calls.request(attempt, call, used[dns])
+                if request is not None:
+                    used[dns].add(request[0])
+                    made_by = calls.calls[calls.requests[request[0]].origin]
+            result[position] = replace(attempt, stack=traces[index].stack(made_by))
     return result
 
 
