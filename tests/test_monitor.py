@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC
 from pathlib import Path
@@ -23,6 +24,7 @@ from orchestrator.capture import logview, monitor
 from orchestrator.capture.records import Attempt, DnsQuery, Verdict
 from orchestrator.egress import dnslog, firewall
 from orchestrator.errors import GuestError
+from orchestrator.waits import Deadline, wait_for
 from sandbox_lab import in_lab
 
 from .conftest import Golden
@@ -1074,6 +1076,31 @@ def _drive(cli: Cli, action: str, name: str, cursor: Path) -> dict[str, Any]:
     return value
 
 
+def _collect_until(
+    cli: Cli,
+    name: str,
+    cursor: Path,
+    ready: Callable[[list[Attempt]], bool],
+    what: str,
+    timeout: float = 120,
+) -> dict[str, Any]:
+    """Collections until the attempts they brought satisfy `ready`: a record waits for its other
+    half up to the capture's settle window, so a test waits for what it expects rather than
+    sleeping for a guess at that window. Returns the collections merged (raw: each snapshot)."""
+    merged: dict[str, Any] = {"seconds": 0.0, "raw": [], "warnings": [], "attempts": []}
+
+    def attempt() -> bool | None:
+        got = _drive(cli, "collect", name, cursor)
+        merged["seconds"] += got["seconds"]
+        merged["raw"].append(got["raw"])
+        merged["warnings"] += got["warnings"]
+        merged["attempts"] += got["attempts"]
+        return True if ready([Attempt.from_json(a) for a in merged["attempts"]]) else None
+
+    wait_for(attempt, Deadline(timeout, f"the collections of {name!r} to bring {what}"))
+    return merged
+
+
 def _bash_connect(cli: Cli, name: str, port: int) -> int:
     """A blocked TCP attempt by bash as user sandbox, through `exec`; bash's pid."""
     script = f"echo $$; exec 3<>/dev/tcp/198.51.100.9/{port} || true"
@@ -1117,9 +1144,18 @@ def test_capture_in_a_real_guest(cli: Cli, tmp_path: Path) -> None:
         execd_pid = int(execd.stdout.split()[0])
         sender = cli.ok("exec", "--name", name, "--", "python3", "-c", _SENDTO)
         sender_pid = int(sender.stdout.split()[0])
-        # Past the settle time nothing is held back for the next collection.
-        time.sleep(monitor.SETTLE_SECONDS)
-        first = _drive(cli, "collect", name, cursor)
+        expected = {php_pid: 7, bash_pid: 1, execd_pid: 2}
+        first = _collect_until(
+            cli,
+            name,
+            cursor,
+            lambda got: (
+                all(sum(a.pid == pid for a in got) >= n for pid, n in expected.items())
+                and any(a.pid == sender_pid for a in got)
+            ),
+            "every process's attempts",
+        )
+        # Once they are in, another collection adds nothing (each record exactly once).
         second = _drive(cli, "collect", name, cursor)
         # Guest root detaches the capture and an attempt follows: the collection after it (the
         # one `exec` makes) says so and attaches it again, so later attempts are attributed.
@@ -1130,8 +1166,12 @@ def test_capture_in_a_real_guest(cli: Cli, tmp_path: Path) -> None:
         removed = cli.ok("exec", "--name", name, "--", "sh", "-c", detached)
         unattributed_pid = int(removed.stdout.split()[0])
         later_pid = _bash_connect(cli, name, 81)
-        time.sleep(monitor.SETTLE_SECONDS)
-        logged = cli.ok("logs", "--name", name, "--json").stdout
+        logged = "\n".join(
+            json.dumps(r)
+            for r in cli.records_when(
+                name, lambda rows: any(r["pid"] == later_pid for r in rows), "bash's attempt"
+            )
+        )
     finally:
         cli.run("destroy", "--name", name, timeout=300)
     assert "the capture was not attached" in removed.stderr
@@ -1144,7 +1184,9 @@ def test_capture_in_a_real_guest(cli: Cli, tmp_path: Path) -> None:
     assert [a for a in healed if a.dport == 82] == []
     samples = os.environ.get("SANDBOX_MONITOR_SAMPLES")
     if samples:
-        Path(samples, "collect-1.txt").write_text(first["raw"])
+        # The unit tests replay two snapshots: everything, then nothing new.
+        assert len(first["raw"]) == 1, "recording needs the attempts in one collection: rerun"
+        Path(samples, "collect-1.txt").write_text(first["raw"][0])
         Path(samples, "collect-2.txt").write_text(second["raw"])
     print(f"collections took {first['seconds']:.2f} s and {second['seconds']:.2f} s")
     assert first["warnings"] == [] and second["warnings"] == []
@@ -1214,8 +1256,13 @@ def test_a_connect_that_waits_is_attributed_before_it_returns(cli: Cli, tmp_path
         )
         started = cli.ok("ssh", "--name", name, "--", waiting)
         runuser_pid = int(started.stdout.split()[0])
-        time.sleep(monitor.SETTLE_SECONDS)
-        during = _drive(cli, "collect", name, cursor)
+        during = _collect_until(
+            cli,
+            name,
+            cursor,
+            lambda got: any(a.dst == "198.51.100.9" for a in got),
+            "the waiting connect",
+        )
         cli.ok("ssh", "--name", name, "--", f"pkill -P {runuser_pid}; sleep 1")
         after = _drive(cli, "collect", name, cursor)
     finally:
@@ -1249,11 +1296,19 @@ def test_a_burst_of_attempts_loses_nothing(cli: Cli, tmp_path: Path) -> None:
         php = cli.ok("exec", "--name", name, "--", "php", "-r", _PHP_BURST)
         print(f"{_BURST} connects took {time.monotonic() - started:.1f} s in the guest")
         php_pid = int(php.stdout.split()[-1])
-        time.sleep(monitor.SETTLE_SECONDS)
-        first = _drive(cli, "collect", name, cursor)
+        first = _collect_until(
+            cli,
+            name,
+            cursor,
+            lambda got: sum(a.pid == php_pid for a in got) >= _BURST,
+            f"{_BURST} attempts",
+        )
+        # Nothing more comes: each attempt exactly once.
+        more = _drive(cli, "collect", name, cursor)["attempts"]
+        assert [a for a in map(Attempt.from_json, more) if a.pid == php_pid] == []
     finally:
         cli.run("destroy", "--name", name, timeout=300)
-    (tmp_path / "burst.txt").write_text(first["raw"])
+    (tmp_path / "burst.txt").write_text("\n".join(first["raw"]))
     print(f"collecting {_BURST} attempts took {first['seconds']:.2f} s, {len(first['raw'])} bytes")
     assert first["warnings"] == []
     attempts = [Attempt.from_json(line) for line in first["attempts"]]
