@@ -21,7 +21,7 @@ Facts this relies on, measured with the image's PHP 8.2 and xdebug 3.2.0:
   clock at process start. TRACE START/END are UTC whatever TZ says. The footer's last time index
   and TRACE END are taken together, so `TRACE END - index` is the origin to the microsecond; a
   trace without a footer (a killed process) only bounds it: between `TRACE START - first
-  call's index` and `TRACE START` (13-53 ms apart on the samples, under TCG).
+  call's index` and `TRACE START` (11-59 ms apart on the samples of scripts, under TCG).
 - composer/xdebug-handler (Composer, PHPStan, Psalm...) restarts PHP as `php -n -c TMPINI`
   with every loaded ini copied into TMPINI, its zend_extension lines naming xdebug commented
   out (the pattern is quoted at GUEST_EXTENSION); the environment (XDEBUG_MODE,
@@ -34,13 +34,14 @@ Facts this relies on, measured with the image's PHP 8.2 and xdebug 3.2.0:
   are cut at 512 bytes ("'...").
 
 The join. An attempt's time is its connect()'s return (orchestrator/capture/monitor.py), inside the
-call that made it. The samples in tests/data/xdebug were taken when the time came from auditd: the
-kernel's coarse clock at connect() entry, cut to the millisecond, which lags by up to a tick, and
-ticks come late under TCG: the stamps of 100 back-to-back connects (tests/data/xdebug/burst) were
-all 0.9-9.6 ms earlier than the start of the fsockopen() that made them, most of them inside the
-previous call. "The innermost call whose interval contains the time" named the right call for 42 of
-the 81 attempts of those samples; see `attribute` for what is done instead, which holds for both
-clocks."""
+call that made it, but cut to the millisecond, and xdebug's clock and the capture's differ a little
+(about a millisecond at most, measured): in a burst of 100 back-to-back connects
+(tests/data/xdebug/burst) three fsockopen() calls fit in a millisecond, and "the innermost call
+whose interval contains the time" named the right call for 9 of the 100. Times once came from auditd
+(tests/data/xdebug/burst_auditd is kept from then): the kernel's coarse clock at connect() entry,
+which lags by up to a tick, and ticks come late under TCG: those stamps were all 0.9-9.6 ms earlier
+than the start of the fsockopen() that made them, most of them inside the previous call. See
+`attribute` for what is done instead, which holds for both clocks."""
 
 from __future__ import annotations
 
@@ -485,13 +486,15 @@ NETWORK_FUNCTIONS = RESOLVER_FUNCTIONS | frozenset(
 )
 
 # An attempt's stamp is its connect()'s return (CLOCK_MONOTONIC converted to wall time at the
-# collection), inside the call that made it. LATE covers the stamps of the samples in
-# tests/data/xdebug, taken when they came from auditd: the kernel's coarse clock at connect()
-# entry, cut to the millisecond, whose tick lag TCG stretches: the stamps of 100 back-to-back
-# connects came 0.9-9.6 ms before the fsockopen() that made them even started (12.6 ms in
-# another run). Within LATE every lag is taken as equally likely. A stamp may also come out
-# slightly after the call ended: both clocks are the guest's, but xdebug's is anchored once at
-# the process's start on the wall clock, and a step or slew since then shows.
+# collection), inside the call that made it, cut to the millisecond; by xdebug's clock that
+# millisecond ended up to 1.05 ms before the call began in the samples of tests/data/xdebug
+# (both clocks are the guest's, but xdebug's is anchored once at the process's start on the wall
+# clock, and a step or slew since then shows; so may a stamp slightly after the call ended).
+# LATE also covers the stamps of tests/data/xdebug/burst_auditd, taken when they came from
+# auditd: the kernel's coarse clock at connect() entry, cut to the millisecond, whose tick lag
+# TCG stretches: the stamps of 100 back-to-back connects came 0.9-9.6 ms before the fsockopen()
+# that made them even started (12.6 ms in another run). Within LATE every lag is taken as
+# equally likely.
 LATE = 0.025
 EARLY = 0.002
 _STAMP_WIDTH = 0.001
