@@ -394,11 +394,8 @@ def _traced_pids(logs: Path, run: RunRecord) -> frozenset[int]:
     directory = runs_dir(logs) / run.id / paths.XDEBUG_DIR
     if not directory.is_dir():
         return frozenset()
-    return frozenset(
-        int(path.name.split(".")[1])
-        for path in directory.iterdir()
-        if xdebug.is_trace_name(path.name)
-    )
+    pids = (xdebug.trace_pid(path.name) for path in directory.iterdir())
+    return frozenset(pid for pid in pids if pid is not None)
 
 
 def annotate(

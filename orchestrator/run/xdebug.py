@@ -220,6 +220,12 @@ def is_trace_name(name: str) -> bool:
     return _TRACE_NAME.match(name) is not None
 
 
+def trace_pid(name: str) -> int | None:
+    """The pid a trace file is named after; None for a name that is not a trace's."""
+    match = _TRACE_NAME.match(name)
+    return int(match.group("pid")) if match else None
+
+
 def is_output_name(name: str) -> bool:
     """Whether a run's output file may have this name (see _OUTPUT_NAME). Pure."""
     return _OUTPUT_NAME.match(name) is not None
@@ -529,12 +535,18 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+def _string_arg(arg: str) -> str | None:
+    """A whole string argument as xdebug writes it ('text'), unquoted; None for anything else
+    (a number, an object, a string cut short: 'text'...)."""
+    return arg[1:-1] if len(arg) >= 2 and arg[0] == "'" and arg[-1] == "'" else None
+
+
 def _targets(call: Call) -> _Targets:
     """Addresses and host names in a call's string arguments: URLs, 'host', 'host:port',
     '[v6]:port'. Only the first string may be a bare host name (fopen's 'r' is not one)."""
     addresses = set()
     names = set()
-    strings = [a[1:-1] for a in call.args if len(a) >= 2 and a[0] == "'" and a[-1] == "'"]
+    strings = [s for s in map(_string_arg, call.args) if s is not None]
     for position, value in enumerate(strings):
         address, name = _host(value, bare=position == 0)
         if address is not None:
@@ -645,7 +657,7 @@ def _url_set(call: Call) -> str | None:
         return match.group(1) if match else None
     else:
         return None
-    return text[1:-1] if len(text) >= 2 and text[0] == "'" and text[-1] == "'" else None
+    return _string_arg(text)
 
 
 def _requests(calls: Sequence[Call]) -> list[_Request]:
@@ -835,6 +847,20 @@ def _frontier(
     return kept
 
 
+def _covering(
+    spans: dict[int, list[tuple[float, float, int]]], attempt: Attempt
+) -> tuple[int, float] | None:
+    """(index of the trace accounting for the attempt's process at its time, the attempt's
+    stamp), or None when no trace does."""
+    if attempt.pid is None or attempt.pid not in spans:
+        return None
+    stamp = parse_time(attempt.time).timestamp()
+    for since, until, index in spans[attempt.pid]:
+        if since <= stamp <= until:
+            return index, stamp
+    return None
+
+
 def _spans(traces: Sequence[Trace]) -> dict[int, list[tuple[float, float, int]]]:
     """Per pid, the stretch of time each trace accounts for: (from, to, index in traces). A
     trace cut short (the process was killed, or exec'd another program) runs until the same
@@ -878,13 +904,10 @@ def attribute(attempts: Sequence[Attempt], traces: Sequence[Trace]) -> list[Atte
     spans = _spans(traces)
     work: dict[int, list[tuple[int, Attempt, float]]] = {}  # position in traces -> attempts
     for position, attempt in enumerate(attempts):
-        if attempt.pid is None or attempt.pid not in spans:
-            continue
-        stamp = parse_time(attempt.time).timestamp()
-        for since, until, index in spans[attempt.pid]:
-            if since <= stamp <= until:
-                work.setdefault(index, []).append((position, attempt, stamp))
-                break
+        covering = _covering(spans, attempt)
+        if covering is not None:
+            index, stamp = covering
+            work.setdefault(index, []).append((position, attempt, stamp))
     result = list(attempts)
     for index, items in work.items():
         calls = _Index(traces[index])
@@ -963,9 +986,10 @@ _REQUEST_TEXT_MAX = 300
 
 
 def _unquote(arg: str) -> str:
-    # xdebug writes a string argument as 'text' (cut ones as 'text'...).
-    if arg.startswith("'") and arg.endswith("'") and len(arg) >= 2:
-        return arg[1:-1]
+    # A string cut short keeps what was written of it, marked as cut.
+    whole = _string_arg(arg)
+    if whole is not None:
+        return whole
     if arg.startswith("'") and arg.endswith("'..."):
         return arg[1:-4] + "..."
     return arg
@@ -988,11 +1012,7 @@ def name_requests(attempts: Sequence[Attempt], traces: Sequence[Trace]) -> list[
     requests = [request_of(trace) for trace in traces]
     result = list(attempts)
     for position, attempt in enumerate(attempts):
-        if attempt.request is not None or attempt.pid is None or attempt.pid not in spans:
-            continue
-        stamp = parse_time(attempt.time).timestamp()
-        for since, until, index in spans[attempt.pid]:
-            if since <= stamp <= until and requests[index] is not None:
-                result[position] = replace(attempt, request=requests[index])
-                break
+        covering = None if attempt.request is not None else _covering(spans, attempt)
+        if covering is not None and requests[covering[0]] is not None:
+            result[position] = replace(attempt, request=requests[covering[0]])
     return result
