@@ -1299,12 +1299,8 @@ def name_queries(attempts: Iterable[Attempt], queries: Iterable[DnsQuery]) -> li
     return result
 
 
-def attach_dns_names(attempts: Iterable[Attempt], queries: Iterable[DnsQuery]) -> list[Attempt]:
-    """Each attempt with dns_name set from the latest query before it whose answer held its
-    destination (attempts that already have a name keep it). "Before" on two clocks: the log's
-    whole second on the host's may read up to CLOCK_SKEW after the guest's connect that
-    followed the answer (measured: a query logged at :20 for a connect at :19.664), so with no
-    answer before it, the first within CLOCK_SKEW after it names it."""
+def _answers(queries: Iterable[DnsQuery]) -> dict[str, list[tuple[float, str]]]:
+    """Per address an answer gave: (when it was logged, the name asked), oldest first."""
     answers: dict[str, list[tuple[float, str]]] = {}
     for query in queries:
         when = parse_time(query.time).timestamp()
@@ -1312,6 +1308,16 @@ def attach_dns_names(attempts: Iterable[Attempt], queries: Iterable[DnsQuery]) -
             answers.setdefault(address, []).append((when, query.name))
     for entries in answers.values():
         entries.sort()
+    return answers
+
+
+def attach_dns_names(attempts: Iterable[Attempt], queries: Iterable[DnsQuery]) -> list[Attempt]:
+    """Each attempt with dns_name set from the latest query before it whose answer held its
+    destination (attempts that already have a name keep it). "Before" on two clocks: the log's
+    whole second on the host's may read up to CLOCK_SKEW after the guest's connect that
+    followed the answer (measured: a query logged at :20 for a connect at :19.664), so with no
+    answer before it, the first within CLOCK_SKEW after it names it."""
+    answers = _answers(queries)
     result = []
     for attempt in attempts:
         entries = answers.get(_canonical(attempt.dst), [])
@@ -1334,10 +1340,7 @@ def confirm_probes(attempts: Iterable[Attempt], queries: Sequence[DnsQuery]) -> 
     the resolver's log (a remote hypervisor: no query at all) the capture alone decides."""
     if not queries:
         return list(attempts)
-    answers: dict[str, list[float]] = {}
-    for query in queries:
-        for address in query.addresses():
-            answers.setdefault(address, []).append(parse_time(query.time).timestamp())
+    answers = _answers(queries)
     result = []
     for attempt in attempts:
         if attempt.verdict is Verdict.PROBE:
@@ -1345,7 +1348,7 @@ def confirm_probes(attempts: Iterable[Attempt], queries: Sequence[DnsQuery]) -> 
             earliest = when - QUERY_WINDOW - 1.0 - CLOCK_SKEW
             if not any(
                 earliest <= logged <= when + CLOCK_SKEW
-                for logged in answers.get(_canonical(attempt.dst), [])
+                for logged, _name in answers.get(_canonical(attempt.dst), [])
             ):
                 attempt = replace(attempt, verdict=Verdict.UNSENT)
         result.append(attempt)
