@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import libvirt
 
@@ -22,11 +21,6 @@ from orchestrator.vm.domain import (
     dns_log_path,
 )
 
-if TYPE_CHECKING:
-    # paramiko and pycdlib cost a tenth of a second to import: only the verbs that talk to a
-    # guest or build a seed load them (destroy, list and status do not).
-    pass
-
 
 def save_console(store: StateStore, name: str, text: str) -> None:
     if text:
@@ -41,10 +35,16 @@ def remove_volumes(
     vols: names.SandboxVolumes,
     store: StateStore,
     name: str,
-) -> None:
+) -> list[str]:
+    """Keep the console's text with the logs, then delete the sandbox's volumes; the names of
+    those that were there."""
     save_console(store, name, hv.console_text(conn, pool, vols.console))
-    for vol in (*vols.all(), *hv.console_rotations(pool, vols.console)):
-        hv.delete_volume(pool, vol)
+    # virtlogd rotates the console log (2 MiB a file, 3 kept): the old ones too.
+    return [
+        vol
+        for vol in (*vols.all(), *hv.console_rotations(pool, vols.console))
+        if hv.delete_volume(pool, vol)
+    ]
 
 
 def remove_network(ctx: Context, conn: libvirt.virConnect, network: str) -> bool:

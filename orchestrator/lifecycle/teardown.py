@@ -19,7 +19,7 @@ from orchestrator.lifecycle.collection import collect_locked
 from orchestrator.lifecycle.context import (
     Context,
 )
-from orchestrator.lifecycle.resources import remove_network, save_console
+from orchestrator.lifecycle.resources import remove_network, remove_volumes
 from orchestrator.state import (
     Phase,
     validate_name,
@@ -119,11 +119,8 @@ def destroy(ctx: Context, name: str) -> DestroyReport:
             pool = hv.active_pool(conn, pool_name)
             if pool is not None:
                 vols = names.SandboxVolumes.for_sandbox(name)
-                save_console(store, name, hv.console_text(conn, pool, vols.console))
-                # virtlogd rotates the console log (2 MiB a file, 3 kept): the old ones too.
-                for vol in (*vols.all(), *hv.console_rotations(pool, vols.console)):
-                    if hv.delete_volume(pool, vol):
-                        removed.append(f"volume {vol}")
+                gone = remove_volumes(conn, pool, vols, store, name)
+                removed += [f"volume {vol}" for vol in gone]
             if remove_network(ctx, conn, network):
                 removed.append(f"network {network}")
         secrets_dir = store.dir(name)
