@@ -29,6 +29,7 @@ chroot "$root" systemctl enable --quiet sandbox-boot-firewall.service
 install -D -m 0755 "$SANDBOX_CAPTURE_BUILD/sbx-capture" "$root/usr/sbin/sbx-capture"
 install -D -m 0644 "$SANDBOX_CAPTURE_BUILD/connect.bpf.o" "$root/usr/lib/sandbox/connect.bpf.o"
 chroot "$root" systemctl enable --quiet sandbox-capture.service
+chroot "$root" systemctl enable --quiet sandbox-ready.service
 
 # Debian's php-xdebug enables itself for every PHP run. Off here: `sandbox run` loads it for its
 # own processes only (PHP_INI_SCAN_DIR), so nothing else in the guest runs with a debugger.

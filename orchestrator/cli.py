@@ -26,6 +26,7 @@ from orchestrator.capture.records import iso_time
 from orchestrator.config import (
     MEMORY_MIB_RANGE,
     VCPUS_RANGE,
+    WARM_RANGE,
     check_range,
     load_settings,
     parse_accel,
@@ -34,6 +35,7 @@ from orchestrator.egress.policy import Blocked
 from orchestrator.errors import SandboxError, UsageError
 from orchestrator.run import target as runs
 from orchestrator.run import xdebug
+from orchestrator.state import SandboxState
 from orchestrator.vm import images
 
 app = typer.Typer(
@@ -48,6 +50,11 @@ image_app = typer.Typer(help="Build and list base images.", no_args_is_help=True
 app.add_typer(image_app, name="image")
 policy_app = typer.Typer(help="Inspect a sandbox's egress policy.", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
+warm_app = typer.Typer(
+    help="VMs booted ahead of time: `up` takes one (a start in seconds) when one fits.",
+    no_args_is_help=True,
+)
+app.add_typer(warm_app, name="warm")
 
 err = Console(stderr=True, highlight=False)
 # Off a terminal (a pipe, a file) rich would assume 80 columns and crush tables: be wide enough
@@ -171,22 +178,42 @@ def up(
             "coverage or off.",
         ),
     ] = "trace",
+    cold: Annotated[
+        bool, typer.Option("--cold", help="Boot a new VM even if a warm one is there.")
+    ] = False,
 ) -> None:
-    """Create and boot a disposable sandbox VM."""
+    """Create and boot a disposable sandbox VM (from a warm VM when one fits)."""
     mode = _xdebug_mode(xdebug_mode)
     ctx = _context(accel, memory, vcpus)
+    egress = lifecycle.make_policy(
+        ctx, allow or (), policy_file=policy, dns=dns, blocked=_blocked(blocked)
+    )
+    state = lifecycle.up(
+        ctx,
+        name,
+        image=image,
+        policy=egress,
+        capture=pcap,
+        xdebug_mode=mode,
+        warm_start=not cold,
+    )
+    _print_ready(state)
+
+
+def _blocked(blocked: str | None) -> Blocked | None:
     try:
-        blocked_action = Blocked(blocked.lower()) if blocked else None
+        return Blocked(blocked.lower()) if blocked else None
     except ValueError:
         raise UsageError(f"--blocked {blocked!r}", "use reject or drop") from None
-    egress = lifecycle.make_policy(
-        ctx, allow or (), policy_file=policy, dns=dns, blocked=blocked_action
+
+
+def _print_ready(state: SandboxState) -> None:
+    how = (
+        f"warm VM, ready in {state.boot_seconds} s"
+        if state.warm_id
+        else f"booted in {state.boot_seconds} s"
     )
-    state = lifecycle.up(ctx, name, image=image, policy=egress, capture=pcap, xdebug_mode=mode)
-    err.print(
-        f"sandbox [bold]{state.name}[/] is ready at {state.ip} "
-        f"({state.accel.value}, booted in {state.boot_seconds} s)"
-    )
+    err.print(f"sandbox [bold]{state.name}[/] is ready at {state.ip} ({state.accel.value}, {how})")
 
 
 @app.command(name="exec", context_settings={"allow_interspersed_args": False})
@@ -265,8 +292,30 @@ def run(
         int,
         typer.Option("--debug-port", help="Your IDE's DBGp port on 127.0.0.1 (--xdebug debug)."),
     ] = 9003,
+    once: Annotated[
+        bool,
+        typer.Option(
+            "--rm",
+            help="One-shot: a new sandbox for this run, destroyed after it (implied by --allow "
+            "or --policy when the sandbox does not exist).",
+        ),
+    ] = False,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option("--allow", "-a", help="One-shot: allowed destination (as for `up`)."),
+    ] = None,
+    policy: Annotated[
+        Path | None, typer.Option("--policy", help="One-shot: a YAML policy file (as for `up`).")
+    ] = None,
+    dns: Annotated[
+        bool | None, typer.Option("--dns/--no-dns", help="One-shot: as for `up`.")
+    ] = None,
+    image: Annotated[str | None, typer.Option("--image", help="One-shot: base image name.")] = None,
 ) -> None:
-    """Run a PHP script (or, after --, any command) in the sandbox; its exit code is passed back."""
+    """Run a PHP script (or, after --, any command) in the sandbox; its exit code is passed back.
+
+    With --rm (or --allow/--policy and no such sandbox) the run gets a sandbox of its own, made
+    for it (warm when a warm VM is there) and destroyed after it; its logs are kept."""
     if timeout is not None and not timeout > 0:  # also refuses nan
         raise UsageError(f"--timeout {timeout:g}", "give a number of seconds above 0")
     check_range(debug_port, (1, 65535), "--debug-port")
@@ -285,14 +334,44 @@ def run(
             f"{command[0]!r} is not a .php script",
             f"to run a command, put it after --: sandbox run -- {' '.join(command)}",
         )
-    outcome = lifecycle.run_target(
-        _context(),
-        name,
-        request,
-        stdout=_sink(sys.stdout),
-        stderr=_sink(sys.stderr),
-        on_warning=_warn,
+    sandboxes = _context()
+    one_shot = once or (
+        (allow or policy is not None) and name not in lifecycle.known_names(sandboxes)
     )
+    if not one_shot and (allow or policy is not None or dns is not None or image):
+        raise UsageError(
+            f"sandbox {name!r} exists with its own policy and image; --allow, --policy, --dns "
+            "and --image make a one-shot sandbox",
+            "add --rm to run in a new sandbox of its own, or leave those options out",
+        )
+    if one_shot:
+        egress = lifecycle.make_policy(sandboxes, allow or (), policy_file=policy, dns=dns)
+        once_outcome = lifecycle.run_once(
+            sandboxes,
+            request,
+            policy=egress,
+            image=image,
+            stdout=_sink(sys.stdout),
+            stderr=_sink(sys.stderr),
+            on_warning=_warn,
+            on_ready=lambda made: err.print(
+                f"[dim]one-shot sandbox {made}: destroyed after the run, logs kept[/]"
+            ),
+        )
+        assert once_outcome.outcome is not None
+        name = once_outcome.name
+        outcome = once_outcome.outcome
+        for warning in once_outcome.destroyed.warnings:
+            _warn(warning)
+    else:
+        outcome = lifecycle.run_target(
+            sandboxes,
+            name,
+            request,
+            stdout=_sink(sys.stdout),
+            stderr=_sink(sys.stderr),
+            on_warning=_warn,
+        )
     record = outcome.result.record
     if record.timed_out:
         err.print(
@@ -311,6 +390,10 @@ def run(
         summary += f", {outcome.collected.new_attempts} new connection record(s)"
     if outcome.result.skipped:
         summary += f", {len(outcome.result.skipped)} output file(s) refused (see the warnings)"
+    if one_shot:
+        chosen = logview.Filter.from_options(run=record.id)
+        attempts: list[Any] = lifecycle.read_logs(sandboxes, name, chosen, dns=False)
+        out.print(logview.render_table(attempts))
     err.print(
         f"[dim]{summary}; see `sandbox logs --name {name} --run {record.id}`[/]", soft_wrap=True
     )
@@ -476,6 +559,55 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] 
             safetext.text("; ".join(r["problems"])),
         )
     out.print(table)
+
+
+@warm_app.command("fill")
+def warm_fill(
+    count: Annotated[
+        int,
+        typer.Option(
+            "--count", "-n", help="How many warm VMs to keep (default: config warm, or 1)."
+        ),
+    ] = 0,
+    image: Annotated[str | None, typer.Option("--image", help="Base image name.")] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="Wait until every warm VM has booted.")
+    ] = True,
+) -> None:
+    """Boot warm VMs for the current settings and image (and remove unfit ones: another image
+    version, memory, vCPUs)."""
+    ctx = _context()
+    want = count or ctx.settings.warm or 1
+    check_range(want, WARM_RANGE, "--count")
+    report = lifecycle.warm_fill(ctx, want, image, wait=wait)
+    for domain in report.removed:
+        err.print(safetext.text(f"removed {domain} (gone, or built for other settings or image)"))
+    ready = f", {report.ready} booted" if wait else " (booting)"
+    err.print(f"{report.kept + len(report.started)} warm VM(s){ready}; {len(report.started)} new")
+
+
+@warm_app.command("status")
+def warm_status() -> None:
+    """The warm VMs and how far each has booted."""
+    table = Table("domain", "image", "accel", "memory", "created", "state", box=None)
+    for item in lifecycle.warm_status(_context()):
+        vm = item.vm
+        table.add_row(
+            vm.domain,
+            f"{vm.image} ({vm.image_hash[:12]})",
+            vm.accel.value,
+            f"{vm.memory_mib} MiB",
+            vm.created,
+            item.state,
+        )
+    out.print(table)
+
+
+@warm_app.command("drain")
+def warm_drain() -> None:
+    """Remove every warm VM."""
+    removed = lifecycle.warm_drain(_context())
+    err.print(f"removed {len(removed)} warm VM(s)")
 
 
 @app.command()

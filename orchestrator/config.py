@@ -51,6 +51,7 @@ class ImageSettings:
 MEMORY_MIB_RANGE = (128, 1 << 20)
 VCPUS_RANGE = (1, 64)
 BOOT_TIMEOUT_RANGE = (1.0, 86400.0)
+WARM_RANGE = (0, 64)
 MIB = 1 << 20
 
 
@@ -101,6 +102,9 @@ class Settings:
     # Seconds between collections of the connection records while `run` or `exec` runs (0: only
     # at its end). The guest's capture buffer holds about 70,000 attempts between two.
     collect_every: float = 10.0
+    # How many warm VMs (booted ahead, each taken by one `up`) to keep: after `up` takes one,
+    # it boots a replacement in the background. 0: only `sandbox warm fill` makes them.
+    warm: int = 0
     network: NetworkSettings = field(default_factory=NetworkSettings)
     pool: PoolSettings = field(default_factory=PoolSettings)
     image: ImageSettings = field(default_factory=ImageSettings)
@@ -188,6 +192,7 @@ def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
             "vcpus",
             "boot_timeout",
             "collect_every",
+            "warm",
             "network",
             "pool",
             "image",
@@ -229,6 +234,9 @@ def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
                 f"{source}: collect_every must be 0 (only at the end) or more seconds", "fix it"
             )
         changes["collect_every"] = every
+    if "warm" in data:
+        changes["warm"] = _expect(data["warm"], int, "warm", source)
+        check_range(changes["warm"], WARM_RANGE, f"{source}: warm (VMs kept booted ahead)")
     if "network" in data:
         changes["network"] = _parse_network(data["network"], s.network, source)
     if "pool" in data:

@@ -22,6 +22,15 @@ def domain(sandbox: str) -> str:
     return PREFIX + sandbox
 
 
+# A warm VM's domain (lifecycle/warm.py): the dot keeps it apart from every sandbox's domain
+# (sandbox names have none), and it keeps this name when a sandbox takes it.
+WARM_PREFIX = PREFIX + "warm."
+
+
+def warm_domain(warm_id: str) -> str:
+    return WARM_PREFIX + warm_id
+
+
 def network(sandbox: str) -> str:
     """The sandbox's own network (libvirt keeps networks and domains in separate namespaces)."""
     return PREFIX + sandbox
@@ -63,7 +72,10 @@ class SandboxVolumes:
 
     @classmethod
     def for_sandbox(cls, sandbox: str) -> SandboxVolumes:
-        base = domain(sandbox)
+        return cls.for_domain(domain(sandbox))
+
+    @classmethod
+    def for_domain(cls, base: str) -> SandboxVolumes:
         return cls(disk=f"{base}.qcow2", seed=f"{base}-seed.iso", console=f"{base}-console.log")
 
     def all(self) -> tuple[str, str, str]:

@@ -57,6 +57,13 @@ SECRET_FILES = (CLIENT_KEY, CLIENT_KEY_PUB, HOST_KEY_PUB, KNOWN_HOSTS, SEED_ISO)
 # In the guest: one directory per run, the run user's working directory (run/target.py).
 GUEST_RUNS_DIR = "/var/lib/sandbox/runs"
 
+# Warm VMs (lifecycle/warm.py), under <state>/.warm/ (a name no sandbox can have), one directory
+# per warm VM named by its id, holding its record and the key to log in with:
+WARM_DIR = ".warm"
+WARM_FILE = "warm.json"
+WARM_LOCK = "lock"  # fills and takes of warm VMs take turns
+WARM_REFILL_LOG = "refill.log"  # what the last background refill printed
+
 CONFIG_FILE = "config.yaml"
 GLOBAL_LOCK = "global.lock"
 
@@ -92,6 +99,10 @@ class Dirs:
 
     def sandbox(self, name: str) -> Path:
         return self.state / name
+
+    @property
+    def warm(self) -> Path:
+        return self.state / WARM_DIR
 
     @property
     def config_file(self) -> Path:

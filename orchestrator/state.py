@@ -69,6 +69,8 @@ class SandboxState:
     # later check compares the guest with, not a new rendering of `policy` by today's code.
     guest_rules: dict[str, str] = field(default_factory=dict)
     boot_seconds: float | None = None
+    # The warm VM this sandbox took (lifecycle/warm.py), or None: booted cold for it.
+    warm_id: str | None = None
     # tcpdump on the host side of the guest's interface (`up --pcap`), stopped by destroy.
     pcap_pid: int | None = None
     # tcpdump keeping the host-side flow record (hostflows.py).

@@ -8,7 +8,7 @@ import base64
 import hashlib
 import os
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from orchestrator.egress import firewall
@@ -56,16 +56,22 @@ def require(expected: Mapping[int, str], printed: str, *, when: str, hint: str) 
 
 
 def apply(
-    guest: Guest, rules: Mapping[int, str], *, files: Mapping[str, str] | None = None
+    guest: Guest,
+    rules: Mapping[int, str],
+    *,
+    files: Mapping[str, str] | None = None,
+    commands: Sequence[Sequence[str]] = (),
 ) -> None:
     """Load the rules with iptables-restore (each family atomically), read them back and fail
-    unless the kernel holds exactly what was meant; write `files` too. One SSH round trip: under
-    TCG every extra channel costs a noticeable part of a second."""
+    unless the kernel holds exactly what was meant; write `files` and run `commands` (argv)
+    first. One SSH round trip: under TCG every extra channel costs a noticeable part of a
+    second."""
     restore4, restore6 = (firewall.restore_commands(v)[0] for v in (4, 6))
     script = "\n".join(
         [
             "set -e",
             *files_script(files or {}),
+            *(shlex.join(argv) for argv in commands),
             f"{shlex.join(restore4)} <<'SANDBOX_RULES_V4'",
             rules[4].rstrip("\n"),
             "SANDBOX_RULES_V4",

@@ -1,7 +1,8 @@
 """The verbs, one module each: `up` (build.py: named steps, each with its rollback), `destroy`
 (teardown.py), `status`, `list` and `policy show` (status.py), `exec`, `run`, `ssh` and sockets
-(access.py), and the one pipeline that brings connection records home (collection.py).
-context.py is what they share. The CLI calls only what is exported here."""
+(access.py), `run --rm` (oneshot.py), `warm` (warm.py: VMs booted ahead for `up`), and the one
+pipeline that brings connection records home (collection.py). context.py is what they share.
+The CLI calls only what is exported here."""
 
 from orchestrator.lifecycle.access import (
     RunOutcome,
@@ -34,20 +35,28 @@ from orchestrator.lifecycle.context import (
     open_guest,
     ready_state,
 )
+from orchestrator.lifecycle.oneshot import OneShotOutcome, run_once
 from orchestrator.lifecycle.status import PolicyReport, Status, inspect, list_status, policy_report
 from orchestrator.lifecycle.teardown import DestroyReport, destroy, destroy_all, known_names
+from orchestrator.lifecycle.warm import FillReport, WarmStatus
+from orchestrator.lifecycle.warm import drain as warm_drain
+from orchestrator.lifecycle.warm import fill as warm_fill
+from orchestrator.lifecycle.warm import status as warm_status
 
 __all__ = [
     "CollectReport",
     "Context",
     "DestroyReport",
+    "FillReport",
     "HostFlowReport",
+    "OneShotOutcome",
     "PolicyReport",
     "QuietReporter",
     "Reporter",
     "RunOutcome",
     "ServeOutcome",
     "Status",
+    "WarmStatus",
     "collect",
     "collect_quietly",
     "destroy",
@@ -68,9 +77,13 @@ __all__ = [
     "recorded_losses",
     "refresh_logs",
     "require_logs",
+    "run_once",
     "run_target",
     "serve_target",
     "sockets",
     "ssh_argv",
     "up",
+    "warm_drain",
+    "warm_fill",
+    "warm_status",
 ]

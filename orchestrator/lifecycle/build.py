@@ -28,6 +28,7 @@ from orchestrator.errors import (
     UsageError,
 )
 from orchestrator.files import atomic_write
+from orchestrator.lifecycle import warm
 from orchestrator.lifecycle.context import (
     Context,
     guards_host,
@@ -40,8 +41,11 @@ from orchestrator.state import Phase, SandboxState, validate_name
 from orchestrator.vm import hypervisor as hv
 from orchestrator.vm.domain import (
     DomainSpec,
+    InterfaceSpec,
     NetworkSpec,
     render_domain,
+    render_interface,
+    render_metadata,
     resolver_hosts,
 )
 from orchestrator.vm.images import (
@@ -104,12 +108,30 @@ def make_policy(
     return policy
 
 
+def hostname(name: str) -> str:
+    return f"sandbox-{name}"
+
+
+def _warm_identity(name: str, nameserver: str) -> tuple[dict[str, str], list[list[str]]]:
+    """What a warm VM learns when a sandbox takes it (files, commands): the sandbox's hostname
+    and its network's resolver, which a cold boot gets from its seed."""
+    from orchestrator.vm.cloudinit import resolv_conf
+
+    host = hostname(name)
+    files = {
+        "/etc/hostname": host + "\n",
+        "/etc/hosts": f"127.0.0.1 localhost\n127.0.1.1 {host}\n::1 localhost ip6-localhost\n",
+        "/etc/resolv.conf": resolv_conf(nameserver),
+    }
+    return files, [["hostname", host]]
+
+
 def _seed_spec(name: str, host_key: tuple[str, str], client_pub: str, nameserver: str) -> SeedSpec:
     from orchestrator.vm.cloudinit import SeedSpec
 
     return SeedSpec(
         instance_id=f"sandbox-{name}-{uuid.uuid4().hex[:12]}",
-        hostname=f"sandbox-{name}",
+        hostname=hostname(name),
         host_key_private=host_key[0],
         host_key_public=host_key[1],
         authorized_key=client_pub,
@@ -125,7 +147,9 @@ def up(
     policy: EgressPolicy | None = None,
     capture: bool = False,
     xdebug_mode: xdebug.XdebugMode = xdebug.XdebugMode.TRACE,
+    warm_start: bool = True,
 ) -> SandboxState:
+    """Build and start a sandbox: from a warm VM when one fits (`warm_start`), else cold."""
     validate_name(name)
     policy = policy if policy is not None else make_policy(ctx)
     if capture and not is_local(ctx.settings.connect):
@@ -144,7 +168,10 @@ def up(
                 f"use it, or run `sandbox destroy --name {name}` first",
             )
         with hv.connection(ctx.settings.connect) as conn:
-            return _up_locked(ctx, conn, name, img, policy, capture, xdebug_mode)
+            state = _up_locked(ctx, conn, name, img, policy, capture, xdebug_mode, warm_start)
+    if ctx.settings.warm and state.warm_id is not None:
+        warm.refill_in_background(ctx, image)
+    return state
 
 
 def new_state(
@@ -188,19 +215,26 @@ def _up_locked(
     policy: EgressPolicy,
     capture: bool,
     xdebug_mode: xdebug.XdebugMode,
+    warm_start: bool,
 ) -> SandboxState:
     state = new_state(ctx, conn, name, img, policy, xdebug_mode)
     with ExitStack() as rollback:
         build = Build(ctx, conn, img, policy, rollback, state)
         build.record_intent()
-        build.make_keys()
+        taken = build.take_warm() if warm_start else False
+        if not taken:
+            build.make_keys()
         with ctx.store.global_lock():
             build.prepare_storage()
             build.start_network()
-            build.make_disks()
+            if not taken:
+                build.make_disks()
             build.guard_host()
             build.define_host_filter()
-            build.start_vm()
+            if taken:
+                build.plug_in()
+            else:
+                build.start_vm()
             build.record_host_side(capture)
         build.log_in_and_push(xdebug_mode)
         build.mark_ready()
@@ -262,6 +296,29 @@ class Build:
         store.write_secret(self.name, paths.CLIENT_KEY_PUB, self.client.public_line + "\n")
         store.write_secret(self.name, paths.HOST_KEY_PUB, self.host.public_line + "\n")
         self._save(host_key=self.host.public_line)
+
+    def take_warm(self) -> bool:
+        """Take a warm VM that fits, if there is one: its keys become the sandbox's, its domain
+        and volumes are recorded as the sandbox's (lifecycle/warm.py)."""
+        from orchestrator.vm.guest import KeyPair
+
+        with warm.locked(self.ctx):
+            taken = warm.take(self.ctx, self.conn, self.img, self.state.accel)
+            if taken is None:
+                return False
+            vm, store = taken.vm, self.ctx.store
+            self.rollback.callback(store.remove_secrets, self.name)
+            self.rollback.callback(hv.destroy_domain, self.conn, vm.domain)
+            self.client = KeyPair(taken.client_key, vm.client_key)
+            self.host = KeyPair("", vm.host_key)
+            self.key_path = store.write_secret(self.name, paths.CLIENT_KEY, taken.client_key)
+            store.write_secret(self.name, paths.CLIENT_KEY_PUB, vm.client_key + "\n")
+            store.write_secret(self.name, paths.HOST_KEY_PUB, vm.host_key + "\n")
+            self.vols = names.SandboxVolumes(*vm.volumes)
+            self._save(host_key=vm.host_key, domain=vm.domain, volumes=vm.volumes, warm_id=vm.id)
+            # Recorded as this sandbox's now: `destroy` finds it through the state.
+            warm.forget(self.ctx, vm)
+        return True
 
     def prepare_storage(self) -> None:
         img = self.img
@@ -343,9 +400,6 @@ class Build:
         """Define and start the domain. `host_filter=False` is the benchmark's bare boot: the
         same VM without the nwfilter on its interface."""
         settings, state, name = self.ctx.settings, self.state, self.name
-        ip6: tuple[str, ...] = ()
-        if self.net_spec.guest_ip6 is not None:
-            ip6 = (str(self.net_spec.guest_ip6), str(hostfilter.link_local(state.mac)))
         assert state.ip is not None
         self.spec = DomainSpec(
             name=state.domain,
@@ -366,7 +420,7 @@ class Build:
             filterref=names.nwfilter(name) if host_filter else None,
             target_dev=names.target_dev(name),
             ip=state.ip,
-            ip6=ip6,
+            ip6=self._ip6(),
         )
         with self.ctx.reporter.step(f"starting VM {state.domain} ({state.accel.value})"):
             self.boot = Deadline(
@@ -377,9 +431,43 @@ class Build:
             self.dom = hv.start_domain(self.conn, render_domain(self.spec))
         self.rollback.callback(hv.destroy_domain, self.conn, state.domain)
 
+    def plug_in(self) -> None:
+        """A warm VM: name the sandbox in its metadata and plug in its interface (fresh MAC,
+        the sandbox's network and host filter): the warm counterpart of `start_vm`."""
+        state, name = self.state, self.name
+        dom = hv.lookup_domain(self.conn, state.domain)
+        if dom is None or not hv.domain_running(dom):
+            raise HypervisorError(
+                f"the warm VM {state.domain} stopped before it could be used",
+                "retry `sandbox up` (it boots cold when no warm VM is left)",
+            )
+        self.dom = dom
+        assert state.ip is not None and state.warm_id is not None
+        iface = InterfaceSpec(
+            network=self.net_spec.name,
+            mac=state.mac,
+            target_dev=names.target_dev(name),
+            filterref=names.nwfilter(name),
+            ip=state.ip,
+            ip6=self._ip6(),
+        )
+        with self.ctx.reporter.step(f"plugging warm VM {state.domain} into {iface.network}"):
+            hv.set_sandbox_metadata(dom, render_metadata(name, self.img.name, state.warm_id))
+            hv.attach_device(dom, render_interface(iface), "the network interface")
+            self.boot = Deadline(
+                self.ctx.settings.boot_timeout,
+                f"sandbox {name!r} to come up on its network",
+                "the machine may be overloaded; raise boot_timeout in the config file",
+            )
+
+    def _ip6(self) -> tuple[str, ...]:
+        if self.net_spec.guest_ip6 is None:
+            return ()
+        return (str(self.net_spec.guest_ip6), str(hostfilter.link_local(self.state.mac)))
+
     def record_host_side(self, capture: bool) -> None:
         """The host's own records of the guest's traffic: the flow record, and `--pcap`."""
-        tap = str(self.spec.target_dev)
+        tap = names.target_dev(self.name)
         if guards_host(self.ctx.settings.connect):
             with self.ctx.reporter.step(f"recording the guest's flows on {tap} (host side)"):
                 flows_pid = hostflows.start(tap, logs_dir(self.ctx, self.name))
@@ -416,11 +504,16 @@ class Build:
                 )
                 guest = Guest.connect(endpoint, boot)
             rules = guestfw.render(self.policy, self.net_spec)
+            files = dict(xdebug.guest_files(xdebug_mode))
+            commands: list[list[str]] = []
+            if state.warm_id is not None:
+                identity, commands = _warm_identity(self.name, str(self.net_spec.gateway))
+                files.update(identity)
             with guest:
                 with report.step(
                     f"loading the egress policy and xdebug ({xdebug_mode.value}) in the guest"
                 ):
-                    guestfw.apply(guest, rules, files=xdebug.guest_files(xdebug_mode))
+                    guestfw.apply(guest, rules, files=files, commands=commands)
                 self._save(guest_rules={str(v): text for v, text in rules.items()})
                 with report.step("checking connection capture (eBPF)"):
                     # Its clock now: the firewall changes up to here are the push just done.

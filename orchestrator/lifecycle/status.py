@@ -70,7 +70,7 @@ def inspect(ctx: Context, name: str, conn: libvirt.virConnect | None = None) -> 
                     raise
                 problems.append(exc.message)
         if conn is not None:
-            dom = hv.lookup_domain(conn, names.domain(name))
+            dom = hv.lookup_domain(conn, state.domain if state else names.domain(name))
             domain = (
                 "missing" if dom is None else ("running" if hv.domain_running(dom) else "stopped")
             )

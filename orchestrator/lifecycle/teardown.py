@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
+import libvirt
+
 from orchestrator import names, paths
 from orchestrator.capture import pcap
 from orchestrator.egress import hostfilter
@@ -22,6 +24,7 @@ from orchestrator.lifecycle.context import (
 from orchestrator.lifecycle.resources import remove_network, remove_volumes
 from orchestrator.state import (
     Phase,
+    SandboxState,
     validate_name,
 )
 from orchestrator.vm import hypervisor as hv
@@ -111,14 +114,14 @@ def destroy(ctx: Context, name: str) -> DestroyReport:
         if state is not None and state.flows_pid:
             pcap.stop_pcap(state.flows_pid)
         with hv.connection(uri) as conn:
-            dom_name = names.domain(name)
+            dom_name = _domain_of(conn, name, state)
             if hv.destroy_domain(conn, dom_name):
                 removed.append(f"domain {dom_name}")
             if hostfilter.remove_filter(conn, name):
                 removed.append(f"filter {names.nwfilter(name)}")
             pool = hv.active_pool(conn, pool_name)
             if pool is not None:
-                vols = names.SandboxVolumes.for_sandbox(name)
+                vols = names.SandboxVolumes.for_domain(dom_name)
                 gone = remove_volumes(conn, pool, vols, store, name)
                 removed += [f"volume {vol}" for vol in gone]
             if remove_network(ctx, conn, network):
@@ -131,6 +134,14 @@ def destroy(ctx: Context, name: str) -> DestroyReport:
     with contextlib.suppress(FileNotFoundError):
         store.file(name, paths.LOCK_FILE).unlink()
     return DestroyReport(name=name, removed=tuple(removed), warnings=tuple(warnings))
+
+
+def _domain_of(conn: libvirt.virConnect, name: str, state: SandboxState | None) -> str:
+    """The sandbox's domain: as recorded, else (no state: `up` was killed early) the one whose
+    metadata names it (a warm VM it took keeps its own name), else the name `up` would give."""
+    if state is not None:
+        return state.domain
+    return hv.sandbox_domains(conn).get(name, names.domain(name))
 
 
 def known_names(ctx: Context) -> list[str]:

@@ -41,6 +41,11 @@ def _template() -> dict[str, Any]:
     return data
 
 
+def resolv_conf(nameserver: str) -> str:
+    """The guest's /etc/resolv.conf: the sandbox network's resolver, the only one it knows."""
+    return f"nameserver {nameserver}\noptions timeout:2 attempts:2\n"
+
+
 def user_data(spec: SeedSpec) -> dict[str, Any]:
     data = _template()
     data["hostname"] = spec.hostname
@@ -56,7 +61,7 @@ def user_data(spec: SeedSpec) -> dict[str, Any]:
         data["write_files"] = [
             {
                 "path": "/etc/resolv.conf",
-                "content": f"nameserver {spec.nameserver}\noptions timeout:2 attempts:2\n",
+                "content": resolv_conf(spec.nameserver),
                 "permissions": "0644",
             }
         ]

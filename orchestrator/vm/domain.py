@@ -51,8 +51,10 @@ class DomainSpec:
     cmdline: str
     disk: str
     seed: str
-    network: str
-    mac: str
+    # None: no network interface at all (a warm VM: its interface is plugged in when an `up`
+    # takes it, with the MAC, network and filter of that sandbox; see render_interface).
+    network: str | None
+    mac: str | None
     console_log: str
     sandbox: str
     image: str
@@ -70,6 +72,36 @@ class DomainSpec:
     # Keeps QEMU's translation cache small under TCG: ~320 MiB resident instead of ~800 MiB
     # (docs/platform.md#tcg-translation-cache), at no visible cost.
     tcg_tb_cache_mib: int = 64
+    # Empty PCIe root ports for devices plugged in while the VM runs (q35 has no hotplug slot
+    # otherwise).
+    hotplug_ports: int = 0
+    # A warm VM's id (lifecycle/warm.py): in the metadata until a sandbox takes it.
+    warm_id: str | None = None
+
+    def interface(self) -> InterfaceSpec | None:
+        if self.network is None or self.mac is None:
+            return None
+        return InterfaceSpec(
+            network=self.network,
+            mac=self.mac,
+            target_dev=self.target_dev,
+            filterref=self.filterref,
+            ip=self.ip,
+            ip6=self.ip6,
+        )
+
+
+@dataclass(frozen=True)
+class InterfaceSpec:
+    """The guest's one network interface: in the domain XML of a cold boot, or plugged into a
+    warm VM when a sandbox takes it."""
+
+    network: str
+    mac: str
+    target_dev: str | None = None
+    filterref: str | None = None
+    ip: str | None = None
+    ip6: tuple[str, ...] = ()
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -84,15 +116,32 @@ def _to_string(root: ET.Element) -> str:
     return ET.tostring(root, encoding="unicode") + "\n"
 
 
+def sandbox_metadata(sandbox: str, image: str, warm_id: str | None = None) -> ET.Element:
+    """Our <metadata> element: the sandbox's name ("" for a warm VM no sandbox has taken yet)."""
+    ET.register_namespace(METADATA_PREFIX, METADATA_NS)
+    meta = ET.Element(f"{{{METADATA_NS}}}sandbox")
+    meta.set("name", sandbox)
+    meta.set("image", image)
+    if warm_id is not None:
+        meta.set("warm", warm_id)
+    return meta
+
+
+def render_metadata(sandbox: str, image: str, warm_id: str | None = None) -> str:
+    """The same element for virDomainSetMetadata when a sandbox takes a warm VM (without its
+    namespace: libvirt puts it in the one the call names)."""
+    meta = ET.Element("sandbox", name=sandbox, image=image)
+    if warm_id is not None:
+        meta.set("warm", warm_id)
+    return ET.tostring(meta, encoding="unicode")
+
+
 def render_domain(spec: DomainSpec) -> str:
     dom = ET.Element("domain", type=spec.accel.domain_type)
     _sub(dom, "name", spec.name)
     _sub(dom, "uuid", spec.uuid)
     metadata = _sub(dom, "metadata")
-    ET.register_namespace(METADATA_PREFIX, METADATA_NS)
-    meta = ET.SubElement(metadata, f"{{{METADATA_NS}}}sandbox")
-    meta.set("name", spec.sandbox)
-    meta.set("image", spec.image)
+    metadata.append(sandbox_metadata(spec.sandbox, spec.image, spec.warm_id))
     _sub(dom, "memory", str(spec.memory_mib), unit="MiB")
     _sub(dom, "vcpu", str(spec.vcpus))
 
@@ -132,18 +181,9 @@ def render_domain(spec: DomainSpec) -> str:
     _sub(seed, "target", dev="vdb", bus="virtio")
     _sub(seed, "readonly")
 
-    iface = _sub(devices, "interface", type="network")
-    _sub(iface, "source", network=spec.network)
-    _sub(iface, "mac", address=spec.mac)
-    _sub(iface, "model", type="virtio")
-    if spec.target_dev:
-        _sub(iface, "target", dev=spec.target_dev)
-    if spec.filterref:
-        ref = _sub(iface, "filterref", filter=spec.filterref)
-        if spec.ip:
-            _sub(ref, "parameter", name="IP", value=spec.ip)
-        for address in spec.ip6:
-            _sub(ref, "parameter", name="IPV6", value=address)
+    iface = spec.interface()
+    if iface is not None:
+        devices.append(_interface_element(iface))
 
     serial = _sub(devices, "serial", type="file")
     _sub(serial, "source", path=spec.console_log, append="off")
@@ -156,7 +196,38 @@ def render_domain(spec: DomainSpec) -> str:
     # Without entropy a fresh guest can stall sshd and PHP waiting for getrandom().
     _sub(rng, "backend", "/dev/urandom", model="random")
     _sub(devices, "memballoon", model="none")
+    # No USB: nothing uses it, and libvirt's default controller would take a PCIe port.
+    _sub(devices, "controller", type="usb", model="none")
+    if spec.hotplug_ports:
+        # libvirt puts the VM's own PCIe devices on the ports listed first: one each for them,
+        # then the empty ones. The root is named first, or libvirt would give index 0 (which
+        # must be the root) to a port.
+        used = sum(1 for el in devices if el.tag in ("disk", "interface", "rng"))
+        _sub(devices, "controller", type="pci", index="0", model="pcie-root")
+        for _ in range(used + spec.hotplug_ports):
+            _sub(devices, "controller", type="pci", model="pcie-root-port")
     return _to_string(dom)
+
+
+def _interface_element(spec: InterfaceSpec) -> ET.Element:
+    iface = ET.Element("interface", type="network")
+    _sub(iface, "source", network=spec.network)
+    _sub(iface, "mac", address=spec.mac)
+    _sub(iface, "model", type="virtio")
+    if spec.target_dev:
+        _sub(iface, "target", dev=spec.target_dev)
+    if spec.filterref:
+        ref = _sub(iface, "filterref", filter=spec.filterref)
+        if spec.ip:
+            _sub(ref, "parameter", name="IP", value=spec.ip)
+        for address in spec.ip6:
+            _sub(ref, "parameter", name="IPV6", value=address)
+    return iface
+
+
+def render_interface(spec: InterfaceSpec) -> str:
+    """The <interface> device alone, for virDomainAttachDeviceFlags."""
+    return _to_string(_interface_element(spec))
 
 
 # Each sandbox's network is one piece of the configured ranges: an IPv4 /28 (the gateway and the

@@ -21,6 +21,7 @@ from orchestrator import names
 from orchestrator.errors import HypervisorError, NotFoundError
 from orchestrator.vm.domain import (
     METADATA_NS,
+    METADATA_PREFIX,
     SUBNET6_PREFIX,
     SUBNET_PREFIX,
     Accel,
@@ -481,6 +482,33 @@ def start_domain(conn: libvirt.virConnect, xml: str) -> libvirt.virDomain:
         ) from None
 
 
+def attach_device(dom: libvirt.virDomain, xml: str, what: str) -> None:
+    """Plug a device into a running VM (a warm VM's network interface)."""
+    try:
+        dom.attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    except libvirt.libvirtError as exc:
+        raise HypervisorError(
+            f"libvirt could not plug {what} into {dom.name()}: {exc}",
+            "run `sandbox warm drain` and retry (`up` boots cold when no warm VM is left)",
+        ) from None
+
+
+def set_sandbox_metadata(dom: libvirt.virDomain, element: str) -> None:
+    """Rewrite our <metadata> element of a running VM (a warm VM taken by a sandbox)."""
+    try:
+        dom.setMetadata(
+            libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+            element,
+            METADATA_PREFIX,
+            METADATA_NS,
+            libvirt.VIR_DOMAIN_AFFECT_LIVE,
+        )
+    except libvirt.libvirtError as exc:
+        raise HypervisorError(
+            f"cannot name the sandbox in {dom.name()}'s metadata: {exc}"
+        ) from None
+
+
 def destroy_domain(conn: libvirt.virConnect, name: str) -> bool:
     dom = lookup_domain(conn, name)
     if dom is None:
@@ -539,9 +567,9 @@ def domain_addresses(dom: libvirt.virDomain) -> list[str]:
     )
 
 
-def sandbox_domains(conn: libvirt.virConnect) -> dict[str, str]:
-    """Our domains (by the metadata we put in them): sandbox name -> domain name."""
-    found: dict[str, str] = {}
+def _our_domains(conn: libvirt.virConnect) -> list[tuple[str, ET.Element]]:
+    """Our domains (by the metadata we put in them): (domain name, our metadata element)."""
+    found = []
     for dom in conn.listAllDomains(0):
         name = str(dom.name())
         if not name.startswith(names.PREFIX):
@@ -550,10 +578,23 @@ def sandbox_domains(conn: libvirt.virConnect) -> dict[str, str]:
             meta = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0)
         except libvirt.libvirtError:
             continue
-        sandbox = ET.fromstring(meta).get("name")
-        if sandbox:
-            found[sandbox] = name
+        found.append((name, ET.fromstring(meta)))
     return found
+
+
+def sandbox_domains(conn: libvirt.virConnect) -> dict[str, str]:
+    """Our sandboxes' domains: sandbox name -> domain name (a warm VM taken by a sandbox keeps
+    its own domain name: libvirt cannot rename a running domain)."""
+    return {meta.get("name", ""): name for name, meta in _our_domains(conn) if meta.get("name")}
+
+
+def warm_domains(conn: libvirt.virConnect) -> dict[str, str]:
+    """Warm VMs no sandbox has taken yet: warm id -> domain name."""
+    return {
+        meta.get("warm", ""): name
+        for name, meta in _our_domains(conn)
+        if meta.get("warm") and not meta.get("name")
+    }
 
 
 def console_rotations(pool: libvirt.virStoragePool, console: str) -> list[str]:
