@@ -394,6 +394,7 @@ def run(
         chosen = logview.Filter.from_options(run=record.id)
         attempts: list[Any] = lifecycle.read_logs(sandboxes, name, chosen, dns=False)
         out.print(logview.render_table(attempts))
+        summary += f", {len(attempts)} connection record(s)"
     err.print(
         f"[dim]{summary}; see `sandbox logs --name {name} --run {record.id}`[/]", soft_wrap=True
     )

@@ -128,6 +128,8 @@ def _cli(lab: Lab, tmp_path: Path) -> Iterator[Cli]:
     # sessions sharing the lab (it counts every sandbox domain it finds as its own).
     for state in sorted((c.state_home / "sandbox").glob(f"*/{paths.STATE_FILE}")):
         c.run("destroy", "--name", state.parent.name, timeout=120)
+    if (c.state_home / "sandbox" / paths.WARM_DIR).exists():
+        c.run("warm", "drain", timeout=120)
 
 
 def leftovers(name: str, cli: Cli) -> list[str]:
@@ -138,6 +140,8 @@ def leftovers(name: str, cli: Cli) -> list[str]:
     conn = libvirt.open("qemu:///system")
     try:
         found += [d.name() for d in conn.listAllDomains(0) if d.name() == f"sandbox-{name}"]
+        # A warm VM it took keeps its own domain name; its metadata names the sandbox.
+        found += [d for n, d in hv.sandbox_domains(conn).items() if n == name]
         found += [
             f"net:{n.name()}" for n in conn.listAllNetworks(0) if n.name() == f"sandbox-{name}"
         ]

@@ -25,7 +25,7 @@ from orchestrator import lifecycle, names, paths
 from orchestrator.config import Settings
 from orchestrator.egress import guestfw, hostfilter
 from orchestrator.errors import ConflictError, ImageError, NotFoundError, TimeoutExpired, UsageError
-from orchestrator.lifecycle import build, teardown
+from orchestrator.lifecycle import build, teardown, warm
 from orchestrator.state import Phase, SandboxState
 from orchestrator.vm import hypervisor as hv
 from orchestrator.vm.domain import (
@@ -484,3 +484,139 @@ def test_the_firewall_read_back_state_ignores_counters() -> None:
     assert guestfw.readback_state(expected, printed(counted))[0] == state
     other = expected[4].replace("-A OUTPUT -j SBX-BLOCK\n", "-A OUTPUT -j ACCEPT\n")
     assert guestfw.readback_state(expected, printed(other))[0] not in (state, "intact")
+
+
+# ---- warm VMs (lifecycle/warm.py) ----------------------------------------------------------
+
+
+@pytest.fixture
+def warm_image(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Image:
+    image = fake_image(tmp_path)
+    monkeypatch.setattr(warm, "load_image", lambda name, d: image)
+    return image
+
+
+def _warm_inventory(ctx: lifecycle.Context) -> tuple[set[str], set[str], set[str]]:
+    """(warm domains in libvirt, their volumes, warm records on disk)."""
+    with hv.connection(ctx.settings.connect) as conn:
+        domains = set(hv.warm_domains(conn).values())
+        volumes = {
+            v
+            for pool in conn.listAllStoragePools(0)
+            for v in pool.listVolumes()
+            if v.startswith(names.WARM_PREFIX)
+        }
+    return domains, volumes, {vm.domain for vm in warm.records(ctx)}
+
+
+def test_warm_fill_keeps_the_count_replaces_unfit_vms_and_drain_removes_all(
+    ctx: lifecycle.Context, warm_image: Image
+) -> None:
+    report = lifecycle.warm_fill(ctx, 2, wait=False)
+    assert len(report.started) == 2 and report.kept == 0
+    domains, volumes, recorded = _warm_inventory(ctx)
+    assert domains == recorded == set(report.started)
+    assert len(volumes) == 4  # disk and seed each (QEMU makes the console log, not this driver)
+    with hv.connection(ctx.settings.connect) as conn:
+        # Not sandboxes (yet): `list` and `destroy --all` do not see them.
+        assert not set(hv.sandbox_domains(conn).values()) & domains
+    # The keys to log in are the warm VM's own, kept where only the owner can read them.
+    for vm in warm.records(ctx):
+        key = ctx.dirs.warm / vm.id / paths.CLIENT_KEY
+        assert key.stat().st_mode & 0o777 == 0o600
+        assert vm.host_key.startswith("ssh-ed25519 ") and vm.client_key.startswith("ssh-ed25519 ")
+    assert lifecycle.warm_fill(ctx, 2, wait=False).started == ()
+
+    # Other settings (or a rebuilt image): the old ones no longer fit and are replaced.
+    bigger = dataclasses.replace(ctx, settings=dataclasses.replace(ctx.settings, memory_mib=1024))
+    report = lifecycle.warm_fill(bigger, 1, wait=False)
+    assert set(report.removed) == domains and len(report.started) == 1
+    assert _warm_inventory(ctx)[0] == set(report.started)
+
+    assert lifecycle.warm_drain(ctx) == list(report.started)
+    assert _warm_inventory(ctx) == (set(), set(), set())
+
+
+def test_drain_removes_a_warm_domain_left_without_its_record(
+    ctx: lifecycle.Context, warm_image: Image
+) -> None:
+    started = lifecycle.warm_fill(ctx, 1, wait=False).started
+    shutil.rmtree(ctx.dirs.warm / warm.records(ctx)[0].id)  # a fill killed half-way
+    assert lifecycle.warm_drain(ctx) == list(started)
+    assert _warm_inventory(ctx) == (set(), set(), set())
+
+
+def test_up_takes_a_fitting_warm_vm_once_and_rolls_it_back(
+    ctx: lifecycle.Context, warm_image: Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lifecycle.warm_fill(ctx, 1, wait=False)
+    vm = warm.records(ctx)[0]
+    plugged: list[str] = []
+    monkeypatch.setattr(hv, "attach_device", lambda dom, xml, what: plugged.append(xml))
+    seen: list[SandboxState | None] = []
+
+    def lease(dom: libvirt.virDomain, mac: str, deadline: Deadline) -> str:
+        seen.append(ctx.store.load("hw"))
+        with hv.connection(ctx.settings.connect) as conn:
+            seen_names.update(hv.sandbox_domains(conn))
+        raise deadline.error("no DHCP on the test driver")
+
+    seen_names: dict[str, str] = {}
+    monkeypatch.setattr(hv, "wait_for_lease", lease)
+    with pytest.raises(TimeoutExpired):
+        lifecycle.up(ctx, "hw")
+    state = seen[0]
+    assert state is not None and (state.domain, state.warm_id) == (vm.domain, vm.id)
+    assert state.volumes == vm.volumes and state.host_key == vm.host_key
+    # Its metadata names the sandbox now: `destroy --all` would find it.
+    assert seen_names == {"hw": vm.domain}
+    # The interface plugged in: the sandbox's fresh MAC, network, filter and addresses.
+    iface = ET.fromstring(plugged[0])
+    assert iface.find("mac").get("address") == state.mac  # type: ignore[union-attr]
+    assert iface.find("source").get("network") == names.network("hw")  # type: ignore[union-attr]
+    assert iface.find("filterref").get("filter") == names.nwfilter("hw")  # type: ignore[union-attr]
+    assert iface.find("target").get("dev") == names.target_dev("hw")  # type: ignore[union-attr]
+    # Rolled back: the warm VM is gone with the sandbox, never offered again.
+    assert _warm_inventory(ctx) == (set(), set(), set())
+    assert leftovers(ctx, "hw") == []
+
+
+def test_up_boots_cold_when_no_warm_vm_fits(
+    ctx: lifecycle.Context, warm_image: Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    small = dataclasses.replace(ctx, settings=dataclasses.replace(ctx.settings, memory_mib=256))
+    started = set(lifecycle.warm_fill(small, 1, wait=False).started)
+    plugged: list[str] = []
+    monkeypatch.setattr(hv, "attach_device", lambda dom, xml, what: plugged.append(xml))
+    with pytest.raises(TimeoutExpired):
+        lifecycle.up(ctx, "hc")
+    assert plugged == []
+    assert _warm_inventory(ctx)[0] == started  # still there for an `up` it fits
+    with pytest.raises(TimeoutExpired):
+        lifecycle.up(ctx, "hc", warm_start=False)
+    lifecycle.warm_drain(ctx)
+
+
+def test_warm_records_are_checked() -> None:
+    vm = warm.WarmVM(
+        id="0123abcd",
+        domain=names.warm_domain("0123abcd"),
+        created="2026-12-05T00:00:00+00:00",
+        uri="qemu:///system",
+        pool="sandbox",
+        image="default",
+        image_hash="ab" * 32,
+        accel=Accel.TCG,
+        memory_mib=512,
+        vcpus=2,
+        volumes=names.SandboxVolumes.for_domain(names.warm_domain("0123abcd")).all(),
+        host_key="ssh-ed25519 AAAA host",
+        client_key="ssh-ed25519 AAAA client",
+    )
+    assert warm.WarmVM.from_json(vm.to_json()) == vm
+    for bad in (
+        dataclasses.replace(vm, id="../../etc"),
+        dataclasses.replace(vm, domain="sandbox-victim"),
+    ):
+        with pytest.raises(ValueError):
+            warm.WarmVM.from_json(bad.to_json())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import ipaddress
 import json
+import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pycdlib
 import pytest
 import yaml
 
+from orchestrator.egress import guestfw
 from orchestrator.vm.cloudinit import SeedSpec, build_seed_iso, render_meta_data, render_user_data
 from orchestrator.vm.domain import (
     Accel,
@@ -20,6 +22,8 @@ from orchestrator.vm.domain import (
     PoolSpec,
     VolumeSpec,
     render_domain,
+    render_interface,
+    render_metadata,
     render_network,
     render_pool,
     render_volume,
@@ -224,3 +228,84 @@ def test_seed_iso_round_trip() -> None:
         "instance-id": "sandbox-test-0123456789ab",
         "local-hostname": "sandbox-test",
     }
+
+
+def warm_spec() -> DomainSpec:
+    spec = domain_spec(Accel.TCG)
+    return DomainSpec(
+        **{
+            **spec.__dict__,
+            "name": "sandbox-warm.0123abcd",
+            "network": None,
+            "mac": None,
+            "filterref": None,
+            "ip": None,
+            "ip6": (),
+            "sandbox": "",
+            "hotplug_ports": 1,
+            "warm_id": "0123abcd",
+        }
+    )
+
+
+def test_warm_domain_xml_golden(golden: Golden) -> None:
+    golden.check("domain-warm.xml", render_domain(warm_spec()))
+
+
+def test_a_warm_domain_has_no_interface_and_a_free_port_for_one() -> None:
+    root = ET.fromstring(render_domain(warm_spec()))
+    devices = root.find("devices")
+    assert devices is not None
+    assert devices.find("interface") is None
+    # Its own PCIe devices (two disks, the rng) each take a port; one more stays empty.
+    ports = [c for c in devices.findall("controller") if c.get("model") == "pcie-root-port"]
+    used = [d for d in devices if d.tag in ("disk", "rng", "interface")]
+    assert len(ports) == len(used) + 1
+    assert devices.find("controller[@model='pcie-root']").get("index") == "0"  # type: ignore[union-attr]
+    # No USB controller: libvirt's default one would take the free port.
+    assert devices.find("controller[@type='usb']").get("model") == "none"  # type: ignore[union-attr]
+    meta = root.find("metadata/{urn:sandbox:domain:1}sandbox")
+    assert meta is not None and (meta.get("name"), meta.get("warm")) == ("", "0123abcd")
+
+
+def test_the_interface_plugged_into_a_warm_vm_is_the_cold_boots_interface() -> None:
+    cold = ET.fromstring(render_domain(domain_spec(Accel.TCG))).find("devices/interface")
+    iface = domain_spec(Accel.TCG).interface()
+    assert cold is not None and iface is not None
+    plugged = ET.fromstring(render_interface(iface))
+
+    def canonical(el: ET.Element) -> str:
+        return ET.canonicalize(ET.tostring(el, encoding="unicode"), strip_text=True)
+
+    assert canonical(plugged) == canonical(cold)
+    assert [p.get("value") for p in plugged.iterfind("filterref/parameter")] == [
+        "192.168.213.77",
+        "2001:db8:213::1:4d",
+        "fe80::5054:ff:fe12:3456",
+    ]
+
+
+def test_metadata_for_a_taken_warm_vm() -> None:
+    meta = ET.fromstring(render_metadata("hd1", "default", "0123abcd"))
+    assert meta.tag == "sandbox"  # libvirt puts it in the namespace the call names
+    assert (meta.get("name"), meta.get("image"), meta.get("warm")) == ("hd1", "default", "0123abcd")
+
+
+def test_files_written_into_the_guest_keep_every_byte(tmp_path: Path) -> None:
+    """files_script runs under the guest's /bin/sh (dash, as here): any content, any path."""
+    content = "a\\b%s %% 'q' \"dq\" $HOME `x` \t\n\x01é€\n\\0101\\n end"
+    files = {
+        str(tmp_path / "with space" / "f1"): content,
+        str(tmp_path / "f2"): "",
+        str(tmp_path / "sub" / "f3"): "line\n" * 3,
+    }
+    (tmp_path / "f2").write_text("old")
+    (tmp_path / "f2").chmod(0o600)
+    script = "set -e\n" + "\n".join(guestfw.files_script(files))
+    subprocess.run(["/bin/sh", "-c", script], check=True)
+    for path, text in files.items():
+        assert Path(path).read_text(encoding="utf-8") == text
+        assert Path(path).stat().st_mode & 0o777 == 0o644
+    # Two processes whatever the number of files (mkdir, chmod); printf is a builtin.
+    assert [line.split()[0] for line in guestfw.files_script(files)].count("printf") == 3
+    assert len(guestfw.files_script(files)) == 5

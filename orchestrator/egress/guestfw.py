@@ -4,7 +4,6 @@ rendered by firewall.py; this module is the edge that loads and reads them back.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import shlex
@@ -23,16 +22,25 @@ if TYPE_CHECKING:
 _DIFF_LINES = 10
 
 
+def _printf_escaped(data: bytes) -> str:
+    """`data` as an argument of printf's %b: printable ASCII as itself, every other byte (and the
+    backslash) as an octal escape, so any content survives the shell unchanged."""
+    return "".join(chr(b) if 32 <= b < 127 and b != 0x5C else f"\\0{b:03o}" for b in data)
+
+
 def files_script(files: Mapping[str, str]) -> list[str]:
-    """Shell lines that write files into the guest (mode 0644), contents inline."""
-    lines = []
-    for path, content in sorted(files.items()):
-        encoded = base64.b64encode(content.encode()).decode()
-        lines += [
-            f"mkdir -p {shlex.quote(os.path.dirname(path))}",
-            f"echo {encoded} | base64 -d > {shlex.quote(path)}",
-            f"chmod 0644 {shlex.quote(path)}",
-        ]
+    """Shell lines that write files into the guest (mode 0644), contents inline. printf is a
+    shell builtin: under TCG each extra process costs tens of milliseconds, so all files take
+    two processes (one mkdir, one chmod) whatever their number."""
+    if not files:
+        return []
+    ordered = sorted(files.items())
+    dirs = sorted({os.path.dirname(path) for path, _ in ordered})
+    lines = ["mkdir -p " + " ".join(shlex.quote(d) for d in dirs)]
+    for path, content in ordered:
+        escaped = _printf_escaped(content.encode())
+        lines.append(f"printf '%b' {shlex.quote(escaped)} > {shlex.quote(path)}")
+    lines.append("chmod 0644 " + " ".join(shlex.quote(path) for path, _ in ordered))
     return lines
 
 

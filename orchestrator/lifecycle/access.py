@@ -95,13 +95,18 @@ def run_target(
     stdout: Callable[[bytes], None],
     stderr: Callable[[bytes], None],
     on_warning: Callable[[str], None],
+    collect: bool = True,
 ) -> RunOutcome:
     """`sandbox run`: the target software in the guest, then its records brought home and tied
-    to it. Local files are checked before anything is sent to the guest."""
+    to it. Local files are checked before anything is sent to the guest. `collect=False`: the
+    caller destroys the sandbox next, whose final collection brings everything home at once
+    (without waiting out the settle window first)."""
     runs.plan(request)
     state = runnable_state(ctx, name)
     with open_guest(ctx, name) as guest:
-        return _execute_and_collect(ctx, state, guest, request, stdout, stderr, on_warning)
+        return _execute_and_collect(
+            ctx, state, guest, request, stdout, stderr, on_warning, collect=collect
+        )
 
 
 def _execute_and_collect(
@@ -112,6 +117,8 @@ def _execute_and_collect(
     stdout: Callable[[bytes], None],
     stderr: Callable[[bytes], None],
     on_warning: Callable[[str], None],
+    *,
+    collect: bool = True,
 ) -> RunOutcome:
     name = state.name
     with collecting_meanwhile(ctx, name, on_warning, guest):
@@ -126,6 +133,8 @@ def _execute_and_collect(
             on_warning=on_warning,
             limits=ctx.settings.limits,
         )
+    if not collect:
+        return RunOutcome(result, None)
     # The run's last records are complete once the settle window has passed since its end
     # (younger halves wait for the next collection): wait out the rest of it, so that
     # `sandbox logs` right after `run` shows everything the run did.

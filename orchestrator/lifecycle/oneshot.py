@@ -70,8 +70,10 @@ def run_once(
     try:
         build.up(ctx, name, image=image, policy=policy, xdebug_mode=xdebug_mode)
         on_ready(name)
+        # No collection after the run: destroy's final one, right after, holds nothing back
+        # and brings every record home in one go.
         outcome = run_target(
-            ctx, name, request, stdout=stdout, stderr=stderr, on_warning=on_warning
+            ctx, name, request, stdout=stdout, stderr=stderr, on_warning=on_warning, collect=False
         )
     finally:
         with _uninterruptible():
