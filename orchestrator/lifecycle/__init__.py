@@ -1,6 +1,7 @@
 """The verbs, one module each: `up` (build.py: named steps, each with its rollback), `destroy`
 (teardown.py), `status`, `list` and `policy show` (status.py), `exec`, `run`, `ssh` and sockets
-(access.py), and the one pipeline that brings connection records home (collection.py).
+(access.py), `report` (reporting.py), and the one pipeline that brings connection records home
+(collection.py).
 context.py is what they share. The CLI calls only what is exported here."""
 
 from orchestrator.lifecycle.access import (
@@ -34,6 +35,13 @@ from orchestrator.lifecycle.context import (
     open_guest,
     ready_state,
 )
+from orchestrator.lifecycle.reporting import (
+    RunName,
+    diff_runs,
+    resolve_run,
+    run_report,
+    save_report,
+)
 from orchestrator.lifecycle.status import PolicyReport, Status, inspect, list_status, policy_report
 from orchestrator.lifecycle.teardown import DestroyReport, destroy, destroy_all, known_names
 
@@ -45,6 +53,7 @@ __all__ = [
     "PolicyReport",
     "QuietReporter",
     "Reporter",
+    "RunName",
     "RunOutcome",
     "ServeOutcome",
     "Status",
@@ -52,6 +61,7 @@ __all__ = [
     "collect_quietly",
     "destroy",
     "destroy_all",
+    "diff_runs",
     "exec_command",
     "host_flows",
     "inspect",
@@ -68,7 +78,10 @@ __all__ = [
     "recorded_losses",
     "refresh_logs",
     "require_logs",
+    "resolve_run",
+    "run_report",
     "run_target",
+    "save_report",
     "serve_target",
     "sockets",
     "ssh_argv",

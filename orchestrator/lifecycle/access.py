@@ -125,6 +125,7 @@ def _execute_and_collect(
             stderr=stderr,
             on_warning=on_warning,
             limits=ctx.settings.limits,
+            policy=state.policy,
         )
     # The run's last records are complete once the settle window has passed since its end
     # (younger halves wait for the next collection): wait out the rest of it, so that
