@@ -113,6 +113,37 @@ def test_the_second_runs_queries_are_its_own() -> None:
     }
 
 
+def test_a_query_another_runs_record_claims_is_not_this_runs() -> None:
+    """Run 2's queries fall in run 1's window once run 1 is said to have lasted longer (two runs
+    at once): the guest's records of which socket asked keep them run 2's."""
+    logs = DATA / "rpa" / "logs"
+    (record,) = [r for r in runs.load_records(logs) if r.id == RUN_1]
+    longer = dataclasses.replace(record, ended=record.ended + 10 if record.ended else None)
+    report = reports.build("rpa", longer, logview.read_attempts(logs), logview.read_dns(logs))
+    assert len(report.dns) == 4
+    assert {q.process for q in report.dns} == {"php8.2 (326)"}
+
+
+def test_the_process_tree() -> None:
+    """The helper's parent was a shell that made no attempt (ppid 327): with php as its parent
+    it is shown under it; a ppid cycle the guest made up shows each process once."""
+    logs = DATA / "rpa" / "logs"
+    (record,) = [r for r in runs.load_records(logs) if r.id == RUN_1]
+    stored = logview.read_attempts(logs)
+
+    def tree(change: dict[int, int]) -> list[tuple[int, int]]:
+        attempts = [
+            dataclasses.replace(a, ppid=change[a.pid]) if a.pid in change else a for a in stored
+        ]
+        report = reports.build("rpa", record, attempts, [])
+        return [(p.pid, p.depth) for p in report.processes]
+
+    assert tree({}) == [(326, 0), (328, 0)]
+    assert tree({328: 326}) == [(326, 0), (328, 1)]
+    assert tree({328: 326, 326: 328}) == [(326, 0), (328, 1)]
+    assert tree({326: 326}) == [(326, 0), (328, 0)]
+
+
 def test_a_run_recorded_before_runs_kept_their_policy() -> None:
     logs = DATA / "rpa" / "logs"
     (record,) = [r for r in runs.load_records(logs) if r.id == RUN_1]
