@@ -636,8 +636,8 @@ def report(
         tuple[str, str] | None,
         typer.Option(
             "--diff",
-            help="Compare two runs (RUN_A RUN_B, each named like --run): destinations new, gone "
-            "or with another verdict.",
+            help="Compare two runs (RUN_A RUN_B, each named like --run, or a FILE.json that "
+            "--json saved): destinations new, gone or with another verdict.",
         ),
     ] = None,
     all_rows: Annotated[

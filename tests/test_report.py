@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
@@ -187,6 +189,40 @@ def test_a_name_matches_across_changed_addresses() -> None:
     )
     b = dataclasses.replace(a, destinations=moved)
     assert reports.diff(a, b).counts() == {"new": 0, "gone": 0, "changed": 0, "same": 4}
+
+
+def test_a_saved_report_reads_back_and_compares() -> None:
+    saved = reports.to_json(recorded("rpa", RUN_1))
+    again = reports.from_json(saved, "r.json")
+    assert again == recorded("rpa", RUN_1)
+    assert reports.diff(again, recorded("rpb", RUN_B)) == reports.diff(
+        recorded("rpa", RUN_1), recorded("rpb", RUN_B)
+    )
+    # A newer version's extra fields are left out.
+    newer = json.loads(saved)
+    newer["destinations"][0]["ja4"] = "t13d1516h2_8daaf6152771_02713d6af862"
+    assert reports.from_json(json.dumps(newer), "r.json") == again
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (lambda v: v.update(schema="sandbox-report/2"), "schema 'sandbox-report/2'"),
+        (lambda v: v["destinations"][0].update(count="1"), "destinations: count: int expected"),
+        (lambda v: v["destinations"][0].update(count=True), "count: int expected, not bool"),
+        (lambda v: v["run"].update(php=1), "run: php: bool expected, not int"),
+        (lambda v: v["run"].pop("id"), "RunInfo without id"),
+        (lambda v: v.update(processes={}), "processes: a list expected"),
+        (lambda v: v["destinations"][0].update(php=[]), "an object expected for Place"),
+    ],
+)
+def test_a_saved_report_that_does_not_fit_is_refused(change: Any, error: str) -> None:
+    value = json.loads(reports.to_json(recorded("rpa", RUN_1)))
+    change(value)
+    with pytest.raises(reports.ReportFileError, match=re.escape(error)):
+        reports.from_json(json.dumps(value), "r.json")
+    with pytest.raises(reports.ReportFileError, match="not JSON"):
+        reports.from_json(b"\xff", "r.json")
 
 
 # ---- guest text is attacker input ------------------------------------------------------------
@@ -400,3 +436,8 @@ def test_cli_report_and_diff(
     assert "udp 198.51.100.9:5353" in table and "1 new, 1 gone, 0 changed" in table
     assert cli.main(["report", "--diff", RUN_1, RUN_B, "--html", str(html)]) == 2
     assert "--json FILE" in capsys.readouterr().err
+    # A saved report against a run: the report file from above, after the logs are gone.
+    shutil.rmtree(ctx.dirs.sandbox("rpa"))
+    assert cli.main(["report", "--diff", str(data), RUN_B, "--json", "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["changes"] == out["changes"]
+    assert cli.main(["report", "--diff", str(tmp_path / "gone.json"), RUN_B]) == 3

@@ -19,14 +19,17 @@ import dataclasses
 import ipaddress
 import json
 import posixpath
+import types
+import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from orchestrator import safetext
+from orchestrator import jsontext, safetext
 from orchestrator.capture.logview import destination as address_port
 from orchestrator.capture.logview import process_label
 from orchestrator.capture.records import Attempt, DnsQuery, Frame, Verdict, iso_time, parse_time
+from orchestrator.errors import UsageError
 
 if TYPE_CHECKING:
     import jinja2
@@ -384,6 +387,72 @@ def to_json(model: Report | Diff) -> str:
     """The JSON of a report or diff: stable key order, two-space indent, ASCII only (a guest's
     bidi or control characters arrive as \\u escapes, never raw)."""
     return json.dumps(to_dict(model), indent=2, ensure_ascii=True) + "\n"
+
+
+class ReportFileError(UsageError):
+    """A saved report that is not one this version reads."""
+
+
+def from_json(text: str | bytes, where: str) -> Report:
+    """A report saved with `--json` (`where` names it in errors): read back to compare it with
+    another run (`--diff`), on another machine or after its logs were purged. Checked field by
+    field against the model: a file is anybody's word."""
+    try:
+        value = jsontext.parse_object(text)
+    except jsontext.JsonObjectError as error:
+        raise ReportFileError(f"{where}: {error}", REPORT_HINT) from None
+    if value.get("schema") != SCHEMA:
+        raise ReportFileError(
+            f"{where}: schema {str(value.get('schema'))[:40]!r}, not {SCHEMA!r}", REPORT_HINT
+        )
+    try:
+        report: Report = _typed(Report, value)
+    except (TypeError, ValueError) as error:
+        raise ReportFileError(f"{where}: {error}", REPORT_HINT) from None
+    return report
+
+
+REPORT_HINT = "give a file `sandbox report --json FILE` wrote, or a run ([SANDBOX:]RUN)"
+
+
+def _typed(kind: Any, value: Any) -> Any:
+    """`value` (parsed JSON) as `kind`: a model dataclass, a tuple[X, ...], X | None, str, int or
+    bool; TypeError naming what does not fit. Unknown keys are left out (a newer version may add
+    fields); a missing one is an error unless it has a default."""
+    origin = typing.get_origin(kind)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [t for t in options if t is not type(None)]
+        return _typed(inner, value)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise TypeError(f"a list expected, not {type(value).__name__}")
+        (inner, _dots) = typing.get_args(kind)
+        return tuple(_typed(inner, item) for item in value)
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise TypeError(f"an object expected for {kind.__name__}")
+        hints = typing.get_type_hints(kind)
+        given = {}
+        for field in dataclasses.fields(kind):
+            if field.name in value:
+                try:
+                    given[field.name] = _typed(hints[field.name], value[field.name])
+                except TypeError as error:
+                    raise TypeError(f"{field.name}: {error}") from None
+            elif field.default is dataclasses.MISSING:
+                raise TypeError(f"{kind.__name__} without {field.name}")
+        return kind(**given)
+    # bool is an int to Python: check it first, and never take one for the other.
+    if kind is bool or kind is int:
+        if type(value) is not kind:
+            raise TypeError(f"{kind.__name__} expected, not {type(value).__name__}")
+        return value
+    if kind is str and isinstance(value, str):
+        return value
+    raise TypeError(f"{getattr(kind, '__name__', kind)} expected, not {type(value).__name__}")
 
 
 # ---- model -> HTML ----------------------------------------------------------------------------

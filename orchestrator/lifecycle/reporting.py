@@ -112,10 +112,22 @@ def run_report(
 def diff_runs(
     ctx: Context, spec_a: str, spec_b: str, default_sandbox: str, on_warning: Callable[[str], None]
 ) -> reports.Diff:
-    """`sandbox report --diff A B`: run B's destinations against run A's."""
-    first = run_report(ctx, spec_a, default_sandbox, on_warning)
-    second = run_report(ctx, spec_b, default_sandbox, on_warning)
-    return reports.diff(first, second)
+    """`sandbox report --diff A B`: run B's destinations against run A's. Each is a run
+    ([SANDBOX:]RUN) or a report saved with `--json` (a FILE.json: a run id never ends so)."""
+
+    def load(spec: str) -> reports.Report:
+        if spec.endswith(".json"):
+            path = Path(spec)
+            try:
+                data = path.read_bytes()
+            except OSError as error:
+                raise NotFoundError(
+                    f"cannot read the report {spec}: {error.strerror}", reports.REPORT_HINT
+                ) from None
+            return reports.from_json(data, spec)
+        return run_report(ctx, spec, default_sandbox, on_warning)
+
+    return reports.diff(load(spec_a), load(spec_b))
 
 
 def save_report(
