@@ -636,6 +636,7 @@ def report(
         tuple[str, str] | None,
         typer.Option(
             "--diff",
+            metavar="RUN_A RUN_B",
             help="Compare two runs (RUN_A RUN_B, each named like --run, or a FILE.json that "
             "--json saved): destinations new, gone or with another verdict.",
         ),
