@@ -286,8 +286,13 @@ def _queries(
     """The resolver's queries of the run: those whose client socket is one of the run's DNS
     records (exact), and those no record of any run claims that came while it was going."""
     # A record without its socket's port (older ones) claims nothing.
-    asked = {(a.src, a.sport): a for a in mine if a.verdict is Verdict.DNS and a.sport}
-    claimed = {(a.src, a.sport) for a in everyone if a.verdict is Verdict.DNS and a.sport}
+    Socket = tuple[str | None, int | None]
+    asked: dict[Socket, Attempt] = {
+        (a.src, a.sport): a for a in mine if a.verdict is Verdict.DNS and a.sport
+    }
+    claimed: set[Socket] = {
+        (a.src, a.sport) for a in everyone if a.verdict is Verdict.DNS and a.sport
+    }
     start = run.started - _DNS_BEFORE
     end = (run.ended if run.ended is not None else float("inf")) + _DNS_AFTER
     found = []
