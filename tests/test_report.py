@@ -146,6 +146,18 @@ def test_the_process_tree() -> None:
     assert tree({326: 326}) == [(326, 0), (328, 0)]
 
 
+def test_a_deep_process_chain() -> None:
+    """The guest decides how deep its process tree is: 5,000 generations are no recursion."""
+    logs = DATA / "rpa" / "logs"
+    (record,) = [r for r in runs.load_records(logs) if r.id == RUN_1]
+    (first, *_rest) = [a for a in logview.read_attempts(logs) if a.run == RUN_1]
+    chain = [
+        dataclasses.replace(first, id=f"c{n}", pid=1000 + n, ppid=999 + n) for n in range(5000)
+    ]
+    report = reports.build("rpa", record, chain, [])
+    assert [p.depth for p in report.processes] == list(range(5000))
+
+
 def test_a_run_recorded_before_runs_kept_their_policy() -> None:
     logs = DATA / "rpa" / "logs"
     (record,) = [r for r in runs.load_records(logs) if r.id == RUN_1]

@@ -257,19 +257,23 @@ def _processes(attempts: Sequence[Attempt]) -> tuple[Process, ...]:
     ordered: list[Process] = []
     placed: set[int] = set()
 
-    def visit(pid: int, depth: int) -> None:
-        if pid in placed:  # a cycle of ppids
-            return
-        placed.add(pid)
-        a = seen[pid]
-        ordered.append(Process(pid, a.ppid, a.exe, a.cmdline, a.uid, depth, counts[pid], a.time))
-        for child in sorted(children.get(pid, []), key=lambda p: (seen[p].time, p)):
-            visit(child, depth + 1)
+    def by_time(pids: Iterable[int]) -> list[int]:
+        return sorted(pids, key=lambda p: (seen[p].time, p))
 
-    for root in sorted(children.get(None, []), key=lambda p: (seen[p].time, p)):
-        visit(root, 0)
-    for pid in sorted(seen):  # only a cycle leaves any: show them at the top
-        visit(pid, 0)
+    # Depth first without recursion: the guest decides how deep the chain of parents goes.
+    roots = by_time(children.get(None, []))
+    for start in [*roots, *sorted(seen)]:  # after the roots, only a cycle of ppids leaves any
+        pending = [(start, 0)]
+        while pending:
+            pid, depth = pending.pop()
+            if pid in placed:
+                continue
+            placed.add(pid)
+            a = seen[pid]
+            ordered.append(
+                Process(pid, a.ppid, a.exe, a.cmdline, a.uid, depth, counts[pid], a.time)
+            )
+            pending += [(child, depth + 1) for child in reversed(by_time(children.get(pid, [])))]
     return tuple(ordered)
 
 
