@@ -22,6 +22,7 @@ from rich.text import Text
 
 from orchestrator import lifecycle, paths, safetext
 from orchestrator.capture import logview
+from orchestrator.capture import report as reports
 from orchestrator.capture.records import iso_time
 from orchestrator.config import (
     MEMORY_MIB_RANGE,
@@ -741,6 +742,60 @@ def _print_host_flows(report: lifecycle.HostFlowReport, as_json: bool) -> None:
     out.print(table)
     for missing in report.unrecorded:
         err.print(safetext.labeled("not in the guest's record:", "yellow", missing.describe()))
+
+
+@app.command()
+def report(
+    name: NameOpt = "default",
+    run_id: Annotated[
+        str,
+        typer.Option(
+            "--run",
+            help="The run: an id, last, or SANDBOX:RUN (an id is also looked for in the logs of "
+            "every sandbox, destroyed ones included).",
+        ),
+    ] = "last",
+    html: Annotated[
+        Path | None,
+        typer.Option("--html", help="Write the report as one self-contained HTML file."),
+    ] = None,
+    json_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--json", help=f"Write the same data as JSON ({reports.SCHEMA}; - for stdout)."
+        ),
+    ] = None,
+    diff: Annotated[
+        tuple[str, str] | None,
+        typer.Option(
+            "--diff",
+            metavar="RUN_A RUN_B",
+            help="Compare two runs (RUN_A RUN_B, each named like --run, or a FILE.json that "
+            "--json saved): destinations new, gone or with another verdict.",
+        ),
+    ] = None,
+    all_rows: Annotated[
+        bool, typer.Option("--all", help="With --diff: also the destinations that are the same.")
+    ] = False,
+) -> None:
+    """A report of one run (timeline, destinations, processes, DNS, policy) to share, or two runs
+    compared. Without --html or --json, the destinations as a table."""
+    ctx = _context()
+    model: reports.Report | reports.Diff
+    if diff is not None:
+        model = lifecycle.diff_runs(ctx, diff[0], diff[1], name, _warn)
+    else:
+        model = lifecycle.run_report(ctx, run_id, name, _warn)
+    to_stdout = json_file is not None and str(json_file) == "-"
+    written = lifecycle.save_report(model, html=html, json=None if to_stdout else json_file)
+    for path in written:
+        err.print(safetext.text(f"wrote {path}"), soft_wrap=True)
+    if to_stdout:
+        out.print(reports.to_json(model), end="", soft_wrap=True, markup=False, highlight=False)
+    elif isinstance(model, reports.Diff):
+        out.print(reports.render_diff(model, all_rows=all_rows))
+    elif not written:
+        out.print(reports.render_summary(model))
 
 
 @policy_app.command("show")

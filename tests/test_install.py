@@ -20,6 +20,7 @@ BIN = Path(sys.executable).parent
 
 PROBE = """
 import json, orchestrator
+from orchestrator.capture import report
 from orchestrator.vm import cloudinit, images
 seed = cloudinit.build_seed_iso(cloudinit.SeedSpec("i", "h", "k", "k.pub", "a", "192.0.2.1"))
 print(json.dumps({
@@ -28,6 +29,7 @@ print(json.dumps({
     "hash": images.recipe_hash(images.ImageRecipe()),
     "template": str(cloudinit.SEED_TEMPLATE),
     "seed": len(seed),
+    "report_template": report.template_path(),
 }))
 """
 
@@ -90,6 +92,9 @@ def test_a_wheel_install_finds_its_recipe_and_template(installed: tuple[Path, st
     # The same recipe as the checkout's, executable bits included: the same cached image.
     assert found["hash"] == recipe_hash(ImageRecipe())
     assert found["seed"] > 0
+    # The report's HTML template travels as package data too.
+    assert Path(found["report_template"]).is_relative_to(target)
+    assert Path(found["report_template"]).is_file()
     cli = _run_installed(target, [str(target / "bin" / "sandbox"), "--help"])
     assert cli.returncode == 0 and "destroy" in cli.stdout, cli.stdout + cli.stderr
     # The lab is a package of its own beside the product, installed with it as `sandbox-lab`.

@@ -1,8 +1,8 @@
 """The verbs, one module each: `up` (build.py: named steps, each with its rollback), `destroy`
 (teardown.py), `status`, `list` and `policy show` (status.py), `exec`, `run`, `ssh` and sockets
-(access.py), `run --rm` (oneshot.py), `warm` (warm.py: VMs booted ahead for `up`), and the one
-pipeline that brings connection records home (collection.py). context.py is what they share.
-The CLI calls only what is exported here."""
+(access.py), `run --rm` (oneshot.py), `warm` (warm.py: VMs booted ahead for `up`), `report`
+(reporting.py), and the one pipeline that brings connection records home (collection.py).
+context.py is what they share. The CLI calls only what is exported here."""
 
 from orchestrator.lifecycle.access import (
     RunOutcome,
@@ -36,6 +36,13 @@ from orchestrator.lifecycle.context import (
     ready_state,
 )
 from orchestrator.lifecycle.oneshot import OneShotOutcome, run_once
+from orchestrator.lifecycle.reporting import (
+    RunName,
+    diff_runs,
+    resolve_run,
+    run_report,
+    save_report,
+)
 from orchestrator.lifecycle.status import PolicyReport, Status, inspect, list_status, policy_report
 from orchestrator.lifecycle.teardown import DestroyReport, destroy, destroy_all, known_names
 from orchestrator.lifecycle.warm import FillReport, WarmStatus
@@ -53,6 +60,7 @@ __all__ = [
     "PolicyReport",
     "QuietReporter",
     "Reporter",
+    "RunName",
     "RunOutcome",
     "ServeOutcome",
     "Status",
@@ -61,6 +69,7 @@ __all__ = [
     "collect_quietly",
     "destroy",
     "destroy_all",
+    "diff_runs",
     "exec_command",
     "host_flows",
     "inspect",
@@ -77,8 +86,11 @@ __all__ = [
     "recorded_losses",
     "refresh_logs",
     "require_logs",
+    "resolve_run",
     "run_once",
+    "run_report",
     "run_target",
+    "save_report",
     "serve_target",
     "sockets",
     "ssh_argv",

@@ -132,6 +132,7 @@ def _execute_and_collect(
             stderr=stderr,
             on_warning=on_warning,
             limits=ctx.settings.limits,
+            policy=state.policy,
         )
     if not collect:
         return RunOutcome(result, None)

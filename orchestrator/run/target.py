@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from orchestrator import jsontext, paths
 from orchestrator.capture.records import Attempt, guest_seconds, parse_time
@@ -201,6 +201,11 @@ def new_run_id(now: float | None = None) -> str:
     return f"{stamp}-{secrets.token_hex(2)}"
 
 
+def is_run_id(text: str) -> bool:
+    """Whether `text` has the shape new_run_id gives (a directory name under logs/runs/)."""
+    return bool(_RUN_ID.match(text))
+
+
 def guest_dir(run_id: str) -> str:
     return posixpath.join(paths.GUEST_RUNS_DIR, run_id)
 
@@ -335,6 +340,10 @@ class RunRecord:
     exit_code: int | None = None
     timed_out: bool = False
     leftovers: int = 0  # processes still running when the target exited, killed then
+    # The sandbox's egress policy when the run started (EgressPolicy.to_dict()): the state that
+    # holds it is gone at destroy, the run's record stays for `sandbox report`. None: a record
+    # from before it was kept.
+    policy: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
@@ -470,8 +479,10 @@ def execute(
     stderr: Callable[[bytes], None],
     on_warning: Callable[[str], None],
     limits: Limits | None = None,
+    policy: Mapping[str, Any] | None = None,
 ) -> RunResult:
-    """Run the request in the guest behind `guest` and record it under `logs`."""
+    """Run the request in the guest behind `guest` and record it under `logs`, with `policy`
+    (the sandbox's, EgressPolicy.to_dict()) as the one in force."""
     limits = limits or Limits()
     from orchestrator.egress import guestfw
 
@@ -510,6 +521,7 @@ def execute(
         user="root" if request.root else RUN_USER,
         xdebug=mode.value,
         started=guest_seconds(clock, "preparing the run"),
+        policy=dict(policy) if policy is not None else None,
     )
     save_record(logs, record)
     env = base_env(request.root)
