@@ -1,16 +1,18 @@
-"""`sandbox up` against a bare `virsh create` of the same image, and `sandbox destroy`.
+"""`sandbox up` against a bare `virsh create` of the same image, `sandbox destroy`, a warm
+`up` (from a warm VM), a one-shot `sandbox run --allow ... script.php`, and N sandboxes at once.
 
 Runs inside the namespace lab (it re-executes itself there), as root. Rounds alternate the two
 boots so that drift on a shared machine hits both alike; the figures that matter are the ratios
 printed at the end, measured side by side in this one run.
 
-    python benchmarks/up_destroy.py [--rounds N]
+    python benchmarks/up_destroy.py [--rounds N] [--warm-rounds N] [--concurrency 1,2,4,8]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import statistics
 import subprocess
@@ -38,16 +40,116 @@ BOOT_TIMEOUT = 600.0
 
 def time_up(env: dict[str, str]) -> float:
     start = time.monotonic()
-    subprocess.run([SANDBOX, "up", "--name", "bench"], env=env, check=True, capture_output=True)
-    return time.monotonic() - start
-
-
-def time_destroy(env: dict[str, str]) -> float:
-    start = time.monotonic()
     subprocess.run(
-        [SANDBOX, "destroy", "--name", "bench"], env=env, check=True, capture_output=True
+        [SANDBOX, "up", "--cold", "--name", "bench"], env=env, check=True, capture_output=True
     )
     return time.monotonic() - start
+
+
+def time_destroy(env: dict[str, str], name: str = "bench") -> float:
+    start = time.monotonic()
+    subprocess.run([SANDBOX, "destroy", "--name", name], env=env, check=True, capture_output=True)
+    return time.monotonic() - start
+
+
+ONE_SHOT_SCRIPT = """<?php
+$f = @fsockopen('198.51.100.9', 80, $errno, $errstr, 3);
+$g = @fsockopen('203.0.113.7', 80, $errno, $errstr, 3);
+echo $f ? "reached\\n" : "blocked\\n";
+"""
+
+
+def sandbox(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SANDBOX, *args], env=env, check=True, capture_output=True, text=True)
+
+
+def time_warm(env: dict[str, str], rounds: int, script: Path) -> dict[str, list[float]]:
+    """Each round: one warm VM booted (not timed), then `up` from it; destroy; then another warm
+    VM and a one-shot run from it (up, run, collect, summary, destroy: the whole command)."""
+    found: dict[str, list[float]] = {"warm up": [], "warm destroy": [], "one-shot run": []}
+    for round_no in range(rounds):
+        sandbox(env, "warm", "fill", "--count", "1")
+        start = time.monotonic()
+        made = sandbox(env, "up", "--name", "bench-warm", "--allow", "203.0.113.7")
+        found["warm up"].append(time.monotonic() - start)
+        assert "warm VM" in made.stderr, made.stderr
+        found["warm destroy"].append(time_destroy(env, "bench-warm"))
+        sandbox(env, "warm", "fill", "--count", "1")
+        start = time.monotonic()
+        ran = sandbox(env, "run", "--allow", "203.0.113.7", str(script))
+        found["one-shot run"].append(time.monotonic() - start)
+        assert "blocked" in ran.stdout, ran.stdout
+        print(
+            f"warm round {round_no + 1}: "
+            + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in found.items()),
+            flush=True,
+        )
+    return found
+
+
+def qemu_rss_mib(domains: list[str]) -> float:
+    """The resident memory of the QEMU processes running these domains, MiB."""
+    total = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            status = (proc / "status").read_text()
+        except OSError:
+            continue
+        if not any(f"guest={d},".encode() in arg for arg in cmdline for d in domains):
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
+def available_mib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def time_concurrent(
+    env: dict[str, str], count: int, warm: bool
+) -> tuple[list[float], float, float]:
+    """`count` sandboxes brought up at once (from warm VMs booted beforehand, untimed, when
+    `warm`): each one's up time, QEMU memory per sandbox, host memory taken per sandbox."""
+    if warm:
+        sandbox(env, "warm", "fill", "--count", str(count))
+    before = available_mib()
+    names = [f"bench-c{count}-{i}" for i in range(count)]
+    started = [
+        (
+            time.monotonic(),
+            subprocess.Popen(
+                [SANDBOX, "up", "--name", n, *([] if warm else ["--cold"])],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+        )
+        for n in names
+    ]
+    times = []
+    for start, proc in started:
+        _out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"up failed: {err}")
+        times.append(time.monotonic() - start)
+    domains = []
+    for n in names:
+        state = (Path(env["XDG_STATE_HOME"]) / paths.APP / n / paths.STATE_FILE).read_text()
+        domains.append(json.loads(state)["domain"])
+    rss = qemu_rss_mib(domains) / count
+    taken = (before - available_mib()) / count
+    for n in names:
+        time_destroy(env, n)
+    return times, rss, taken
 
 
 def time_bare(ctx: lifecycle.Context, image: Image) -> float:
@@ -75,6 +177,13 @@ def time_bare(ctx: lifecycle.Context, image: Image) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--warm-rounds", type=int, default=3)
+    parser.add_argument(
+        "--concurrency", default="1,2,4,8", help="numbers of sandboxes at once ('' for none)"
+    )
+    parser.add_argument(
+        "--warm-concurrency", default="1,2,4", help="the same, from warm VMs ('' for none)"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("run as root (the lab needs network namespaces)", file=sys.stderr)
@@ -122,6 +231,37 @@ def main() -> int:
     print(f"sandbox destroy (CLI, wall):      median {destroy_m:6.2f} s  [{runs(destroys)}]")
     print(f"overhead: up / bare = {ratio:.3f} ({(ratio - 1) * 100:+.1f} %), target <= +10 %")
     print(f"destroy: {destroy_m:.2f} s, target < 1 s")
+
+    script = state_home / "one-shot.php"
+    script.write_text(ONE_SHOT_SCRIPT)
+    if args.warm_rounds:
+        warm = time_warm(env, args.warm_rounds, script)
+        warm_m = {k: statistics.median(v) for k, v in warm.items()}
+        for key, values in warm.items():
+            print(f"{key + ':':33} median {warm_m[key]:6.2f} s  [{runs(values)}]")
+        print(
+            f"warm: up {warm_m['warm up']:.2f} s (target <= 4 s), "
+            f"{warm_m['warm up'] / up_m:.2f} of a cold up; one-shot run "
+            f"{warm_m['one-shot run']:.2f} s (target <= 10 s)"
+        )
+
+    rows = [(int(n), False) for n in args.concurrency.split(",") if n.strip()]
+    rows += [(int(n), True) for n in args.warm_concurrency.split(",") if n.strip()]
+    if rows:
+        print(f"N sandboxes at once ({os.cpu_count()} CPUs, {available_mib():.0f} MiB available):")
+        print(
+            "| start | N | up median (s) | up max (s) | up median / cold up "
+            "| QEMU RSS per sandbox (MiB) | host memory per sandbox (MiB) |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for count, warm_start in rows:
+            times, rss, taken = time_concurrent(env, count, warm_start)
+            median = statistics.median(times)
+            print(
+                f"| {'warm' if warm_start else 'cold'} | {count} | {median:.1f} | "
+                f"{max(times):.1f} | {median / up_m:.2f} | {rss:.0f} | {taken:.0f} |",
+                flush=True,
+            )
     return 0
 
 

@@ -68,7 +68,7 @@ def test_a_warm_sandbox_is_fresh_and_enforces_its_policy(cli: Cli, tmp_path: Pat
     cli.ok("warm", "fill", "--count", "2")
     assert cli.ok("warm", "status").stdout.count(" ready") == 2
     facts = {}
-    for name in ("wa", "wb"):
+    for name in ("hw1", "hw2"):
         up = cli.ok("up", "--name", name, "--allow", ALLOWED)
         assert "warm VM, ready in" in up.stderr, up.stderr
         host, machine_id, mac, clock, resolver = cli.ok(
@@ -81,23 +81,23 @@ def test_a_warm_sandbox_is_fresh_and_enforces_its_policy(cli: Cli, tmp_path: Pat
         assert mac == state["mac"]
         assert abs(int(clock) - time.time()) < 10
         assert resolver == str(next(ipaddress.IPv4Network(str(state["subnet"])).hosts()))
-    assert facts["wa"][0] != facts["wb"][0] and facts["wa"][1] != facts["wb"][1]
-    assert state_of(cli, "wa")["host_key"] != state_of(cli, "wb")["host_key"]
+    assert facts["hw1"][0] != facts["hw2"][0] and facts["hw1"][1] != facts["hw2"][1]
+    assert state_of(cli, "hw1")["host_key"] != state_of(cli, "hw2")["host_key"]
     assert cli.ok("warm", "status").stdout.count(" ready") == 0  # each taken once
 
     script = tmp_path / "phone.php"
     script.write_text(SCRIPT)
-    ran = cli.run("run", "--name", "wa", str(script))
+    ran = cli.run("run", "--name", "hw1", str(script))
     assert ran.returncode == 7 and ran.stdout == "blocked\n", ran.stderr
     rows = cli.records_when(
-        "wa", lambda rows: len([r for r in rows if r.get("dport") == 80]) == 2, "both connects"
+        "hw1", lambda rows: len([r for r in rows if r.get("dport") == 80]) == 2, "both connects"
     )
     verdicts = {r["dst"]: (r["verdict"], r["stack"][0]["line"]) for r in rows if r["dport"] == 80}
     assert verdicts == {BLOCKED: ("blocked", 2), ALLOWED: ("allowed", 3)}
-    shown = cli.ok("policy", "show", "--name", "wa").stdout
-    assert ALLOWED in shown and "sandbox-wa" in shown  # both layers: the guest's and the filter
+    shown = cli.ok("policy", "show", "--name", "hw1").stdout
+    assert ALLOWED in shown and "sandbox-hw1" in shown  # both layers: the guest's and the filter
 
-    for name in ("wa", "wb"):
+    for name in ("hw1", "hw2"):
         domain = str(state_of(cli, name)["domain"])
         cli.ok("destroy", "--name", name)
         assert leftovers(name, cli) == [] and not domain_exists(domain)

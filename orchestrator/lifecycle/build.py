@@ -316,7 +316,12 @@ class Build:
             store.write_secret(self.name, paths.HOST_KEY_PUB, vm.host_key + "\n")
             self.vols = names.SandboxVolumes(*vm.volumes)
             self._save(host_key=vm.host_key, domain=vm.domain, volumes=vm.volumes, warm_id=vm.id)
-            # Recorded as this sandbox's now: `destroy` finds it through the state.
+            # Recorded as this sandbox's now, in its state and in the domain's metadata (which
+            # is also what keeps a concurrent fill from taking it for an orphan): `destroy` and
+            # `list` find it through either.
+            dom = hv.lookup_domain(self.conn, vm.domain)
+            if dom is not None:
+                hv.set_sandbox_metadata(dom, render_metadata(self.name, self.img.name, vm.id))
             warm.forget(self.ctx, vm)
         return True
 
@@ -452,7 +457,6 @@ class Build:
             ip6=self._ip6(),
         )
         with self.ctx.reporter.step(f"plugging warm VM {state.domain} into {iface.network}"):
-            hv.set_sandbox_metadata(dom, render_metadata(name, self.img.name, state.warm_id))
             hv.attach_device(dom, render_interface(iface), "the network interface")
             self.boot = Deadline(
                 self.ctx.settings.boot_timeout,

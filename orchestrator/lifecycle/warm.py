@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -111,6 +112,12 @@ class FillReport:
     kept: int  # fitting warm VMs that were there already
     removed: tuple[str, ...]  # warm VMs removed: gone, unfit (image rebuilt) or orphaned
     ready: int  # warm VMs ready (booted) when fill returned
+
+
+def owner(ctx: Context) -> str:
+    """Our mark in a warm VM's metadata: several users (or test runs) with state directories
+    of their own may share one libvirt, and each removes only its own orphans."""
+    return hashlib.sha256(str(ctx.dirs.state.resolve()).encode()).hexdigest()[:12]
 
 
 def _dir(ctx: Context, warm_id: str) -> Path:
@@ -237,7 +244,7 @@ def _prune(ctx: Context, conn: libvirt.virConnect, keep: Callable[[WarmVM], bool
     no record (an `up` or fill killed half-way)."""
     removed = []
     on_record = {vm.id: vm for vm in records(ctx) if vm.uri == ctx.settings.connect}
-    running = hv.warm_domains(conn)
+    running = hv.warm_domains(conn, owner(ctx))
     for vm in on_record.values():
         dom = hv.lookup_domain(conn, vm.domain)
         alive = dom is not None and hv.domain_running(dom) and vm.id in running
@@ -339,6 +346,7 @@ def _boot(ctx: Context, conn: libvirt.virConnect, img: Image, accel: Accel) -> W
                 image=img.name,
                 hotplug_ports=HOTPLUG_PORTS,
                 warm_id=warm_id,
+                warm_owner=owner(ctx),
             )
             hv.start_domain(conn, render_domain(spec))
     except BaseException:

@@ -77,6 +77,9 @@ class DomainSpec:
     hotplug_ports: int = 0
     # A warm VM's id (lifecycle/warm.py): in the metadata until a sandbox takes it.
     warm_id: str | None = None
+    # Whose warm VM it is (a hash of the state directory that has its record): fills and drains
+    # remove only their own warm VMs left without a record, never another user's.
+    warm_owner: str | None = None
 
     def interface(self) -> InterfaceSpec | None:
         if self.network is None or self.mac is None:
@@ -116,7 +119,9 @@ def _to_string(root: ET.Element) -> str:
     return ET.tostring(root, encoding="unicode") + "\n"
 
 
-def sandbox_metadata(sandbox: str, image: str, warm_id: str | None = None) -> ET.Element:
+def sandbox_metadata(
+    sandbox: str, image: str, warm_id: str | None = None, warm_owner: str | None = None
+) -> ET.Element:
     """Our <metadata> element: the sandbox's name ("" for a warm VM no sandbox has taken yet)."""
     ET.register_namespace(METADATA_PREFIX, METADATA_NS)
     meta = ET.Element(f"{{{METADATA_NS}}}sandbox")
@@ -124,6 +129,8 @@ def sandbox_metadata(sandbox: str, image: str, warm_id: str | None = None) -> ET
     meta.set("image", image)
     if warm_id is not None:
         meta.set("warm", warm_id)
+    if warm_owner is not None:
+        meta.set("owner", warm_owner)
     return meta
 
 
@@ -141,7 +148,7 @@ def render_domain(spec: DomainSpec) -> str:
     _sub(dom, "name", spec.name)
     _sub(dom, "uuid", spec.uuid)
     metadata = _sub(dom, "metadata")
-    metadata.append(sandbox_metadata(spec.sandbox, spec.image, spec.warm_id))
+    metadata.append(sandbox_metadata(spec.sandbox, spec.image, spec.warm_id, spec.warm_owner))
     _sub(dom, "memory", str(spec.memory_mib), unit="MiB")
     _sub(dom, "vcpu", str(spec.vcpus))
 

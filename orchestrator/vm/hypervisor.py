@@ -590,12 +590,14 @@ def sandbox_domains(conn: libvirt.virConnect) -> dict[str, str]:
     return {meta.get("name", ""): name for name, meta in _our_domains(conn) if meta.get("name")}
 
 
-def warm_domains(conn: libvirt.virConnect) -> dict[str, str]:
-    """Warm VMs no sandbox has taken yet: warm id -> domain name."""
+def warm_domains(conn: libvirt.virConnect, owner: str | None = None) -> dict[str, str]:
+    """Warm VMs no sandbox has taken yet (only `owner`'s, if given): warm id -> domain name."""
     return {
         meta.get("warm", ""): name
         for name, meta in _our_domains(conn)
-        if meta.get("warm") and not meta.get("name")
+        if meta.get("warm")
+        and not meta.get("name")
+        and (owner is None or meta.get("owner") == owner)
     }
 
 
