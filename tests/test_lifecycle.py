@@ -553,6 +553,7 @@ def test_up_takes_a_fitting_warm_vm_once_and_rolls_it_back(
     vm = warm.records(ctx)[0]
     plugged: list[str] = []
     monkeypatch.setattr(hv, "attach_device", lambda dom, xml, what: plugged.append(xml))
+    monkeypatch.setattr(hv, "update_device", lambda dom, xml, what: plugged.append(xml))
     seen: list[SandboxState | None] = []
 
     def lease(dom: libvirt.virDomain, mac: str, deadline: Deadline) -> str:
@@ -570,8 +571,14 @@ def test_up_takes_a_fitting_warm_vm_once_and_rolls_it_back(
     assert state.volumes == vm.volumes and state.host_key == vm.host_key
     # Its metadata names the sandbox now: `destroy --all` would find it.
     assert seen_names == {"hw": vm.domain}
-    # The interface plugged in: the sandbox's fresh MAC, network, filter and addresses.
-    iface = ET.fromstring(plugged[0])
+    # Plugged in with its link down and no filter; filtered while the link is still down; then
+    # up: never on the network unfiltered.
+    first, filtered, iface = (ET.fromstring(xml) for xml in plugged)
+    assert first.find("filterref") is None and first.find("link").get("state") == "down"  # type: ignore[union-attr]
+    assert filtered.find("filterref") is not None
+    assert filtered.find("link").get("state") == "down"  # type: ignore[union-attr]
+    assert iface.find("link") is None
+    # The sandbox's fresh MAC, network, filter and addresses.
     assert iface.find("mac").get("address") == state.mac  # type: ignore[union-attr]
     assert iface.find("source").get("network") == names.network("hw")  # type: ignore[union-attr]
     assert iface.find("filterref").get("filter") == names.nwfilter("hw")  # type: ignore[union-attr]

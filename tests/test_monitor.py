@@ -856,6 +856,15 @@ def test_a_link_of_the_capture_unpinned_alone_is_a_tamper_row() -> None:
     assert "@@capturepartial" in monitor.events_script(0, 0)
 
 
+def test_the_capture_checked_after_the_push_reports_its_failure() -> None:
+    ok = f"@@boot {_BOOT}\n@@captureclock 115.570099639 1796477816.9\n"
+    assert monitor.started(ok, "@@then-failed") == monitor.parse_mark(ok)
+    with pytest.raises(GuestError, match="could not start connection capture: exit status 1"):
+        monitor.started("sbx-capture: no such file\n@@then-failed 1\n", "@@then-failed")
+    with pytest.raises(GuestError, match="could not start connection capture"):
+        monitor.started("garbage", "@@then-failed")
+
+
 def test_parse_mark_takes_the_boot_and_the_capture_clock() -> None:
     mark = monitor.parse_mark(f"@@boot {_BOOT}\n@@captureclock 115.570099639 1796477816.9\n")
     assert mark == monitor.Mark(_BOOT, 115_570_099_639)
@@ -1042,7 +1051,7 @@ ctx = lifecycle.Context(load_settings(Path(config) if config else None, dirs.con
 with lifecycle.open_guest(ctx, name) as guest:
     started = time.monotonic()
     if action == "start":
-        monitor.start(guest)
+        monitor.parse_mark(guest.check(monitor.START_COMMAND, timeout=monitor.START_TIMEOUT))
         print(json.dumps({"seconds": time.monotonic() - started}))
     else:
         path = Path(cursor_file)

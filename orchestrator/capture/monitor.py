@@ -160,11 +160,14 @@ def parse_mark(text: str) -> Mark:
     return Mark(boot_id, int(mono.group(1)) * 1_000_000_000 + int(mono.group(2)))
 
 
-def start(guest: Guest) -> Mark:
-    """Check that the connect() capture is attached in the guest; GuestError if it cannot be.
-    Returns the capture's clock now: the firewall changes up to it are the caller's own."""
+def started(output: str, failed_marker: str) -> Mark:
+    """START_COMMAND's output when it ran at the end of another command (the policy push):
+    `failed_marker` and its exit status follow it if it failed."""
+    text, failed, status = output.partition(failed_marker)
     try:
-        return parse_mark(guest.check(START_COMMAND, timeout=START_TIMEOUT))
+        if failed:
+            raise GuestError(f"exit status {status.strip()[:8]}: {text[-300:]!r}")
+        return parse_mark(text)
     except GuestError as error:
         raise GuestError(
             f"could not start connection capture: {error.message}", START_HINT

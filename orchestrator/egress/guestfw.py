@@ -22,6 +22,12 @@ if TYPE_CHECKING:
 _DIFF_LINES = 10
 
 
+# Between the rules' read-back and the output of `apply`'s `then` command; after that output
+# if the command failed (then its exit status).
+_THEN = "@@then"
+THEN_FAILED = "@@then-failed"
+
+
 def _printf_escaped(data: bytes) -> str:
     """`data` as an argument of printf's %b: printable ASCII as itself, every other byte (and the
     backslash) as an octal escape, so any content survives the shell unchanged."""
@@ -69,11 +75,13 @@ def apply(
     *,
     files: Mapping[str, str] | None = None,
     commands: Sequence[Sequence[str]] = (),
-) -> None:
+    then: Sequence[str] = (),
+) -> str:
     """Load the rules with iptables-restore (each family atomically), read them back and fail
     unless the kernel holds exactly what was meant; write `files` and run `commands` (argv)
-    first. One SSH round trip: under TCG every extra channel costs a noticeable part of a
-    second."""
+    first, and `then` (argv) last: its output (stdout and stderr) is returned, followed by a
+    THEN_FAILED line if it failed. One SSH round trip: under TCG every extra channel costs a
+    noticeable part of a second."""
     restore4, restore6 = (firewall.restore_commands(v)[0] for v in (4, 6))
     script = "\n".join(
         [
@@ -89,12 +97,16 @@ def apply(
             *firewall.save_script(),
         ]
     )
+    if then:
+        script += f"\necho {_THEN}\n{shlex.join(then)} 2>&1 || echo {THEN_FAILED} $?"
+    printed, _, after = guest.check(["sh", "-c", script], timeout=60).partition(_THEN + "\n")
     require(
         rules,
-        guest.check(["sh", "-c", script], timeout=60),
+        printed,
         when="differs from the policy after loading it",
         hint="something in the guest changed the rules; destroy the sandbox and report this",
     )
+    return after
 
 
 def read_back(guest: Guest) -> str:

@@ -457,7 +457,16 @@ class Build:
             ip6=self._ip6(),
         )
         with self.ctx.reporter.step(f"plugging warm VM {state.domain} into {iface.network}"):
-            hv.attach_device(dom, render_interface(iface), "the network interface")
+            # Plugged in with its link down and without its filter, then filtered, then up:
+            # libvirt takes ~1 s to instantiate the filter, time in which the guest finds the
+            # new device and configures it; while the link is down QEMU passes no packet
+            # either way, so the guest is never on the network unfiltered.
+            down = dataclasses.replace(iface, link_up=False)
+            hv.attach_device(
+                dom, render_interface(dataclasses.replace(down, filterref=None)), "its interface"
+            )
+            hv.update_device(dom, render_interface(down), "the filter of its interface")
+            hv.update_device(dom, render_interface(iface), "the link of its interface")
             self.boot = Deadline(
                 self.ctx.settings.boot_timeout,
                 f"sandbox {name!r} to come up on its network",
@@ -515,13 +524,17 @@ class Build:
                 files.update(identity)
             with guest:
                 with report.step(
-                    f"loading the egress policy and xdebug ({xdebug_mode.value}) in the guest"
+                    f"loading the egress policy and xdebug ({xdebug_mode.value}) in the guest, "
+                    "checking connection capture (eBPF)"
                 ):
-                    guestfw.apply(guest, rules, files=files, commands=commands)
+                    # The capture is checked in the same round trip, right after the push: its
+                    # clock then marks the end of the firewall changes that were ours.
+                    capture = guestfw.apply(
+                        guest, rules, files=files, commands=commands, then=monitor.START_COMMAND
+                    )
                 self._save(guest_rules={str(v): text for v, text in rules.items()})
-                with report.step("checking connection capture (eBPF)"):
-                    # Its clock now: the firewall changes up to here are the push just done.
-                    _mark_policy_push(logs_dir(self.ctx, self.name), monitor.start(guest))
+                mark = monitor.started(capture, guestfw.THEN_FAILED)
+                _mark_policy_push(logs_dir(self.ctx, self.name), mark)
         except SandboxError as exc:
             text = hv.console_text(self.conn, self.pool, self.vols.console)
             save_console(self.ctx.store, self.name, text)

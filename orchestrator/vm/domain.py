@@ -105,6 +105,8 @@ class InterfaceSpec:
     filterref: str | None = None
     ip: str | None = None
     ip6: tuple[str, ...] = ()
+    # False: plugged in with its link down (the guest can neither send nor receive on it yet).
+    link_up: bool = True
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -223,6 +225,8 @@ def _interface_element(spec: InterfaceSpec) -> ET.Element:
     _sub(iface, "model", type="virtio")
     if spec.target_dev:
         _sub(iface, "target", dev=spec.target_dev)
+    if not spec.link_up:
+        _sub(iface, "link", state="down")
     if spec.filterref:
         ref = _sub(iface, "filterref", filter=spec.filterref)
         if spec.ip:

@@ -493,6 +493,17 @@ def attach_device(dom: libvirt.virDomain, xml: str, what: str) -> None:
         ) from None
 
 
+def update_device(dom: libvirt.virDomain, xml: str, what: str) -> None:
+    """Change a device of a running VM in place (a plugged-in interface's filter, its link)."""
+    try:
+        dom.updateDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    except libvirt.libvirtError as exc:
+        raise HypervisorError(
+            f"libvirt could not change {what} of {dom.name()}: {exc}",
+            "destroy the sandbox and retry",
+        ) from None
+
+
 def set_sandbox_metadata(dom: libvirt.virDomain, element: str) -> None:
     """Rewrite our <metadata> element of a running VM (a warm VM taken by a sandbox)."""
     try:
