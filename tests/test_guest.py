@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
+import os
 import socket
 import subprocess
 import threading
@@ -782,3 +784,33 @@ def test_a_guest_that_stops_answering_is_detected(guest: Guest) -> None:
     assert isinstance(sock, socket.socket)
     timeout_ms = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
     assert 0 < timeout_ms <= 120_000
+
+
+def test_no_route_to_the_guest_ends_the_wait_within_seconds() -> None:
+    """No route to the guest's network (libvirt elsewhere): said at once, not at the deadline."""
+
+    def no_route(host: str, port: int, timeout: float) -> socket.socket:
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+    start = time.monotonic()
+    with pytest.raises(GuestError, match="no route to its network") as caught:
+        wait_for_banner("192.0.2.1", 22, deadline(60), opener=no_route, no_route_seconds=0.5)
+    assert time.monotonic() - start < 3
+    assert "where libvirtd runs" in caught.value.hint
+
+
+def test_a_route_that_comes_back_is_waited_for() -> None:
+    """A route missing for a moment (an interface coming up) does not end the wait."""
+    failures = iter([errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETUNREACH])
+
+    def opener(host: str, port: int, timeout: float) -> socket.socket:
+        code = next(failures, None)
+        if code is not None:
+            raise OSError(code, os.strerror(code))
+        return socket.create_connection((host, port), timeout)
+
+    with listener(lambda conn, n: conn.sendall(b"SSH-2.0-Fake_1.0\r\n")) as port:
+        assert (
+            wait_for_banner("127.0.0.1", port, deadline(10), opener=opener, no_route_seconds=0.05)
+            == "SSH-2.0-Fake_1.0"
+        )

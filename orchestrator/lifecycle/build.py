@@ -456,6 +456,9 @@ class Build:
             ip=state.ip,
             ip6=self._ip6(),
         )
+        # Again here (take_warm registered it first): the filter's removal, registered since,
+        # must run after the domain is gone, as after a cold start_vm.
+        self.rollback.callback(hv.destroy_domain, self.conn, state.domain)
         with self.ctx.reporter.step(f"plugging warm VM {state.domain} into {iface.network}"):
             # Plugged in with its link down and without its filter, then filtered, then up:
             # libvirt takes ~1 s to instantiate the filter, time in which the guest finds the

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import errno
 import hashlib
 import io
 import logging
@@ -52,6 +53,15 @@ _RETRY_MAX = 1.0
 # TCP but hangs in kex must not eat a long deadline in one go.
 _ATTEMPT_MAX = 20.0
 _BANNER_LINE_MAX = 8192
+# "Network is unreachable" for this long means this machine has no route to the guest's network
+# at all (libvirt runs on another host, or in another network namespace): no later attempt can
+# succeed, so the wait ends within seconds instead of at the boot deadline.
+NO_ROUTE_SECONDS = 3.0
+UNREACHABLE_HINT = (
+    "sandbox talks to its guests over their own network, from the machine (and network "
+    "namespace) it runs in: run it where libvirtd runs, e.g. `ip netns exec NS sandbox ...` for "
+    "a libvirtd in a namespace, or on the libvirt host for a remote --connect"
+)
 _STDERR_TAIL_CHARS = 2000
 _CHUNK = 32768
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -225,7 +235,12 @@ def _read_banner(sock: socket.socket, deadline: Deadline) -> str | None:
 
 
 def wait_for_banner(
-    host: str, port: int, deadline: Deadline, *, opener: SocketOpener = tcp_connect
+    host: str,
+    port: int,
+    deadline: Deadline,
+    *,
+    opener: SocketOpener = tcp_connect,
+    no_route_seconds: float = NO_ROUTE_SECONDS,
 ) -> str:
     """Connect until the peer sends its SSH banner line, and return that line.
 
@@ -234,6 +249,7 @@ def wait_for_banner(
     """
     delay = _RETRY_FIRST
     last = "no attempt finished"
+    no_route_since: float | None = None
     while True:
         try:
             with opener(host, port, max(min(deadline.remaining(), _ATTEMPT_MAX), 0.01)) as sock:
@@ -245,6 +261,17 @@ def wait_for_banner(
             last = "no SSH banner yet"
         except OSError as e:
             last = f"{type(e).__name__}: {e}"
+            if e.errno == errno.ENETUNREACH:
+                now = time.monotonic()
+                no_route_since = no_route_since if no_route_since is not None else now
+                if now - no_route_since >= no_route_seconds:
+                    raise GuestError(
+                        f"cannot reach the guest at {host}: this machine has no route to its "
+                        f"network ({last})",
+                        UNREACHABLE_HINT,
+                    ) from None
+            else:
+                no_route_since = None
         if deadline.expired():
             raise deadline.error(f"SSH banner on {host}:{port}; last error: {last}")
         time.sleep(min(delay, deadline.remaining()))
