@@ -28,7 +28,7 @@ from orchestrator.errors import (
     UsageError,
 )
 from orchestrator.files import atomic_write
-from orchestrator.lifecycle import warm
+from orchestrator.lifecycle import resources, warm
 from orchestrator.lifecycle.context import (
     Context,
     guards_host,
@@ -52,7 +52,6 @@ from orchestrator.vm.images import (
     KERNEL_CMDLINE,
     Image,
     load_image,
-    verify_image,
 )
 from orchestrator.waits import Deadline
 
@@ -328,17 +327,7 @@ class Build:
     def prepare_storage(self) -> None:
         img = self.img
         with self.ctx.reporter.step("preparing storage pool and base image"):
-            self.pool = hv.ensure_pool(self.conn, self.ctx.pool_spec())
-            self.base = hv.ensure_base_volumes(
-                self.conn,
-                self.pool,
-                image_name=img.name,
-                image_hash=img.manifest.recipe_hash,
-                disk=img.disk,
-                kernel=img.kernel,
-                initrd=img.initrd,
-                verify=lambda: verify_image(img),
-            )
+            self.pool, self.base = resources.prepare_storage(self.ctx, self.conn, img)
         self.rollback.callback(
             remove_volumes, self.conn, self.pool, self.vols, self.ctx.store, self.name
         )

@@ -20,6 +20,26 @@ from orchestrator.vm import hypervisor as hv
 from orchestrator.vm.domain import (
     dns_log_path,
 )
+from orchestrator.vm.images import Image, verify_image
+
+
+def prepare_storage(
+    ctx: Context, conn: libvirt.virConnect, img: Image
+) -> tuple[libvirt.virStoragePool, names.BaseVolumes]:
+    """The storage pool, and the image's base volumes in it (uploaded once per image version,
+    checked against the image's manifest first). Call under the global lock."""
+    pool = hv.ensure_pool(conn, ctx.pool_spec())
+    base = hv.ensure_base_volumes(
+        conn,
+        pool,
+        image_name=img.name,
+        image_hash=img.manifest.recipe_hash,
+        disk=img.disk,
+        kernel=img.kernel,
+        initrd=img.initrd,
+        verify=lambda: verify_image(img),
+    )
+    return pool, base
 
 
 def save_console(store: StateStore, name: str, text: str) -> None:

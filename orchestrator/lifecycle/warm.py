@@ -36,9 +36,10 @@ from orchestrator import jsontext, names, paths
 from orchestrator.errors import HypervisorError, SandboxError
 from orchestrator.files import atomic_write, file_lock
 from orchestrator.lifecycle.context import Context, QuietReporter
+from orchestrator.lifecycle.resources import prepare_storage
 from orchestrator.vm import hypervisor as hv
 from orchestrator.vm.domain import Accel, DomainSpec, render_domain
-from orchestrator.vm.images import KERNEL_CMDLINE, Image, load_image, verify_image
+from orchestrator.vm.images import KERNEL_CMDLINE, Image, load_image
 from orchestrator.waits import Deadline, wait_for
 
 _ID_RE = re.compile(r"[0-9a-f]{8}")
@@ -306,17 +307,7 @@ def _boot(ctx: Context, conn: libvirt.virConnect, img: Image, accel: Accel) -> W
     atomic_write(directory / paths.WARM_FILE, vm.to_json())
     try:
         with ctx.store.global_lock():
-            pool = hv.ensure_pool(conn, ctx.pool_spec())
-            base = hv.ensure_base_volumes(
-                conn,
-                pool,
-                image_name=img.name,
-                image_hash=img.manifest.recipe_hash,
-                disk=img.disk,
-                kernel=img.kernel,
-                initrd=img.initrd,
-                verify=lambda: verify_image(img),
-            )
+            pool, base = prepare_storage(ctx, conn, img)
             disk = hv.create_overlay(pool, vols.disk, base.disk)
             seed = build_seed_iso(
                 SeedSpec(
