@@ -426,8 +426,8 @@ class Build:
         self.rollback.callback(hv.destroy_domain, self.conn, state.domain)
 
     def plug_in(self) -> None:
-        """A warm VM: name the sandbox in its metadata and plug in its interface (fresh MAC,
-        the sandbox's network and host filter): the warm counterpart of `start_vm`."""
+        """A warm VM: plug in its interface (fresh MAC, the sandbox's network and host
+        filter): the warm counterpart of `start_vm`."""
         state, name = self.state, self.name
         dom = hv.lookup_domain(self.conn, state.domain)
         if dom is None or not hv.domain_running(dom):
