@@ -32,7 +32,7 @@ from orchestrator.config import (
     load_settings,
     parse_accel,
 )
-from orchestrator.egress.policy import Blocked
+from orchestrator.egress.policy import Blocked, EgressPolicy, Learn
 from orchestrator.errors import SandboxError, UsageError
 from orchestrator.run import target as runs
 from orchestrator.run import xdebug
@@ -182,13 +182,28 @@ def up(
     cold: Annotated[
         bool, typer.Option("--cold", help="Boot a new VM even if a warm one is there.")
     ] = False,
+    learn: Annotated[
+        bool,
+        typer.Option(
+            "--learn",
+            help="Learn mode: ALLOW ALL egress and record it, for `sandbox policy suggest`. "
+            "Unconfined: only for software you would run unconfined.",
+        ),
+    ] = False,
 ) -> None:
     """Create and boot a disposable sandbox VM (from a warm VM when one fits)."""
     mode = _xdebug_mode(xdebug_mode)
     ctx = _context(accel, memory, vcpus)
     egress = lifecycle.make_policy(
-        ctx, allow or (), policy_file=policy, dns=dns, blocked=_blocked(blocked)
+        ctx,
+        allow or (),
+        policy_file=policy,
+        dns=dns,
+        blocked=_blocked(blocked),
+        learn=_learn(learn),
     )
+    if learn:
+        _shout(lifecycle.learn_warning(name))
     state = lifecycle.up(
         ctx,
         name,
@@ -199,6 +214,17 @@ def up(
         warm_start=not cold,
     )
     _print_ready(state)
+    if learn:
+        _shout(lifecycle.learn_warning(name))
+
+
+def _learn(learn: bool) -> Learn:
+    return Learn.ALLOW_ALL if learn else Learn.OFF
+
+
+def _shout(message: str) -> None:
+    """A warning that must not be missed (learn mode): bold red, on its own lines."""
+    err.print(safetext.labeled("WARNING:", "bold red", message), soft_wrap=True)
 
 
 def _blocked(blocked: str | None) -> Blocked | None:
@@ -312,6 +338,14 @@ def run(
         bool | None, typer.Option("--dns/--no-dns", help="One-shot: as for `up`.")
     ] = None,
     image: Annotated[str | None, typer.Option("--image", help="One-shot: base image name.")] = None,
+    learn: Annotated[
+        bool,
+        typer.Option(
+            "--learn",
+            help="One-shot: learn mode: ALLOW ALL egress and record it, for "
+            "`sandbox policy suggest`. Unconfined: only for software you would run unconfined.",
+        ),
+    ] = False,
 ) -> None:
     """Run a PHP script (or, after --, any command) in the sandbox; its exit code is passed back.
 
@@ -339,14 +373,18 @@ def run(
     one_shot = once or (
         (allow or policy is not None) and name not in lifecycle.known_names(sandboxes)
     )
-    if not one_shot and (allow or policy is not None or dns is not None or image):
+    if not one_shot and (allow or policy is not None or dns is not None or image or learn):
         raise UsageError(
-            f"sandbox {name!r} exists with its own policy and image; --allow, --policy, --dns "
-            "and --image make a one-shot sandbox",
+            f"sandbox {name!r} exists with its own policy and image; --allow, --policy, --dns, "
+            "--image and --learn make a one-shot sandbox",
             "add --rm to run in a new sandbox of its own, or leave those options out",
         )
     if one_shot:
-        egress = lifecycle.make_policy(sandboxes, allow or (), policy_file=policy, dns=dns)
+        egress = lifecycle.make_policy(
+            sandboxes, allow or (), policy_file=policy, dns=dns, learn=_learn(learn)
+        )
+        if learn:
+            _shout(lifecycle.learn_warning("(one-shot)"))
         once_outcome = lifecycle.run_once(
             sandboxes,
             request,
@@ -399,6 +437,12 @@ def run(
     err.print(
         f"[dim]{summary}; see `sandbox logs --name {name} --run {record.id}`[/]", soft_wrap=True
     )
+    if lifecycle.learned(sandboxes, name):
+        _shout(lifecycle.learn_warning(name))
+        err.print(
+            f"suggest a policy from it: sandbox policy suggest --name {name} --run {record.id}",
+            soft_wrap=True,
+        )
     raise typer.Exit(record.exit_code if record.exit_code is not None else 1)
 
 
@@ -515,10 +559,19 @@ def _status_dict(st: lifecycle.Status) -> dict[str, Any]:
         "accel": s.accel.value if s else None,
         "created": s.created if s else None,
         "boot_seconds": s.boot_seconds if s else None,
-        "allow": list(s.allow) if s else [],
+        "allow": _allow_shown(s) if s else [],
         "dns": s.policy.get("dns") if s else None,
+        "learn": s.policy.get("learn", Learn.OFF.value) if s else None,
         "problems": list(st.problems),
     }
+
+
+def _allow_shown(state: SandboxState) -> list[str]:
+    """The allow list `status` shows: learn mode's wide entries as one line."""
+    if state.policy.get("learn", Learn.OFF.value) == Learn.OFF.value:
+        return list(state.allow)
+    own = [a.describe() for a in EgressPolicy.from_dict(state.policy).allow if a.source != "learn"]
+    return ["EVERYTHING outside the sandbox networks (learn mode)", *own]
 
 
 @app.command()
@@ -533,6 +586,8 @@ def status(
             f"sandbox {name!r} does not exist", f"create it with `sandbox up --name {name}`"
         )
     data = _status_dict(st)
+    if data["learn"] not in (None, Learn.OFF.value):
+        _shout(lifecycle.learn_warning(name))
     if as_json:
         # rich re-dumps print_json with ensure_ascii=False by default, which would let C1 and
         # bidi controls from a problem message through raw.
@@ -687,6 +742,8 @@ def logs(
         out.print(logview.render_sockets(lifecycle.sockets(ctx, name)))
         return
     lifecycle.require_logs(ctx, name)
+    if lifecycle.learned(ctx, name):
+        _shout(lifecycle.learn_warning(name))
     chosen = logview.Filter.from_options(
         blocked=blocked,
         allowed=allowed,
@@ -786,6 +843,10 @@ def report(
         model = lifecycle.diff_runs(ctx, diff[0], diff[1], name, _warn)
     else:
         model = lifecycle.run_report(ctx, run_id, name, _warn)
+        if lifecycle.learned(ctx, model.run.sandbox) or (
+            model.policy is not None and model.policy.learn != Learn.OFF.value
+        ):
+            _shout(lifecycle.learn_warning(model.run.sandbox))
     to_stdout = json_file is not None and str(json_file) == "-"
     written = lifecycle.save_report(model, html=html, json=None if to_stdout else json_file)
     for path in written:
@@ -821,6 +882,31 @@ def policy_show(name: NameOpt = "default") -> None:
         err.print(safetext.labeled("warning:", "yellow", problem))
     if report.problems:
         raise typer.Exit(1)
+
+
+@policy_app.command("suggest")
+def policy_suggest(
+    name: NameOpt = "default",
+    run_id: Annotated[
+        str | None,
+        typer.Option("--run", help="Only this run's attempts (a run id, or last)."),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the policy here (default: stdout).")
+    ] = None,
+) -> None:
+    """A YAML policy that allows what the sandbox's software tried (best learned with --learn):
+    names where it asked for one, ports and protocols as seen, each entry commented with the
+    process and PHP line behind it. `sandbox up --policy FILE` loads it unchanged."""
+    ctx = _context()
+    if lifecycle.learned(ctx, name):
+        _shout(lifecycle.learn_warning(name))
+    text = lifecycle.suggest_policy(ctx, name, run_id, _warn)
+    if output is None:
+        out.print(text, end="", soft_wrap=True, markup=False, highlight=False)
+        return
+    lifecycle.write_policy(text, output)
+    err.print(safetext.text(f"wrote {output}; use it with: sandbox up --policy {output}"))
 
 
 @image_app.command("build")

@@ -32,6 +32,9 @@ class NetworkSettings:
     subnets6: ipaddress.IPv6Network | None = field(
         default_factory=lambda: ipaddress.IPv6Network("2001:db8:213::/48")
     )
+    # Where a learn-mode sandbox's resolver sends the names it cannot answer from the host's
+    # hosts file. None: the host's own resolvers (/etc/resolv.conf); (): none (hosts file only).
+    learn_resolvers: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,17 @@ def _parse_network(value: Any, default: NetworkSettings, source: str) -> Network
             "set network.subnets (an IPv4 range; each sandbox takes a /28 of it) and "
             "network.subnets6 (an IPv6 range of /64s, or none), or remove network:",
         )
-    _check_keys(net, {"subnets", "subnets6"}, "network.", source)
+    _check_keys(net, {"subnets", "subnets6", "learn_resolvers"}, "network.", source)
+    learn_resolvers = default.learn_resolvers
+    if "learn_resolvers" in net:
+        listed = _expect(net["learn_resolvers"], list, "network.learn_resolvers", source)
+        try:
+            learn_resolvers = tuple(str(ipaddress.ip_address(str(a))) for a in listed)
+        except ValueError as exc:
+            raise UsageError(
+                f"{source}: network.learn_resolvers: {exc}",
+                "list resolver addresses, such as [203.0.113.53], or [] for none",
+            ) from None
     subnets = default.subnets
     if "subnets" in net:
         try:
@@ -178,7 +191,7 @@ def _parse_network(value: Any, default: NetworkSettings, source: str) -> Network
                     f"{source}: network.subnets6 is smaller than one sandbox's /64",
                     "use a /64 or larger (a /48 holds 65,536 sandboxes), or none",
                 )
-    return NetworkSettings(subnets=subnets, subnets6=subnets6)
+    return NetworkSettings(subnets=subnets, subnets6=subnets6, learn_resolvers=learn_resolvers)
 
 
 def parse_settings(data: Mapping[str, Any], source: str) -> Settings:

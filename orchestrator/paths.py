@@ -45,6 +45,7 @@ PCAP_FILE = "capture.pcap"
 CAPTURE_CURSOR = "capture-cursor.json"  # monitor.Cursor: how far the guest's logs were collected
 DNS_CURSOR = "dns-cursor.json"  # logs/: how far the network's DNS log was read (dnslog.LogCursor)
 NETWORK_RECORD = "network.json"  # logs/: the sandbox network's subnets, kept past destroy
+LEARN_RECORD = "learn.json"  # logs/: these logs hold records of a learn-mode (allow-all) sandbox
 FIREWALL_STATE = "firewall.state"  # logs/: what the last collection found the guest firewall
 COLLECT_LOCK = ".collect.lock"  # collections of one sandbox take turns
 RUNS_DIR = "runs"  # one directory per `sandbox run`, named by its run id:

@@ -92,6 +92,8 @@ class PolicyInfo:
     names: tuple[NameInfo, ...]
     dns: bool
     blocked: str
+    # "allow-all": a learn-mode run (`--learn`), every outside destination allowed; "off": not.
+    learn: str = "off"
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,7 @@ def _policy(data: Mapping[str, Any] | None) -> PolicyInfo | None:
         names=tuple(NameInfo(host, addrs) for host, addrs in policy.names),
         dns=policy.dns,
         blocked=policy.blocked.value,
+        learn=policy.learn.value,
     )
 
 

@@ -3,6 +3,7 @@ except host-name resolution, which is injected."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import re
@@ -36,6 +37,24 @@ class Proto(Enum):
     TCP = "tcp"
     UDP = "udp"
     ICMP = "icmp"
+
+
+class Learn(Enum):
+    """Whether the sandbox learns what the software tries rather than enforcing a policy
+    (`--learn`, then `sandbox policy suggest`). ALLOW_ALL lets every outside destination through
+    in both layers and the resolver answers every name; a later mode can learn under a sinkhole
+    instead (nothing leaves the machine) by adding a member here: the records and `policy
+    suggest` do not depend on which."""
+
+    OFF = "off"
+    ALLOW_ALL = "allow-all"
+
+
+LEARN_WARNING = (
+    "LEARN MODE: this sandbox allows ALL egress (both layers) and its resolver answers every "
+    "name; the software can reach and send anything anywhere. Use it only to learn a policy "
+    "(`sandbox policy suggest`), never for software you would not run unconfined"
+)
 
 
 class Blocked(Enum):
@@ -95,6 +114,7 @@ class EgressPolicy:
     # Host names from the allowlist and the addresses they resolved to at `up`; the sandbox's
     # resolver answers these names and nothing else.
     names: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    learn: Learn = Learn.OFF
 
     def for_version(self, version: int) -> tuple[Allow, ...]:
         return tuple(a for a in self.allow if a.version == version)
@@ -135,6 +155,7 @@ class EgressPolicy:
             "dns": self.dns,
             "blocked": self.blocked.value,
             "names": {name: list(addrs) for name, addrs in self.names},
+            "learn": self.learn.value,
         }
 
     @classmethod
@@ -153,6 +174,7 @@ class EgressPolicy:
             dns=bool(data.get("dns", True)),
             blocked=Blocked(data.get("blocked", "reject")),
             names=tuple((n, tuple(v)) for n, v in sorted(data.get("names", {}).items())),
+            learn=Learn(data.get("learn", "off")),
         )
 
     def to_json(self) -> str:
@@ -351,4 +373,31 @@ def build_policy(
         dns=dns,
         blocked=blocked,
         names=tuple((n, tuple(sorted(a))) for n, a in sorted(names.items())),
+    )
+
+
+def learn_policy(
+    policy: EgressPolicy, exclude: Iterable[IPNetwork], *, mode: Learn = Learn.ALLOW_ALL
+) -> EgressPolicy:
+    """`policy` widened for learn mode: every address except `exclude` (the sandbox networks'
+    ranges: one sandbox must not reach another, learning or not) is allowed, any protocol and
+    port, in both layers, which render these entries like any others."""
+    if mode is Learn.OFF:
+        return policy
+    wide: list[Allow] = []
+    for everything in (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")):
+        rest: list[IPNetwork] = [everything]
+        for hole in exclude:
+            if hole.version != everything.version:
+                continue
+            split: list[IPNetwork] = []
+            for net in rest:
+                if hole.subnet_of(net):  # type: ignore[arg-type]
+                    split.extend(net.address_exclude(hole))  # type: ignore[arg-type]
+                elif not net.subnet_of(hole):  # type: ignore[arg-type]
+                    split.append(net)
+            rest = split
+        wide.extend(Allow(net, source="learn") for net in rest)
+    return dataclasses.replace(
+        policy, allow=tuple(sorted(set(policy.allow) | set(wide), key=Allow.sort_key)), learn=mode
     )

@@ -35,6 +35,7 @@ from orchestrator.lifecycle.context import (
     open_guest,
     ready_state,
 )
+from orchestrator.lifecycle.learning import learn_warning, learned, suggest_policy, write_policy
 from orchestrator.lifecycle.oneshot import OneShotOutcome, run_once
 from orchestrator.lifecycle.reporting import (
     RunName,
@@ -75,6 +76,8 @@ __all__ = [
     "inspect",
     "known_names",
     "last_run_id",
+    "learn_warning",
+    "learned",
     "list_status",
     "logs_dir",
     "make_policy",
@@ -94,8 +97,10 @@ __all__ = [
     "serve_target",
     "sockets",
     "ssh_argv",
+    "suggest_policy",
     "up",
     "warm_drain",
     "warm_fill",
     "warm_status",
+    "write_policy",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import ipaddress
 import json
 import os
 import secrets
@@ -20,7 +21,14 @@ import libvirt
 from orchestrator import names, paths
 from orchestrator.capture import hostflows, monitor, pcap
 from orchestrator.egress import guestfw, hostfilter, hostguard
-from orchestrator.egress.policy import Blocked, EgressPolicy, build_policy, load_policy_file
+from orchestrator.egress.policy import (
+    Blocked,
+    EgressPolicy,
+    Learn,
+    build_policy,
+    learn_policy,
+    load_policy_file,
+)
 from orchestrator.errors import (
     ConflictError,
     HypervisorError,
@@ -79,9 +87,11 @@ def make_policy(
     policy_file: Path | None = None,
     dns: bool | None = None,
     blocked: Blocked | None = None,
+    learn: Learn = Learn.OFF,
 ) -> EgressPolicy:
     """The effective policy: the config file's allow list, then the policy file, then the
-    flags. Host names are resolved here, on the host, before anything is created."""
+    flags. Host names are resolved here, on the host, before anything is created. `learn`
+    widens it to every outside destination (policy.learn_policy)."""
     entries = [*ctx.settings.allow]
     file_dns: bool | None = None
     file_blocked: Blocked | None = None
@@ -104,7 +114,32 @@ def make_policy(
                 "sandboxes may not reach each other or the host's side of their network; "
                 "allow outside destinations only (or set network.subnets in the config file)",
             )
-    return policy
+    own_ranges = [r for r in (net.subnets, net.subnets6) if r is not None]
+    return learn_policy(policy, own_ranges, mode=learn)
+
+
+def host_resolvers(text: str) -> tuple[str, ...]:
+    """The nameserver addresses of a resolv.conf."""
+    found: list[str] = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            try:
+                found.append(str(ipaddress.ip_address(fields[1].split("%")[0])))
+            except ValueError:
+                continue
+    return tuple(found)
+
+
+def learn_upstream(configured: tuple[str, ...] | None) -> tuple[str, ...]:
+    """Where a learn-mode sandbox's resolver forwards names: the config's learn_resolvers, else
+    the host's own resolvers."""
+    if configured is not None:
+        return configured
+    try:
+        return host_resolvers(Path("/etc/resolv.conf").read_text())
+    except OSError:
+        return ()
 
 
 def hostname(name: str) -> str:
@@ -344,6 +379,9 @@ class Build:
                     subnet6=subnet6,
                     dns_hosts=resolver_hosts(self.policy.names),
                     guest_mac=self.state.mac,
+                    learn_upstream=learn_upstream(settings.network.learn_resolvers)
+                    if self.policy.learn is Learn.ALLOW_ALL
+                    else None,
                 ),
                 settings.network.subnets,
                 settings.network.subnets6,
@@ -356,6 +394,12 @@ class Build:
             subnet6=str(spec.subnet6) if spec.subnet6 else None,
         )
         _record_network(logs_dir(self.ctx, name), spec)
+        if self.policy.learn is not Learn.OFF:
+            # Kept with the logs (past destroy): every `logs` and `report` of them says so.
+            atomic_write(
+                logs_dir(self.ctx, name) / paths.LEARN_RECORD,
+                json.dumps({"learn": self.policy.learn.value, "since": self.state.created}) + "\n",
+            )
 
     def make_disks(self) -> None:
         from orchestrator.vm.cloudinit import build_seed_iso

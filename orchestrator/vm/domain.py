@@ -266,6 +266,9 @@ class NetworkSpec:
     # Where the network's dnsmasq logs every query with the asking guest's address (dnslog.py
     # reads it).
     dns_log_dir: str = DNSMASQ_DIR
+    # Learn mode only (policy.Learn.ALLOW_ALL): the resolver answers every name, from the
+    # hosts file of the machine libvirt runs on, then from these servers. None: only dns_hosts.
+    learn_upstream: tuple[str, ...] | None = None
 
     @property
     def dns_log(self) -> str:
@@ -355,7 +358,12 @@ def render_network(spec: NetworkSpec) -> str:
     # host's /etc/hosts (docs/platform.md#dns-leaks-of-a-plain-libvirt-network): a DNS
     # exfiltration channel and a leak of host names.
     options = ET.SubElement(net, f"{{{DNSMASQ_NS}}}options")
-    for value in ("no-resolv", "no-hosts"):
+    if spec.learn_upstream is None:
+        resolving = ["no-resolv", "no-hosts"]
+    else:
+        # Learn mode allows all egress anyway: the names are what it learns.
+        resolving = ["no-resolv", *(f"server={a}" for a in spec.learn_upstream)]
+    for value in resolving:
         ET.SubElement(options, f"{{{DNSMASQ_NS}}}option", value=value)
     # Every query, answered or refused, with a serial and the asking guest's address: the host's
     # own record of what the sandboxes tried to resolve (`sandbox logs`), which a guest cannot
