@@ -55,12 +55,21 @@ def require(expected: Mapping[int, str], printed: str, *, when: str, hint: str) 
         )
 
 
+# Between the read-back and the output of `apply`'s `then`.
+_THEN = "@@then"
+
+
 def apply(
-    guest: Guest, rules: Mapping[int, str], *, files: Mapping[str, str] | None = None
-) -> None:
+    guest: Guest,
+    rules: Mapping[int, str],
+    *,
+    files: Mapping[str, str] | None = None,
+    then: str | None = None,
+) -> tuple[int, str]:
     """Load the rules with iptables-restore (each family atomically), read them back and fail
-    unless the kernel holds exactly what was meant; write `files` too. One SSH round trip: under
-    TCG every extra channel costs a noticeable part of a second."""
+    unless the kernel holds exactly what was meant; write `files` too; then run the shell
+    `then` (in a subshell, stderr with stdout). One SSH round trip: under TCG every extra
+    channel costs a noticeable part of a second. Returns `then`'s exit status and output."""
     restore4, restore6 = (firewall.restore_commands(v)[0] for v in (4, 6))
     script = "\n".join(
         [
@@ -73,14 +82,25 @@ def apply(
             rules[6].rstrip("\n"),
             "SANDBOX_RULES_V6",
             *firewall.save_script(),
+            *(
+                [f"echo {_THEN}", f"status=0; ( {then} ) 2>&1 || status=$?", "echo $status"]
+                if then is not None
+                else []
+            ),
         ]
     )
+    printed = guest.check(["sh", "-c", script], timeout=60)
+    saved, marker, after = printed.partition(f"\n{_THEN}\n")
     require(
         rules,
-        guest.check(["sh", "-c", script], timeout=60),
+        saved + "\n" if marker else printed,
         when="differs from the policy after loading it",
         hint="something in the guest changed the rules; destroy the sandbox and report this",
     )
+    if then is None:
+        return 0, ""
+    output, _, status = after.rstrip("\n").rpartition("\n")
+    return (int(status) if status.isdigit() else 1), output
 
 
 def read_back(guest: Guest) -> str:

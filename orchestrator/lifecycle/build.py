@@ -28,6 +28,7 @@ from orchestrator.errors import (
     UsageError,
 )
 from orchestrator.files import atomic_write
+from orchestrator.lifecycle import teardown
 from orchestrator.lifecycle.context import (
     Context,
     guards_host,
@@ -135,8 +136,12 @@ def up(
         )
     store = ctx.store
     img = load_image(ctx.image_name(image), ctx.dirs.images)
-    with store.lock(name):
+    with store.lock(name, timeout=teardown.lock_wait(store, name)):
         existing = store.load(name)
+        if existing is not None and existing.phase is Phase.DESTROYING:
+            # A detached destroy whose removal did not finish: finish it first.
+            teardown.teardown_locked(ctx, name, existing)
+            existing = None
         if existing is not None:
             what = "exists" if existing.phase is Phase.READY else "was left half-built"
             raise ConflictError(
@@ -361,6 +366,7 @@ class Build:
             network=self.net_spec.name,
             mac=state.mac,
             console_log=os.path.join(hv.pool_path(self.pool), self.vols.console),
+            capture_log=os.path.join(hv.pool_path(self.pool), self.vols.capture),
             sandbox=name,
             image=self.img.name,
             filterref=names.nwfilter(name) if host_filter else None,
@@ -418,13 +424,17 @@ class Build:
             rules = guestfw.render(self.policy, self.net_spec)
             with guest:
                 with report.step(
-                    f"loading the egress policy and xdebug ({xdebug_mode.value}) in the guest"
+                    f"loading the egress policy and xdebug ({xdebug_mode.value}) in the guest, "
+                    "checking connection capture (eBPF)"
                 ):
-                    guestfw.apply(guest, rules, files=xdebug.guest_files(xdebug_mode))
+                    # One round trip. The capture's clock after the push: the firewall changes
+                    # up to it are the push's.
+                    status, output = guestfw.apply(
+                        guest, rules, files=xdebug.guest_files(xdebug_mode), then=monitor.START_SCRIPT
+                    )
+                    mark = monitor.started(status, output)
                 self._save(guest_rules={str(v): text for v, text in rules.items()})
-                with report.step("checking connection capture (eBPF)"):
-                    # Its clock now: the firewall changes up to here are the push just done.
-                    _mark_policy_push(logs_dir(self.ctx, self.name), monitor.start(guest))
+                _mark_policy_push(logs_dir(self.ctx, self.name), mark)
         except SandboxError as exc:
             text = hv.console_text(self.conn, self.pool, self.vols.console)
             save_console(self.ctx.store, self.name, text)

@@ -19,7 +19,7 @@ from orchestrator.capture import hostflows, logview, monitor
 from orchestrator.capture.records import Attempt, DnsQuery, Verdict
 from orchestrator.egress import dnslog, guestfw
 from orchestrator.egress.policy import EgressPolicy
-from orchestrator.errors import NotFoundError, SandboxError, UsageError
+from orchestrator.errors import GuestError, NotFoundError, SandboxError, UsageError
 from orchestrator.files import atomic_write, file_lock
 from orchestrator.lifecycle.context import (
     LEGACY_SUBNET,
@@ -80,7 +80,11 @@ def collect_locked(
     final: bool,
     guest: Guest | None = None,
     after_run: bool = False,
+    stream: Path | None = None,
 ) -> CollectReport:
+    """`stream`: take the guest's records from the host's copy in that file (monitor.Stream)
+    instead of over SSH; GuestError if it does not hold all of them since the last collection.
+    The guest's firewall is not read back then: its changes are in the capture's records."""
     from orchestrator.vm.guest import Guest
 
     logs = logs_dir(ctx, state.name)
@@ -95,7 +99,18 @@ def collect_locked(
         expected = expected_rules(state)
         return collected, _firewall_tamper(g, expected, logs, changes)
 
-    if guest is not None:
+    if stream is not None:
+        copied = monitor.collect_stream(
+            monitor.parse_stream(monitor.read_stream(stream)), cursor, final=final
+        )
+        if copied is None:
+            raise GuestError(
+                "the host's copy of the guest's records does not hold all of them since the "
+                "last collection",
+                "collect over SSH",
+            )
+        collected, tampered = copied, []
+    elif guest is not None:
         collected, tampered = gather(guest)
     else:
         deadline = Deadline(60, f"SSH to sandbox {state.name!r} to collect its records")

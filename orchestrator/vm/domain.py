@@ -23,6 +23,9 @@ DNSMASQ_NS = "http://libvirt.org/schemas/network/dnsmasq/1.0"
 # rotated by any logrotate rule (a rotation would leave dnsmasq writing to the old inode), and is
 # where a confined dnsmasq (AppArmor/SELinux) is already let write its network's files.
 DNSMASQ_DIR = "/var/lib/libvirt/dnsmasq"
+# The virtio-serial port the guest's sandbox-capture-stream.service writes its records to
+# (/dev/virtio-ports/NAME in the guest).
+CAPTURE_CHANNEL = "org.sandbox.capture.0"
 
 
 class Accel(Enum):
@@ -70,6 +73,9 @@ class DomainSpec:
     # Keeps QEMU's translation cache small under TCG: ~320 MiB resident instead of ~800 MiB
     # (docs/platform.md#tcg-translation-cache), at no visible cost.
     tcg_tb_cache_mib: int = 64
+    # The host's file of the capture's virtio-serial port (CAPTURE_CHANNEL): the guest copies its
+    # connection records there as they come, for `destroy` to read without SSH.
+    capture_log: str | None = None
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -151,6 +157,11 @@ def render_domain(spec: DomainSpec) -> str:
     console = _sub(devices, "console", type="file")
     _sub(console, "source", path=spec.console_log, append="off")
     _sub(console, "target", type="serial", port="0")
+
+    if spec.capture_log:
+        channel = _sub(devices, "channel", type="file")
+        _sub(channel, "source", path=spec.capture_log, append="off")
+        _sub(channel, "target", type="virtio", name=CAPTURE_CHANNEL)
 
     rng = _sub(devices, "rng", model="virtio")
     # Without entropy a fresh guest can stall sshd and PHP waiting for getrandom().
