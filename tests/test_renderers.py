@@ -6,6 +6,7 @@ import io
 import ipaddress
 import json
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import pycdlib
@@ -53,6 +54,7 @@ def domain_spec(accel: Accel) -> DomainSpec:
         network="sandbox",
         mac="52:54:00:12:34:56",
         console_log="/var/lib/libvirt/sandbox/sandbox-test-console.log",
+        capture_log="/var/lib/libvirt/sandbox/sandbox-test-capture.log",
         sandbox="test",
         image="default",
         filterref="sandbox-test",
@@ -79,6 +81,17 @@ def test_domain_xml_shape() -> None:
     # Our metadata is how `list` recognises our domains.
     meta = root.find("metadata/{urn:sandbox:domain:1}sandbox")
     assert meta is not None and meta.get("name") == "test"
+    # The capture's port (the guest's sandbox-capture-stream.service writes to it by this name).
+    channel = root.find("devices/channel[@type='file']")
+    assert channel is not None
+    assert channel.find("target").get("name") == "org.sandbox.capture.0"  # type: ignore[union-attr]
+    assert channel.find("source").get("path", "").endswith("-capture.log")  # type: ignore[union-attr]
+    assert (
+        ET.fromstring(render_domain(replace(domain_spec(Accel.TCG), capture_log=None))).find(
+            "devices/channel"
+        )
+        is None
+    )
 
 
 def test_auto_accel_must_be_resolved() -> None:

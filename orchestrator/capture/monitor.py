@@ -179,9 +179,7 @@ def started(status: int, output: str) -> Mark:
     """`start`'s result from START_SCRIPT run by another command (its exit status, and its
     stdout and stderr together)."""
     if status != 0:
-        raise GuestError(
-            f"could not start connection capture: {output.strip()[-300:]}", START_HINT
-        )
+        raise GuestError(f"could not start connection capture: {output.strip()[-300:]}", START_HINT)
     try:
         return parse_mark(output)
     except GuestError as error:

@@ -430,7 +430,10 @@ class Build:
                     # One round trip. The capture's clock after the push: the firewall changes
                     # up to it are the push's.
                     status, output = guestfw.apply(
-                        guest, rules, files=xdebug.guest_files(xdebug_mode), then=monitor.START_SCRIPT
+                        guest,
+                        rules,
+                        files=xdebug.guest_files(xdebug_mode),
+                        then=monitor.START_SCRIPT,
                     )
                     mark = monitor.started(status, output)
                 self._save(guest_rules={str(v): text for v, text in rules.items()})

@@ -99,6 +99,7 @@ def collect_locked(
         expected = expected_rules(state)
         return collected, _firewall_tamper(g, expected, logs, changes)
 
+    tampered: list[Attempt] = []
     if stream is not None:
         copied = monitor.collect_stream(
             monitor.parse_stream(monitor.read_stream(stream)), cursor, final=final
@@ -109,7 +110,7 @@ def collect_locked(
                 "last collection",
                 "collect over SSH",
             )
-        collected, tampered = copied, []
+        collected = copied
     elif guest is not None:
         collected, tampered = gather(guest)
     else:

@@ -169,8 +169,7 @@ def _final_collection(ctx: Context, state: SandboxState) -> tuple[list[str], lis
         how = "over SSH"
     if collected is not None:
         done.append(
-            f"collected {collected.new_attempts} attempts, {collected.new_dns} DNS queries "
-            f"({how})"
+            f"collected {collected.new_attempts} attempts, {collected.new_dns} DNS queries ({how})"
         )
         warnings.extend(collected.warnings)
     else:
