@@ -253,10 +253,19 @@ def collect_quietly(
 # ---- reading the logs (sandbox logs) ---------------------------------------------------------
 
 
+# The most `logs --purge` waits for a detached destroy's removal (teardown.py).
+PURGE_WAIT_SECONDS = 120.0
+
+
 def purge_logs(ctx: Context, name: str) -> bool:
     """Delete a destroyed sandbox's logs; False when there were none."""
     validate_name(name)
-    if ctx.store.load(name) is not None:
+    state = ctx.store.load(name)
+    if state is not None and state.phase is Phase.DESTROYING:
+        # A detached destroy's child is removing it: wait for it (it holds the lock).
+        with ctx.store.lock(name, timeout=PURGE_WAIT_SECONDS):
+            state = ctx.store.load(name)
+    if state is not None:
         raise UsageError(
             f"sandbox {name!r} still exists", f"destroy it first: sandbox destroy --name {name}"
         )
