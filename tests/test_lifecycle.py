@@ -249,7 +249,9 @@ def _destroying(ctx: lifecycle.Context, name: str) -> SandboxState:
     """What a detached `destroy` whose child was killed leaves: the state says destroying, the
     rest is all there."""
     half_built(ctx, name)
-    state = dataclasses.replace(ctx.store.load(name), phase=Phase.DESTROYING)  # type: ignore[arg-type]
+    built = ctx.store.load(name)
+    assert built is not None
+    state = dataclasses.replace(built, phase=Phase.DESTROYING)
     ctx.store.save(state)
     return state
 
