@@ -1072,7 +1072,14 @@ def test_the_last_round_is_read_from_the_end_of_the_copy(tmp_path: Path) -> None
     copy = tmp_path / "capture.log"
     assert monitor.stream_round(copy) is None
     copy.write_bytes(_stream())
-    assert monitor.stream_round(copy) == monitor.parse_stream(_stream()).round
+    assert monitor.stream_round(copy) == (monitor.parse_stream(_stream()).round, 0)
+    copy.write_bytes(_stream() + b"@@round 900 b 4096\n")
+    assert monitor.stream_round(copy) == (900, 4096)
+    assert monitor.parse_stream(copy.read_bytes()).left == 4096
+    # A copy behind the guest's file does not hold all of it.
+    behind = monitor.parse_stream(copy.read_bytes())
+    assert monitor.stream_snapshot_text(behind, monitor.Cursor()) is None
+    copy.write_bytes(_stream())
     # virtlogd's rotations are read oldest first, then the file itself.
     (tmp_path / "capture.log.1").write_bytes(b"one")
     (tmp_path / "capture.log.0").write_bytes(b"zero")

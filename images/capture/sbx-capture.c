@@ -542,14 +542,15 @@ static int ring_has_data(struct watch *w)
  *   "@@data OFFSET LEN"       and LEN bytes of FILE from OFFSET, and a newline (what it gained)
  *   "@@file INODE SENT"       every STREAM_CHECK rounds: which file, copied up to where (virtlogd
  *                             rotates the host's file away: what is left must say it again)
- *   "@@captureclock MONO REAL", "@@round N BOOT_ID"
+ *   "@@captureclock MONO REAL", "@@round N BOOT_ID LEFT" (LEFT: bytes of FILE not copied yet,
+ *                             past what one round copies)
  * A round is complete once its "@@round" line is there; the report holds until another one. */
 static void stream_round(const char *path, FILE *port, unsigned long long round, off_t *sent,
 			 ino_t *inode, const char *boot_id, struct watch *w)
 {
 	static char buffer[65536];
 	struct stat st;
-	off_t left;
+	off_t left, behind = 0;
 	int fd;
 
 	if (round % STREAM_CHECK == 1 || ring_has_data(w))
@@ -579,11 +580,12 @@ static void stream_round(const char *path, FILE *port, unsigned long long round,
 		}
 		if (fd >= 0)
 			close(fd);
+		behind = st.st_size > *sent ? st.st_size - *sent : 0;
 	}
 	if (round % STREAM_CHECK == 1 && *inode)
 		fprintf(port, "@@file %llu %lld\n", (unsigned long long)*inode, (long long)*sent);
 	print_clock(port);
-	fprintf(port, "@@round %llu %s\n", round, boot_id);
+	fprintf(port, "@@round %llu %s %lld\n", round, boot_id, (long long)behind);
 	fflush(port);
 }
 

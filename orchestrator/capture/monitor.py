@@ -1401,7 +1401,7 @@ _HEADER = re.compile(rb"@@(file|data|round|capture|capturepartial|captureclock)(
 class Stream:
     """The host's copy, parsed: bytes `start` to `start + len(data)` of the guest's events file
     `inode` (one run without a gap), and the last complete round's report (None: no round is
-    complete)."""
+    complete) and how much of the file it had not copied yet (a round copies 256 KiB at most)."""
 
     boot_id: str
     inode: int | None
@@ -1409,6 +1409,7 @@ class Stream:
     data: bytes
     report: tuple[str, ...]
     round: int | None
+    left: int = 0
 
 
 def parse_stream(raw: bytes) -> Stream:
@@ -1420,6 +1421,7 @@ def parse_stream(raw: bytes) -> Stream:
     clock: list[str] = []
     report: tuple[str, ...] = ()
     last_round: int | None = None
+    left = 0
     i = 0
     while i < len(raw):
         end = raw.find(b"\n", i)
@@ -1452,9 +1454,10 @@ def parse_stream(raw: bytes) -> Stream:
                 start, run = sent, bytearray()
             inode = said
         elif words[0] == _STREAM_ROUND:
-            number = _int(words[1]) if len(words) == 3 else None
-            if number is not None:
-                boot_id, last_round = words[2][:64], number
+            number = _int(words[1]) if len(words) in (3, 4) else None
+            behind = _int(words[3]) if len(words) == 4 else 0
+            if number is not None and behind is not None:
+                boot_id, last_round, left = words[2][:64], number, max(0, behind)
                 # A round that did not drain says the clock only: the last drain's counts hold.
                 drained = [x for x in pending if not x.startswith(_CAPTURE_CLOCK + " ")]
                 drain = drained or drain
@@ -1463,13 +1466,14 @@ def parse_stream(raw: bytes) -> Stream:
             pending = []
         elif len(pending) < 32:
             pending.append(line.decode("ascii"))
-    return Stream(boot_id, inode, start, bytes(run), report, last_round)
+    return Stream(boot_id, inode, start, bytes(run), report, last_round, left)
 
 
 def stream_snapshot_text(stream: Stream, cursor: Cursor) -> str | None:
     """collect_script's output for what the copy holds after `cursor`; None when it does not
-    hold all of it (no complete round, another boot, or a gap): then SSH must collect."""
-    if stream.round is None or stream.inode is None or not stream.boot_id:
+    hold all of it (no complete round, another boot, a gap, or a copy behind the file): then
+    SSH must collect."""
+    if stream.round is None or stream.inode is None or not stream.boot_id or stream.left:
         return None
     if cursor.boot_id not in ("", stream.boot_id):
         return None  # a reboot since the last collection: the SSH collection knows them
@@ -1530,11 +1534,12 @@ def read_stream(path: Path, limit: int = STREAM_READ_BYTES) -> bytes:
     return b"".join(reversed(chunks))
 
 
-_ROUND_LINE = re.compile(rb"\n@@round ([0-9]{1,19}) ")
+_ROUND_LINE = re.compile(rb"\n@@round ([0-9]{1,19}) [!-~]{1,64}(?: ([0-9]{1,19}))?(?=\n)")
 
 
-def stream_round(path: Path) -> int | None:
-    """The number of the last round the host's copy holds (None: none), read from its end."""
+def stream_round(path: Path) -> tuple[int, int] | None:
+    """The number of the last round the host's copy holds, and the bytes of the guest's file
+    it had not copied yet (None: no round), read from the copy's end."""
     try:
         with path.open("rb") as fh:
             size = fh.seek(0, 2)
@@ -1543,7 +1548,7 @@ def stream_round(path: Path) -> int | None:
     except OSError:
         return None
     found = _ROUND_LINE.findall(tail)
-    return int(found[-1]) if found else None
+    return (int(found[-1][0]), int(found[-1][1] or 0)) if found else None
 
 
 # ---- the side effect -------------------------------------------------------------------------

@@ -110,14 +110,15 @@ def lock_wait(store: StateStore, name: str) -> float | None:
 
 
 def _caught_up(path: Path, seconds: float = STREAM_WAIT_SECONDS) -> bool:
-    """Whether the guest's copy completed two rounds more within `seconds`."""
+    """Whether the guest's copy completed two rounds more within `seconds`, the last with all
+    of the guest's file copied (a burst of records takes it rounds)."""
     first = monitor.stream_round(path)
     if first is None:
         return False
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         last = monitor.stream_round(path)
-        if last is not None and last >= first + 2:
+        if last is not None and last[0] >= first[0] + 2 and last[1] == 0:
             return True
         time.sleep(0.02)
     return False
