@@ -536,3 +536,22 @@ def test_the_firewall_read_back_state_ignores_counters() -> None:
     assert guestfw.readback_state(expected, printed(counted))[0] == state
     other = expected[4].replace("-A OUTPUT -j SBX-BLOCK\n", "-A OUTPUT -j ACCEPT\n")
     assert guestfw.readback_state(expected, printed(other))[0] not in (state, "intact")
+
+
+def test_files_script_writes_exact_contents_with_two_programs(tmp_path: Path) -> None:
+    """The guest's `sh` (dash) runs it: the contents byte for byte, mode 0644, whatever they
+    hold; only mkdir and chmod are programs (the rest is the shell's own printf)."""
+    odd = "a 'quoted' \"x\" $HOME `id` \\n %s %% \\\n\nzwei\n\u00e9\t end"
+    files = {
+        str(tmp_path / "etc/a.ini"): odd,
+        str(tmp_path / "etc/b.ini"): "",
+        str(tmp_path / "other dir/c.php"): "<?php echo 1;\n",
+    }
+    script = guestfw.files_script(files)
+    subprocess.run(["sh", "-c", "umask 077\n" + "\n".join(script)], check=True)
+    for path, text in files.items():
+        assert Path(path).read_text() == text
+        assert Path(path).stat().st_mode & 0o777 == 0o644
+    programs = [line.split()[0] for line in script if not line.startswith("printf ")]
+    assert programs == ["mkdir", "chmod"]
+    assert guestfw.files_script({}) == []

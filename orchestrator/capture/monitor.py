@@ -127,7 +127,7 @@ set -u
 {CAPTURE_TOOL} load {CAPTURE_OBJECT} || exit 1
 {CAPTURE_TOOL} check >&2 || {{ echo "the connect() capture is not attached" >&2; exit 1; }}
 test -e {STREAM_READY} || {{ echo "the capture's copy to the host is not going" >&2; exit 1; }}
-echo "@@boot $(cat /proc/sys/kernel/random/boot_id)"
+read -r boot < /proc/sys/kernel/random/boot_id; echo "@@boot $boot"
 {CAPTURE_TOOL} clock
 """
 START_COMMAND: list[str] = ["sh", "-c", START_SCRIPT]

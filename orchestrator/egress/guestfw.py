@@ -4,7 +4,6 @@ rendered by firewall.py; this module is the edge that loads and reads them back.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import shlex
@@ -24,16 +23,18 @@ _DIFF_LINES = 10
 
 
 def files_script(files: Mapping[str, str]) -> list[str]:
-    """Shell lines that write files into the guest (mode 0644), contents inline."""
-    lines = []
-    for path, content in sorted(files.items()):
-        encoded = base64.b64encode(content.encode()).decode()
-        lines += [
-            f"mkdir -p {shlex.quote(os.path.dirname(path))}",
-            f"echo {encoded} | base64 -d > {shlex.quote(path)}",
-            f"chmod 0644 {shlex.quote(path)}",
-        ]
-    return lines
+    """Shell lines that write files into the guest (mode 0644), contents inline. Two commands
+    in all (mkdir, chmod): the contents go through the shell's builtin printf, since under TCG
+    every program started costs a noticeable part of a second's tenth."""
+    if not files:
+        return []
+    paths = sorted(files)
+    directories = sorted({os.path.dirname(path) for path in paths})
+    return [
+        f"mkdir -p {shlex.join(directories)}",
+        *(f"printf '%s' {shlex.quote(files[path])} > {shlex.quote(path)}" for path in paths),
+        f"chmod 0644 {shlex.join(paths)}",
+    ]
 
 
 def render(policy: EgressPolicy, net: NetworkSpec) -> dict[int, str]:
