@@ -40,7 +40,11 @@ BOOT_TIMEOUT = 600.0
 def time_up(env: dict[str, str]) -> float:
     start = time.monotonic()
     done = subprocess.run(
-        [SANDBOX, "up", "--name", "bench"], env=env, check=True, capture_output=True, text=True
+        [SANDBOX, "up", "--name", "bench"],
+        env={**env, "COLUMNS": "500"},  # one progress line per step (up_steps), not wrapped
+        check=True,
+        capture_output=True,
+        text=True,
     )
     took = time.monotonic() - start
     UP_STEPS.append(up_steps(done.stderr))

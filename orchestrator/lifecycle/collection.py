@@ -85,8 +85,6 @@ def collect_locked(
     """`stream`: take the guest's records from the host's copy in that file (monitor.Stream)
     instead of over SSH; GuestError if it does not hold all of them since the last collection.
     The guest's firewall is not read back then: its changes are in the capture's records."""
-    from orchestrator.vm.guest import Guest
-
     logs = logs_dir(ctx, state.name)
     logs.mkdir(parents=True, exist_ok=True)
     cursor_path = logs / paths.CAPTURE_CURSOR
@@ -114,6 +112,8 @@ def collect_locked(
     elif guest is not None:
         collected, tampered = gather(guest)
     else:
+        from orchestrator.vm.guest import Guest  # paramiko: only where SSH is used
+
         deadline = Deadline(60, f"SSH to sandbox {state.name!r} to collect its records")
         with Guest.connect(endpoint(ctx, state), deadline) as own:
             collected, tampered = gather(own)
