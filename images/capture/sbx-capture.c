@@ -608,7 +608,8 @@ static int stream(const char *dir, const char *port_path)
 	snprintf(path, sizeof(path), "%s/%s.log", dir, boot_id);
 	for (char *slash = strchr(path + 1, '/'); slash; slash = strchr(slash + 1, '/')) {
 		*slash = 0;
-		if (mkdir(path, 0700) && errno != EEXIST) {
+		/* as the collection's `mkdir -p`: /var/lib/sandbox holds what runs need too */
+		if (mkdir(path, 0755) && errno != EEXIST) {
 			fprintf(stderr, "sbx-capture: mkdir %s: %s\n", path, strerror(errno));
 			return 1;
 		}
