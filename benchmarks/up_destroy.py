@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -40,16 +41,100 @@ BOOT_TIMEOUT = 600.0
 
 def time_up(env: dict[str, str]) -> float:
     start = time.monotonic()
-    subprocess.run(
-        [SANDBOX, "up", "--cold", "--name", "bench"], env=env, check=True, capture_output=True
+    done = subprocess.run(
+        [SANDBOX, "up", "--cold", "--name", "bench"],
+        env={**env, "COLUMNS": "500"},  # one progress line per step (up_steps), not wrapped
+        check=True,
+        capture_output=True,
+        text=True,
     )
-    return time.monotonic() - start
+    took = time.monotonic() - start
+    UP_STEPS.append(up_steps(done.stderr))
+    return took
 
 
 def time_destroy(env: dict[str, str], name: str = "bench") -> float:
     start = time.monotonic()
     subprocess.run([SANDBOX, "destroy", "--name", name], env=env, check=True, capture_output=True)
+    took = time.monotonic() - start
+    wait_removed(env, name)  # its child's removal, not timed: the next `up` would wait for it
+    return took
+
+
+# ---- where `up`'s and `destroy`'s seconds go (issue 15 items 3 and 4) -------------------------
+
+# Each `sandbox up`'s steps as its progress lines say them ("✓ STEP (N s)").
+UP_STEPS: list[dict[str, float]] = []
+_STEP = re.compile(r"^✓ (.*) \(([0-9.]+) s\)$")
+
+
+def up_steps(stderr: str) -> dict[str, float]:
+    steps: dict[str, float] = {}
+    for line in stderr.splitlines():
+        found = _STEP.match(line.strip())
+        if found:
+            # A step names its VM, network or tap: one row for every round.
+            what = re.sub(r"sandbox-bench|sbx[0-9a-f]{10}|[0-9]+\.[0-9.]+", "…", found.group(1))
+            steps[what] = steps.get(what, 0.0) + float(found.group(2))
+    return steps
+
+
+def print_up_steps() -> None:
+    """The median of each step of the timed `up`s; what is not a step is the CLI's own."""
+    timed = UP_STEPS[1:]  # the first is the warm-up's (it uploads the base image)
+    print("sandbox up, median per step:")
+    for what in timed[0] if timed else []:
+        values = [steps.get(what, 0.0) for steps in timed]
+        print(f"  {statistics.median(values):6.2f} s  {what}")
+
+
+def wait_removed(env: dict[str, str], name: str = "bench", seconds: float = 120.0) -> float:
+    """Wait for the removal a `destroy` left to its child (the state file goes last); how long."""
+    state_file = Path(env["XDG_STATE_HOME"]) / paths.APP / name / paths.STATE_FILE
+    start = time.monotonic()
+    while state_file.exists() and time.monotonic() - start < seconds:
+        time.sleep(0.02)
     return time.monotonic() - start
+
+
+def destroy_breakdown(ctx: lifecycle.Context, env: dict[str, str]) -> None:
+    """One more `up`, then its `destroy` in this process with each part timed, and the CLI's
+    own start-up (a destroy of a sandbox that does not exist)."""
+    from orchestrator.lifecycle import teardown
+
+    time_up(env)
+    spent: dict[str, float] = {}
+
+    def timed(name: str, what: str) -> None:
+        inner = getattr(teardown, name)
+
+        def wrapper(*args: object, **kwargs: object) -> object:
+            start = time.monotonic()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                spent[what] = spent.get(what, 0.0) + time.monotonic() - start
+
+        setattr(teardown, name, wrapper)
+
+    timed("_caught_up", "waiting for the guest's copy to catch up (two rounds)")
+    timed("_pause", "pausing the VM")
+    timed("collect_locked", "final collection (host's copy: read, parse, join, store)")
+    timed("_detach", "starting the removal's child")
+    start = time.monotonic()
+    report = teardown.destroy(ctx, "bench", detach=True)
+    visible = time.monotonic() - start
+    background = wait_removed(env)
+    floor = time.monotonic()
+    subprocess.run([SANDBOX, "destroy", "--name", "nothing"], env=env, capture_output=True)
+    floor = time.monotonic() - floor
+    print("sandbox destroy, where the time goes:")
+    for what, seconds in spent.items():
+        print(f"  {seconds:6.3f} s  {what}")
+    print(f"  {visible:6.3f} s  in all, until `destroy` returns (in process)")
+    print(f"  {floor:6.3f} s  the CLI's own start-up and exit (destroy of no sandbox)")
+    print(f"  {background:6.3f} s  then, in its child: VM, filter, volumes, network, state")
+    print(f"  ({'; '.join(report.removed)})")
 
 
 ONE_SHOT_SCRIPT = """<?php
@@ -231,6 +316,8 @@ def main() -> int:
     print(f"sandbox destroy (CLI, wall):      median {destroy_m:6.2f} s  [{runs(destroys)}]")
     print(f"overhead: up / bare = {ratio:.3f} ({(ratio - 1) * 100:+.1f} %), target <= +10 %")
     print(f"destroy: {destroy_m:.2f} s, target < 1 s")
+    print_up_steps()
+    destroy_breakdown(ctx, env)
 
     script = state_home / "one-shot.php"
     script.write_text(ONE_SHOT_SCRIPT)

@@ -25,10 +25,11 @@ chroot "$root" systemctl enable --quiet systemd-networkd.service
 chroot "$root" systemctl enable --quiet sandbox-boot-firewall.service
 
 # The connect() capture (orchestrator/capture/monitor.py), built on the host by images/capture/build.sh
-# into $SANDBOX_CAPTURE_BUILD; attached at boot by sandbox-capture.service.
+# into $SANDBOX_CAPTURE_BUILD; attached at boot by sandbox-capture.service; its records copied to the
+# host as they come by sandbox-capture-stream.service (a virtio-serial port).
 install -D -m 0755 "$SANDBOX_CAPTURE_BUILD/sbx-capture" "$root/usr/sbin/sbx-capture"
 install -D -m 0644 "$SANDBOX_CAPTURE_BUILD/connect.bpf.o" "$root/usr/lib/sandbox/connect.bpf.o"
-chroot "$root" systemctl enable --quiet sandbox-capture.service
+chroot "$root" systemctl enable --quiet sandbox-capture.service sandbox-capture-stream.service
 chroot "$root" systemctl enable --quiet sandbox-ready.service
 
 # Debian's php-xdebug enables itself for every PHP run. Off here: `sandbox run` loads it for its

@@ -676,7 +676,11 @@ def destroy(
     if name and all_:
         raise UsageError("--name and --all exclude each other", "give one of them")
     ctx = _context()
-    reports = lifecycle.destroy_all(ctx) if all_ else [lifecycle.destroy(ctx, name or "default")]
+    reports = (
+        lifecycle.destroy_all(ctx)
+        if all_
+        else [lifecycle.destroy(ctx, name or "default", detach=True)]
+    )
     for report in reports:
         for warning in report.warnings:
             err.print(safetext.labeled("warning:", "yellow", warning))

@@ -69,6 +69,8 @@ class SandboxVolumes:
     disk: str
     seed: str
     console: str
+    # The guest capture's records as they come (domain.CAPTURE_CHANNEL), read by `destroy`.
+    capture: str
 
     @classmethod
     def for_sandbox(cls, sandbox: str) -> SandboxVolumes:
@@ -76,10 +78,15 @@ class SandboxVolumes:
 
     @classmethod
     def for_domain(cls, base: str) -> SandboxVolumes:
-        return cls(disk=f"{base}.qcow2", seed=f"{base}-seed.iso", console=f"{base}-console.log")
+        return cls(
+            disk=f"{base}.qcow2",
+            seed=f"{base}-seed.iso",
+            console=f"{base}-console.log",
+            capture=f"{base}-capture.log",
+        )
 
-    def all(self) -> tuple[str, str, str]:
-        return (self.disk, self.seed, self.console)
+    def all(self) -> tuple[str, ...]:
+        return (self.disk, self.seed, self.console, self.capture)
 
 
 @dataclass(frozen=True)

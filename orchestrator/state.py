@@ -114,8 +114,12 @@ class StateStore:
     def file(self, name: str, filename: str) -> Path:
         return self.dir(name) / filename
 
-    def lock(self, name: str) -> contextlib.AbstractContextManager[None]:
-        return file_lock(self.file(name, paths.LOCK_FILE), f"sandbox {name!r}")
+    def lock(
+        self, name: str, *, timeout: float | None = None
+    ) -> contextlib.AbstractContextManager[None]:
+        """The sandbox's own lock: held at once or a ConflictError, unless `timeout` says how
+        long to wait for it."""
+        return file_lock(self.file(name, paths.LOCK_FILE), f"sandbox {name!r}", timeout=timeout)
 
     def global_lock(self) -> contextlib.AbstractContextManager[None]:
         # Shared resources (the storage pool and its base images, the shared filters, the choice

@@ -132,10 +132,26 @@ def _cli(lab: Lab, tmp_path: Path) -> Iterator[Cli]:
         c.run("warm", "drain", timeout=120)
 
 
+def wait_removed(name: str, cli: Cli, seconds: float = 120.0) -> None:
+    """Wait for the removal a `destroy` left to its child process (the state says destroying
+    until it is done)."""
+    state_file = cli.sandbox_dir(name) / paths.STATE_FILE
+
+    def done() -> bool | None:
+        try:
+            phase = json.loads(state_file.read_text()).get("phase")
+        except (FileNotFoundError, ValueError):
+            return True
+        return None if phase == "destroying" else True
+
+    wait_for(done, Deadline(seconds, f"the removal of sandbox {name!r} after its destroy"))
+
+
 def leftovers(name: str, cli: Cli) -> list[str]:
-    """What is left of sandbox `name` after its destroy: its domain, network, volumes, the input
-    guard of its bridge, its resolver's query log, its state and keys; and the filters all
-    sandboxes share, once no sandbox is left."""
+    """What is left of sandbox `name` after its destroy (once its removal is done): its domain,
+    network, volumes, the input guard of its bridge, its resolver's query log, its state and
+    keys; and the filters all sandboxes share, once no sandbox is left."""
+    wait_removed(name, cli)
     found: list[str] = []
     conn = libvirt.open("qemu:///system")
     try:

@@ -144,11 +144,13 @@ def test_a_hostile_guest_cannot_reach_into_the_host(cli: Cli, tmp_path: Path) ->
     assert len(console) >= 2 and all(p.stat().st_size <= 2 << 20 for p in console)
     assert sum(p.stat().st_size for p in console) <= 8 << 20
 
-    # 6: guest root breaks date, writes garbage where the capture keeps its events, then makes
-    # its sshd unreachable; destroy still removes everything, in bounded time, with a warning.
+    # 6: guest root breaks date, writes garbage where the capture keeps its events, stops the
+    # copy of its records to the host, then makes its sshd unreachable; destroy still removes
+    # everything, in bounded time, with a warning.
     as_root(
         cli,
-        "printf '#!/bin/sh\\necho garbage\\n' > /usr/local/bin/date; chmod 755 /usr/local/bin/date;"
+        "systemctl stop sandbox-capture-stream; printf '#!/bin/sh\\necho garbage\\n'"
+        " > /usr/local/bin/date; chmod 755 /usr/local/bin/date;"
         " for f in /var/lib/sandbox/capture/*.log; do"
         ' [ -f "$f" ] && printf \'c \\033[2J ² x\\nf 99999999999999999999999 y\\n\' >> "$f"; done;'
         " true",

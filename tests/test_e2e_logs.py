@@ -130,11 +130,23 @@ def test_every_attempt_once_with_its_process(cli: Cli) -> None:
     before_destroy = len(
         cli.records_when("lg", lambda rows: any(r["dport"] == 8080 for r in rows), "port 8080")
     )
-    cli.ok("destroy", "--name", "lg")
+    # An attempt after the last collection (`exec` collects when its command ends): only the
+    # final collection of `destroy` brings it home, from the host's copy of the guest's records.
+    late = "sleep 2; exec bash -c 'echo > /dev/tcp/198.51.100.9/8181'"
+    cli.ok("exec", "--name", "lg", "--", "sh", "-c", f"nohup sh -c {late!r} >/dev/null 2>&1 &")
+    time.sleep(4)
+    started = time.monotonic()
+    destroyed = cli.ok("destroy", "--name", "lg")
+    print(f"destroy took {time.monotonic() - started:.2f} s: {destroyed.stderr}")
+    assert "(from the host's copy)" in " ".join(destroyed.stderr.split())
     logs_dir = cli.sandbox_dir("lg") / paths.LOGS_DIR
     ring = pcap.ring_files(logs_dir / paths.PCAP_FILE)
     assert ring and ring[0].stat().st_size > 24  # more than a pcap header
-    # Kept after destroy, readable, then purged.
-    assert len(logs(cli)) == before_destroy
+    # Kept after destroy, readable, then purged (once the removal is done: `--purge` waits).
+    after = logs(cli)
+    assert len(after) == before_destroy + 1
+    assert [(r["verdict"], r["exe"]) for r in after if r["dport"] == 8181] == [
+        ("blocked", "/usr/bin/bash")
+    ]
     cli.ok("logs", "--name", "lg", "--purge")
     assert not (logs_dir / paths.CONNECTIONS_LOG).exists()

@@ -24,7 +24,14 @@ import pytest
 from orchestrator import lifecycle, names, paths
 from orchestrator.config import Settings
 from orchestrator.egress import guestfw, hostfilter
-from orchestrator.errors import ConflictError, ImageError, NotFoundError, TimeoutExpired, UsageError
+from orchestrator.errors import (
+    ConflictError,
+    ImageError,
+    NotFoundError,
+    SandboxError,
+    TimeoutExpired,
+    UsageError,
+)
 from orchestrator.lifecycle import build, teardown, warm
 from orchestrator.state import Phase, SandboxState
 from orchestrator.vm import hypervisor as hv
@@ -236,6 +243,51 @@ def test_destroy_cleans_half_built_and_is_idempotent(ctx: lifecycle.Context) -> 
     assert leftovers(ctx, "sandbox-half") == []
     again = lifecycle.destroy(ctx, "half")
     assert not again.existed
+
+
+def _destroying(ctx: lifecycle.Context, name: str) -> SandboxState:
+    """What a detached `destroy` whose child was killed leaves: the state says destroying, the
+    rest is all there."""
+    half_built(ctx, name)
+    built = ctx.store.load(name)
+    assert built is not None
+    state = dataclasses.replace(built, phase=Phase.DESTROYING)
+    ctx.store.save(state)
+    return state
+
+
+def test_a_removal_cut_short_is_finished_by_the_next_destroy(ctx: lifecycle.Context) -> None:
+    state = _destroying(ctx, "cut")
+    dirs = [str(ctx.dirs.data), str(ctx.dirs.state), str(ctx.dirs.config)]
+    # A child of an earlier destroy of another sandbox of that name leaves this one alone.
+    assert teardown.finish_detached(["cut", "another time", *dirs]) == 0
+    assert leftovers(ctx, "sandbox-cut")
+    assert lifecycle.inspect(ctx, "cut").summary == "destroying"
+    report = lifecycle.destroy(ctx, "cut")
+    # No final collection: the first destroy made it.
+    assert not any("collected" in r for r in report.removed)
+    assert "domain sandbox-cut" in report.removed and leftovers(ctx, "sandbox-cut") == []
+    # The child that was meant to do it finds nothing left to do.
+    assert teardown.finish_detached(["cut", state.created, *dirs]) == 0
+
+
+def test_the_detached_child_removes_what_its_destroy_left(ctx: lifecycle.Context) -> None:
+    state = _destroying(ctx, "child")
+    dirs = [str(ctx.dirs.data), str(ctx.dirs.state), str(ctx.dirs.config)]
+    assert teardown.finish_detached(["child", state.created, *dirs]) == 0
+    assert leftovers(ctx, "sandbox-child") == []
+
+
+def test_up_of_a_name_whose_removal_was_cut_short_finishes_it_first(
+    ctx: lifecycle.Context,
+) -> None:
+    _destroying(ctx, "again")
+    # Not refused as an existing sandbox: the old one is removed, the new one built (here it
+    # fails at the lease, the test driver has no DHCP, and is rolled back).
+    with pytest.raises(SandboxError, match="DHCP") as failed:
+        lifecycle.up(ctx, "again")
+    assert not isinstance(failed.value, ConflictError)
+    assert leftovers(ctx, "sandbox-again") == []
 
 
 def test_destroy_removes_its_own_network_only(ctx: lifecycle.Context) -> None:
@@ -627,3 +679,22 @@ def test_warm_records_are_checked() -> None:
     ):
         with pytest.raises(ValueError):
             warm.WarmVM.from_json(bad.to_json())
+
+
+def test_files_script_writes_exact_contents_with_two_programs(tmp_path: Path) -> None:
+    """The guest's `sh` (dash) runs it: the contents byte for byte, mode 0644, whatever they
+    hold; only mkdir and chmod are programs (the rest is the shell's own printf)."""
+    odd = "a 'quoted' \"x\" $HOME `id` \\n %s %% \\\n\nzwei\n\u00e9\t end"
+    files = {
+        str(tmp_path / "etc/a.ini"): odd,
+        str(tmp_path / "etc/b.ini"): "",
+        str(tmp_path / "other dir/c.php"): "<?php echo 1;\n",
+    }
+    script = guestfw.files_script(files)
+    subprocess.run(["sh", "-c", "umask 077\n" + "\n".join(script)], check=True)
+    for path, text in files.items():
+        assert Path(path).read_text() == text
+        assert Path(path).stat().st_mode & 0o777 == 0o644
+    programs = [line.split()[0] for line in script if not line.startswith("printf ")]
+    assert programs == ["mkdir", "chmod"]
+    assert guestfw.files_script({}) == []

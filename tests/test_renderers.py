@@ -5,15 +5,14 @@ from __future__ import annotations
 import io
 import ipaddress
 import json
-import subprocess
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import pycdlib
 import pytest
 import yaml
 
-from orchestrator.egress import guestfw
 from orchestrator.vm.cloudinit import SeedSpec, build_seed_iso, render_meta_data, render_user_data
 from orchestrator.vm.domain import (
     Accel,
@@ -57,6 +56,7 @@ def domain_spec(accel: Accel) -> DomainSpec:
         network="sandbox",
         mac="52:54:00:12:34:56",
         console_log="/var/lib/libvirt/sandbox/sandbox-test-console.log",
+        capture_log="/var/lib/libvirt/sandbox/sandbox-test-capture.log",
         sandbox="test",
         image="default",
         filterref="sandbox-test",
@@ -83,6 +83,17 @@ def test_domain_xml_shape() -> None:
     # Our metadata is how `list` recognises our domains.
     meta = root.find("metadata/{urn:sandbox:domain:1}sandbox")
     assert meta is not None and meta.get("name") == "test"
+    # The capture's port (the guest's sandbox-capture-stream.service writes to it by this name).
+    channel = root.find("devices/channel[@type='file']")
+    assert channel is not None
+    assert channel.find("target").get("name") == "org.sandbox.capture.0"  # type: ignore[union-attr]
+    assert channel.find("source").get("path", "").endswith("-capture.log")  # type: ignore[union-attr]
+    assert (
+        ET.fromstring(render_domain(replace(domain_spec(Accel.TCG), capture_log=None))).find(
+            "devices/channel"
+        )
+        is None
+    )
 
 
 def test_auto_accel_must_be_resolved() -> None:
@@ -257,10 +268,13 @@ def test_a_warm_domain_has_no_interface_and_a_free_port_for_one() -> None:
     devices = root.find("devices")
     assert devices is not None
     assert devices.find("interface") is None
-    # Its own PCIe devices (two disks, the rng) each take a port; one more stays empty.
+    # Its own PCIe devices (two disks, the rng, the channel's controller) each take a port; one
+    # more stays empty.
     ports = [c for c in devices.findall("controller") if c.get("model") == "pcie-root-port"]
     used = [d for d in devices if d.tag in ("disk", "rng", "interface")]
-    assert len(ports) == len(used) + 1
+    # The capture's channel brings libvirt's virtio-serial controller: one more.
+    assert devices.find("channel") is not None
+    assert len(ports) == len(used) + 1 + 1
     assert devices.find("controller[@model='pcie-root']").get("index") == "0"  # type: ignore[union-attr]
     # No USB controller: libvirt's default one would take the free port.
     assert devices.find("controller[@type='usb']").get("model") == "none"  # type: ignore[union-attr]
@@ -289,23 +303,3 @@ def test_metadata_for_a_taken_warm_vm() -> None:
     meta = ET.fromstring(render_metadata("hd1", "default", "0123abcd"))
     assert meta.tag == "sandbox"  # libvirt puts it in the namespace the call names
     assert (meta.get("name"), meta.get("image"), meta.get("warm")) == ("hd1", "default", "0123abcd")
-
-
-def test_files_written_into_the_guest_keep_every_byte(tmp_path: Path) -> None:
-    """files_script runs under the guest's /bin/sh (dash, as here): any content, any path."""
-    content = "a\\b%s %% 'q' \"dq\" $HOME `x` \t\n\x01é€\n\\0101\\n end"
-    files = {
-        str(tmp_path / "with space" / "f1"): content,
-        str(tmp_path / "f2"): "",
-        str(tmp_path / "sub" / "f3"): "line\n" * 3,
-    }
-    (tmp_path / "f2").write_text("old")
-    (tmp_path / "f2").chmod(0o600)
-    script = "set -e\n" + "\n".join(guestfw.files_script(files))
-    subprocess.run(["/bin/sh", "-c", script], check=True)
-    for path, text in files.items():
-        assert Path(path).read_text(encoding="utf-8") == text
-        assert Path(path).stat().st_mode & 0o777 == 0o644
-    # Two processes whatever the number of files (mkdir, chmod); printf is a builtin.
-    assert [line.split()[0] for line in guestfw.files_script(files)].count("printf") == 3
-    assert len(guestfw.files_script(files)) == 5

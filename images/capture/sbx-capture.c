@@ -10,6 +10,11 @@
  *                             the counters, the links found missing and both clocks on stdout
  *   sbx-capture unload        detach (the events not drained are gone)
  *   sbx-capture clock         print "@@captureclock MONO REAL": both clocks at one moment
+ *   sbx-capture stream DIR PORT
+ *                             every STREAM_MS, drain as `drain DIR/BOOT_ID.log` does (the file
+ *                             a collection reads) and copy what that file gained to PORT (the host's file of a virtio-serial channel), with
+ *                             what the drain printed: the host reads the last records there,
+ *                             without SSH, when the sandbox is destroyed (see stream_round)
  *
  * A connect line: "c SEQ MONO_NS PID TID PPID UID RET FAMILY PROTOCOL ADDRESS PORT EXE ARGV"
  * (PROTOCOL: the socket's IP protocol number); EXE and ARGV escaped (bytes outside '!'..'~', and
@@ -25,9 +30,12 @@
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -279,9 +287,9 @@ static int kernel_has(const char *function)
 }
 
 /* 0 if every pin `load` makes is there (one of the two packet links); else 1, and, unless
- * `report` is NULL, a line on stdout for each one missing: REPORT and the pin's name (in
+ * `report` is NULL, a line on OUT for each one missing: REPORT and the pin's name (in
  * PIN_DIR; "link_sbx_packet" for both packet links). */
-static int check(const char *report)
+static int check(FILE *out, const char *report)
 {
 	int missing = 0, fd;
 
@@ -289,7 +297,7 @@ static int check(const char *report)
 		fd = bpf_obj_get(required[i]);
 		if (fd < 0) {
 			if (report)
-				printf("%s%s\n", report, required[i] + sizeof(PIN_DIR));
+				fprintf(out, "%s%s\n", report, required[i] + sizeof(PIN_DIR));
 			missing = 1;
 		} else {
 			close(fd);
@@ -300,7 +308,7 @@ static int check(const char *report)
 		fd = bpf_obj_get(PIN_LINK_XT);
 	if (fd < 0) {
 		if (report)
-			printf("%slink_sbx_packet\n", report);
+			fprintf(out, "%slink_sbx_packet\n", report);
 		missing = 1;
 	} else {
 		close(fd);
@@ -315,7 +323,7 @@ static int load(const char *path)
 	struct bpf_link *link;
 	int err, packets;
 
-	if (check(NULL) == 0)
+	if (check(stdout, NULL) == 0)
 		return 0;
 	obj = bpf_object__open_file(path, NULL);
 	if (!obj) {
@@ -379,72 +387,256 @@ static int load(const char *path)
 }
 
 /* Both clocks at one moment: event times are CLOCK_MONOTONIC. */
-static void print_clock(void)
+static void print_clock(FILE *out)
 {
 	struct timespec mono, real;
 
 	clock_gettime(CLOCK_MONOTONIC, &mono);
 	clock_gettime(CLOCK_REALTIME, &real);
-	printf("@@captureclock %lld.%09ld %lld.%09ld\n", (long long)mono.tv_sec, mono.tv_nsec,
+	fprintf(out, "@@captureclock %lld.%09ld %lld.%09ld\n", (long long)mono.tv_sec, mono.tv_nsec,
 	       (long long)real.tv_sec, real.tv_nsec);
 }
 
-static int drain(const char *path)
+/* Drains the ring buffer into PATH (and PATH.procs) and writes the counters, the links found
+ * missing and both clocks to REPORT. Holds an exclusive lock on PATH meanwhile: `stream` and a
+ * collection's `drain` both drain, and one ring buffer has one consumer position. */
+static int drain_to(const char *path, FILE *report)
 {
 	struct ring_buffer *ring;
 	struct bpf_map_info info;
 	__u32 info_len = sizeof(info);
 	struct drain state;
 	char procs_path[4096];
-	int events, counts, n, err;
+	int events, counts, n, err, lock;
 	__u64 values[SBX_COUNTERS] = {0};
 
 	events = bpf_obj_get(PIN_EVENTS);
 	counts = bpf_obj_get(PIN_COUNTS);
 	if (events < 0 || counts < 0) {
-		printf("@@capture missing\n");
+		fprintf(report, "@@capture missing\n");
+		if (events >= 0)
+			close(events);
+		if (counts >= 0)
+			close(counts);
 		return 0;
 	}
+	lock = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+	if (lock < 0 || flock(lock, LOCK_EX)) {
+		fprintf(stderr, "sbx-capture: cannot lock %s: %s\n", path, strerror(errno));
+		return 1;
+	}
+	err = 1;
 	memset(&info, 0, sizeof(info));
 	if (bpf_obj_get_info_by_fd(events, &info, &info_len)) {
 		fprintf(stderr, "sbx-capture: cannot identify the ring buffer: %s\n", strerror(errno));
-		return 1;
+		goto out;
 	}
 	snprintf(procs_path, sizeof(procs_path), "%s.procs", path);
 	if (procs_open(&state.procs, procs_path, info.id)) {
 		fprintf(stderr, "sbx-capture: cannot open %s: %s\n", procs_path, strerror(errno));
-		return 1;
+		goto out;
 	}
 	state.out = fopen(path, "a");
 	if (!state.out) {
 		fprintf(stderr, "sbx-capture: cannot open %s: %s\n", path, strerror(errno));
-		return 1;
+		fclose(state.procs.file);
+		goto out;
 	}
 	ring = ring_buffer__new(events, print_event, &state, NULL);
 	if (!ring) {
 		fprintf(stderr, "sbx-capture: cannot read the ring buffer: %s\n", strerror(errno));
-		return 1;
+		fclose(state.out);
+		fclose(state.procs.file);
+		goto out;
 	}
 	n = ring_buffer__consume(ring);
 	ring_buffer__free(ring);
+	for (size_t i = 0; i < state.procs.size; i++)
+		free(state.procs.proc[i]);
+	free(state.procs.proc);
 	err = fclose(state.procs.file);
 	if (fclose(state.out) || err) {
 		fprintf(stderr, "sbx-capture: writing %s: %s\n", path, strerror(errno));
-		return 1;
+		err = 1;
+		goto out;
 	}
 	for (__u32 i = 0; i < SBX_COUNTERS; i++)
 		bpf_map_lookup_elem(counts, &i, &values[i]);
-	printf("@@capture ok %d %llu %llu %llu %llu %llu %llu\n", n,
-	       (unsigned long long)values[SBX_COUNT_SEQ],
-	       (unsigned long long)values[SBX_COUNT_DROPPED],
-	       (unsigned long long)values[SBX_COUNT_PACKETS],
-	       (unsigned long long)values[SBX_COUNT_PACKETS_DROPPED],
-	       (unsigned long long)values[SBX_COUNT_FWCHANGES],
-	       (unsigned long long)values[SBX_COUNT_FWCHANGES_DROPPED]);
+	fprintf(report, "@@capture ok %d %llu %llu %llu %llu %llu %llu\n", n,
+		(unsigned long long)values[SBX_COUNT_SEQ],
+		(unsigned long long)values[SBX_COUNT_DROPPED],
+		(unsigned long long)values[SBX_COUNT_PACKETS],
+		(unsigned long long)values[SBX_COUNT_PACKETS_DROPPED],
+		(unsigned long long)values[SBX_COUNT_FWCHANGES],
+		(unsigned long long)values[SBX_COUNT_FWCHANGES_DROPPED]);
 	/* a link unpinned alone (guest root) detaches its program and nothing else: say which */
-	check("@@capturepartial ");
-	print_clock();
-	return n < 0;
+	check(report, "@@capturepartial ");
+	err = n < 0;
+out:
+	close(lock);
+	close(events);
+	close(counts);
+	return err;
+}
+
+static int drain(const char *path)
+{
+	int err = drain_to(path, stdout);
+
+	print_clock(stdout);
+	return err;
+}
+
+/* How often `stream` drains (the capture's records wake no one: BPF_RB_NO_WAKEUP), and the
+ * most of FILE one round copies (the rest goes in the next rounds). */
+#define STREAM_MS 100
+#define STREAM_CHUNK (256 * 1024)
+#define STREAM_CHECK 10
+#define STREAM_READY "/run/sandbox-capture-stream"
+
+/* The ring buffer's two positions, mapped read-only: a round with nothing new in it does not
+ * drain (a drain opens and maps everything again: under TCG a round would cost a core's tenth). */
+struct watch {
+	__u32 id;
+	volatile __u64 *consumer, *producer;
+};
+
+/* Whether the ring buffer holds records not drained yet (or is not there: a drain says so). */
+static int ring_has_data(struct watch *w)
+{
+	struct bpf_map_info info;
+	__u32 info_len = sizeof(info);
+	long page = sysconf(_SC_PAGESIZE);
+	int fd = bpf_obj_get(PIN_EVENTS);
+
+	memset(&info, 0, sizeof(info));
+	if (fd < 0 || bpf_obj_get_info_by_fd(fd, &info, &info_len)) {
+		if (fd >= 0)
+			close(fd);
+		return 1;
+	}
+	if (info.id != w->id) {
+		if (w->consumer)
+			munmap((void *)w->consumer, page);
+		if (w->producer)
+			munmap((void *)w->producer, page);
+		w->consumer = mmap(NULL, page, PROT_READ, MAP_SHARED, fd, 0);
+		w->producer = mmap(NULL, page, PROT_READ, MAP_SHARED, fd, page);
+		if (w->consumer == MAP_FAILED || w->producer == MAP_FAILED) {
+			w->consumer = w->producer = NULL;
+			w->id = 0;
+			close(fd);
+			return 1;
+		}
+		w->id = info.id;
+	}
+	close(fd);
+	return __atomic_load_n(w->consumer, __ATOMIC_ACQUIRE) !=
+	       __atomic_load_n(w->producer, __ATOMIC_ACQUIRE);
+}
+
+/* One round of `stream`: drain when there is something to drain (and every STREAM_CHECK
+ * rounds: the drain's report says whether every link is still there), then on PORT
+ *   the drain's report ("@@capture ...", "@@capturepartial ...")
+ *   "@@file INODE 0"          when FILE is another file than the round before (or shrank)
+ *   "@@data OFFSET LEN"       and LEN bytes of FILE from OFFSET, and a newline (what it gained)
+ *   "@@file INODE SENT"       every STREAM_CHECK rounds: which file, copied up to where (virtlogd
+ *                             rotates the host's file away: what is left must say it again)
+ *   "@@captureclock MONO REAL", "@@round N BOOT_ID LEFT" (LEFT: bytes of FILE not copied yet,
+ *                             past what one round copies)
+ * A round is complete once its "@@round" line is there; the report holds until another one. */
+static void stream_round(const char *path, FILE *port, unsigned long long round, off_t *sent,
+			 ino_t *inode, const char *boot_id, struct watch *w)
+{
+	static char buffer[65536];
+	struct stat st;
+	off_t left, behind = 0;
+	int fd;
+
+	if (round % STREAM_CHECK == 1 || ring_has_data(w))
+		drain_to(path, port);
+	if (stat(path, &st) == 0 && (st.st_ino != *inode || st.st_size != *sent)) {
+		if (st.st_ino != *inode || st.st_size < *sent) {
+			*inode = st.st_ino;
+			*sent = 0;
+			fprintf(port, "@@file %llu 0\n", (unsigned long long)st.st_ino);
+		}
+		fd = open(path, O_RDONLY | O_CLOEXEC);
+		left = st.st_size - *sent;
+		if (left > STREAM_CHUNK)
+			left = STREAM_CHUNK;
+		while (fd >= 0 && left > 0) {
+			ssize_t n = pread(fd, buffer, left < (off_t)sizeof(buffer) ? (size_t)left
+									   : sizeof(buffer),
+					  *sent);
+
+			if (n <= 0)
+				break;
+			fprintf(port, "@@data %lld %zd\n", (long long)*sent, n);
+			fwrite(buffer, 1, (size_t)n, port);
+			fputc('\n', port);
+			*sent += n;
+			left -= n;
+		}
+		if (fd >= 0)
+			close(fd);
+		behind = st.st_size > *sent ? st.st_size - *sent : 0;
+	}
+	if (round % STREAM_CHECK == 1 && *inode)
+		fprintf(port, "@@file %llu %lld\n", (unsigned long long)*inode, (long long)*sent);
+	print_clock(port);
+	fprintf(port, "@@round %llu %s %lld\n", round, boot_id, (long long)behind);
+	fflush(port);
+}
+
+static int stream(const char *dir, const char *port_path)
+{
+	char boot_id[64] = "", path[4096];
+	FILE *port = NULL, *f;
+	off_t sent = 0;
+	ino_t inode = 0;
+	struct watch watch = {0};
+	struct timespec pause = {0, STREAM_MS * 1000000L};
+
+	f = fopen("/proc/sys/kernel/random/boot_id", "r");
+	if (!f || !fgets(boot_id, sizeof(boot_id), f)) {
+		fprintf(stderr, "sbx-capture: cannot read the boot id\n");
+		return 1;
+	}
+	fclose(f);
+	boot_id[strcspn(boot_id, "\n")] = 0;
+	snprintf(path, sizeof(path), "%s/%s.log", dir, boot_id);
+	for (char *slash = strchr(path + 1, '/'); slash; slash = strchr(slash + 1, '/')) {
+		*slash = 0;
+		/* as the collection's `mkdir -p`: /var/lib/sandbox holds what runs need too */
+		if (mkdir(path, 0755) && errno != EEXIST) {
+			fprintf(stderr, "sbx-capture: mkdir %s: %s\n", path, strerror(errno));
+			return 1;
+		}
+		*slash = '/';
+	}
+	/* the port's device comes with udev, maybe after this starts */
+	for (int i = 0; i < 600 && !port; i++) {
+		port = fopen(port_path, "w");
+		if (!port)
+			nanosleep(&pause, NULL);
+	}
+	if (!port) {
+		fprintf(stderr, "sbx-capture: cannot open %s: %s\n", port_path, strerror(errno));
+		return 1;
+	}
+	setvbuf(port, NULL, _IOFBF, 1 << 16);
+	f = fopen(STREAM_READY, "w");
+	if (f)
+		fclose(f);
+	for (unsigned long long round = 1;; round++) {
+		stream_round(path, port, round, &sent, &inode, boot_id, &watch);
+		if (ferror(port)) {
+			fprintf(stderr, "sbx-capture: writing %s failed\n", port_path);
+			return 1;
+		}
+		nanosleep(&pause, NULL);
+	}
 }
 
 static int unload(void)
@@ -460,15 +652,18 @@ int main(int argc, char **argv)
 	if (argc == 3 && strcmp(argv[1], "load") == 0)
 		return load(argv[2]);
 	if (argc == 2 && strcmp(argv[1], "check") == 0)
-		return check("missing " PIN_DIR "/");
+		return check(stdout, "missing " PIN_DIR "/");
 	if (argc == 3 && strcmp(argv[1], "drain") == 0)
 		return drain(argv[2]);
 	if (argc == 2 && strcmp(argv[1], "unload") == 0)
 		return unload();
+	if (argc == 4 && strcmp(argv[1], "stream") == 0)
+		return stream(argv[2], argv[3]);
 	if (argc == 2 && strcmp(argv[1], "clock") == 0) {
-		print_clock();
+		print_clock(stdout);
 		return 0;
 	}
-	fprintf(stderr, "usage: sbx-capture load OBJECT | check | drain FILE | unload | clock\n");
+	fprintf(stderr, "usage: sbx-capture load OBJECT | check | drain FILE | unload | clock | "
+			"stream FILE PORT\n");
 	return 2;
 }

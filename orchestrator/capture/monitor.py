@@ -66,6 +66,9 @@ log = logging.getLogger(__name__)
 # In the image (images/customize.sh installs them from images/capture/).
 CAPTURE_TOOL = "/usr/sbin/sbx-capture"
 CAPTURE_OBJECT = "/usr/lib/sandbox/connect.bpf.o"
+# sandbox-capture-stream.service's sign that it copies the records to the host (sbx-capture.c
+# STREAM_READY): an image from before it has none.
+STREAM_READY = "/run/sandbox-capture-stream"
 # Drained events, one file per boot (the ring buffer and its sequence start again at each boot).
 EVENTS_DIR = "/var/lib/sandbox/capture"
 
@@ -123,7 +126,8 @@ START_SCRIPT = f"""\
 set -u
 {CAPTURE_TOOL} load {CAPTURE_OBJECT} || exit 1
 {CAPTURE_TOOL} check >&2 || {{ echo "the connect() capture is not attached" >&2; exit 1; }}
-echo "@@boot $(cat /proc/sys/kernel/random/boot_id)"
+test -e {STREAM_READY} || {{ echo "the capture's copy to the host is not going" >&2; exit 1; }}
+read -r boot < /proc/sys/kernel/random/boot_id; echo "@@boot $boot"
 {CAPTURE_TOOL} clock
 """
 START_COMMAND: list[str] = ["sh", "-c", START_SCRIPT]
@@ -160,14 +164,13 @@ def parse_mark(text: str) -> Mark:
     return Mark(boot_id, int(mono.group(1)) * 1_000_000_000 + int(mono.group(2)))
 
 
-def started(output: str, failed_marker: str) -> Mark:
-    """START_COMMAND's output when it ran at the end of another command (the policy push):
-    `failed_marker` and its exit status follow it if it failed."""
-    text, failed, status = output.partition(failed_marker)
+def started(status: int, output: str) -> Mark:
+    """`start`'s result from START_SCRIPT run by another command (its exit status, and its
+    stdout and stderr together)."""
+    if status != 0:
+        raise GuestError(f"could not start connection capture: {output.strip()[-300:]}", START_HINT)
     try:
-        if failed:
-            raise GuestError(f"exit status {status.strip()[:8]}: {text[-300:]!r}")
-        return parse_mark(text)
+        return parse_mark(output)
     except GuestError as error:
         raise GuestError(
             f"could not start connection capture: {error.message}", START_HINT
@@ -1363,6 +1366,178 @@ def _canonical(address: str) -> str:
         return str(ipaddress.ip_address(address))
     except ValueError:
         return address
+
+
+# ---- the host's copy (sandbox-capture-stream) ----------------------------------------------
+
+# The guest's sandbox-capture-stream.service drains the ring buffer every 100 ms as a collection
+# does (into the same events file) and copies what the file gained to a virtio-serial port whose
+# host side is a file (domain.CAPTURE_CHANNEL, kept by virtlogd: 2 MiB a file, older ones
+# rotated to NAME.0, NAME.1, ...). `destroy` takes the last records from there instead of over
+# SSH. What it reads is the guest's word like any collection's, and parsed by the same code:
+# the copy is turned back into collect_script's output, from the cursor on.
+_STREAM_FILE, _STREAM_DATA, _STREAM_ROUND = "@@file", "@@data", "@@round"
+# The most one `@@data` holds (sbx-capture.c STREAM_CHUNK), and the most of the host's files a
+# reading takes (the newest bytes; virtlogd keeps 8 MiB by default).
+_STREAM_CHUNK = 256 << 10
+STREAM_READ_BYTES = 32 << 20
+# A report line the copy may give a snapshot (the rest of a round's lines are its data).
+_STREAM_REPORT = (_CAPTURE, _CAPTURE_PARTIAL, _CAPTURE_CLOCK)
+_HEADER = re.compile(rb"@@(file|data|round|capture|capturepartial|captureclock)( [ -~]{0,200})?")
+
+
+@dataclass(frozen=True)
+class Stream:
+    """The host's copy, parsed: bytes `start` to `start + len(data)` of the guest's events file
+    `inode` (one run without a gap), and the last complete round's report (None: no round is
+    complete) and how much of the file it had not copied yet (a round copies 256 KiB at most)."""
+
+    boot_id: str
+    inode: int | None
+    start: int
+    data: bytes
+    report: tuple[str, ...]
+    round: int | None
+    left: int = 0
+
+
+def parse_stream(raw: bytes) -> Stream:
+    """The copy's rounds (images/capture/sbx-capture.c stream_round), from wherever `raw` starts
+    (virtlogd may have rotated its beginning away: lines before the first header are skipped)."""
+    boot_id, inode, start, run = "", None, 0, bytearray()
+    pending: list[str] = []
+    drain: list[str] = []
+    clock: list[str] = []
+    report: tuple[str, ...] = ()
+    last_round: int | None = None
+    left = 0
+    i = 0
+    while i < len(raw):
+        end = raw.find(b"\n", i)
+        end = len(raw) if end < 0 else end
+        line = raw[i:end]
+        i = end + 1
+        header = _HEADER.fullmatch(line)
+        if header is None:
+            continue  # the tail of a chunk cut by a rotation, or the guest's noise
+        words = line.decode("ascii").split(" ")
+        if words[0] == _STREAM_DATA:
+            offset, size = (_int(w) for w in words[1:]) if len(words) == 3 else (None, None)
+            if offset is None or size is None or not 0 <= size <= _STREAM_CHUNK or offset < 0:
+                continue
+            payload = raw[i : i + size]
+            if len(payload) < size or raw[i + size : i + size + 1] != b"\n":
+                break  # cut short: the VM stopped while it was being written
+            i += size + 1
+            if offset != start + len(run):
+                start, run = offset, bytearray()  # a gap: only what follows it is whole
+            run += payload
+        elif words[0] == _STREAM_FILE:
+            # `@@file INODE SENT`: the file copied is INODE, up to SENT. A run that says
+            # otherwise ends: a new one starts there. (A run whose beginning was rotated away
+            # learns its file here.)
+            said, sent = (_int(w) for w in words[1:]) if len(words) == 3 else (None, None)
+            if said is None or sent is None or sent < 0:
+                continue
+            if sent != start + len(run) or inode not in (None, said):
+                start, run = sent, bytearray()
+            inode = said
+        elif words[0] == _STREAM_ROUND:
+            number = _int(words[1]) if len(words) in (3, 4) else None
+            behind = _int(words[3]) if len(words) == 4 else 0
+            if number is not None and behind is not None:
+                boot_id, last_round, left = words[2][:64], number, max(0, behind)
+                # A round that did not drain says the clock only: the last drain's counts hold.
+                drained = [x for x in pending if not x.startswith(_CAPTURE_CLOCK + " ")]
+                drain = drained or drain
+                clock = [x for x in pending if x.startswith(_CAPTURE_CLOCK + " ")][-1:] or clock
+                report = (*drain, *clock)
+            pending = []
+        elif len(pending) < 32:
+            pending.append(line.decode("ascii"))
+    return Stream(boot_id, inode, start, bytes(run), report, last_round, left)
+
+
+def stream_snapshot_text(stream: Stream, cursor: Cursor) -> str | None:
+    """collect_script's output for what the copy holds after `cursor`; None when it does not
+    hold all of it (no complete round, another boot, a gap, or a copy behind the file): then
+    SSH must collect."""
+    if stream.round is None or stream.inode is None or not stream.boot_id or stream.left:
+        return None
+    if cursor.boot_id not in ("", stream.boot_id):
+        return None  # a reboot since the last collection: the SSH collection knows them
+    # Another file than the cursor's is read whole, as the collection's script does.
+    offset = cursor.events_offset if cursor.events_inode == stream.inode else 0
+    if not stream.start <= offset <= stream.start + len(stream.data):
+        return None
+    body = stream.data[offset - stream.start :][:EVENTS_CHUNK_BYTES]
+    whole = body.rfind(b"\n") + 1  # the drain writes whole lines; a chunk may end in one
+    end = offset + whole
+    clock = next((x.split() for x in stream.report if x.startswith(_CAPTURE_CLOCK + " ")), [])
+    if len(clock) != 3:
+        return None
+    return "\n".join(
+        [
+            f"{_BOOT} {stream.boot_id}",
+            *(line for line in stream.report if line.split(" ", 1)[0] in _STREAM_REPORT),
+            f"{_EVENTS_POS} {stream.inode} {end} {stream.start + len(stream.data)}",
+            _EVENTS,
+            body[:whole].decode("utf-8", "replace"),
+            f"{_CLOCK} {clock[2]} {clock[1]}",
+            _END,
+            "",
+        ]
+    )
+
+
+def collect_stream(stream: Stream, cursor: Cursor, *, final: bool = False) -> Collected | None:
+    """collect_full's result from the host's copy; None if the copy cannot give all of it."""
+    text = stream_snapshot_text(stream, cursor)
+    return None if text is None else process(parse_snapshot(text), cursor, final=final)
+
+
+def stream_files(path: Path) -> list[Path]:
+    """The host's copy: virtlogd's rotated files (NAME.N, the oldest first), then NAME."""
+    rotated = [
+        p for p in path.parent.glob(path.name + ".*") if p.name[len(path.name) + 1 :].isdigit()
+    ]
+    rotated.sort(key=lambda p: -int(p.name[len(path.name) + 1 :]))
+    return [*rotated, path]
+
+
+def read_stream(path: Path, limit: int = STREAM_READ_BYTES) -> bytes:
+    """The newest `limit` bytes of the host's copy, across virtlogd's rotations."""
+    chunks: list[bytes] = []
+    left = limit
+    for file in reversed(stream_files(path)):
+        if left <= 0:
+            break
+        try:
+            with file.open("rb") as fh:
+                size = fh.seek(0, 2)
+                fh.seek(max(0, size - left))
+                chunks.append(fh.read(left))
+        except OSError:
+            continue
+        left -= len(chunks[-1])
+    return b"".join(reversed(chunks))
+
+
+_ROUND_LINE = re.compile(rb"\n@@round ([0-9]{1,19}) [!-~]{1,64}(?: ([0-9]{1,19}))?(?=\n)")
+
+
+def stream_round(path: Path) -> tuple[int, int] | None:
+    """The number of the last round the host's copy holds, and the bytes of the guest's file
+    it had not copied yet (None: no round), read from the copy's end."""
+    try:
+        with path.open("rb") as fh:
+            size = fh.seek(0, 2)
+            fh.seek(max(0, size - 65536))
+            tail = fh.read()
+    except OSError:
+        return None
+    found = _ROUND_LINE.findall(tail)
+    return (int(found[-1][0]), int(found[-1][1] or 0)) if found else None
 
 
 # ---- the side effect -------------------------------------------------------------------------

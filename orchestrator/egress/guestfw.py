@@ -22,32 +22,19 @@ if TYPE_CHECKING:
 _DIFF_LINES = 10
 
 
-# Between the rules' read-back and the output of `apply`'s `then` command; after that output
-# if the command failed (then its exit status).
-_THEN = "@@then"
-THEN_FAILED = "@@then-failed"
-
-
-def _printf_escaped(data: bytes) -> str:
-    """`data` as an argument of printf's %b: printable ASCII as itself, every other byte (and the
-    backslash) as an octal escape, so any content survives the shell unchanged."""
-    return "".join(chr(b) if 32 <= b < 127 and b != 0x5C else f"\\0{b:03o}" for b in data)
-
-
 def files_script(files: Mapping[str, str]) -> list[str]:
-    """Shell lines that write files into the guest (mode 0644), contents inline. printf is a
-    shell builtin: under TCG each extra process costs tens of milliseconds, so all files take
-    two processes (one mkdir, one chmod) whatever their number."""
+    """Shell lines that write files into the guest (mode 0644), contents inline. Two commands
+    in all (mkdir, chmod): the contents go through the shell's builtin printf, since under TCG
+    every program started costs a noticeable part of a second's tenth."""
     if not files:
         return []
-    ordered = sorted(files.items())
-    dirs = sorted({os.path.dirname(path) for path, _ in ordered})
-    lines = ["mkdir -p " + " ".join(shlex.quote(d) for d in dirs)]
-    for path, content in ordered:
-        escaped = _printf_escaped(content.encode())
-        lines.append(f"printf '%b' {shlex.quote(escaped)} > {shlex.quote(path)}")
-    lines.append("chmod 0644 " + " ".join(shlex.quote(path) for path, _ in ordered))
-    return lines
+    paths = sorted(files)
+    directories = sorted({os.path.dirname(path) for path in paths})
+    return [
+        f"mkdir -p {shlex.join(directories)}",
+        *(f"printf '%s' {shlex.quote(files[path])} > {shlex.quote(path)}" for path in paths),
+        f"chmod 0644 {shlex.join(paths)}",
+    ]
 
 
 def render(policy: EgressPolicy, net: NetworkSpec) -> dict[int, str]:
@@ -69,19 +56,23 @@ def require(expected: Mapping[int, str], printed: str, *, when: str, hint: str) 
         )
 
 
+# Between the read-back and the output of `apply`'s `then`.
+_THEN = "@@then"
+
+
 def apply(
     guest: Guest,
     rules: Mapping[int, str],
     *,
     files: Mapping[str, str] | None = None,
     commands: Sequence[Sequence[str]] = (),
-    then: Sequence[str] = (),
-) -> str:
+    then: str | None = None,
+) -> tuple[int, str]:
     """Load the rules with iptables-restore (each family atomically), read them back and fail
     unless the kernel holds exactly what was meant; write `files` and run `commands` (argv)
-    first, and `then` (argv) last: its output (stdout and stderr) is returned, followed by a
-    THEN_FAILED line if it failed. One SSH round trip: under TCG every extra channel costs a
-    noticeable part of a second."""
+    first; then run the shell `then` (in a subshell, stderr with stdout). One SSH round trip:
+    under TCG every extra channel costs a noticeable part of a second. Returns `then`'s exit
+    status and output."""
     restore4, restore6 = (firewall.restore_commands(v)[0] for v in (4, 6))
     script = "\n".join(
         [
@@ -95,18 +86,25 @@ def apply(
             rules[6].rstrip("\n"),
             "SANDBOX_RULES_V6",
             *firewall.save_script(),
+            *(
+                [f"echo {_THEN}", f"status=0; ( {then} ) 2>&1 || status=$?", "echo $status"]
+                if then is not None
+                else []
+            ),
         ]
     )
-    if then:
-        script += f"\necho {_THEN}\n{shlex.join(then)} 2>&1 || echo {THEN_FAILED} $?"
-    printed, _, after = guest.check(["sh", "-c", script], timeout=60).partition(_THEN + "\n")
+    printed = guest.check(["sh", "-c", script], timeout=60)
+    saved, marker, after = printed.partition(f"\n{_THEN}\n")
     require(
         rules,
-        printed,
+        saved + "\n" if marker else printed,
         when="differs from the policy after loading it",
         hint="something in the guest changed the rules; destroy the sandbox and report this",
     )
-    return after
+    if then is None:
+        return 0, ""
+    output, _, status = after.rstrip("\n").rpartition("\n")
+    return (int(status) if status.isdigit() else 1), output
 
 
 def read_back(guest: Guest) -> str:

@@ -36,7 +36,7 @@ from orchestrator.errors import (
     UsageError,
 )
 from orchestrator.files import atomic_write
-from orchestrator.lifecycle import resources, warm
+from orchestrator.lifecycle import resources, teardown, warm
 from orchestrator.lifecycle.context import (
     Context,
     guards_host,
@@ -193,8 +193,12 @@ def up(
         )
     store = ctx.store
     img = load_image(ctx.image_name(image), ctx.dirs.images)
-    with store.lock(name):
+    with store.lock(name, timeout=teardown.lock_wait(store, name)):
         existing = store.load(name)
+        if existing is not None and existing.phase is Phase.DESTROYING:
+            # A detached destroy whose removal did not finish: finish it first.
+            teardown.teardown_locked(ctx, name, existing)
+            existing = None
         if existing is not None:
             what = "exists" if existing.phase is Phase.READY else "was left half-built"
             raise ConflictError(
@@ -348,7 +352,7 @@ class Build:
             self.key_path = store.write_secret(self.name, paths.CLIENT_KEY, taken.client_key)
             store.write_secret(self.name, paths.CLIENT_KEY_PUB, vm.client_key + "\n")
             store.write_secret(self.name, paths.HOST_KEY_PUB, vm.host_key + "\n")
-            self.vols = names.SandboxVolumes(*vm.volumes)
+            self.vols = names.SandboxVolumes.for_domain(vm.domain)
             self._save(host_key=vm.host_key, domain=vm.domain, volumes=vm.volumes, warm_id=vm.id)
             # Recorded as this sandbox's now, in its state and in the domain's metadata (which
             # is also what keeps a concurrent fill from taking it for an orphan): `destroy` and
@@ -453,6 +457,7 @@ class Build:
             network=self.net_spec.name,
             mac=state.mac,
             console_log=os.path.join(hv.pool_path(self.pool), self.vols.console),
+            capture_log=os.path.join(hv.pool_path(self.pool), self.vols.capture),
             sandbox=name,
             image=self.img.name,
             filterref=names.nwfilter(name) if host_filter else None,
@@ -563,13 +568,13 @@ class Build:
                     f"loading the egress policy and xdebug ({xdebug_mode.value}) in the guest, "
                     "checking connection capture (eBPF)"
                 ):
-                    # The capture is checked in the same round trip, right after the push: its
-                    # clock then marks the end of the firewall changes that were ours.
-                    capture = guestfw.apply(
-                        guest, rules, files=files, commands=commands, then=monitor.START_COMMAND
+                    # One round trip. The capture's clock after the push: the firewall changes
+                    # up to it are the push's.
+                    status, output = guestfw.apply(
+                        guest, rules, files=files, commands=commands, then=monitor.START_SCRIPT
                     )
+                    mark = monitor.started(status, output)
                 self._save(guest_rules={str(v): text for v, text in rules.items()})
-                mark = monitor.started(capture, guestfw.THEN_FAILED)
                 _mark_policy_push(logs_dir(self.ctx, self.name), mark)
         except SandboxError as exc:
             text = hv.console_text(self.conn, self.pool, self.vols.console)

@@ -19,7 +19,7 @@ from orchestrator.capture import hostflows, logview, monitor
 from orchestrator.capture.records import Attempt, DnsQuery, Verdict
 from orchestrator.egress import dnslog, guestfw
 from orchestrator.egress.policy import EgressPolicy
-from orchestrator.errors import NotFoundError, SandboxError, UsageError
+from orchestrator.errors import GuestError, NotFoundError, SandboxError, UsageError
 from orchestrator.files import atomic_write, file_lock
 from orchestrator.lifecycle.context import (
     LEGACY_SUBNET,
@@ -80,9 +80,11 @@ def collect_locked(
     final: bool,
     guest: Guest | None = None,
     after_run: bool = False,
+    stream: Path | None = None,
 ) -> CollectReport:
-    from orchestrator.vm.guest import Guest
-
+    """`stream`: take the guest's records from the host's copy in that file (monitor.Stream)
+    instead of over SSH; GuestError if it does not hold all of them since the last collection.
+    The guest's firewall is not read back then: its changes are in the capture's records."""
     logs = logs_dir(ctx, state.name)
     logs.mkdir(parents=True, exist_ok=True)
     cursor_path = logs / paths.CAPTURE_CURSOR
@@ -95,9 +97,23 @@ def collect_locked(
         expected = expected_rules(state)
         return collected, _firewall_tamper(g, expected, logs, changes)
 
-    if guest is not None:
+    tampered: list[Attempt] = []
+    if stream is not None:
+        copied = monitor.collect_stream(
+            monitor.parse_stream(monitor.read_stream(stream)), cursor, final=final
+        )
+        if copied is None:
+            raise GuestError(
+                "the host's copy of the guest's records does not hold all of them since the "
+                "last collection",
+                "collect over SSH",
+            )
+        collected = copied
+    elif guest is not None:
         collected, tampered = gather(guest)
     else:
+        from orchestrator.vm.guest import Guest  # paramiko: only where SSH is used
+
         deadline = Deadline(60, f"SSH to sandbox {state.name!r} to collect its records")
         with Guest.connect(endpoint(ctx, state), deadline) as own:
             collected, tampered = gather(own)
@@ -237,10 +253,19 @@ def collect_quietly(
 # ---- reading the logs (sandbox logs) ---------------------------------------------------------
 
 
+# The most `logs --purge` waits for a detached destroy's removal (teardown.py).
+PURGE_WAIT_SECONDS = 120.0
+
+
 def purge_logs(ctx: Context, name: str) -> bool:
     """Delete a destroyed sandbox's logs; False when there were none."""
     validate_name(name)
-    if ctx.store.load(name) is not None:
+    state = ctx.store.load(name)
+    if state is not None and state.phase is Phase.DESTROYING:
+        # A detached destroy's child is removing it: wait for it (it holds the lock).
+        with ctx.store.lock(name, timeout=PURGE_WAIT_SECONDS):
+            state = ctx.store.load(name)
+    if state is not None:
         raise UsageError(
             f"sandbox {name!r} still exists", f"destroy it first: sandbox destroy --name {name}"
         )

@@ -59,12 +59,10 @@ def remove_volumes(
     """Keep the console's text with the logs, then delete the sandbox's volumes; the names of
     those that were there."""
     save_console(store, name, hv.console_text(conn, pool, vols.console))
-    # virtlogd rotates the console log (2 MiB a file, 3 kept): the old ones too.
-    return [
-        vol
-        for vol in (*vols.all(), *hv.console_rotations(pool, vols.console))
-        if hv.delete_volume(pool, vol)
-    ]
+    # virtlogd rotates the console log and the capture's (2 MiB a file, 3 kept): the old ones
+    # too.
+    rotated = [*hv.console_rotations(pool, vols.console), *hv.console_rotations(pool, vols.capture)]
+    return [vol for vol in (*vols.all(), *rotated) if hv.delete_volume(pool, vol)]
 
 
 def remove_network(ctx: Context, conn: libvirt.virConnect, network: str) -> bool:

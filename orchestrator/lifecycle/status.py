@@ -49,6 +49,9 @@ class Status:
             return "ready"
         if self.state.phase is Phase.CREATING and self.domain == "running":
             return "creating"
+        if self.state.phase is Phase.DESTROYING:
+            # A detached destroy's child is removing it (or died: `destroy` again finishes it).
+            return "destroying"
         return "broken"
 
 

@@ -1,38 +1,52 @@
 """`sandbox destroy`: the final collection (bounded: the guest may be hostile or hung), then
-everything the sandbox owns but its logs."""
+everything the sandbox owns but its logs.
+
+The final collection reads the guest's records from the host's copy of them (the capture's
+virtio-serial port, monitor.Stream) when the guest keeps it going, else over SSH. With
+`detach` (the CLI), the guest is paused once collected and the rest (domain, filter, volumes,
+network, state and keys) is removed by a child process of its own, after `destroy` returned:
+the state says `destroying` until the child is done. If the child dies before (killed, the
+machine stopped), the next `destroy` of the sandbox, or `up` of its name, finishes the work:
+every resource name derives from the sandbox name, and the removal is idempotent."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from pathlib import Path
+from typing import TypeVar
 
 import libvirt
 
 from orchestrator import names, paths
-from orchestrator.capture import pcap
+from orchestrator.capture import monitor, pcap
+from orchestrator.config import Settings
 from orchestrator.egress import hostfilter
 from orchestrator.errors import (
     SandboxError,
 )
-from orchestrator.lifecycle.collection import collect_locked
+from orchestrator.lifecycle.collection import CollectReport, collect_locked
 from orchestrator.lifecycle.context import (
     Context,
+    is_local,
 )
 from orchestrator.lifecycle.resources import remove_network, remove_volumes
 from orchestrator.state import (
     Phase,
     SandboxState,
+    StateStore,
     validate_name,
 )
 from orchestrator.vm import hypervisor as hv
 
-if TYPE_CHECKING:
-    # paramiko and pycdlib cost a tenth of a second to import: only the verbs that talk to a
-    # guest or build a seed load them (destroy, list and status do not).
-    pass
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,12 @@ class DestroyReport:
 # The most `destroy` waits for its final collection: a guest that hangs its sshd, stalls the
 # channel or floods it must not hold the host's cleanup (the host-side records are kept anyway).
 FINAL_COLLECT_SECONDS = 30.0
+# The guest's copy completes a round every 100 ms (sbx-capture.c STREAM_MS): the most `destroy`
+# waits for two more (the second begun after the request: it drained every record made
+# before). A guest that stopped its copy, or an image without one, is collected over SSH.
+STREAM_WAIT_SECONDS = 1.5
+# The most a detached removal, or a command after it, waits for the sandbox's lock.
+TEARDOWN_LOCK_SECONDS = 600.0
 
 
 T = TypeVar("T")
@@ -82,55 +102,109 @@ def _within(seconds: float, work: Callable[[], T]) -> tuple[T | None, str]:
     )
 
 
-def destroy(ctx: Context, name: str) -> DestroyReport:
+def lock_wait(store: StateStore, name: str) -> float | None:
+    """How long a command waits for the sandbox's lock: a while if a detached removal may hold
+    it (the state says `destroying`), else not at all."""
+    state = store.load(name)
+    return TEARDOWN_LOCK_SECONDS if state is not None and state.phase is Phase.DESTROYING else None
+
+
+def _caught_up(path: Path, seconds: float = STREAM_WAIT_SECONDS) -> bool:
+    """Whether the guest's copy completed two rounds more within `seconds`, the last with all
+    of the guest's file copied (a burst of records takes it rounds)."""
+    first = monitor.stream_round(path)
+    if first is None:
+        return False
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        last = monitor.stream_round(path)
+        if last is not None and last[0] >= first[0] + 2 and last[1] == 0:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _pause(dom: libvirt.virDomain) -> bool:
+    with contextlib.suppress(libvirt.libvirtError):
+        dom.suspend()
+        return True
+    return False
+
+
+def _collect_from_stream(ctx: Context, state: SandboxState) -> CollectReport | None:
+    """The final collection from the host's copy of the guest's records, the guest paused once
+    the copy caught up; None (the guest running) where it cannot be had so."""
+    if not is_local(state.uri):
+        return None  # the copy is a file on the hypervisor's host
+    with contextlib.suppress(SandboxError), hv.connection(state.uri) as conn:
+        pool = hv.active_pool(conn, state.pool)
+        dom = hv.lookup_domain(conn, state.domain)
+        if pool is None or dom is None:
+            return None
+        path = Path(hv.pool_path(pool)) / names.SandboxVolumes.for_sandbox(state.name).capture
+        if not _caught_up(path) or not _pause(dom):
+            log.info("final collection over SSH: the guest's copy of its records is not going")
+            return None
+        collected, problem = _within(
+            FINAL_COLLECT_SECONDS, lambda: collect_locked(ctx, state, final=True, stream=path)
+        )
+        if collected is None:
+            log.info("final collection over SSH: %s", problem)
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.resume()
+        return collected
+    return None
+
+
+def _final_collection(ctx: Context, state: SandboxState) -> tuple[list[str], list[str]]:
+    """What `destroy` says of its final collection: (what it did, warnings)."""
+    done: list[str] = []
+    warnings: list[str] = []
+    collected = _collect_from_stream(ctx, state)
+    problem, how = "", "from the host's copy"
+    if collected is None:
+        # The guest may be hostile or hung: whatever it does, destroy goes on.
+        collected, problem = _within(
+            FINAL_COLLECT_SECONDS, lambda: collect_locked(ctx, state, final=True)
+        )
+        how = "over SSH"
+    if collected is not None:
+        done.append(
+            f"collected {collected.new_attempts} attempts, {collected.new_dns} DNS queries ({how})"
+        )
+        warnings.extend(collected.warnings)
+    else:
+        warnings.append(f"could not collect the last connection records: {problem}")
+    return done, warnings
+
+
+def destroy(ctx: Context, name: str, *, detach: bool = False) -> DestroyReport:
     """Remove everything a sandbox owns but its logs. Idempotent; works from any half-built
-    state, because every resource name derives from the sandbox name."""
+    state, because every resource name derives from the sandbox name. `detach`: pause the VM
+    and leave the removal to a child process (see the module's docstring)."""
     validate_name(name)
     store = ctx.store
     removed: list[str] = []
     warnings: list[str] = []
-    with store.lock(name):
+    with store.lock(name, timeout=lock_wait(store, name)):
         state = store.load(name)
-        uri = state.uri if state else ctx.settings.connect
-        pool_name = state.pool if state else ctx.settings.pool.name
-        network = state.network if state else names.network(name)
         if state is not None and state.phase is Phase.READY:
             # Destroy collects first: the guest's records exist only in the guest until now.
-            # But the guest may be hostile or hung: whatever it does, destroy goes on.
-            collected, problem = _within(
-                FINAL_COLLECT_SECONDS, lambda: collect_locked(ctx, state, final=True)
-            )
-            if collected is not None:
-                if collected.new_attempts or collected.new_dns:
-                    removed.append(
-                        f"collected {collected.new_attempts} attempts, "
-                        f"{collected.new_dns} DNS queries"
-                    )
-                warnings.extend(collected.warnings)
-            else:
-                warnings.append(f"could not collect the last connection records: {problem}")
-        if state is not None and state.pcap_pid:
-            pcap.stop_pcap(state.pcap_pid)
-        if state is not None and state.flows_pid:
-            pcap.stop_pcap(state.flows_pid)
-        with hv.connection(uri) as conn:
-            dom_name = _domain_of(conn, name, state)
-            if hv.destroy_domain(conn, dom_name):
-                removed.append(f"domain {dom_name}")
-            if hostfilter.remove_filter(conn, name):
-                removed.append(f"filter {names.nwfilter(name)}")
-            pool = hv.active_pool(conn, pool_name)
-            if pool is not None:
-                vols = names.SandboxVolumes.for_domain(dom_name)
-                gone = remove_volumes(conn, pool, vols, store, name)
-                removed += [f"volume {vol}" for vol in gone]
-            if remove_network(ctx, conn, network):
-                removed.append(f"network {network}")
-        secrets_dir = store.dir(name)
-        present = [f for f in (*paths.SECRET_FILES, paths.STATE_FILE) if (secrets_dir / f).exists()]
-        store.remove_secrets(name)
-        if present:
-            removed.append("state and keys")
+            done, warned = _final_collection(ctx, state)
+            removed += done
+            warnings += warned
+        if detach and state is not None:
+            state = dataclasses.replace(state, phase=Phase.DESTROYING)
+            store.save(state)
+            pid = _detach(ctx, state)
+            if pid is not None:
+                _pause_domain(state)
+                removed.append(
+                    f"VM stopped; its domain, disks, network, state and keys are being removed "
+                    f"(pid {pid})"
+                )
+                return DestroyReport(name=name, removed=tuple(removed), warnings=tuple(warnings))
+        removed += teardown_locked(ctx, name, state)
     with contextlib.suppress(FileNotFoundError):
         store.file(name, paths.LOCK_FILE).unlink()
     return DestroyReport(name=name, removed=tuple(removed), warnings=tuple(warnings))
@@ -142,6 +216,89 @@ def _domain_of(conn: libvirt.virConnect, name: str, state: SandboxState | None) 
     if state is not None:
         return state.domain
     return hv.sandbox_domains(conn).get(name, names.domain(name))
+
+
+def _pause_domain(state: SandboxState) -> None:
+    """Stop the guest at once (its removal follows in the child): nothing it does from now on
+    can matter."""
+    with contextlib.suppress(SandboxError), hv.connection(state.uri) as conn:
+        dom = hv.lookup_domain(conn, state.domain)
+        if dom is not None and hv.domain_running(dom):
+            _pause(dom)
+
+
+def teardown_locked(ctx: Context, name: str, state: SandboxState | None) -> list[str]:
+    """Everything the sandbox owns but its logs, removed (the sandbox's lock held): what was
+    there."""
+    store = ctx.store
+    removed: list[str] = []
+    uri = state.uri if state else ctx.settings.connect
+    pool_name = state.pool if state else ctx.settings.pool.name
+    network = state.network if state else names.network(name)
+    if state is not None and state.pcap_pid:
+        pcap.stop_pcap(state.pcap_pid)
+    if state is not None and state.flows_pid:
+        pcap.stop_pcap(state.flows_pid)
+    with hv.connection(uri) as conn:
+        dom_name = _domain_of(conn, name, state)
+        if hv.destroy_domain(conn, dom_name):
+            removed.append(f"domain {dom_name}")
+        if hostfilter.remove_filter(conn, name):
+            removed.append(f"filter {names.nwfilter(name)}")
+        pool = hv.active_pool(conn, pool_name)
+        if pool is not None:
+            vols = names.SandboxVolumes.for_domain(dom_name)
+            gone = remove_volumes(conn, pool, vols, store, name)
+            removed += [f"volume {vol}" for vol in gone]
+        if remove_network(ctx, conn, network):
+            removed.append(f"network {network}")
+    secrets_dir = store.dir(name)
+    present = [f for f in (*paths.SECRET_FILES, paths.STATE_FILE) if (secrets_dir / f).exists()]
+    store.remove_secrets(name)
+    if present:
+        removed.append("state and keys")
+    return removed
+
+
+_CHILD = (
+    "import sys; from orchestrator.lifecycle import teardown; "
+    "sys.exit(teardown.finish_detached(sys.argv[1:]))"
+)
+
+
+def _detach(ctx: Context, state: SandboxState) -> int | None:
+    """Start the child that removes the sandbox once this process lets go of its lock; its pid,
+    or None if it could not start (the caller then removes it itself)."""
+    dirs = ctx.dirs
+    argv = [sys.executable, "-c", _CHILD, state.name, state.created]
+    argv += [str(dirs.data), str(dirs.state), str(dirs.config)]
+    try:
+        child = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C or a closed terminal must not stop it halfway
+        )
+    except OSError:
+        return None
+    return child.pid
+
+
+def finish_detached(argv: list[str]) -> int:
+    """The child of a detached `destroy`: NAME CREATED DATA_DIR STATE_DIR CONFIG_DIR. Removes
+    the sandbox created at CREATED if it is still `destroying` when its lock comes free."""
+    name, created, data, state_dir, config = argv
+    dirs = paths.Dirs(data=Path(data), state=Path(state_dir), config=Path(config))
+    ctx = Context(settings=Settings(), dirs=dirs)
+    with ctx.store.lock(name, timeout=TEARDOWN_LOCK_SECONDS):
+        state = ctx.store.load(name)
+        if state is None or state.phase is not Phase.DESTROYING or state.created != created:
+            return 0  # another command finished it, or a new sandbox took the name
+        teardown_locked(ctx, name, state)
+    with contextlib.suppress(FileNotFoundError):
+        ctx.store.file(name, paths.LOCK_FILE).unlink()
+    return 0
 
 
 def known_names(ctx: Context) -> list[str]:

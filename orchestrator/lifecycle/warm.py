@@ -65,7 +65,7 @@ class WarmVM:
     accel: Accel
     memory_mib: int
     vcpus: int
-    volumes: tuple[str, str, str]
+    volumes: tuple[str, ...]
     host_key: str  # the public line of its SSH host key (the private one went in its seed)
     client_key: str  # the public line of the key `up` logs in with (the private one: CLIENT_KEY)
 
@@ -149,6 +149,10 @@ def records(ctx: Context) -> list[WarmVM]:
         if vm.id == entry.name:
             found.append(vm)
     return sorted(found, key=lambda vm: (vm.created, vm.id))
+
+
+def _console(vm: WarmVM) -> str:
+    return names.SandboxVolumes.for_domain(vm.domain).console
 
 
 def _forget(ctx: Context, warm_id: str) -> None:
@@ -266,7 +270,11 @@ def _remove(ctx: Context, conn: libvirt.virConnect, domain: str, pool_name: str)
     pool = hv.active_pool(conn, pool_name)
     if pool is not None:
         vols = names.SandboxVolumes.for_domain(domain)
-        for vol in (*vols.all(), *hv.console_rotations(pool, vols.console)):
+        rotated = (
+            *hv.console_rotations(pool, vols.console),
+            *hv.console_rotations(pool, vols.capture),
+        )
+        for vol in (*vols.all(), *rotated):
             hv.delete_volume(pool, vol)
 
 
@@ -333,6 +341,7 @@ def _boot(ctx: Context, conn: libvirt.virConnect, img: Image, accel: Accel) -> W
                 network=None,
                 mac=None,
                 console_log=str(Path(hv.pool_path(pool)) / vols.console),
+                capture_log=str(Path(hv.pool_path(pool)) / vols.capture),
                 sandbox="",
                 image=img.name,
                 hotplug_ports=HOTPLUG_PORTS,
@@ -366,7 +375,7 @@ def _wait_booted(ctx: Context, conn: libvirt.virConnect, vm: WarmVM) -> None:
                 f"warm VM {vm.domain} stopped while booting",
                 "run `sandbox warm drain` and `sandbox warm fill` again; see `sandbox --debug`",
             )
-        text = hv.console_text(conn, pool, vm.volumes[2])
+        text = hv.console_text(conn, pool, _console(vm))
         return True if READY_MARKER in text else None
 
     wait_for(booted, deadline, interval=0.5, max_interval=1.0)
@@ -387,7 +396,7 @@ def status(ctx: Context) -> list[WarmStatus]:
             pool = hv.active_pool(conn, vm.pool)
             if dom is None or not hv.domain_running(dom) or pool is None:
                 state = "gone"
-            elif READY_MARKER in hv.console_text(conn, pool, vm.volumes[2]):
+            elif READY_MARKER in hv.console_text(conn, pool, _console(vm)):
                 state = "ready"
             else:
                 state = "booting"

@@ -23,6 +23,9 @@ DNSMASQ_NS = "http://libvirt.org/schemas/network/dnsmasq/1.0"
 # rotated by any logrotate rule (a rotation would leave dnsmasq writing to the old inode), and is
 # where a confined dnsmasq (AppArmor/SELinux) is already let write its network's files.
 DNSMASQ_DIR = "/var/lib/libvirt/dnsmasq"
+# The virtio-serial port the guest's sandbox-capture-stream.service writes its records to
+# (/dev/virtio-ports/NAME in the guest).
+CAPTURE_CHANNEL = "org.sandbox.capture.0"
 
 
 class Accel(Enum):
@@ -80,6 +83,9 @@ class DomainSpec:
     # Whose warm VM it is (a hash of the state directory that has its record): fills and drains
     # remove only their own warm VMs left without a record, never another user's.
     warm_owner: str | None = None
+    # The host's file of the capture's virtio-serial port (CAPTURE_CHANNEL): the guest copies its
+    # connection records there as they come, for `destroy` to read without SSH.
+    capture_log: str | None = None
 
     def interface(self) -> InterfaceSpec | None:
         if self.network is None or self.mac is None:
@@ -201,6 +207,11 @@ def render_domain(spec: DomainSpec) -> str:
     _sub(console, "source", path=spec.console_log, append="off")
     _sub(console, "target", type="serial", port="0")
 
+    if spec.capture_log:
+        channel = _sub(devices, "channel", type="file")
+        _sub(channel, "source", path=spec.capture_log, append="off")
+        _sub(channel, "target", type="virtio", name=CAPTURE_CHANNEL)
+
     rng = _sub(devices, "rng", model="virtio")
     # Without entropy a fresh guest can stall sshd and PHP waiting for getrandom().
     _sub(rng, "backend", "/dev/urandom", model="random")
@@ -212,6 +223,8 @@ def render_domain(spec: DomainSpec) -> str:
         # then the empty ones. The root is named first, or libvirt would give index 0 (which
         # must be the root) to a port.
         used = sum(1 for el in devices if el.tag in ("disk", "interface", "rng"))
+        # A virtio channel needs libvirt's virtio-serial controller: one more PCIe device.
+        used += any(el.tag == "channel" for el in devices)
         _sub(devices, "controller", type="pci", index="0", model="pcie-root")
         for _ in range(used + spec.hotplug_ports):
             _sub(devices, "controller", type="pci", model="pcie-root-port")
