@@ -62,8 +62,8 @@ def run_once(
     on_warning: Callable[[str], None],
     on_ready: Callable[[str], None] = lambda name: None,
 ) -> OneShotOutcome:
-    """Up, run, collect, destroy: the sandbox is gone when this returns or raises, whatever
-    happened (a failed run, a failed `up`, Ctrl-C), and its logs are kept."""
+    """Up, run, collect, destroy: whatever happened (a failed run, a failed `up`, Ctrl-C), the
+    sandbox is paused and being removed when this returns or raises, and its logs are kept."""
     runs.plan(request)  # refuse bad local files before anything boots
     name = new_name(ctx)
     outcome: RunOutcome | None = None
@@ -77,5 +77,8 @@ def run_once(
         )
     finally:
         with _uninterruptible():
-            destroyed = teardown.destroy(ctx, name)
+            # Detached like the CLI's destroy: the records are home when it returns, the VM is
+            # paused, and a child of its own session removes the rest (a later destroy or up
+            # of the name finishes it if that child is killed).
+            destroyed = teardown.destroy(ctx, name, detach=True)
     return OneShotOutcome(name=name, outcome=outcome, destroyed=destroyed)
