@@ -402,6 +402,11 @@ def run(
         outcome = once_outcome.outcome
         for warning in once_outcome.destroyed.warnings:
             _warn(warning)
+        err.print(
+            safetext.text(f"destroyed {name}: {', '.join(once_outcome.destroyed.removed)}"),
+            style="dim",
+            soft_wrap=True,
+        )
     else:
         outcome = lifecycle.run_target(
             sandboxes,

@@ -99,7 +99,8 @@ def test_a_warm_sandbox_is_fresh_and_enforces_its_policy(cli: Cli, tmp_path: Pat
 
     for name in ("hw1", "hw2"):
         domain = str(state_of(cli, name)["domain"])
-        cli.ok("destroy", "--name", name)
+        destroyed = cli.ok("destroy", "--name", name)
+        assert "from the host's copy" in " ".join(destroyed.stderr.split()), destroyed.stderr
         assert leftovers(name, cli) == [] and not domain_exists(domain)
     assert warm_leftovers() == []
 
@@ -118,6 +119,8 @@ def test_a_one_shot_run_reports_and_leaves_nothing(cli: Cli, tmp_path: Path) -> 
     ran = cli.run("run", "--allow", ALLOWED, str(script))
     assert ran.returncode == 7, ran.stderr
     name = one_shot_name(ran.stderr)
+    # No SSH round trip at the end: the records came from the host's copy.
+    assert "from the host's copy" in " ".join(ran.stderr.split()), ran.stderr
     # The log summary is printed: both attempts with their PHP lines.
     assert "blocked" in ran.stdout and "allowed" in ran.stdout
     assert "phone.php:2" in ran.stdout and "phone.php:3" in ran.stdout

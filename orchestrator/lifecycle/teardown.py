@@ -141,7 +141,7 @@ def _collect_from_stream(ctx: Context, state: SandboxState) -> CollectReport | N
         dom = hv.lookup_domain(conn, state.domain)
         if pool is None or dom is None:
             return None
-        path = Path(hv.pool_path(pool)) / names.SandboxVolumes.for_sandbox(state.name).capture
+        path = Path(hv.pool_path(pool)) / names.SandboxVolumes.for_domain(state.domain).capture
         if not _caught_up(path) or not _pause(dom):
             log.info("final collection over SSH: the guest's copy of its records is not going")
             return None
