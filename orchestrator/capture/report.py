@@ -236,6 +236,9 @@ def _destinations(attempts: Sequence[Attempt]) -> tuple[Destination, ...]:
                 process=process_label(first.exe, first.pid),
                 php=next((p for p in (_place(a.stack) for a in group) if p), None),
                 requests=tuple(dict.fromkeys(a.request for a in group if a.request)),
+                sni=tuple(dict.fromkeys(a.sni for a in group if a.sni)),
+                http=tuple(dict.fromkeys(a.http for a in group if a.http)),
+                payloads=tuple(dict.fromkeys(a.payload for a in group if a.payload)),
             )
         )
     return tuple(sorted(found, key=lambda d: (d.first, d.key)))

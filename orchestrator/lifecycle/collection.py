@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orchestrator import jsontext, paths
-from orchestrator.capture import hostflows, logview, monitor
+from orchestrator.capture import hostflows, logview, monitor, payload
 from orchestrator.capture.records import Attempt, DnsQuery, Verdict
 from orchestrator.egress import dnslog, guestfw
 from orchestrator.egress.policy import EgressPolicy
@@ -109,6 +109,8 @@ def collect_locked(
         [_host_verdict(a, policy) for a in collected.attempts], known_dns
     )
     attempts = monitor.attach_dns_names(monitor.confirm_probes(attempts, known_dns), known_dns)
+    # The server names and HTTP requests the host side saw on the guest's TCP connections.
+    attempts = payload.attach(attempts, payload.read_segments(hostflows.capture_files(logs)))
     inflate = ctx.settings.limits.decompressed
     new_attempts = logview.append_attempts(logs, runs.annotate(attempts, logs, limit=inflate))
     if after_run:
