@@ -275,6 +275,7 @@ _VERDICT_STYLE = {
     Verdict.HOST_BLOCKED: "bold red",
     Verdict.TAMPER: "bold magenta",
     Verdict.UNSENT: "yellow",
+    Verdict.SINKHOLED: "magenta",
     Verdict.PROBE: "dim",
 }
 

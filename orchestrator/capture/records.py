@@ -49,6 +49,9 @@ class Verdict(Enum):
     # socket to each address to learn the source it would use, and never sends): the lookup's,
     # not the software's own intent. Hidden by `sandbox logs` unless asked (--probes).
     PROBE = "probe"
+    # Sinkhole mode: a connection to the sinkhole the name the software asked for led it to;
+    # nothing left the machine (egress/sinkhole.py).
+    SINKHOLED = "sinkholed"
 
 
 def iso_time(epoch_seconds: float) -> str:

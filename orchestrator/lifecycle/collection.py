@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from orchestrator import jsontext, paths
 from orchestrator.capture import hostflows, logview, monitor, payload
 from orchestrator.capture.records import Attempt, DnsQuery, Verdict
-from orchestrator.egress import dnslog, guestfw
+from orchestrator.egress import dnslog, guestfw, sinkhole
 from orchestrator.egress.policy import EgressPolicy
 from orchestrator.errors import NotFoundError, SandboxError, UsageError
 from orchestrator.files import atomic_write, file_lock
@@ -111,6 +111,13 @@ def collect_locked(
     attempts = monitor.attach_dns_names(monitor.confirm_probes(attempts, known_dns), known_dns)
     # The server names and HTTP requests the host side saw on the guest's TCP connections.
     attempts = payload.attach(attempts, payload.read_segments(hostflows.capture_files(logs)))
+    if policy.sinkhole:
+        attempts = sinkhole.attach(
+            attempts,
+            sinkhole.read_records(logs),
+            str(network_of(state).gateway),
+            history=logview.read_attempts(logs),
+        )
     inflate = ctx.settings.limits.decompressed
     new_attempts = logview.append_attempts(logs, runs.annotate(attempts, logs, limit=inflate))
     if after_run:

@@ -266,6 +266,9 @@ class NetworkSpec:
     # Where the network's dnsmasq logs every query with the asking guest's address (dnslog.py
     # reads it).
     dns_log_dir: str = DNSMASQ_DIR
+    # Sinkhole mode (EgressPolicy.sinkhole): the resolver answers every other name (A) with the
+    # gateway, where the sinkhole listens.
+    sinkhole: bool = False
 
     @property
     def dns_log(self) -> str:
@@ -362,6 +365,10 @@ def render_network(spec: NetworkSpec) -> str:
     # tamper with.
     for value in ("log-queries=extra", f"log-facility={spec.dns_log}"):
         ET.SubElement(options, f"{{{DNSMASQ_NS}}}option", value=value)
+    if spec.sinkhole:
+        # Every name; the allowed names' own entries (the <host> elements, an addn-hosts file)
+        # still win. AAAA queries stay REFUSED: the sinkhole is IPv4 only.
+        ET.SubElement(options, f"{{{DNSMASQ_NS}}}option", value=f"address=/#/{spec.gateway}")
     return _to_string(net)
 
 
