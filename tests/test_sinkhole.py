@@ -213,3 +213,12 @@ def test_the_real_sinkhole_answers_minimally_and_records(
     ]
     assert sinkhole.stop(started.pid) is True
     assert sinkhole.stop(started.pid) is False
+
+
+def test_the_report_says_sinkhole_mode_and_reads_older_files() -> None:
+    from orchestrator.capture import report
+
+    sunk = report._policy(build_policy([], sinkhole=True).to_dict())
+    assert sunk is not None and sunk.sinkhole is True
+    older = {"allow": [], "names": [], "dns": True, "blocked": "reject"}  # before the field
+    assert report._typed(report.PolicyInfo, older).sinkhole is False

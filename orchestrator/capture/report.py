@@ -92,6 +92,9 @@ class PolicyInfo:
     names: tuple[NameInfo, ...]
     dns: bool
     blocked: str
+    # Sinkhole mode: other names led to the sandbox's sinkhole (a field added within version 1:
+    # files written before it read as false).
+    sinkhole: bool = False
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,7 @@ def _policy(data: Mapping[str, Any] | None) -> PolicyInfo | None:
         names=tuple(NameInfo(host, addrs) for host, addrs in policy.names),
         dns=policy.dns,
         blocked=policy.blocked.value,
+        sinkhole=policy.sinkhole,
     )
 
 
