@@ -164,6 +164,14 @@ def up(
     blocked: Annotated[
         str | None, typer.Option("--blocked", help="reject (default: fail fast) or drop.")
     ] = None,
+    sinkhole: Annotated[
+        bool | None,
+        typer.Option(
+            "--sinkhole/--no-sinkhole",
+            help="Resolve every name (but the allowed ones) to a sinkhole on the host that "
+            "records what the guest sends and forwards nothing.",
+        ),
+    ] = None,
     pcap: Annotated[
         bool, typer.Option("--pcap", help="Capture the VM's packets on the host (tcpdump).")
     ] = False,
@@ -201,6 +209,7 @@ def up(
         dns=dns,
         blocked=_blocked(blocked),
         learn=_learn(learn),
+        sinkhole=sinkhole,
     )
     if learn:
         _shout(lifecycle.learn_warning(name))
@@ -882,6 +891,10 @@ def policy_show(name: NameOpt = "default") -> None:
     for host, addrs in p.names:
         out.print(safetext.text(f"  name {host} -> {', '.join(addrs)}"))
     out.print(f"  blocked attempts: {p.blocked.value}")
+    if p.sinkhole:
+        out.print(
+            "  sinkhole: every other name resolves to the gateway, where nothing is forwarded"
+        )
     for version, rules in sorted(report.guest_rules.items()):
         out.print(f"\n[bold]guest: ip{'6' if version == 6 else ''}tables-save -t filter[/]")
         out.print(safetext.text(rules.rstrip(), multiline=True))

@@ -75,6 +75,8 @@ class SandboxState:
     pcap_pid: int | None = None
     # tcpdump keeping the host-side flow record (hostflows.py).
     flows_pid: int | None = None
+    # The sinkhole (egress/sinkhole.py) of a sandbox in sinkhole mode.
+    sinkhole_pid: int | None = None
     # The xdebug mode `sandbox run` uses unless told otherwise (xdebug.XdebugMode value).
     xdebug: XdebugMode = XdebugMode.TRACE
 

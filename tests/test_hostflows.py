@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.capture import hostflows, pcap
+from orchestrator.capture import hostflows, payload, pcap
 from orchestrator.capture.hostflows import Flow
 from orchestrator.capture.records import Attempt, Verdict
 
@@ -29,6 +29,7 @@ LINES = f"""\
 1796461665.300000 IP 10.9.0.1 > 198.51.100.4:  ip-proto-132 20
 1796461665.400000 IP 10.9.0.1.99999 > 10.9.0.2.80: tcp 0
 1796461665.500000 IP 10.9.0.1.1² > 10.9.0.2.80: tcp 0
+1796461665.600000 IP 10.9.0.1.49870 > 10.9.0.2.80: tcp 72
 garbage \x1b[31m from a hostile name
 """
 
@@ -42,7 +43,9 @@ def test_parse_line() -> None:
     assert parsed[6] == Flow(1796461665.1, "icmpv6", "2001:db8:9::1", "2001:db8::9")
     assert parsed[8] == Flow(1796461665.3, "other", "10.9.0.1", "198.51.100.4")
     # A port out of range, a non-ASCII digit, and anything that is not a packet line: nothing.
-    assert parsed[9] is None and parsed[10] is None and parsed[11] is None
+    assert parsed[9] is None and parsed[10] is None and parsed[12] is None
+    # A TCP segment with data (a request's first, FLOW_FILTER keeps it) starts no flow.
+    assert parsed[11] is None
 
 
 def test_first_packets_folds_flows_and_drops_housekeeping() -> None:
@@ -137,14 +140,29 @@ def veth() -> Iterator[tuple[str, str]]:
             subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
-SEND = """
+SEND = r"""
 import socket
 for port in (80, 443):
     s = socket.socket(); s.settimeout(0.5)
     try: s.connect(("203.0.113.9", port))
     except OSError: pass
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-for _ in range(3): u.sendto(b"x" * 500, ("198.51.100.9", 5353))
+for _ in range(3): u.sendto(b"x" * 2000, ("198.51.100.9", 5353))
+# Two connections to the host's listener: an HTTP request, and bytes that start no request.
+for first in (b"GET /a/b?c=1 HTTP/1.1\r\nHost: h.example\r\nUser-Agent: t\r\n\r\n", b"HELLO raw"):
+    s = socket.create_connection(("10.214.0.1", 8080), timeout=5)
+    s.sendall(first)
+    s.recv(10)
+    s.close()
+"""
+# The host's listener for SEND: reads each connection's first bytes, answers, closes.
+LISTEN = """
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("10.214.0.1", 8080)); s.listen(4); s.settimeout(20)
+print("listening", flush=True)
+for _ in range(2):
+    c, _ = s.accept(); c.settimeout(5); c.recv(4096); c.sendall(b"ok"); c.close()
 """
 
 
@@ -167,20 +185,36 @@ def test_real_tcpdump_records_first_packets_only(veth: tuple[str, str], tmp_path
         check=True,
     )
     pid = int(started.stdout)
+    listener = subprocess.Popen(
+        ["ip", "netns", "exec", host, sys.executable, "-c", LISTEN],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
+        assert listener.stdout is not None and listener.stdout.readline() == "listening\n"
         subprocess.run(["ip", "netns", "exec", guest, sys.executable, "-c", SEND], check=True)
+        assert listener.wait(timeout=30) == 0
         # The host's own packets out of the tap (its SYN-ACKs, resets) are not the guest's.
         subprocess.run(
             ["ip", "netns", "exec", host, "ping", "-c", "1", "-W", "1", "10.214.0.2"],
             capture_output=True,
         )
     finally:
+        listener.kill()
+        listener.wait()
         assert pcap.stop_pcap(pid)
     flows = hostflows.read_flows(tmp_path)
     got = [(f.proto, f.src, f.dst, f.dport) for f in flows]
     assert ("tcp", "10.214.0.2", "203.0.113.9", 80) in got
     assert ("tcp", "10.214.0.2", "203.0.113.9", 443) in got
     assert got.count(("udp", "10.214.0.2", "198.51.100.9", 5353)) == 1
+    # Each connection to the listener is one flow: its request segment is no flow of its own.
+    assert got.count(("tcp", "10.214.0.2", "10.214.0.1", 8080)) == 2
     assert all(f.src == "10.214.0.2" for f in flows), got
-    # Headers only: at most 32 bytes of a datagram's payload are on disk.
-    assert all(b"x" * 33 not in p.read_bytes() for p in hostflows.capture_files(tmp_path))
+    # At most SNAPLEN bytes of each packet are on disk: no full-size datagram.
+    limit = b"x" * hostflows.SNAPLEN
+    assert all(limit not in p.read_bytes() for p in hostflows.capture_files(tmp_path))
+    # The request's first segment is kept, and read back; the bytes that start no request not.
+    segments = payload.read_segments(hostflows.capture_files(tmp_path))
+    assert [(s.dport, s.payload.http) for s in segments] == [(8080, "GET h.example /a/b?c=1")]
+    assert all(b"HELLO raw" not in p.read_bytes() for p in hostflows.capture_files(tmp_path))

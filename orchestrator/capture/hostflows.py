@@ -27,9 +27,29 @@ from orchestrator.capture.pcap import ring_files, start_tcpdump
 from orchestrator.capture.records import Attempt, Verdict, iso_time
 from orchestrator.errors import SandboxError
 
+# Where a TCP segment's payload starts, in the guest's IPv4 and IPv6 (no extension headers) packets.
+_TCP4_DATA = "((tcp[12] & 0xf0) >> 2)"
+_TCP6_DATA = "(40 + ((ip6[52] & 0xf0) >> 2))"
+# The first bytes of a TLS ClientHello (a handshake record, version 3.x, message type 1) and of
+# an HTTP/1 request (its method and the space after it, as 4 bytes): the segments whose first
+# bytes payload.py reads for the server name, or the method, Host and path (issue 16 item 2).
+_REQUEST_STARTS = tuple(
+    int.from_bytes(method[:4].ljust(4, b" "), "big")
+    for method in (b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT")
+)
+
+
+def _request_starts(base: str, offset: str) -> str:
+    """The pcap-filter test that a TCP payload at `base`[`offset`] starts a request. Pure."""
+    tls = f"({base}[{offset}:2] = 0x1603 and {base}[{offset} + 5] = 1)"
+    http = " or ".join(f"{base}[{offset}:4] = {value:#010x}" for value in _REQUEST_STARTS)
+    return f"({tls} or {http})"
+
+
 # A flow's first packet: a TCP SYN without ACK (IPv4; IPv6 without extension headers), any UDP
 # datagram, an ICMP/ICMPv6 echo request, and any other IP protocol. Replies (SYN-ACK, the
-# guest's answers to the host's SSH session) are not flows the guest starts.
+# guest's answers to the host's SSH session) are not flows the guest starts. And the segment
+# that starts a TLS or HTTP request (its first bytes, for the server name or the request line).
 FLOW_FILTER = (
     "(ip and tcp[tcpflags] & (tcp-syn|tcp-ack) == tcp-syn)"
     " or (ip6 and ip6[6] == 6 and ip6[53] & 0x12 == 0x02)"
@@ -38,17 +58,20 @@ FLOW_FILTER = (
     " or (ip6 and ip6[6] == 58 and ip6[40] == 128)"
     " or (ip and not tcp and not udp and not icmp)"
     " or (ip6 and not ip6[6] == 6 and not ip6[6] == 17 and not ip6[6] == 58)"
+    f" or (ip and tcp and {_request_starts('tcp', _TCP4_DATA)})"
+    f" or (ip6 and ip6[6] == 6 and {_request_starts('ip6', _TCP6_DATA)})"
 )
-# Ethernet, IPv6 and TCP headers without options (14 + 40 + 20): what tcpdump needs to print
-# a flow's addresses and ports. At most 32 bytes beyond the headers of an IPv4 UDP datagram.
-SNAPLEN = 74
-# Packets of one flow (the same addresses, ports and protocol) closer together than this are one
-# flow: a retransmitted SYN, the datagrams of one UDP exchange (conntrack's UDP timeout is 30 s).
+# Ethernet, IPv6 and TCP headers with the most options (14 + 40 + 60) and the first PAYLOAD_BYTES
+# of a request's first segment: a ClientHello (about 520 bytes from OpenSSL 3.0) or a request
+# line and its headers. A SYN or an ICMP echo is shorter; a UDP datagram is kept up to as much.
+PAYLOAD_BYTES = 1024
+SNAPLEN = 14 + 40 + 60 + PAYLOAD_BYTES
 FLOW_WINDOW = 60.0
 FILE_PREFIX = "host-flows.pcap"
 READ_TIMEOUT = 60.0
 BROADCAST = ipaddress.IPv4Address("255.255.255.255")
-# The ring: at most FILES files of FILE_MIB each (~60,000 flows a MiB), the oldest overwritten.
+# The ring: at most FILES files of FILE_MIB each (~60,000 flows a MiB, or ~600 requests' first
+# segments), the oldest overwritten.
 FILE_MIB = 8
 FILES = 4
 
@@ -135,6 +158,8 @@ def parse_line(line: str) -> Flow | None:
         return None
     stamp, _family, src_text, dst_text, rest = m.groups()
     if rest.startswith("tcp "):
+        if rest != "tcp 0":
+            return None  # a request's first segment (FLOW_FILTER), not the start of a flow
         proto = "tcp"
     elif rest.startswith("UDP"):
         proto = "udp"

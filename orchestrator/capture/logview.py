@@ -275,6 +275,7 @@ _VERDICT_STYLE = {
     Verdict.HOST_BLOCKED: "bold red",
     Verdict.TAMPER: "bold magenta",
     Verdict.UNSENT: "yellow",
+    Verdict.SINKHOLED: "magenta",
     Verdict.PROBE: "dim",
 }
 
@@ -308,8 +309,10 @@ def render_table(attempts: Sequence[Attempt]) -> Table:
     source = any(a.stack for a in attempts)
     tampered = any(a.verdict is Verdict.TAMPER for a in attempts)
     served = any(a.request for a in attempts)
+    sent = any(a.sni or a.http or a.payload for a in attempts)
     columns = ["time", "verdict", "process", "uid", "proto", "destination"]
-    columns += ["dns name"] * names + ["http request"] * served + ["php source"] * source
+    columns += ["dns name"] * names + ["http request"] * served + ["sent"] * sent
+    columns += ["php source"] * source
     columns += ["what changed"] * tampered
     for column in columns:
         table.add_column(
@@ -330,11 +333,25 @@ def render_table(attempts: Sequence[Attempt]) -> Table:
             safe("" if tamper else destination(a.dst, a.dport)),
             *((safe(_dns_cell(a)),) if names else ()),
             *((safe(a.request or ""),) if served else ()),
+            *((safe(sent_summary(a)),) if sent else ()),
             # A frame a line: the innermost call first, as in a stack trace.
             *((Text("\n← ").join(safe(f.describe()) for f in a.stack),) if source else ()),
             *((safe(a.evidence if tamper else ""),) if tampered else ()),
         )
     return table
+
+
+def sent_summary(attempt: Attempt) -> str:
+    """What the connection sent first: "TLS sni NAME", "HTTP GET HOST /path", or the sinkhole's
+    summary of its first bytes."""
+    parts = []
+    if attempt.sni:
+        parts.append(f"TLS sni {attempt.sni}")
+    if attempt.http:
+        parts.append(f"HTTP {attempt.http}")
+    if attempt.payload and not parts:
+        parts.append(attempt.payload)
+    return "; ".join(parts)
 
 
 def _dns_cell(attempt: Attempt) -> str:

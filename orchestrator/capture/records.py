@@ -49,6 +49,9 @@ class Verdict(Enum):
     # socket to each address to learn the source it would use, and never sends): the lookup's,
     # not the software's own intent. Hidden by `sandbox logs` unless asked (--probes).
     PROBE = "probe"
+    # Sinkhole mode: a connection to the sinkhole the name the software asked for led it to;
+    # nothing left the machine (egress/sinkhole.py).
+    SINKHOLED = "sinkholed"
 
 
 def iso_time(epoch_seconds: float) -> str:
@@ -137,6 +140,12 @@ class Attempt:
     run: str | None = None  # the `sandbox run` this attempt belongs to
     # The HTTP request being served when it was made (`sandbox serve`): "GET /path?query".
     request: str | None = None
+    # What the connection sent first, read on the host (capture/payload.py): a TLS ClientHello's
+    # server name; an HTTP request as "METHOD HOST PATH"; for a sinkholed connection, its first
+    # bytes as the sinkhole saw them ("TLS ClientHello, server name x", "12 bytes: 48454c...").
+    sni: str | None = None
+    http: str | None = None
+    payload: str | None = None
 
     def to_json(self) -> str:
         value = asdict(self)
@@ -147,8 +156,9 @@ class Attempt:
             del value["run"]
         if self.dns_type is None:
             del value["dns_type"]
-        if self.request is None:
-            del value["request"]
+        for optional in ("request", "sni", "http", "payload"):
+            if value[optional] is None:
+                del value[optional]
         return json.dumps(value, sort_keys=False, separators=(",", ":"))
 
     @classmethod

@@ -94,6 +94,9 @@ class PolicyInfo:
     blocked: str
     # "allow-all": a learn-mode run (`--learn`), every outside destination allowed; "off": not.
     learn: str = "off"
+    # Sinkhole mode: other names led to the sandbox's sinkhole (a field added within version 1:
+    # files written before it read as false).
+    sinkhole: bool = False
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,7 @@ def _policy(data: Mapping[str, Any] | None) -> PolicyInfo | None:
         dns=policy.dns,
         blocked=policy.blocked.value,
         learn=policy.learn.value,
+        sinkhole=policy.sinkhole,
     )
 
 
@@ -239,6 +243,9 @@ def _destinations(attempts: Sequence[Attempt]) -> tuple[Destination, ...]:
                 process=process_label(first.exe, first.pid),
                 php=next((p for p in (_place(a.stack) for a in group) if p), None),
                 requests=tuple(dict.fromkeys(a.request for a in group if a.request)),
+                sni=tuple(dict.fromkeys(a.sni for a in group if a.sni)),
+                http=tuple(dict.fromkeys(a.http for a in group if a.http)),
+                payloads=tuple(dict.fromkeys(a.payload for a in group if a.payload)),
             )
         )
     return tuple(sorted(found, key=lambda d: (d.first, d.key)))

@@ -39,6 +39,7 @@ def files_script(files: Mapping[str, str]) -> list[str]:
 
 def render(policy: EgressPolicy, net: NetworkSpec) -> dict[int, str]:
     """The filter tables the guest must hold for this policy, per IP version."""
+    policy = policy.with_sinkhole(net.gateway)
     return {
         version: firewall.render_rules(
             policy, version=version, resolver=net.gateway, resolver6=net.gateway6

@@ -21,9 +21,11 @@ is applied only when the hypervisor is local.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import shutil
 import subprocess
+from dataclasses import dataclass
 
 from orchestrator import names
 from orchestrator.errors import SandboxError
@@ -35,10 +37,35 @@ class GuardError(SandboxError):
     """The host-side input guard of the sandbox network could not be set or checked."""
 
 
-def render_ruleset(bridge: str) -> str:
+@dataclass(frozen=True)
+class Sinkhole:
+    """Sinkhole mode: the gateway's address, and the port the sinkhole listens on there."""
+
+    address: str
+    port: int
+
+
+def render_ruleset(bridge: str, sinkhole: Sinkhole | None = None) -> str:
     """The nft script that creates (or replaces, atomically) the guard of `bridge`. Pure."""
     table = names.guard_table(bridge)
     quoted = json.dumps(bridge)  # nft strings are double-quoted like JSON's
+    sink: list[str] = []
+    redirect: list[str] = []
+    if sinkhole is not None:
+        # Every TCP port of the gateway but DNS leads to the sinkhole (its conntrack entry keeps
+        # the port asked for); UDP there gets no answer at all, not even an ICMP error.
+        address = ipaddress.IPv4Address(sinkhole.address)
+        sink = [
+            f'\t\tip daddr {address} tcp dport {sinkhole.port} accept comment "sinkhole"',
+            f'\t\tip daddr {address} udp dport != {{ 53, 67 }} drop comment "sinkhole (udp)"',
+        ]
+        redirect = [
+            "\tchain sinkhole {",
+            "\t\ttype nat hook prerouting priority dstnat; policy accept;",
+            f"\t\tiifname {quoted} ip daddr {address} tcp dport != 53 "
+            f'redirect to :{sinkhole.port} comment "sinkhole"',
+            "\t}",
+        ]
     lines = [
         # Declared, flushed and filled in one transaction: a re-run replaces it atomically.
         f"table inet {table} {{}}",
@@ -54,8 +81,10 @@ def render_ruleset(bridge: str) -> str:
         '\t\ttcp dport 53 accept comment "dns"',
         '\t\tudp dport 547 accept comment "dhcpv6"',
         '\t\tmeta l4proto { icmp, ipv6-icmp } accept comment "icmp, neighbour discovery"',
+        *sink,
         '\t\tcounter reject with icmpx admin-prohibited comment "anything else a guest opens"',
         "\t}",
+        *redirect,
         "}",
     ]
     return "\n".join(lines) + "\n"
@@ -87,9 +116,9 @@ def _run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProce
         ) from None
 
 
-def apply(bridge: str) -> None:
+def apply(bridge: str, sinkhole: Sinkhole | None = None) -> None:
     """Create or replace the guard of `bridge` (atomically)."""
-    proc = _run(["-f", "-"], render_ruleset(bridge))
+    proc = _run(["-f", "-"], render_ruleset(bridge, sinkhole))
     if proc.returncode != 0:
         raise GuardError(
             f"cannot load the host-side input guard for bridge {bridge}: {proc.stderr.strip()}",

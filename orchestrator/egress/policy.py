@@ -9,7 +9,7 @@ import json
 import re
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ _HOSTNAME_RE = re.compile(
     r"^(?=.{1,253}\Z)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\Z"
 )
 _ALLOW_KEYS = {"address", "host", "proto", "port"}
-_POLICY_KEYS = {"allow", "dns", "blocked"}
+_POLICY_KEYS = {"allow", "dns", "blocked", "sinkhole"}
 
 
 class Proto(Enum):
@@ -115,6 +115,11 @@ class EgressPolicy:
     # resolver answers these names and nothing else.
     names: tuple[tuple[str, tuple[str, ...]], ...] = ()
     learn: Learn = Learn.OFF
+    # Sinkhole mode (`up --sinkhole`): every name the guest asks for resolves to the sandbox
+    # network's gateway (allowed names keep their addresses), whose TCP ports all lead to the
+    # sinkhole (egress/sinkhole.py), which records what the guest sends and forwards nothing.
+    # The one switch: the resolver, both filters and the host's guard read it from here.
+    sinkhole: bool = False
 
     def for_version(self, version: int) -> tuple[Allow, ...]:
         return tuple(a for a in self.allow if a.version == version)
@@ -156,6 +161,7 @@ class EgressPolicy:
             "blocked": self.blocked.value,
             "names": {name: list(addrs) for name, addrs in self.names},
             "learn": self.learn.value,
+            "sinkhole": self.sinkhole,
         }
 
     @classmethod
@@ -175,7 +181,17 @@ class EgressPolicy:
             blocked=Blocked(data.get("blocked", "reject")),
             names=tuple((n, tuple(v)) for n, v in sorted(data.get("names", {}).items())),
             learn=Learn(data.get("learn", "off")),
+            sinkhole=bool(data.get("sinkhole", False)),
         )
+
+    def with_sinkhole(self, gateway: ipaddress.IPv4Address) -> EgressPolicy:
+        """The policy both filters enforce on a network whose gateway is `gateway`: in sinkhole
+        mode, the gateway (every port, TCP and UDP) is allowed, so that the guest's connections
+        to the names it resolved reach the sinkhole there; otherwise the policy itself. Pure."""
+        if not self.sinkhole:
+            return self
+        entry = Allow(ipaddress.ip_network(gateway), source="sinkhole", host=None)
+        return replace(self, allow=tuple(sorted({*self.allow, entry}, key=Allow.sort_key)))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -310,6 +326,7 @@ class PolicyFile:
     allow: tuple[str, ...] = ()
     dns: bool | None = None
     blocked: Blocked | None = None
+    sinkhole: bool | None = None
 
 
 def load_policy_file(path: Path) -> PolicyFile:
@@ -346,10 +363,14 @@ def load_policy_file(path: Path) -> PolicyFile:
         blocked_value = Blocked(blocked) if blocked is not None else None
     except ValueError:
         raise UsageError(f"{path}: blocked must be reject or drop", "blocked: reject") from None
+    sinkhole = data.get("sinkhole")
+    if sinkhole is not None and not isinstance(sinkhole, bool):
+        raise UsageError(f"{path}: sinkhole must be true or false", "sinkhole: true")
     return PolicyFile(
         allow=tuple(_entry_text(e, f"{path}: allow[{i}]") for i, e in enumerate(allow)),
         dns=dns,
         blocked=blocked_value,
+        sinkhole=sinkhole,
     )
 
 
@@ -359,6 +380,7 @@ def build_policy(
     dns: bool = True,
     blocked: Blocked = Blocked.REJECT,
     resolve: Resolver = system_resolver,
+    sinkhole: bool = False,
 ) -> EgressPolicy:
     entries: list[Allow] = []
     for text in allow:
@@ -373,6 +395,7 @@ def build_policy(
         dns=dns,
         blocked=blocked,
         names=tuple((n, tuple(sorted(a))) for n, a in sorted(names.items())),
+        sinkhole=sinkhole,
     )
 
 

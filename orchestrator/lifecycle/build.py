@@ -20,7 +20,7 @@ import libvirt
 
 from orchestrator import names, paths
 from orchestrator.capture import hostflows, monitor, pcap
-from orchestrator.egress import guestfw, hostfilter, hostguard
+from orchestrator.egress import guestfw, hostfilter, hostguard, sinkhole
 from orchestrator.egress.policy import (
     Blocked,
     EgressPolicy,
@@ -88,6 +88,7 @@ def make_policy(
     dns: bool | None = None,
     blocked: Blocked | None = None,
     learn: Learn = Learn.OFF,
+    sinkhole: bool | None = None,
 ) -> EgressPolicy:
     """The effective policy: the config file's allow list, then the policy file, then the
     flags. Host names are resolved here, on the host, before anything is created. `learn`
@@ -95,16 +96,23 @@ def make_policy(
     entries = [*ctx.settings.allow]
     file_dns: bool | None = None
     file_blocked: Blocked | None = None
+    file_sinkhole: bool | None = None
     if policy_file is not None:
         pf = load_policy_file(policy_file)
         entries += pf.allow
-        file_dns, file_blocked = pf.dns, pf.blocked
+        file_dns, file_blocked, file_sinkhole = pf.dns, pf.blocked, pf.sinkhole
     entries += allow
     policy = build_policy(
         entries,
         dns=dns if dns is not None else (file_dns if file_dns is not None else True),
         blocked=blocked or file_blocked or Blocked.REJECT,
+        sinkhole=bool(sinkhole if sinkhole is not None else file_sinkhole),
     )
+    if policy.sinkhole and not policy.dns:
+        raise UsageError(
+            "sinkhole mode answers names at the sandbox's resolver, and --no-dns turns it off",
+            "drop --no-dns (or dns: false in the policy file), or drop --sinkhole",
+        )
     net = ctx.settings.network
     for entry in policy.allow:
         own = net.subnets if entry.version == 4 else net.subnets6
@@ -386,6 +394,7 @@ class Build:
                     learn_upstream=learn_upstream(settings.network.learn_resolvers)
                     if self.policy.learn is Learn.ALLOW_ALL
                     else None,
+                    sinkhole=self.policy.sinkhole,
                 ),
                 settings.network.subnets,
                 settings.network.subnets6,
@@ -422,9 +431,24 @@ class Build:
 
     def guard_host(self) -> None:
         # Removed with the network (remove_network), whose rollback is registered already.
-        if guards_host(self.ctx.settings.connect):
-            with self.ctx.reporter.step("closing the host's own services to the guests (nftables)"):
-                hostguard.apply(str(self.net.bridgeName()))
+        if not guards_host(self.ctx.settings.connect):
+            if self.policy.sinkhole:
+                raise UsageError(
+                    "sinkhole mode needs the hypervisor on this machine (its sinkhole and nftables "
+                    "redirect run beside the sandbox's network)",
+                    "drop --sinkhole, or run sandbox on the hypervisor host",
+                )
+            return
+        target: hostguard.Sinkhole | None = None
+        if self.policy.sinkhole:
+            gateway = self.net_spec.gateway
+            with self.ctx.reporter.step(f"starting the sinkhole on {gateway}"):
+                started = sinkhole.start(gateway, logs_dir(self.ctx, self.name))
+            self.rollback.callback(sinkhole.stop, started.pid)
+            self._save(sinkhole_pid=started.pid)
+            target = hostguard.Sinkhole(str(gateway), started.port)
+        with self.ctx.reporter.step("closing the host's own services to the guests (nftables)"):
+            hostguard.apply(str(self.net.bridgeName()), sinkhole=target)
 
     def define_host_filter(self) -> None:
         spec = self.net_spec
@@ -433,7 +457,10 @@ class Build:
             hostfilter.define_filter(
                 self.conn,
                 hostfilter.render_filter(
-                    self.name, self.policy, gateway=spec.gateway, gateway6=spec.gateway6
+                    self.name,
+                    self.policy.with_sinkhole(spec.gateway),
+                    gateway=spec.gateway,
+                    gateway6=spec.gateway6,
                 ),
             )
         self.rollback.callback(hostfilter.remove_filter, self.conn, self.name)

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orchestrator import jsontext, paths
-from orchestrator.capture import hostflows, logview, monitor
+from orchestrator.capture import hostflows, logview, monitor, payload
 from orchestrator.capture.records import Attempt, DnsQuery, Verdict
-from orchestrator.egress import dnslog, guestfw
+from orchestrator.egress import dnslog, guestfw, sinkhole
 from orchestrator.egress.policy import EgressPolicy
 from orchestrator.errors import GuestError, NotFoundError, SandboxError, UsageError
 from orchestrator.files import atomic_write, file_lock
@@ -125,6 +125,15 @@ def collect_locked(
         [_host_verdict(a, policy) for a in collected.attempts], known_dns
     )
     attempts = monitor.attach_dns_names(monitor.confirm_probes(attempts, known_dns), known_dns)
+    # The server names and HTTP requests the host side saw on the guest's TCP connections.
+    attempts = payload.attach(attempts, payload.read_segments(hostflows.capture_files(logs)))
+    if policy.sinkhole:
+        attempts = sinkhole.attach(
+            attempts,
+            sinkhole.read_records(logs),
+            str(network_of(state).gateway),
+            history=logview.read_attempts(logs),
+        )
     inflate = ctx.settings.limits.decompressed
     new_attempts = logview.append_attempts(logs, runs.annotate(attempts, logs, limit=inflate))
     if after_run:

@@ -28,7 +28,7 @@ import libvirt
 from orchestrator import names, paths
 from orchestrator.capture import monitor, pcap
 from orchestrator.config import Settings
-from orchestrator.egress import hostfilter
+from orchestrator.egress import hostfilter, sinkhole
 from orchestrator.errors import (
     SandboxError,
 )
@@ -239,6 +239,8 @@ def teardown_locked(ctx: Context, name: str, state: SandboxState | None) -> list
         pcap.stop_pcap(state.pcap_pid)
     if state is not None and state.flows_pid:
         pcap.stop_pcap(state.flows_pid)
+    if state is not None and state.sinkhole_pid:
+        sinkhole.stop(state.sinkhole_pid)
     with hv.connection(uri) as conn:
         dom_name = _domain_of(conn, name, state)
         if hv.destroy_domain(conn, dom_name):

@@ -282,6 +282,9 @@ class NetworkSpec:
     # Learn mode only (policy.Learn.ALLOW_ALL): the resolver answers every name, from the
     # hosts file of the machine libvirt runs on, then from these servers. None: only dns_hosts.
     learn_upstream: tuple[str, ...] | None = None
+    # Sinkhole mode (EgressPolicy.sinkhole): the resolver answers every other name (A) with the
+    # gateway, where the sinkhole listens.
+    sinkhole: bool = False
 
     @property
     def dns_log(self) -> str:
@@ -383,6 +386,10 @@ def render_network(spec: NetworkSpec) -> str:
     # tamper with.
     for value in ("log-queries=extra", f"log-facility={spec.dns_log}"):
         ET.SubElement(options, f"{{{DNSMASQ_NS}}}option", value=value)
+    if spec.sinkhole:
+        # Every name; the allowed names' own entries (the <host> elements, an addn-hosts file)
+        # still win. AAAA queries stay REFUSED: the sinkhole is IPv4 only.
+        ET.SubElement(options, f"{{{DNSMASQ_NS}}}option", value=f"address=/#/{spec.gateway}")
     return _to_string(net)
 
 
