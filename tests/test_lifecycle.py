@@ -126,6 +126,8 @@ def test_driver_edges(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
     monkeypatch.setattr(hostfilter, "remove_filter", remove_filter)
     monkeypatch.setattr(hostfilter, "ensure_shared_filters", lambda conn: None)
+    # Nor changes a running VM's devices (the filter and link `up` adds after the start).
+    monkeypatch.setattr(hv, "update_device", lambda dom, xml, what: None)
 
 
 def leftovers(ctx: lifecycle.Context, name: str) -> list[str]:
@@ -698,3 +700,30 @@ def test_files_script_writes_exact_contents_with_two_programs(tmp_path: Path) ->
     programs = [line.split()[0] for line in script if not line.startswith("printf ")]
     assert programs == ["mkdir", "chmod"]
     assert guestfw.files_script({}) == []
+
+
+def test_a_cold_vm_starts_unfiltered_with_its_link_down_then_is_filtered(
+    ctx: lifecycle.Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The filter (~1 s for libvirt to instantiate) is added while the kernel boots, not before
+    QEMU starts; the link comes up only once it is in place."""
+    started: list[str] = []
+    updates: list[str] = []
+    start = hv.start_domain
+
+    def recording(conn: libvirt.virConnect, xml: str) -> libvirt.virDomain:
+        started.append(xml)
+        return start(conn, xml)
+
+    monkeypatch.setattr(hv, "start_domain", recording)
+    monkeypatch.setattr(hv, "update_device", lambda dom, xml, what: updates.append(xml))
+    with pytest.raises(TimeoutExpired):
+        lifecycle.up(ctx, "cf", warm_start=False)
+    iface = ET.fromstring(started[0]).find("devices/interface")
+    assert iface is not None and iface.find("filterref") is None
+    assert iface.find("link").get("state") == "down"  # type: ignore[union-attr]
+    filtered, up = (ET.fromstring(xml) for xml in updates)
+    assert filtered.find("filterref").get("filter") == names.nwfilter("cf")  # type: ignore[union-attr]
+    assert filtered.find("link").get("state") == "down"  # type: ignore[union-attr]
+    assert up.find("filterref") is not None and up.find("link") is None
+    assert leftovers(ctx, "cf") == []

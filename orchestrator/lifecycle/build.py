@@ -498,8 +498,19 @@ class Build:
                 f"sandbox {name!r} to boot",
                 "the machine may be overloaded; raise boot_timeout in the config file",
             )
-            self.dom = hv.start_domain(self.conn, render_domain(self.spec))
+            if not host_filter:
+                self.dom = hv.start_domain(self.conn, render_domain(self.spec))
+            else:
+                # Started with its link down and without its filter, which is added while the
+                # kernel boots: libvirt takes ~1 s to instantiate a filter, which would delay
+                # QEMU's start (docs/platform.md#warm-vms-an-interface-plugged-in-later).
+                unfiltered = dataclasses.replace(self.spec, filterref=None, link_up=False)
+                self.dom = hv.start_domain(self.conn, render_domain(unfiltered))
         self.rollback.callback(hv.destroy_domain, self.conn, state.domain)
+        iface = self.spec.interface()
+        if host_filter and iface is not None:
+            with self.ctx.reporter.step("filtering the VM's interface (host side)"):
+                _filter_then_link_up(self.dom, iface)
 
     def plug_in(self) -> None:
         """A warm VM: plug in its interface (fresh MAC, the sandbox's network and host
@@ -529,12 +540,9 @@ class Build:
             # libvirt takes ~1 s to instantiate the filter, time in which the guest finds the
             # new device and configures it; while the link is down QEMU passes no packet
             # either way, so the guest is never on the network unfiltered.
-            down = dataclasses.replace(iface, link_up=False)
-            hv.attach_device(
-                dom, render_interface(dataclasses.replace(down, filterref=None)), "its interface"
-            )
-            hv.update_device(dom, render_interface(down), "the filter of its interface")
-            hv.update_device(dom, render_interface(iface), "the link of its interface")
+            unfiltered = dataclasses.replace(iface, filterref=None, link_up=False)
+            hv.attach_device(dom, render_interface(unfiltered), "its interface")
+            _filter_then_link_up(dom, iface)
             self.boot = Deadline(
                 self.ctx.settings.boot_timeout,
                 f"sandbox {name!r} to come up on its network",
@@ -621,6 +629,15 @@ class Build:
             known_hosts_line(state.ip, state.ssh_port, self.host.public_line) + "\n",
         )
         self._save(phase=Phase.READY, boot_seconds=round(self.boot.elapsed(), 1))
+
+
+def _filter_then_link_up(dom: libvirt.virDomain, iface: InterfaceSpec) -> None:
+    """An interface that came with its link down and no filter: its filter, then its link. While
+    the link is down QEMU passes no packet either way: the guest is never on the network
+    unfiltered."""
+    down = dataclasses.replace(iface, link_up=False)
+    hv.update_device(dom, render_interface(down), "the filter of its interface")
+    hv.update_device(dom, render_interface(iface), "the link of its interface")
 
 
 def _forget_earlier_vm(logs: Path) -> None:

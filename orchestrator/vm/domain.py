@@ -87,6 +87,9 @@ class DomainSpec:
     # connection records there as they come, for `destroy` to read without SSH.
     capture_log: str | None = None
 
+    # False: the interface starts with its link down (its filter is added while the VM boots).
+    link_up: bool = True
+
     def interface(self) -> InterfaceSpec | None:
         if self.network is None or self.mac is None:
             return None
@@ -97,6 +100,7 @@ class DomainSpec:
             filterref=self.filterref,
             ip=self.ip,
             ip6=self.ip6,
+            link_up=self.link_up,
         )
 
 
