@@ -37,6 +37,7 @@ from orchestrator.errors import HypervisorError, SandboxError
 from orchestrator.files import atomic_write, file_lock
 from orchestrator.lifecycle.context import Context, QuietReporter
 from orchestrator.lifecycle.resources import prepare_storage
+from orchestrator.state import GLOBAL_LOCK_TIMEOUT
 from orchestrator.vm import hypervisor as hv
 from orchestrator.vm.domain import Accel, DomainSpec, render_domain
 from orchestrator.vm.images import KERNEL_CMDLINE, Image, load_image
@@ -129,7 +130,14 @@ def _dir(ctx: Context, warm_id: str) -> Path:
 def locked(ctx: Context) -> Iterator[None]:
     """Fills and takes of warm VMs take turns: two `up`s never take the same one."""
     ctx.dirs.warm.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with file_lock(ctx.dirs.warm / paths.WARM_LOCK, "the warm VMs"):
+    # Held briefly by a take, for the starts of its VMs by a fill (whose upload of a new base
+    # image may wait for the global lock): concurrent `up`s queue behind it.
+    with file_lock(
+        ctx.dirs.warm / paths.WARM_LOCK,
+        "the record of warm VMs",
+        timeout=GLOBAL_LOCK_TIMEOUT,
+        hint="another `sandbox warm fill` may be uploading a base image; try again when it is done",
+    ):
         yield
 
 
