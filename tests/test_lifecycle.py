@@ -26,13 +26,14 @@ from orchestrator.config import Settings
 from orchestrator.egress import guestfw, hostfilter
 from orchestrator.errors import (
     ConflictError,
+    HypervisorError,
     ImageError,
     NotFoundError,
     SandboxError,
     TimeoutExpired,
     UsageError,
 )
-from orchestrator.lifecycle import build, teardown, warm
+from orchestrator.lifecycle import build, resources, teardown, warm
 from orchestrator.state import Phase, SandboxState
 from orchestrator.vm import hypervisor as hv
 from orchestrator.vm.domain import (
@@ -727,3 +728,18 @@ def test_a_cold_vm_starts_unfiltered_with_its_link_down_then_is_filtered(
     assert filtered.find("link").get("state") == "down"  # type: ignore[union-attr]
     assert up.find("filterref") is not None and up.find("link") is None
     assert leftovers(ctx, "cf") == []
+
+
+def test_an_up_that_fails_right_after_taking_a_warm_vm_leaves_none_of_it(
+    ctx: lifecycle.Context, warm_image: Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lifecycle.warm_fill(ctx, 1, wait=False)
+
+    def no_pool(*args: object) -> object:
+        raise HypervisorError("the pool is gone", "")
+
+    monkeypatch.setattr(resources, "prepare_storage", no_pool)
+    with pytest.raises(HypervisorError):
+        lifecycle.up(ctx, "hf")
+    assert _warm_inventory(ctx) == (set(), set(), set())
+    assert leftovers(ctx, "hf") == []

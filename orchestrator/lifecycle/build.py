@@ -354,7 +354,9 @@ class Build:
                 return False
             vm, store = taken.vm, self.ctx.store
             self.rollback.callback(store.remove_secrets, self.name)
-            self.rollback.callback(hv.destroy_domain, self.conn, vm.domain)
+            # The VM and its volumes: a failure before prepare_storage (which registers the
+            # volumes' removal) must not leave them behind.
+            self.rollback.callback(warm.discard, self.ctx, self.conn, vm)
             self.client = KeyPair(taken.client_key, vm.client_key)
             self.host = KeyPair("", vm.host_key)
             self.key_path = store.write_secret(self.name, paths.CLIENT_KEY, taken.client_key)

@@ -273,6 +273,12 @@ def _prune(ctx: Context, conn: libvirt.virConnect, keep: Callable[[WarmVM], bool
     return removed
 
 
+def discard(ctx: Context, conn: libvirt.virConnect, vm: WarmVM) -> None:
+    """Destroy a warm VM and delete its volumes (an `up` that took it failed before its own
+    steps took charge of them)."""
+    _remove(ctx, conn, vm.domain, vm.pool)
+
+
 def _remove(ctx: Context, conn: libvirt.virConnect, domain: str, pool_name: str) -> None:
     hv.destroy_domain(conn, domain)
     pool = hv.active_pool(conn, pool_name)
