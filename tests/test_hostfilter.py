@@ -27,7 +27,7 @@ from orchestrator.waits import Deadline, wait_for
 from sandbox_lab import Lab, accept_log, in_lab
 
 from .conftest import Golden
-from .e2e_support import Cli
+from .e2e_support import Cli, wait_removed
 
 GW = ipaddress.IPv4Address("192.168.213.1")
 GW6 = ipaddress.IPv6Address("2001:db8:213::1")
@@ -674,6 +674,9 @@ def test_filter_holds_after_guest_root_flushes_its_firewall(cli: Cli, lab: Lab) 
         assert "destroy" in (info.value.hint or "")
 
         cli.ok("destroy", "--name", NAME)
+        # `destroy` leaves the removal (VM, then filter) to a child process: once it is done,
+        # the filter is gone, or at least no longer in use.
+        wait_removed(NAME, cli)
         hostfilter.remove_filter(conn, NAME)  # `destroy` may already have removed it
         assert hostfilter.filter_xml(conn, NAME) is None
         assert hostfilter.remove_filter(conn, NAME) is False
