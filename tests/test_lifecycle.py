@@ -623,7 +623,8 @@ def test_up_takes_a_fitting_warm_vm_once_and_rolls_it_back(
         lifecycle.up(ctx, "hw")
     state = seen[0]
     assert state is not None and (state.domain, state.warm_id) == (vm.domain, vm.id)
-    assert state.volumes == vm.volumes and state.host_key == vm.host_key
+    assert state.volumes == names.SandboxVolumes.for_domain(vm.domain).all()
+    assert state.host_key == vm.host_key
     # Its metadata names the sandbox now: `destroy --all` would find it.
     assert seen_names == {"hw": vm.domain}
     # Plugged in with its link down and no filter; filtered while the link is still down; then
@@ -671,7 +672,6 @@ def test_warm_records_are_checked() -> None:
         accel=Accel.TCG,
         memory_mib=512,
         vcpus=2,
-        volumes=names.SandboxVolumes.for_domain(names.warm_domain("0123abcd")).all(),
         host_key="ssh-ed25519 AAAA host",
         client_key="ssh-ed25519 AAAA client",
     )

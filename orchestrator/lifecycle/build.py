@@ -363,7 +363,9 @@ class Build:
             store.write_secret(self.name, paths.CLIENT_KEY_PUB, vm.client_key + "\n")
             store.write_secret(self.name, paths.HOST_KEY_PUB, vm.host_key + "\n")
             self.vols = names.SandboxVolumes.for_domain(vm.domain)
-            self._save(host_key=vm.host_key, domain=vm.domain, volumes=vm.volumes, warm_id=vm.id)
+            self._save(
+                host_key=vm.host_key, domain=vm.domain, volumes=self.vols.all(), warm_id=vm.id
+            )
             # Recorded as this sandbox's now, in its state and in the domain's metadata (which
             # is also what keeps a concurrent fill from taking it for an orphan): `destroy` and
             # `list` find it through either.

@@ -59,6 +59,11 @@ def remove_volumes(
     """Keep the console's text with the logs, then delete the sandbox's volumes; the names of
     those that were there."""
     save_console(store, name, hv.console_text(conn, pool, vols.console))
+    return delete_volumes(pool, vols)
+
+
+def delete_volumes(pool: libvirt.virStoragePool, vols: names.SandboxVolumes) -> list[str]:
+    """Delete a VM's volumes; the names of those that were there."""
     # virtlogd rotates the console log and the capture's (2 MiB a file, 3 kept): the old ones
     # too.
     rotated = [*hv.console_rotations(pool, vols.console), *hv.console_rotations(pool, vols.capture)]

@@ -36,7 +36,7 @@ from orchestrator import jsontext, names, paths
 from orchestrator.errors import HypervisorError, SandboxError
 from orchestrator.files import atomic_write, file_lock
 from orchestrator.lifecycle.context import Context, QuietReporter
-from orchestrator.lifecycle.resources import prepare_storage
+from orchestrator.lifecycle.resources import delete_volumes, prepare_storage
 from orchestrator.state import GLOBAL_LOCK_TIMEOUT
 from orchestrator.vm import hypervisor as hv
 from orchestrator.vm.domain import Accel, DomainSpec, render_domain
@@ -66,7 +66,6 @@ class WarmVM:
     accel: Accel
     memory_mib: int
     vcpus: int
-    volumes: tuple[str, ...]
     host_key: str  # the public line of its SSH host key (the private one went in its seed)
     client_key: str  # the public line of the key `up` logs in with (the private one: CLIENT_KEY)
 
@@ -79,7 +78,6 @@ class WarmVM:
     def from_json(cls, text: str) -> WarmVM:
         data = jsontext.known_fields(cls, jsontext.parse_object(text))
         data["accel"] = Accel(data["accel"])
-        data["volumes"] = tuple(data["volumes"])
         vm = cls(**data)
         if not _ID_RE.fullmatch(vm.id) or vm.domain != names.warm_domain(vm.id):
             raise ValueError(f"not a warm VM record: {vm.id!r}")
@@ -157,10 +155,6 @@ def records(ctx: Context) -> list[WarmVM]:
         if vm.id == entry.name:
             found.append(vm)
     return sorted(found, key=lambda vm: (vm.created, vm.id))
-
-
-def _console(vm: WarmVM) -> str:
-    return names.SandboxVolumes.for_domain(vm.domain).console
 
 
 def _forget(ctx: Context, warm_id: str) -> None:
@@ -283,13 +277,7 @@ def _remove(ctx: Context, conn: libvirt.virConnect, domain: str, pool_name: str)
     hv.destroy_domain(conn, domain)
     pool = hv.active_pool(conn, pool_name)
     if pool is not None:
-        vols = names.SandboxVolumes.for_domain(domain)
-        rotated = (
-            *hv.console_rotations(pool, vols.console),
-            *hv.console_rotations(pool, vols.capture),
-        )
-        for vol in (*vols.all(), *rotated):
-            hv.delete_volume(pool, vol)
+        delete_volumes(pool, names.SandboxVolumes.for_domain(domain))
 
 
 def _now() -> str:
@@ -317,7 +305,6 @@ def _boot(ctx: Context, conn: libvirt.virConnect, img: Image, accel: Accel) -> W
         accel=accel,
         memory_mib=settings.memory_mib,
         vcpus=settings.vcpus,
-        volumes=vols.all(),
         host_key=host.public_line,
         client_key=client.public_line,
     )
@@ -383,14 +370,13 @@ def _wait_booted(ctx: Context, conn: libvirt.virConnect, vm: WarmVM) -> None:
         raise HypervisorError(f"the storage pool {vm.pool} is gone", "run `sandbox warm drain`")
 
     def booted() -> bool | None:
-        dom = hv.lookup_domain(conn, vm.domain)
-        if dom is None or not hv.domain_running(dom):
+        state = _state(conn, vm)
+        if state == "gone":
             raise SandboxError(
                 f"warm VM {vm.domain} stopped while booting",
                 "run `sandbox warm drain` and `sandbox warm fill` again; see `sandbox --debug`",
             )
-        text = hv.console_text(conn, pool, _console(vm))
-        return True if READY_MARKER in text else None
+        return True if state == "ready" else None
 
     wait_for(booted, deadline, interval=0.5, max_interval=1.0)
 
@@ -406,13 +392,15 @@ def status(ctx: Context) -> list[WarmStatus]:
     found = []
     with hv.connection(ctx.settings.connect) as conn:
         for vm in records(ctx):
-            dom = hv.lookup_domain(conn, vm.domain)
-            pool = hv.active_pool(conn, vm.pool)
-            if dom is None or not hv.domain_running(dom) or pool is None:
-                state = "gone"
-            elif READY_MARKER in hv.console_text(conn, pool, _console(vm)):
-                state = "ready"
-            else:
-                state = "booting"
-            found.append(WarmStatus(vm, state))
+            found.append(WarmStatus(vm, _state(conn, vm)))
     return found
+
+
+def _state(conn: libvirt.virConnect, vm: WarmVM) -> str:
+    """ "ready" (its console says so), "booting", or "gone" (its domain or pool is)."""
+    dom = hv.lookup_domain(conn, vm.domain)
+    pool = hv.active_pool(conn, vm.pool)
+    if dom is None or not hv.domain_running(dom) or pool is None:
+        return "gone"
+    console = names.SandboxVolumes.for_domain(vm.domain).console
+    return "ready" if READY_MARKER in hv.console_text(conn, pool, console) else "booting"
