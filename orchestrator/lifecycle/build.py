@@ -11,6 +11,7 @@ import os
 import secrets
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,7 +282,7 @@ def _up_locked(
                 build.plug_in()
             else:
                 build.start_vm()
-            build.record_host_side(capture)
+            build.go_online(capture)
         build.log_in_and_push(xdebug_mode)
         build.mark_ready()
         rollback.pop_all()
@@ -312,6 +313,7 @@ class Build:
     seed_path: str = field(init=False)
     spec: DomainSpec = field(init=False)
     dom: libvirt.virDomain = field(init=False)
+    iface: InterfaceSpec | None = field(init=False, default=None)
     boot: Deadline = field(init=False)
 
     def __post_init__(self) -> None:
@@ -505,16 +507,13 @@ class Build:
             if not host_filter:
                 self.dom = hv.start_domain(self.conn, render_domain(self.spec))
             else:
-                # Started with its link down and without its filter, which is added while the
-                # kernel boots: libvirt takes ~1 s to instantiate a filter, which would delay
+                # Started with its link down and without its filter, which go_online adds while
+                # the kernel boots: libvirt takes ~1 s to instantiate a filter, which would delay
                 # QEMU's start (docs/platform.md#warm-vms-an-interface-plugged-in-later).
                 unfiltered = dataclasses.replace(self.spec, filterref=None, link_up=False)
                 self.dom = hv.start_domain(self.conn, render_domain(unfiltered))
+                self.iface = self.spec.interface()
         self.rollback.callback(hv.destroy_domain, self.conn, state.domain)
-        iface = self.spec.interface()
-        if host_filter and iface is not None:
-            with self.ctx.reporter.step("filtering the VM's interface (host side)"):
-                _filter_then_link_up(self.dom, iface)
 
     def plug_in(self) -> None:
         """A warm VM: plug in its interface (fresh MAC, the sandbox's network and host
@@ -540,18 +539,42 @@ class Build:
         # must run after the domain is gone, as after a cold start_vm.
         self.rollback.callback(hv.destroy_domain, self.conn, state.domain)
         with self.ctx.reporter.step(f"plugging warm VM {state.domain} into {iface.network}"):
-            # Plugged in with its link down and without its filter, then filtered, then up:
-            # libvirt takes ~1 s to instantiate the filter, time in which the guest finds the
-            # new device and configures it; while the link is down QEMU passes no packet
-            # either way, so the guest is never on the network unfiltered.
+            # Plugged in with its link down and without its filter (go_online adds both): the
+            # guest finds the new device and configures it while libvirt instantiates the
+            # filter.
             unfiltered = dataclasses.replace(iface, filterref=None, link_up=False)
             hv.attach_device(dom, render_interface(unfiltered), "its interface")
-            _filter_then_link_up(dom, iface)
+            self.iface = iface
             self.boot = Deadline(
                 self.ctx.settings.boot_timeout,
                 f"sandbox {name!r} to come up on its network",
                 "the machine may be overloaded; raise boot_timeout in the config file",
             )
+
+    def go_online(self, capture: bool) -> None:
+        """The interface that start_vm or plug_in left with its link down and unfiltered: its
+        host filter, the host's records of its traffic, then its link. While the link is down
+        QEMU passes no packet either way, so the guest is never on the network unfiltered, and
+        the records hold its first packet. libvirt takes ~1 s to instantiate the filter
+        (ebtables/iptables commands, one process each): the records start meanwhile."""
+        iface = self.iface
+        if iface is None:  # started without its filter: start_vm(host_filter=False)
+            self.record_host_side(capture)
+            return
+        down = dataclasses.replace(iface, link_up=False)
+        # On failure, leaving the pool waits for the filter's thread: the rollback then finds
+        # the interface as libvirt left it.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nwfilter") as pool:
+            filtering = pool.submit(
+                hv.update_device, self.dom, render_interface(down), "the filter of its interface"
+            )
+            self.record_host_side(capture)
+            # Wanted right after the link is up; imported here, while libvirt works.
+            import orchestrator.vm.guest  # noqa: F401
+
+            with self.ctx.reporter.step("filtering the VM's interface (host side)"):
+                filtering.result()
+        hv.update_device(self.dom, render_interface(iface), "the link of its interface")
 
     def _ip6(self) -> tuple[str, ...]:
         if self.net_spec.guest_ip6 is None:
@@ -633,15 +656,6 @@ class Build:
             known_hosts_line(state.ip, state.ssh_port, self.host.public_line) + "\n",
         )
         self._save(phase=Phase.READY, boot_seconds=round(self.boot.elapsed(), 1))
-
-
-def _filter_then_link_up(dom: libvirt.virDomain, iface: InterfaceSpec) -> None:
-    """An interface that came with its link down and no filter: its filter, then its link. While
-    the link is down QEMU passes no packet either way: the guest is never on the network
-    unfiltered."""
-    down = dataclasses.replace(iface, link_up=False)
-    hv.update_device(dom, render_interface(down), "the filter of its interface")
-    hv.update_device(dom, render_interface(iface), "the link of its interface")
 
 
 def _forget_earlier_vm(logs: Path) -> None:
