@@ -21,7 +21,7 @@ import libvirt
 
 from orchestrator import names, paths
 from orchestrator.capture import hostflows, monitor, pcap
-from orchestrator.egress import guestfw, hostfilter, hostguard, sinkhole
+from orchestrator.egress import guestfw, hostfilter, hostguard
 from orchestrator.egress.policy import (
     Blocked,
     EgressPolicy,
@@ -447,6 +447,9 @@ class Build:
             return
         target: hostguard.Sinkhole | None = None
         if self.policy.sinkhole:
+            # Imported only here: its packet parsing costs every other `up` a tenth of a second.
+            from orchestrator.egress import sinkhole
+
             gateway = self.net_spec.gateway
             with self.ctx.reporter.step(f"starting the sinkhole on {gateway}"):
                 started = sinkhole.start(gateway, logs_dir(self.ctx, self.name))

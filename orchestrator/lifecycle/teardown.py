@@ -21,18 +21,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import libvirt
 
 from orchestrator import names, paths
 from orchestrator.capture import monitor, pcap
 from orchestrator.config import Settings
-from orchestrator.egress import hostfilter, sinkhole
+from orchestrator.egress import hostfilter
 from orchestrator.errors import (
     SandboxError,
 )
-from orchestrator.lifecycle.collection import CollectReport, collect_locked
 from orchestrator.lifecycle.context import (
     Context,
     is_local,
@@ -45,6 +44,9 @@ from orchestrator.state import (
     validate_name,
 )
 from orchestrator.vm import hypervisor as hv
+
+if TYPE_CHECKING:
+    from orchestrator.lifecycle.collection import CollectReport
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +136,8 @@ def _pause(dom: libvirt.virDomain) -> bool:
 def _collect_from_stream(ctx: Context, state: SandboxState) -> CollectReport | None:
     """The final collection from the host's copy of the guest's records, the guest paused once
     the copy caught up; None (the guest running) where it cannot be had so."""
+    from orchestrator.lifecycle.collection import collect_locked
+
     if not is_local(state.uri):
         return None  # the copy is a file on the hypervisor's host
     with contextlib.suppress(SandboxError), hv.connection(state.uri) as conn:
@@ -158,6 +162,9 @@ def _collect_from_stream(ctx: Context, state: SandboxState) -> CollectReport | N
 
 def _final_collection(ctx: Context, state: SandboxState) -> tuple[list[str], list[str]]:
     """What `destroy` says of its final collection: (what it did, warnings)."""
+    # Here, not at the top: `up` imports this module (rollback), and needs no collection.
+    from orchestrator.lifecycle.collection import collect_locked
+
     done: list[str] = []
     warnings: list[str] = []
     collected = _collect_from_stream(ctx, state)
@@ -240,6 +247,8 @@ def teardown_locked(ctx: Context, name: str, state: SandboxState | None) -> list
     if state is not None and state.flows_pid:
         pcap.stop_pcap(state.flows_pid)
     if state is not None and state.sinkhole_pid:
+        from orchestrator.egress import sinkhole  # only a sinkholed sandbox pays for its import
+
         sinkhole.stop(state.sinkhole_pid)
     with hv.connection(uri) as conn:
         dom_name = _domain_of(conn, name, state)
