@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from orchestrator import lifecycle, paths  # noqa: E402
 from orchestrator.config import Settings  # noqa: E402
 from orchestrator.egress.policy import build_policy  # noqa: E402
+from orchestrator.errors import SandboxError  # noqa: E402
 from orchestrator.lifecycle import build  # noqa: E402
 from orchestrator.run.xdebug import XdebugMode  # noqa: E402
 from orchestrator.vm import hypervisor as hv  # noqa: E402
@@ -100,13 +101,15 @@ def wait_removed(env: dict[str, str], name: str = "bench", seconds: float = 120.
 def destroy_breakdown(ctx: lifecycle.Context, env: dict[str, str]) -> None:
     """One more `up`, then its `destroy` in this process with each part timed, and the CLI's
     own start-up (a destroy of a sandbox that does not exist)."""
-    from orchestrator.lifecycle import teardown
+    from types import ModuleType
+
+    from orchestrator.lifecycle import collection, teardown
 
     time_up(env)
     spent: dict[str, float] = {}
 
-    def timed(name: str, what: str) -> None:
-        inner = getattr(teardown, name)
+    def timed(name: str, what: str, module: ModuleType = teardown) -> None:
+        inner = getattr(module, name)
 
         def wrapper(*args: object, **kwargs: object) -> object:
             start = time.monotonic()
@@ -115,11 +118,16 @@ def destroy_breakdown(ctx: lifecycle.Context, env: dict[str, str]) -> None:
             finally:
                 spent[what] = spent.get(what, 0.0) + time.monotonic() - start
 
-        setattr(teardown, name, wrapper)
+        setattr(module, name, wrapper)
 
     timed("_caught_up", "waiting for the guest's copy to catch up (two rounds)")
     timed("_pause", "pausing the VM")
-    timed("collect_locked", "final collection (host's copy: read, parse, join, store)")
+    # teardown imports it when it collects: the collection module's own name is the one used.
+    timed(
+        "collect_locked",
+        "final collection (host's copy: read, parse, join, store)",
+        collection,
+    )
     timed("_detach", "starting the removal's child")
     start = time.monotonic()
     report = teardown.destroy(ctx, "bench", detach=True)
@@ -251,8 +259,14 @@ def time_bare(ctx: lifecycle.Context, image: Image) -> float:
             steps.make_disks()
         start = time.monotonic()
         steps.start_vm(host_filter=False)
-        ip = hv.wait_for_lease(steps.dom, steps.state.mac, steps.boot)
-        wait_for_banner(ip, 22, steps.boot)
+        try:
+            ip = hv.wait_for_lease(steps.dom, steps.state.mac, steps.boot)
+            wait_for_banner(ip, 22, steps.boot)
+        except SandboxError:
+            # The rollback removes the console log with the volumes: its tail first.
+            console = hv.console_text(conn, steps.pool, steps.vols.console)
+            print("--- the bare boot's console ---", *console.splitlines()[-40:], sep="\n")
+            raise
         return time.monotonic() - start
 
 
