@@ -473,3 +473,28 @@ def test_a_proxy_command_in_the_ssh_config_carries_the_jump(jumplab: JumpLab) ->
     # The ProxyCommand's connection, then the jump's own login through it (from the jump).
     sources = [line.split()[2] for line in jumplab.jump.connections()]
     assert sources == [CLIENT_IP, JUMP_IP]
+
+
+@pytest.mark.root
+def test_open_guest_of_a_sandbox_on_a_remote_host_goes_through_the_jump(
+    jumplab: JumpLab, tmp_path: Path
+) -> None:
+    """The wiring: a sandbox whose state names a remote URI is reached by `open_guest` (exec,
+    run, status, logs --sockets) through its host, with the sandbox's pinned key."""
+    from orchestrator import lifecycle, paths
+    from orchestrator.config import Settings
+    from orchestrator.state import Accel, Phase, SandboxState
+
+    dirs = paths.Dirs(data=tmp_path / "data", state=tmp_path / "state", config=tmp_path / "cfg")
+    ctx = lifecycle.Context(settings=Settings(), dirs=dirs)
+    state = SandboxState(
+        name="remote1", phase=Phase.READY, created="x", uri=URI, domain="sandbox-remote1",
+        pool="sandbox", network="sandbox-remote1", volumes=(), image="i", image_hash="h",
+        accel=Accel.TCG, mac="52:54:00:00:00:01", ip=GUEST_IP, host_key=jumplab.guest.host_key,
+    )  # fmt: skip
+    ctx.store.save(state)
+    ctx.store.write_secret("remote1", paths.CLIENT_KEY, jumplab.guest.client_key.read_text())
+    with inside(jumplab.client), lifecycle.open_guest(ctx, "remote1") as g:
+        seen_as = g.check("echo $SSH_CONNECTION").split()
+    assert seen_as[0] == JUMP_INNER_IP
+    assert len(jumplab.jump.connections()) == 1
