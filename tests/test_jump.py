@@ -466,9 +466,12 @@ def test_a_proxy_command_in_the_ssh_config_carries_the_jump(jumplab: JumpLab) ->
     )
     config = jumplab.home / ".ssh" / "config"
     config.write_text(config.read_text() + f"  ProxyCommand {hop}\n")
-    with inside(jumplab.client), guest_route(URI) as opener:
-        with Guest.connect(jumplab.guest_endpoint(), deadline(), opener=opener) as g:
-            seen_as = g.check("echo $SSH_CONNECTION").split()
+    with (
+        inside(jumplab.client),
+        guest_route(URI) as opener,
+        Guest.connect(jumplab.guest_endpoint(), deadline(), opener=opener) as g,
+    ):
+        seen_as = g.check("echo $SSH_CONNECTION").split()
     assert seen_as[0] == JUMP_INNER_IP
     # The ProxyCommand's connection, then the jump's own login through it (from the jump).
     sources = [line.split()[2] for line in jumplab.jump.connections()]
@@ -483,7 +486,8 @@ def test_open_guest_of_a_sandbox_on_a_remote_host_goes_through_the_jump(
     run, status, logs --sockets) through its host, with the sandbox's pinned key."""
     from orchestrator import lifecycle, paths
     from orchestrator.config import Settings
-    from orchestrator.state import Accel, Phase, SandboxState
+    from orchestrator.state import Phase, SandboxState
+    from orchestrator.vm.domain import Accel
 
     dirs = paths.Dirs(data=tmp_path / "data", state=tmp_path / "state", config=tmp_path / "cfg")
     ctx = lifecycle.Context(settings=Settings(), dirs=dirs)
