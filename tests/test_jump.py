@@ -14,7 +14,7 @@ import shlex
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,6 +235,15 @@ class JumpLab:
         line = f"[{JUMP_IP}]:{JUMP_PORT} {fields[0]} {fields[1]}\n"
         (self.home / ".ssh" / "known_hosts").write_text(line)
 
+    def established(self, address: str, port: int) -> list[str]:
+        """The TCP connections established to address:port in the libvirt host's namespace."""
+        out = subprocess.run(
+            ["ip", "netns", "exec", self.jump.netns, "ss", "-Htn", "state", "established",
+             "src", f"{address}:{port}"],
+            check=True, capture_output=True, text=True, timeout=10,
+        ).stdout  # fmt: skip
+        return out.splitlines()
+
     def guest_endpoint(self, **changes: object) -> Endpoint:
         fields: dict[str, object] = {
             "host": GUEST_IP,
@@ -316,7 +325,9 @@ def test_banner_and_login_through_one_jump_connection(jumplab: JumpLab) -> None:
         banner = wait_for_banner(GUEST_IP, 22, deadline(), opener=opener)
         with Guest.connect(jumplab.guest_endpoint(), deadline(), opener=opener) as g:
             seen_as = g.check("echo $SSH_CONNECTION").split()
+            during = jumplab.established(JUMP_IP, JUMP_PORT)
     assert banner.startswith("SSH-2.0-OpenSSH")
+    assert len(during) == 1 and f"{CLIENT_IP}:" in during[0]
     # The guest saw both connections come from the libvirt host, not from the client...
     assert seen_as[0] == JUMP_INNER_IP
     assert len(jumplab.guest.connections()) == 2
@@ -324,6 +335,17 @@ def test_banner_and_login_through_one_jump_connection(jumplab: JumpLab) -> None:
     # ...and the libvirt host had one SSH connection from the client, for both.
     assert len(jumplab.jump.connections()) == 1
     assert f"from {CLIENT_IP} " in jumplab.jump.connections()[0]
+    # Closed with the route: nothing of the client's stays established on the libvirt host.
+    assert wait_until(lambda: jumplab.established(JUMP_IP, JUMP_PORT) == [])
+
+
+def wait_until(done: Callable[[], bool], seconds: float = 5) -> bool:
+    end = time.monotonic() + seconds
+    while not done():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 @pytest.mark.root
