@@ -224,10 +224,15 @@ def _served(result: runs.RunResult, limit: int) -> tuple[str, ...]:
 def ssh_argv(ctx: Context, name: str, command: Sequence[str]) -> list[str]:
     """An OpenSSH command line that trusts only the pinned host key and gives the guest nothing
     of the user's: no ssh config (-F /dev/null: no ProxyCommand, LocalCommand, forwardings or
-    control sockets from ~/.ssh/config), no agent (-a, and IdentityAgent none), no X11 (-x)."""
+    control sockets from ~/.ssh/config), no agent (-a, and IdentityAgent none), no X11 (-x).
+    A guest of a remote libvirt host is reached through that host: the ProxyCommand's own ssh
+    logs in to it as the user does, with the user's config and known_hosts."""
+    from orchestrator.vm.remoteuri import proxy_command
+
     state = ready_state(ctx, name)
     store = ctx.store
     known_hosts: Path = store.file(name, paths.KNOWN_HOSTS)
+    proxy = proxy_command(state.uri)
     return [
         "ssh",
         "-F",
@@ -260,6 +265,7 @@ def ssh_argv(ctx: Context, name: str, command: Sequence[str]) -> list[str]:
         "GlobalKnownHostsFile=/dev/null",
         "-o",
         "LogLevel=ERROR",
+        *(["-o", f"ProxyCommand={proxy}"] if proxy else []),
         "-p",
         str(state.ssh_port),
         f"{state.user}@{state.ip}",

@@ -604,9 +604,13 @@ class Build:
         """Wait for the guest, log in with the pinned key, load the policy and start the
         capture: before `up` returns, so before any target software can run."""
         from orchestrator.vm.guest import Endpoint, Guest, wait_for_banner
+        from orchestrator.vm.jump import guest_route
 
         report, state, boot = self.ctx.reporter, self.state, self.boot
         address = state.ip
+        # One route for the banner wait and the login: on a remote host, one SSH connection to
+        # it carries both (and the session), and is closed with the session.
+        route = ExitStack()
         try:
             with report.step("waiting for the DHCP lease"):
                 ip = hv.wait_for_lease(self.dom, state.mac, boot)
@@ -615,13 +619,14 @@ class Build:
                     f"the guest was leased {ip}, not the address kept for it ({address})",
                     f"another DHCP client holds {address}: destroy the sandbox and retry",
                 )
+            opener = route.enter_context(guest_route(state.uri))
             with report.step(f"waiting for sshd on {ip}"):
-                wait_for_banner(ip, state.ssh_port, boot)
+                wait_for_banner(ip, state.ssh_port, boot, opener=opener)
             with report.step("logging in with the pinned host key"):
                 endpoint = Endpoint(
                     ip, state.ssh_port, state.user, self.key_path, self.host.public_line
                 )
-                guest = Guest.connect(endpoint, boot)
+                guest = Guest.connect(endpoint, boot, opener=opener)
             rules = guestfw.render(self.policy, self.net_spec)
             files = dict(xdebug.guest_files(xdebug_mode))
             commands: list[list[str]] = []
@@ -647,6 +652,8 @@ class Build:
             tail = "\n".join(text.splitlines()[-25:]) or "(empty: the guest printed nothing yet)"
             exc.message += "\n--- last lines of the VM console ---\n" + tail
             raise
+        finally:
+            route.close()
 
     def mark_ready(self) -> None:
         from orchestrator.vm.guest import known_hosts_line

@@ -113,9 +113,13 @@ def collect_locked(
         collected, tampered = gather(guest)
     else:
         from orchestrator.vm.guest import Guest  # paramiko: only where SSH is used
+        from orchestrator.vm.jump import guest_route
 
         deadline = Deadline(60, f"SSH to sandbox {state.name!r} to collect its records")
-        with Guest.connect(endpoint(ctx, state), deadline) as own:
+        with (
+            guest_route(state.uri) as opener,
+            Guest.connect(endpoint(ctx, state), deadline, opener=opener) as own,
+        ):
             collected, tampered = gather(own)
     collected = dataclasses.replace(collected, attempts=collected.attempts + tampered)
     queries = _dns_queries(ctx, state)

@@ -159,8 +159,12 @@ def open_guest(ctx: Context, name: str, timeout: float = 30.0) -> Iterator[Guest
         f"check `sandbox status --name {name}`; the VM may have stopped",
     )
     from orchestrator.vm.guest import Guest
+    from orchestrator.vm.jump import guest_route
 
-    with Guest.connect(endpoint(ctx, state), deadline) as guest:
+    with (
+        guest_route(state.uri) as opener,
+        Guest.connect(endpoint(ctx, state), deadline, opener=opener) as guest,
+    ):
         yield guest
 
 

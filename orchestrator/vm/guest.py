@@ -44,8 +44,9 @@ from orchestrator.waits import Deadline
 SSH_PORT = 22
 
 # A socket factory: (host, port, timeout) -> connected socket. The default is plain TCP; callers
-# that must reach a guest from inside a network namespace pass their own.
-SocketOpener = Callable[[str, int, float], socket.socket]
+# that must reach a guest from inside a network namespace pass their own, and a guest of a remote
+# libvirt host is reached through SSH channels to that host (jump.py).
+SocketOpener = Callable[[str, int, float], "socket.socket | paramiko.Channel"]
 
 _RETRY_FIRST = 0.1
 _RETRY_MAX = 1.0
@@ -62,6 +63,18 @@ UNREACHABLE_HINT = (
     "namespace) it runs in: run it where libvirtd runs, e.g. `ip netns exec NS sandbox ...` for "
     "a libvirtd in a namespace, or on the libvirt host for a remote --connect"
 )
+
+
+class UnreachableVia(OSError):
+    """ENETUNREACH from an opener that reaches guests through another machine (`via`): that
+    machine has no route to the guest's network, and `hint` says what to check there."""
+
+    def __init__(self, detail: str, *, via: str, hint: str) -> None:
+        super().__init__(errno.ENETUNREACH, detail)
+        self.via = via
+        self.hint = hint
+
+
 _STDERR_TAIL_CHARS = 2000
 _CHUNK = 32768
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -137,7 +150,7 @@ def tcp_connect(host: str, port: int, timeout: float) -> socket.socket:
     return socket.create_connection((host, port), timeout=timeout)
 
 
-def _detect_a_dead_peer(client: paramiko.SSHClient, sock: socket.socket) -> None:
+def _detect_a_dead_peer(client: paramiko.SSHClient, sock: socket.socket | paramiko.Channel) -> None:
     """A guest that stops answering (hung, gone, or dropping its own replies) must not leave a
     command waiting forever: SSH keepalives keep data in flight, and TCP_USER_TIMEOUT drops the
     connection when it stays unacknowledged, which the waiting call then reports."""
@@ -216,7 +229,7 @@ def _key_fingerprint(key: paramiko.PKey) -> str:
 # --- readiness ---------------------------------------------------------------------------------
 
 
-def _read_banner(sock: socket.socket, deadline: Deadline) -> str | None:
+def _read_banner(sock: socket.socket | paramiko.Channel, deadline: Deadline) -> str | None:
     """The `SSH-` line, or None if the peer closed first. RFC 4253 lets a server send other
     lines before it, so skip those."""
     buffer = b""
@@ -265,6 +278,12 @@ def wait_for_banner(
                 now = time.monotonic()
                 no_route_since = no_route_since if no_route_since is not None else now
                 if now - no_route_since >= no_route_seconds:
+                    if isinstance(e, UnreachableVia):
+                        raise GuestError(
+                            f"cannot reach the guest at {host}: {e.via} has no route to its "
+                            f"network ({last})",
+                            e.hint,
+                        ) from None
                     raise GuestError(
                         f"cannot reach the guest at {host}: this machine has no route to its "
                         f"network ({last})",
@@ -293,7 +312,7 @@ class Endpoint:
         return f"{self.user}@{self.host}:{self.port}"
 
 
-def _quiet_paramiko() -> None:
+def quiet_paramiko() -> None:
     # paramiko logs every failed attempt at ERROR with a traceback; with no handler configured,
     # Python's last-resort handler would print them to stderr while we are merely retrying.
     logger = logging.getLogger("paramiko")
@@ -352,7 +371,7 @@ class Guest:
         Retried (short backoff, bounded by the deadline): refused, reset, no banner, EOF during
         key exchange. Not retried: a host key other than the pinned one, a refused client key.
         """
-        _quiet_paramiko()
+        quiet_paramiko()
         pkey = _load_client_key(endpoint.client_key)
         key_type, blob = _parse_public_line(endpoint.host_key)
         pinned = paramiko.PKey.from_type_string(key_type, blob)
@@ -396,8 +415,8 @@ class Guest:
             _host_pattern(endpoint.host, endpoint.port), pinned.get_name(), pinned
         )
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        sock = opener(endpoint.host, endpoint.port, budget)
         try:
-            sock = opener(endpoint.host, endpoint.port, budget)
             client.connect(
                 endpoint.host,
                 port=endpoint.port,
@@ -413,6 +432,7 @@ class Guest:
             )
         except BaseException:
             client.close()
+            sock.close()  # a transport that never started leaves it open
             raise
         _detect_a_dead_peer(client, sock)
         return client
