@@ -7,7 +7,6 @@ the libvirt host's namespace: the client has no route to it.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import pwd
 import shlex
@@ -15,7 +14,6 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from orchestrator.vm.guest import Endpoint, Guest, wait_for_banner
 from orchestrator.vm.jump import guest_route, resolve
 from orchestrator.vm.remoteuri import JumpTarget, jump_target, proxy_command
 from orchestrator.waits import Deadline
+from tests.netns import inside
 
 from .sshd_fixture import SFTP_SERVER, SSHD, keygen
 
@@ -130,32 +129,12 @@ def test_proxy_command_for_openssh() -> None:
 
 # --- real: three namespaces, two sshds ---------------------------------------------------------
 
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 JUMP_IP, CLIENT_IP = "192.0.2.2", "192.0.2.1"
 GUEST_IP, JUMP_INNER_IP = "198.51.100.2", "198.51.100.1"
 JUMP_PORT = 2222
 # The name the URI and ~/.ssh/config use for the libvirt host.
 HOST_ALIAS = "libvirt-host"
 URI = f"qemu+ssh://{HOST_ALIAS}/system"
-
-
-@contextmanager
-def inside(netns: str) -> Iterator[None]:
-    """Switch this thread into a network namespace; sockets (and threads) made here stay in it."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-    try:
-        if _libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {netns}")
-        try:
-            yield
-        finally:
-            if _libc.setns(home, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back home")
-    finally:
-        os.close(target)
-        os.close(home)
 
 
 def sh(*argv: str) -> None:
