@@ -1,4 +1,5 @@
-"""A real OpenSSH sshd on 127.0.0.1 for tests of the SSH edge (needs root and openssh-server).
+"""A real OpenSSH sshd for tests of the SSH edge (needs root and openssh-server): on 127.0.0.1,
+or on an address inside a network namespace the test made.
 
 Keys are made with ssh-keygen, not with the code under test, so the tests compare our key
 handling with OpenSSH's own.
@@ -46,6 +47,8 @@ class Sshd:
     host_key: str  # public line of the key sshd serves
     client_key: Path  # a private key sshd accepts
     user: str = field(default_factory=getpass.getuser)
+    address: str = "127.0.0.1"
+    netns: str | None = None  # run inside this network namespace (`ip netns exec`)
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -54,7 +57,7 @@ class Sshd:
 
     def endpoint(self, **changes: object) -> Endpoint:
         fields: dict[str, object] = {
-            "host": "127.0.0.1",
+            "host": self.address,
             "port": self.port,
             "user": self.user,
             "client_key": self.client_key,
@@ -69,7 +72,7 @@ class Sshd:
         config.write_text(
             "\n".join(
                 [
-                    "ListenAddress 127.0.0.1",
+                    f"ListenAddress {self.address}",
                     f"Port {self.port}",
                     f"HostKey {self.workdir / 'host_key'}",
                     f"AuthorizedKeysFile {self.workdir / 'authorized_keys'}",
@@ -85,9 +88,11 @@ class Sshd:
                 ]
             )
         )
+        # `ip netns exec` execs sshd itself: the pid is sshd's either way.
+        enter = ["ip", "netns", "exec", self.netns] if self.netns is not None else []
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [str(SSHD), "-D", "-e", "-f", str(config)],
+                [*enter, str(SSHD), "-D", "-e", "-f", str(config)],
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
@@ -101,6 +106,12 @@ class Sshd:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise RuntimeError(f"sshd exited: {self.log.read_text()}")
+            if self.netns is not None:
+                # Out of this process's reach: sshd's own word that it listens.
+                if "Server listening" in self.log.read_text():
+                    return
+                time.sleep(0.02)
+                continue
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
                     if s.recv(64).startswith(b"SSH-"):
@@ -115,18 +126,31 @@ class Sshd:
             self.process.terminate()
             self.process.wait(5)
 
+    def connections(self) -> list[str]:
+        """The TCP connections sshd accepted, from its log: `Connection from A port P ...`."""
+        return [line for line in self.log.read_text().splitlines() if "Connection from" in line]
+
 
 SshdFactory = Callable[..., Sshd]
 
 
-def make_sshd(workdir: Path, *, port: int | None = None) -> Sshd:
+def make_sshd(
+    workdir: Path, *, port: int | None = None, address: str = "127.0.0.1", netns: str | None = None
+) -> Sshd:
     """A configured, not yet started sshd with a fresh host key and one authorized client key."""
     workdir.mkdir(parents=True, exist_ok=True)
     host_key = keygen(workdir / "host_key", "host")
     client_key = workdir / "client_key"
     (workdir / "authorized_keys").write_text(keygen(client_key, "client") + "\n")
     os.chmod(workdir / "host_key", 0o600)
-    return Sshd(workdir=workdir, port=port or free_port(), host_key=host_key, client_key=client_key)
+    return Sshd(
+        workdir=workdir,
+        port=port or free_port(),
+        host_key=host_key,
+        client_key=client_key,
+        address=address,
+        netns=netns,
+    )
 
 
 @pytest.fixture

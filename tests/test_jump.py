@@ -27,7 +27,7 @@ from orchestrator.vm.remoteuri import JumpTarget, jump_target, proxy_command
 from orchestrator.waits import Deadline
 from tests.netns import inside
 
-from .sshd_fixture import SFTP_SERVER, SSHD, keygen
+from .sshd_fixture import SSHD, Sshd, keygen, make_sshd
 
 # --- pure: URIs and SSH config -----------------------------------------------------------------
 
@@ -142,70 +142,10 @@ def sh(*argv: str) -> None:
 
 
 @dataclass
-class NsSshd:
-    netns: str
-    address: str
-    port: int
-    workdir: Path
-    host_key: str
-    client_key: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def log(self) -> Path:
-        return self.workdir / "sshd.log"
-
-    def start(self) -> None:
-        config = self.workdir / "sshd_config"
-        config.write_text(
-            f"ListenAddress {self.address}\nPort {self.port}\n"
-            f"HostKey {self.workdir / 'host_key'}\n"
-            f"AuthorizedKeysFile {self.workdir / 'authorized_keys'}\n"
-            "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
-            "KbdInteractiveAuthentication no\nStrictModes no\nUsePAM no\nPidFile none\n"
-            f"Subsystem sftp {SFTP_SERVER}\nLogLevel VERBOSE\n"
-        )
-        Path("/run/sshd").mkdir(exist_ok=True)
-        with self.log.open("ab") as log:
-            # `ip netns exec` execs sshd itself: this pid is sshd's.
-            self.process = subprocess.Popen(
-                ["ip", "netns", "exec", self.netns, str(SSHD), "-D", "-e", "-f", str(config)],
-                stdout=log,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-            )
-        end = time.monotonic() + 5
-        while time.monotonic() < end:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"sshd exited: {self.log.read_text()}")
-            if "Server listening" in self.log.read_text():
-                return
-            time.sleep(0.02)
-        raise RuntimeError(f"sshd did not start: {self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(5)
-
-    def connections(self) -> list[str]:
-        """The TCP connections sshd accepted, from its log: `Connection from A port P ...`."""
-        return [line for line in self.log.read_text().splitlines() if "Connection from" in line]
-
-
-def make_ns_sshd(netns: str, address: str, port: int, workdir: Path) -> NsSshd:
-    workdir.mkdir(parents=True)
-    host_key = keygen(workdir / "host_key", "host")
-    client_key = workdir / "client_key"
-    (workdir / "authorized_keys").write_text(keygen(client_key, "client") + "\n")
-    return NsSshd(netns, address, port, workdir, host_key, client_key)
-
-
-@dataclass
 class JumpLab:
     client: str  # the test's namespace
-    jump: NsSshd  # the "libvirt host"
-    guest: NsSshd
+    jump: Sshd  # the "libvirt host"
+    guest: Sshd
     home: Path  # $HOME while the test runs: its .ssh/config names the libvirt host
 
     def trust_jump(self, public_line: str | None = None) -> None:
@@ -216,6 +156,7 @@ class JumpLab:
 
     def established(self, address: str, port: int) -> list[str]:
         """The TCP connections established to address:port in the libvirt host's namespace."""
+        assert self.jump.netns is not None
         out = subprocess.run(
             ["ip", "netns", "exec", self.jump.netns, "ss", "-Htn", "state", "established",
              "src", f"{address}:{port}"],
@@ -224,15 +165,7 @@ class JumpLab:
         return out.splitlines()
 
     def guest_endpoint(self, **changes: object) -> Endpoint:
-        fields: dict[str, object] = {
-            "host": GUEST_IP,
-            "port": 22,
-            "user": "root",
-            "client_key": self.guest.client_key,
-            "host_key": self.guest.host_key,
-        }
-        fields.update(changes)
-        return Endpoint(**fields)  # type: ignore[arg-type]
+        return self.guest.endpoint(**{"user": "root", **changes})
 
 
 def _root_unavailable() -> str | None:
@@ -252,7 +185,7 @@ def jumplab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[JumpLab
     tag = f"sbxjump{os.getpid() % 100000}"
     client, jump, guest = f"{tag}-c", f"{tag}-j", f"{tag}-g"
     made: list[str] = []
-    servers: list[NsSshd] = []
+    servers: list[Sshd] = []
     try:
         for ns in (client, jump, guest):
             sh("ip", "netns", "add", ns)
@@ -272,8 +205,8 @@ def jumplab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[JumpLab
             sh("ip", "-n", ns, "link", "set", dev, "up")
         for ns in made:
             sh("ip", "-n", ns, "link", "set", "lo", "up")
-        servers.append(make_ns_sshd(jump, JUMP_IP, JUMP_PORT, tmp_path / "jump"))
-        servers.append(make_ns_sshd(guest, GUEST_IP, 22, tmp_path / "guest"))
+        servers.append(make_sshd(tmp_path / "jump", port=JUMP_PORT, address=JUMP_IP, netns=jump))
+        servers.append(make_sshd(tmp_path / "guest", port=22, address=GUEST_IP, netns=guest))
         for server in servers:
             server.start()
         home = tmp_path / "home"
