@@ -31,6 +31,7 @@ SAMPLES = [
     "guzzle_2",
     "symfony",
     "streams",
+    "learn",
 ]
 
 
@@ -514,7 +515,7 @@ def test_a_name_the_resolver_returned_counts_as_named() -> None:
     trace = xdebug.parse_trace(data, "trace.7.aa.xt")
     lookup = _attempt("d", 7, 0.012, "192.168.1.1", verdict=Verdict.DNS, proto="udp")
     # Stamped inside the second call, but the resolver said api.example is 203.0.113.7.
-    connect = _attempt("c", 7, 0.029, "203.0.113.7", dns_name="api.example")
+    connect = _attempt("c", 7, 0.029, "203.0.113.7", dns_name="api.example", dport=443)
     attributed = xdebug.attribute([lookup, connect], [trace])
     assert [_origin(a) for a in attributed] == ["fsockopen@3", "fsockopen@3"]
 
@@ -583,6 +584,57 @@ def test_the_other_address_loses_to_the_named_one() -> None:
         "stream_socket_client@4",
         "fsockopen@3",
     ]
+
+
+def test_one_server_by_name_and_by_address_on_two_ports() -> None:
+    """tests/data/learn/learn_me.php: www.inet.test is 203.0.113.7, called by name on 80, then
+    by address on 443. Both calls name the address; the port tells them apart, however late
+    the first connect's stamp comes (here inside the second call)."""
+    data = _trace(
+        7,
+        [
+            _call(0, 1, 0.001, "{main}"),
+            _call(1, 2, 0.010, "stream_socket_client", "'tcp://www.inet.test:80'", line=29),
+            _exit(1, 2, 0.014),
+            _call(2, 2, 0.015, "stream_socket_client", "'tcp://203.0.113.7:443'", line=30),
+            _exit(2, 2, 0.019),
+            _call(3, 2, 0.020, "fsockopen", "'203.0.113.7'", "8080", line=31),
+            _exit(3, 2, 0.024),
+        ],
+    )
+    trace = xdebug.parse_trace(data, "trace.7.aa.xt")
+    # The resolver's answer names both connects www.inet.test. Stamped in one millisecond
+    # and listed in the wrong order, their destinations alone cannot tell them apart.
+    by_name = _attempt("n", 7, 0.0145, "203.0.113.7", dns_name="www.inet.test", dport=80)
+    by_address = _attempt("a", 7, 0.0145, "203.0.113.7", dns_name="www.inet.test", dport=443)
+    by_port_argument = _attempt("p", 7, 0.021, "203.0.113.7", dport=8080)
+    # getaddrinfo()'s probe of the address it sorts: port 0, the lookup's call.
+    probe = _attempt("q", 7, 0.012, "203.0.113.7", dns_name="www.inet.test", dport=0, proto="udp")
+    attempts = [by_address, probe, by_name, by_port_argument]
+    assert [_origin(a) for a in xdebug.attribute(attempts, [trace])] == [
+        "stream_socket_client@30",
+        "stream_socket_client@29",
+        "stream_socket_client@29",
+        "fsockopen@31",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "port"),
+    [
+        ("tcp://www.inet.test:80", 80),
+        ("https://example.org/x", 443),
+        ("http://[2001:db8::1]/", 80),
+        ("[2001:db8::1]:8443", 8443),
+        ("203.0.113.7:25", 25),
+        ("tcp://203.0.113.7", None),
+        ("2001:db8::1", None),
+        ("example.org", None),
+        ("example.org:99999", None),
+    ],
+)
+def test_the_port_a_string_names(text: str, port: int | None) -> None:
+    assert xdebug._port(text) == port
 
 
 def test_a_gzip_bomb_is_refused_without_inflating_it() -> None:

@@ -519,12 +519,21 @@ _SKIP = 4.0  # leave the attempt without a stack: costlier than any consistent r
 
 _URL_HOST = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/@]*@)?(\[[^\]]*\]|[^/:?#]*)")
 _HOSTNAME = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?\Z")
+_URL_PORT = re.compile(
+    r"^([A-Za-z][A-Za-z0-9+.-]*)://(?:[^/@]*@)?(?:\[[^\]]*\]|[^/:?#]*)(?::([0-9]{1,5}))?"
+)
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21, "ftps": 990}
 
 
 @dataclass(frozen=True)
 class _Targets:
     addresses: frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]
     names: frozenset[str]
+    # The ports the arguments name ('host:port', a URL's port or its scheme's, fsockopen's
+    # port argument); empty when they name none. One address on two ports is two destinations:
+    # a script that calls a host by name on 80 and by address on 443, both one server, must
+    # not have the two connects traded (the ordering in time alone cannot tell them apart).
+    ports: frozenset[int] = frozenset()
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -541,11 +550,23 @@ def _string_arg(arg: str) -> str | None:
     return arg[1:-1] if len(arg) >= 2 and arg[0] == "'" and arg[-1] == "'" else None
 
 
+# Built-ins that take the port as an argument of its own: (position of the host, of the port).
+_PORT_ARGUMENT = {
+    "fsockopen": (0, 1),
+    "pfsockopen": (0, 1),
+    "socket_connect": (1, 2),
+    "ftp_connect": (0, 1),
+    "ftp_ssl_connect": (0, 1),
+}
+
+
 def _targets(call: Call) -> _Targets:
-    """Addresses and host names in a call's string arguments: URLs, 'host', 'host:port',
-    '[v6]:port'. Only the first string may be a bare host name (fopen's 'r' is not one)."""
+    """Addresses, host names and ports in a call's string arguments: URLs, 'host',
+    'host:port', '[v6]:port'. Only the first string may be a bare host name (fopen's 'r' is
+    not one)."""
     addresses = set()
     names = set()
+    ports = set()
     strings = [s for s in map(_string_arg, call.args) if s is not None]
     for position, value in enumerate(strings):
         address, name = _host(value, bare=position == 0)
@@ -553,7 +574,34 @@ def _targets(call: Call) -> _Targets:
             addresses.add(address)
         elif name is not None:
             names.add(name)
-    return _Targets(frozenset(addresses), frozenset(names))
+        if address is not None or name is not None:
+            port = _port(value)
+            if port is not None:
+                ports.add(port)
+    if call.function in _PORT_ARGUMENT:
+        host, port_at = _PORT_ARGUMENT[call.function]
+        if len(call.args) > port_at and len(call.args) > host:
+            number = call.args[port_at]
+            # fsockopen("host", 80) names the port; fsockopen("host:80") or a default (-1) not.
+            if number.isdigit() and 0 < int(number) < 65536:
+                ports.add(int(number))
+    return _Targets(frozenset(addresses), frozenset(names), frozenset(ports))
+
+
+def _port(value: str) -> int | None:
+    """The port a URL (its own or its scheme's), 'host:port' or '[v6]:port' names."""
+    url = _URL_PORT.match(value)
+    if url is not None:
+        scheme, explicit = url.group(1).lower(), url.group(2)
+        return int(explicit) if explicit else _DEFAULT_PORTS.get(scheme)
+    if value.startswith("["):
+        _, _, rest = value.partition("]")
+        text = rest[1:] if rest.startswith(":") else ""
+    elif value.count(":") == 1:
+        text = value.rsplit(":", 1)[1]
+    else:
+        return None  # a bare name, or a bare IPv6 address
+    return int(text) if text.isdigit() and 0 < int(text) < 65536 else None
 
 
 def _host(
@@ -585,10 +633,14 @@ def _match_cost(attempt: Attempt, call: Call, targets: _Targets) -> float:
             return _MATCH_NAMED
         return _MATCH_OTHER if targets.addresses else _MATCH_UNKNOWN
     destination = _ip(attempt.dst)
-    if destination is not None and destination in targets.addresses:
+    named = (destination is not None and destination in targets.addresses) or bool(
+        attempt.dns_name and attempt.dns_name.rstrip(".").lower() in targets.names
+    )
+    # Port 0: getaddrinfo()'s UDP probe of each address it sorts, which names no port.
+    if named and (not targets.ports or not attempt.dport or attempt.dport in targets.ports):
         return _MATCH_NAMED
-    if attempt.dns_name and attempt.dns_name.rstrip(".").lower() in targets.names:
-        return _MATCH_NAMED
+    if named:
+        return _MATCH_OTHER  # the right host on another port: a redirect could do it
     if call.function in RESOLVER_FUNCTIONS:
         return _MATCH_OTHER  # a lookup connects to the resolver, not elsewhere
     return _MATCH_OTHER if targets.addresses and not targets.names else _MATCH_UNKNOWN
@@ -601,10 +653,6 @@ ASYNC_DRIVERS = frozenset({"curl_multi_exec", "curl_multi_select"})
 _CURLOPT_URL = "10002"
 # curl_setopt_array($handle, [CURLOPT_URL => ...]) as xdebug prints the array.
 _URL_IN_ARRAY = re.compile(r"(?:^\[|, )10002 => '((?:[^'\\]|\\.)*)'")
-_URL_PORT = re.compile(
-    r"^([A-Za-z][A-Za-z0-9+.-]*)://(?:[^/@]*@)?(?:\[[^\]]*\]|[^/:?#]*)(?::([0-9]{1,5}))?"
-)
-_DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21, "ftps": 990}
 # How many earlier requests a driving call looks back at: a polling loop serves the recent ones.
 _MAX_REQUESTS = 512
 
