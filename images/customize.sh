@@ -22,7 +22,7 @@ chroot "$root" systemctl mask --quiet \
     cloud-config.service cloud-final.service \
     cloud-init-local.service
 chroot "$root" systemctl enable --quiet systemd-networkd.service
-chroot "$root" systemctl enable --quiet sandbox-boot-firewall.service
+chroot "$root" systemctl enable --quiet sandbox-boot-firewall.service sandbox-seed-policy.service
 
 # The connect() capture (orchestrator/capture/monitor.py), built on the host by images/capture/build.sh
 # into $SANDBOX_CAPTURE_BUILD; attached at boot by sandbox-capture.service; its records copied to the

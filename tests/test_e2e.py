@@ -16,6 +16,7 @@ import libvirt
 import pytest
 
 from orchestrator import paths
+from orchestrator.egress import guestfw
 from orchestrator.state import SandboxState
 from orchestrator.vm.guest import generate_ed25519
 from sandbox_lab import in_lab
@@ -69,6 +70,10 @@ def test_up_exec_ssh_destroy(cli: Cli) -> None:
     keys = cli.ok("exec", "--name", "e2e", "--", "sh", "-c", "cat /etc/ssh/ssh_host_*_key.pub")
     assert keys.stdout.split()[:2] == state["host_key"].split()[:2]
     assert len(keys.stdout.strip().splitlines()) == 1
+    # A cold boot loaded the policy from its seed before sshd started; `up` read it back only.
+    marker = cli.ok("exec", "--name", "e2e", "--", "cat", guestfw.POLICY_MARKER).stdout
+    rules = state["guest_rules"]
+    assert marker.strip() == guestfw.marker_line({int(v): text for v, text in rules.items()})
 
     # OpenSSH with StrictHostKeyChecking=yes against the pinned key.
     ssh = cli.ok("ssh", "--name", "e2e", "--", "echo", "via-openssh")

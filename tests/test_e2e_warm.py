@@ -33,7 +33,7 @@ exit(7);
 """
 FACTS = (
     "hostname; cat /etc/machine-id; cat /sys/class/net/en*/address; date +%s; "
-    "sed -n 's/^nameserver //p' /etc/resolv.conf"
+    "sed -n 's/^nameserver //p' /etc/resolv.conf; cat /run/sandbox/seed-policy"
 )
 
 
@@ -71,9 +71,11 @@ def test_a_warm_sandbox_is_fresh_and_enforces_its_policy(cli: Cli, tmp_path: Pat
     for name in ("hw1", "hw2"):
         up = cli.ok("up", "--name", name, "--allow", ALLOWED)
         assert "warm VM, ready in" in up.stderr, up.stderr
-        host, machine_id, mac, clock, resolver = cli.ok(
+        host, machine_id, mac, clock, resolver, seeded = cli.ok(
             "exec", "--name", name, "--", "sh", "-c", FACTS
         ).stdout.split()
+        # A warm VM's seed carries no policy (it had none yet): `up` loaded it over SSH.
+        assert seeded == "none"
         facts[name] = (machine_id, mac)
         state = state_of(cli, name)
         assert str(state["domain"]).startswith(names.WARM_PREFIX) and state["warm_id"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import ipaddress
 import json
@@ -13,7 +14,14 @@ import pycdlib
 import pytest
 import yaml
 
-from orchestrator.vm.cloudinit import SeedSpec, build_seed_iso, render_meta_data, render_user_data
+from orchestrator.errors import SandboxError
+from orchestrator.vm.cloudinit import (
+    POLICY_FILES,
+    SeedSpec,
+    build_seed_iso,
+    render_meta_data,
+    render_user_data,
+)
 from orchestrator.vm.domain import (
     Accel,
     DomainSpec,
@@ -239,6 +247,25 @@ def test_seed_iso_round_trip() -> None:
         "instance-id": "sandbox-test-0123456789ab",
         "local-hostname": "sandbox-test",
     }
+
+
+def test_the_seed_carries_the_policy_files_beside_user_data() -> None:
+    rules = {4: "*filter\n:OUTPUT DROP [0:0]\nCOMMIT\n", 6: "*filter\nCOMMIT\n"}
+    spec = dataclasses.replace(
+        seed_spec(), files=tuple((POLICY_FILES[v], text) for v, text in rules.items())
+    )
+    files = read_seed_iso(build_seed_iso(spec))
+    assert set(files) == {"user-data", "meta-data", "sandbox-v4.rules", "sandbox-v6.rules"}
+    # Byte for byte: the guest's sha256sum of them is what `up` compares (guestfw.marker_line).
+    assert {v: files[POLICY_FILES[v]].decode() for v in (4, 6)} == rules
+    assert files["user-data"].decode() == render_user_data(seed_spec())
+
+
+@pytest.mark.parametrize("name", ["user-data", "../x", "A.rules", "", "x/y"])
+def test_a_seed_file_name_is_checked(name: str) -> None:
+    spec = dataclasses.replace(seed_spec(), files=((name, "x"),))
+    with pytest.raises(SandboxError, match="cannot put"):
+        build_seed_iso(spec)
 
 
 def warm_spec() -> DomainSpec:

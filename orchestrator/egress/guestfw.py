@@ -68,24 +68,41 @@ def apply(
     files: Mapping[str, str] | None = None,
     commands: Sequence[Sequence[str]] = (),
     then: str | None = None,
+    preloaded: bool = False,
+    marker: str | None = None,
 ) -> tuple[int, str]:
     """Load the rules with iptables-restore (each family atomically), read them back and fail
     unless the kernel holds exactly what was meant; write `files` and run `commands` (argv)
     first; then run the shell `then` (in a subshell, stderr with stdout). One SSH round trip:
     under TCG every extra channel costs a noticeable part of a second. Returns `then`'s exit
-    status and output."""
+    status and output.
+
+    `preloaded`: the guest may hold these very rules already, loaded at boot from its seed
+    (`marker`, POLICY_MARKER by default, says so, with their digests): then they are only read
+    back. Each iptables-restore costs 0.1-0.2 s under TCG."""
     restore4, restore6 = (firewall.restore_commands(v)[0] for v in (4, 6))
+    restore = [
+        f"{shlex.join(restore4)} <<'SANDBOX_RULES_V4'",
+        rules[4].rstrip("\n"),
+        "SANDBOX_RULES_V4",
+        f"{shlex.join(restore6)} <<'SANDBOX_RULES_V6'",
+        rules[6].rstrip("\n"),
+        "SANDBOX_RULES_V6",
+    ]
+    if preloaded:
+        # `read`, `[` and `:` are builtins: no program started when the rules are in place.
+        restore = [
+            f"loaded=; read -r loaded < {shlex.quote(marker or POLICY_MARKER)} || :",
+            f'if [ "$loaded" != {shlex.quote(marker_line(rules))} ]; then',
+            *restore,
+            "fi",
+        ]
     script = "\n".join(
         [
             "set -e",
             *files_script(files or {}),
             *(shlex.join(argv) for argv in commands),
-            f"{shlex.join(restore4)} <<'SANDBOX_RULES_V4'",
-            rules[4].rstrip("\n"),
-            "SANDBOX_RULES_V4",
-            f"{shlex.join(restore6)} <<'SANDBOX_RULES_V6'",
-            rules[6].rstrip("\n"),
-            "SANDBOX_RULES_V6",
+            *restore,
             *firewall.save_script(),
             *(
                 [f"echo {_THEN}", f"status=0; ( {then} ) 2>&1 || status=$?", "echo $status"]
@@ -106,6 +123,18 @@ def apply(
         return 0, ""
     output, _, status = after.rstrip("\n").rpartition("\n")
     return (int(status) if status.isdigit() else 1), output
+
+
+# Written at boot by images/rootfs/usr/lib/sandbox/seed-policy: `loaded SHA256_V4 SHA256_V6` of
+# the rules it loaded from the seed (cloudinit.POLICY_FILES), else why not (`none`, `failed`).
+POLICY_MARKER = "/run/sandbox/seed-policy"
+
+
+def marker_line(rules: Mapping[int, str]) -> str:
+    """POLICY_MARKER's line when the guest loaded exactly these rules at boot: sha256sum's
+    digests of the files the seed carries."""
+    digests = (hashlib.sha256(rules[version].encode()).hexdigest() for version in (4, 6))
+    return "loaded " + " ".join(digests)
 
 
 def read_back(guest: Guest) -> str:

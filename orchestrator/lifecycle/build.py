@@ -10,7 +10,7 @@ import json
 import os
 import secrets
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -169,8 +169,14 @@ def _warm_identity(name: str, nameserver: str) -> tuple[dict[str, str], list[lis
     return files, [["hostname", host]]
 
 
-def _seed_spec(name: str, host_key: tuple[str, str], client_pub: str, nameserver: str) -> SeedSpec:
-    from orchestrator.vm.cloudinit import SeedSpec
+def _seed_spec(
+    name: str,
+    host_key: tuple[str, str],
+    client_pub: str,
+    nameserver: str,
+    rules: Mapping[int, str],
+) -> SeedSpec:
+    from orchestrator.vm.cloudinit import POLICY_FILES, SeedSpec
 
     return SeedSpec(
         instance_id=f"sandbox-{name}-{uuid.uuid4().hex[:12]}",
@@ -179,6 +185,7 @@ def _seed_spec(name: str, host_key: tuple[str, str], client_pub: str, nameserver
         host_key_public=host_key[1],
         authorized_key=client_pub,
         nameserver=nameserver,
+        files=tuple((POLICY_FILES[version], rules[version]) for version in sorted(rules)),
     )
 
 
@@ -431,6 +438,7 @@ class Build:
                     (self.host.private_openssh, self.host.public_line),
                     self.client.public_line,
                     str(self.net_spec.gateway),
+                    guestfw.render(self.policy, self.net_spec),
                 )
             )
             self.seed_path = str(hv.upload(self.conn, self.pool, self.vols.seed, data=seed).path())
@@ -603,7 +611,7 @@ class Build:
     def log_in_and_push(self, xdebug_mode: xdebug.XdebugMode) -> None:
         """Wait for the guest, log in with the pinned key, load the policy and start the
         capture: before `up` returns, so before any target software can run."""
-        from orchestrator.vm.guest import Endpoint, Guest, wait_for_banner
+        from orchestrator.vm.guest import Endpoint, Guest, wait_for_sshd
         from orchestrator.vm.jump import guest_route
 
         report, state, boot = self.ctx.reporter, self.state, self.boot
@@ -621,12 +629,12 @@ class Build:
                 )
             opener = route.enter_context(guest_route(state.uri))
             with report.step(f"waiting for sshd on {ip}"):
-                wait_for_banner(ip, state.ssh_port, boot, opener=opener)
+                primed = wait_for_sshd(ip, state.ssh_port, boot, opener=opener)
             with report.step("logging in with the pinned host key"):
                 endpoint = Endpoint(
                     ip, state.ssh_port, state.user, self.key_path, self.host.public_line
                 )
-                guest = Guest.connect(endpoint, boot, opener=opener)
+                guest = Guest.connect(endpoint, boot, opener=opener, first=primed)
             rules = guestfw.render(self.policy, self.net_spec)
             files = dict(xdebug.guest_files(xdebug_mode))
             commands: list[list[str]] = []
@@ -641,7 +649,13 @@ class Build:
                     # One round trip. The capture's clock after the push: the firewall changes
                     # up to it are the push's.
                     status, output = guestfw.apply(
-                        guest, rules, files=files, commands=commands, then=monitor.START_SCRIPT
+                        guest,
+                        rules,
+                        files=files,
+                        commands=commands,
+                        then=monitor.START_SCRIPT,
+                        # A cold boot loaded them from its seed (make_disks): read back only.
+                        preloaded=state.warm_id is None,
                     )
                     mark = monitor.started(status, output)
                 self._save(guest_rules={str(v): text for v, text in rules.items()})

@@ -5,6 +5,7 @@ an ISO9660 image (volume label `cidata`) with pycdlib, in memory.
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,16 @@ class SeedSpec:
     host_key_public: str
     authorized_key: str
     nameserver: str | None = None
+    # Files on the seed beside user-data, for the image's own boot units to read before
+    # cloud-init runs (name -> text): the egress policy of a cold boot (POLICY_FILES).
+    files: tuple[tuple[str, str], ...] = ()
+
+
+# The guest's egress policy on the seed, per IP version: images/rootfs/usr/lib/sandbox/seed-policy
+# loads them at boot (sandbox-seed-policy.service), so that `up` finds them in place and only
+# reads them back instead of loading them over SSH.
+POLICY_FILES = {4: "sandbox-v4.rules", 6: "sandbox-v6.rules"}
+_FILE_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{0,63}$")
 
 
 def _template() -> dict[str, Any]:
@@ -96,6 +107,12 @@ def build_seed_iso(spec: SeedSpec) -> bytes:
         "user-data": render_user_data(spec).encode(),
         "meta-data": render_meta_data(spec).encode(),
     }
+    for name, text in spec.files:
+        if not _FILE_NAME.match(name) or name in files:
+            raise SandboxError(
+                f"cannot put {name!r} on the cloud-init seed", "this is a bug in sandbox: report it"
+            )
+        files[name] = text.encode()
     iso = pycdlib.PyCdlib()
     # cloud-init finds the seed by its label and reads the Joliet/Rock Ridge long names.
     iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident=VOLUME_LABEL)

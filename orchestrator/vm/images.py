@@ -26,6 +26,9 @@ What the guest relies on (see images/rootfs/ and customize.sh):
 - sandbox-capture.service attaches the connection capture at boot, after the boot firewall and
   before the network (images/capture/, built on the host with clang and cc before mmdebstrap
   runs): `sbx-capture check|drain|load|unload` in the guest.
+- sandbox-seed-policy.service loads the egress policy a cold boot's seed carries, before sshd
+  starts, and says so in /run/sandbox/seed-policy: `up` then reads the rules back instead of
+  loading them (orchestrator/egress/guestfw.py `apply`).
 """
 
 from __future__ import annotations
