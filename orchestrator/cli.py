@@ -713,9 +713,10 @@ def destroy(
         if report.failed is not None:
             err.print(safetext.labeled("error:", "bold red", f"{report.name}: {report.failed}"))
         elif report.existed:
-            err.print(f"destroyed {report.name}: {', '.join(report.removed)}")
+            # Text, not markup: a host's URI may hold brackets ([2001:db8::1]).
+            err.print(safetext.text(f"destroyed {report.name}: {', '.join(report.removed)}"))
         else:
-            err.print(f"nothing to destroy for {report.name}")
+            err.print(safetext.text(f"nothing to destroy for {report.name}"))
     if any(r.failed is not None for r in reports):
         raise typer.Exit(1)
 

@@ -264,6 +264,9 @@ def test_list_with_every_host_down_is_an_error_naming_each(
     with pytest.raises(HypervisorError) as failed:
         lifecycle.list_status(on(ctx, hosts.down, other))
     assert hosts.down in failed.value.message and other in failed.value.message
+    # One host answering with nothing on it: an empty list and the host that is down.
+    listing = lifecycle.list_status(on(ctx, hosts.a, hosts.down))
+    assert listing.sandboxes == () and [d.uri for d in listing.down] == [hosts.down]
 
 
 def test_destroy_finds_a_sandbox_and_an_orphan_wherever_they_are(

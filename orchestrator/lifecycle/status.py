@@ -154,7 +154,7 @@ def list_status(ctx: Context) -> Listing:
             down.append(HostDown(uri, exc.message))
             problem = f"its libvirt host did not answer: {exc.message}"
             found += [_with_state(ctx, s, "unknown", [problem]) for s in here]
-    if errors and not found:
+    if len(errors) == len(uris) and not found:
         if len(errors) == 1:
             raise errors[0]  # nothing to show but the reason libvirt could not be asked
         raise hosts.unreachable_error([hosts.HostProbe(d.uri, error=d.error) for d in down])
