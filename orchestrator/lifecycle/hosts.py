@@ -20,7 +20,6 @@ from orchestrator.vm import hypervisor as hv
 # most of its time is the network's), so a few in parallel make `up` wait for the slowest one
 # rather than for all of them in a row.
 PROBE_THREADS = 8
-GIB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,7 @@ class HostProbe:
     def describe(self) -> str:
         if self.error is not None:
             return f"{self.uri}: {self.error}"
-        free = "free memory unknown" if self.free is None else f"{self.free / GIB:.1f} GiB free"
+        free = "free memory unknown" if self.free is None else f"{self.free >> 20} MiB free"
         return f"{self.uri} ({free})"
 
 
@@ -77,7 +76,10 @@ def probe_one(uri: str) -> HostProbe:
         with hv.connection(uri) as conn:
             return HostProbe(uri, free=hv.free_memory(conn), sandboxes=hv.sandbox_domains(conn))
     except SandboxError as exc:
-        return HostProbe(uri, error=exc.message)
+        # describe() names the host already.
+        return HostProbe(
+            uri, error=exc.message.removeprefix(f"cannot connect to libvirt at {uri}: ")
+        )
     except libvirt.libvirtError as exc:  # it answered the connection, then failed
         return HostProbe(uri, error=f"libvirt: {exc}")
 
