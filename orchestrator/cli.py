@@ -107,9 +107,9 @@ def _context(
 ) -> lifecycle.Context:
     dirs = paths.Dirs.from_env()
     settings = load_settings(OPTIONS.config, dirs.config_file)
-    changes: dict[str, Any] = {}
     if OPTIONS.connect:
-        changes["connect"] = OPTIONS.connect
+        settings = settings.on_host(OPTIONS.connect)  # exactly that host, not the config's hosts
+    changes: dict[str, Any] = {}
     if accel:
         changes["accel"] = parse_accel(accel)
     if memory is not None:
@@ -134,7 +134,10 @@ def _global(
     connect: Annotated[
         str | None,
         typer.Option(
-            "--connect", "-c", help="libvirt URI (default qemu:///system; env SANDBOX_CONNECT)."
+            "--connect",
+            "-c",
+            help="libvirt URI: this one host, whatever hosts the config lists "
+            "(default qemu:///system; env SANDBOX_CONNECT).",
         ),
     ] = None,
 ) -> None:
@@ -567,6 +570,7 @@ def _status_dict(st: lifecycle.Status) -> dict[str, Any]:
     return {
         "name": st.name,
         "status": st.summary,
+        "host": st.host or None,
         "domain": st.domain,
         "ip": s.ip if s else None,
         "image": s.image if s else None,
@@ -596,9 +600,10 @@ def status(
     """Show one sandbox's status, derived from what exists."""
     st = lifecycle.inspect(_context(), name)
     if st.state is None and st.domain in ("missing", "unknown"):
-        raise SandboxError(
-            f"sandbox {name!r} does not exist", f"create it with `sandbox up --name {name}`"
-        )
+        hint = f"create it with `sandbox up --name {name}`"
+        if st.problems:  # hosts that could not be searched
+            hint = f"{'; '.join(st.problems)}; or {hint}"
+        raise SandboxError(f"sandbox {name!r} does not exist on any host that answered", hint)
     data = _status_dict(st)
     if data["learn"] not in (None, Learn.OFF.value):
         _shout(lifecycle.learn_warning(name))
@@ -615,17 +620,24 @@ def status(
 
 @app.command(name="list")
 def list_(as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False) -> None:
-    """List sandboxes (with state on disk, or our VMs without it)."""
-    rows = [_status_dict(s) for s in lifecycle.list_status(_context())]
+    """List sandboxes on every configured host (with state on disk, or our VMs without it), and
+    the hosts that did not answer."""
+    listing = lifecycle.list_status(_context())
+    rows = [_status_dict(s) for s in listing.sandboxes]
+    # A host that is down is a row of its own: its sandboxes without state cannot be known.
+    rows += [
+        {"name": None, "status": "host down", "host": d.uri, "problems": [d.error]}
+        for d in listing.down
+    ]
     if as_json:
         out.print_json(json.dumps(rows), ensure_ascii=True)
         return
-    table = Table("name", "status", "ip", "image", "accel", "created", "problems")
+    table = Table("name", "status", "host", "ip", "image", "accel", "created", "problems")
     for r in rows:
         table.add_row(
             *(
-                safetext.text(value or "-")
-                for value in (r["name"], r["status"], r["ip"], r["image"], r["accel"], r["created"])
+                safetext.text(r.get(key) or "-")
+                for key in ("name", "status", "host", "ip", "image", "accel", "created")
             ),
             safetext.text("; ".join(r["problems"])),
         )
@@ -701,9 +713,10 @@ def destroy(
         if report.failed is not None:
             err.print(safetext.labeled("error:", "bold red", f"{report.name}: {report.failed}"))
         elif report.existed:
-            err.print(f"destroyed {report.name}: {', '.join(report.removed)}")
+            # Text, not markup: a host's URI may hold brackets ([2001:db8::1]).
+            err.print(safetext.text(f"destroyed {report.name}: {', '.join(report.removed)}"))
         else:
-            err.print(f"nothing to destroy for {report.name}")
+            err.print(safetext.text(f"nothing to destroy for {report.name}"))
     if any(r.failed is not None for r in reports):
         raise typer.Exit(1)
 

@@ -94,7 +94,13 @@ def check_range(value: float, bounds: tuple[float, float], what: str, hint: str 
 
 @dataclass(frozen=True)
 class Settings:
+    # The libvirt host of the verbs that work on one host: `warm` (fill, status, drain), and the
+    # one `up` uses when no `hosts` are configured.
     connect: str = DEFAULT_URI
+    # The libvirt hosts `up` chooses among (the one with the most free memory), and that `list`,
+    # `status` and `destroy` search; () means only `connect`. An explicit --connect or
+    # SANDBOX_CONNECT means exactly that one host (`on_host`).
+    hosts: tuple[str, ...] = ()
     accel: Accel = Accel.AUTO
     memory_mib: int = 512
     vcpus: int = 2
@@ -113,6 +119,16 @@ class Settings:
     image: ImageSettings = field(default_factory=ImageSettings)
     allow: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
+
+    @property
+    def all_hosts(self) -> tuple[str, ...]:
+        """Every libvirt host sandboxes may be on: the configured hosts, else `connect`."""
+        return self.hosts or (self.connect,)
+
+    def on_host(self, uri: str) -> Settings:
+        """These settings with exactly one host: what --connect URI means, and what one sandbox
+        is built with once `up` has placed it."""
+        return dataclasses.replace(self, connect=uri, hosts=())
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], key: str, source: str) -> Any:
@@ -194,12 +210,50 @@ def _parse_network(value: Any, default: NetworkSettings, source: str) -> Network
     return NetworkSettings(subnets=subnets, subnets6=subnets6, learn_resolvers=learn_resolvers)
 
 
+def _parse_uri(value: Any, key: str, source: str) -> str:
+    uri = str(_expect(value, str, key, source)).strip()
+    # A URI names a driver (qemu:, qemu+ssh:, test:); a bare host name is a common slip.
+    if not uri or ":" not in uri or any(c.isspace() for c in uri):
+        raise UsageError(
+            f"{source}: {key} {value!r} is not a libvirt URI",
+            "give a URI such as qemu:///system or qemu+ssh://root@host.example/system",
+        )
+    return uri
+
+
+def _parse_hosts(data: Mapping[str, Any], source: str) -> tuple[str | None, tuple[str, ...]]:
+    """`connect` and `hosts`: hosts absent means [connect]; connect absent means hosts[0];
+    both given, connect must be one of the hosts (it is the one `warm` works on)."""
+    connect = _parse_uri(data["connect"], "connect", source) if "connect" in data else None
+    if "hosts" not in data:
+        return connect, ()
+    listed = _expect(data["hosts"], list, "hosts", source)
+    if not listed:
+        raise UsageError(
+            f"{source}: hosts is empty",
+            "list at least one libvirt URI, or remove hosts: to use connect alone",
+        )
+    hosts = tuple(_parse_uri(h, f"hosts[{i}]", source) for i, h in enumerate(listed))
+    repeated = sorted({h for h in hosts if hosts.count(h) > 1})
+    if repeated:
+        raise UsageError(
+            f"{source}: hosts lists {', '.join(repeated)} more than once", "list each host once"
+        )
+    if connect is not None and connect not in hosts:
+        raise UsageError(
+            f"{source}: connect {connect} is not one of hosts",
+            "add it to hosts, or remove connect: (then the first host is the one `warm` uses)",
+        )
+    return connect or hosts[0], hosts
+
+
 def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
     """Settings from a parsed config mapping; every key is checked, unknown ones are errors."""
     _check_keys(
         data,
         {
             "connect",
+            "hosts",
             "accel",
             "memory",
             "vcpus",
@@ -217,8 +271,10 @@ def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
     )
     s = Settings()
     changes: dict[str, Any] = {}
-    if "connect" in data:
-        changes["connect"] = _expect(data["connect"], str, "connect", source)
+    connect, hosts = _parse_hosts(data, source)
+    if connect is not None:
+        changes["connect"] = connect
+    changes["hosts"] = hosts
     if "accel" in data:
         changes["accel"] = parse_accel(_expect(data["accel"], str, "accel", source))
     if "memory" in data:
@@ -303,5 +359,6 @@ def load_settings(
             raise UsageError(f"{path} must be a YAML mapping", "see the README for an example")
     settings = parse_settings(data or {}, str(path))
     if env.get(ENV_CONNECT):
-        settings = dataclasses.replace(settings, connect=env[ENV_CONNECT])
+        # Given explicitly, one URI means that one host, whatever hosts the file lists.
+        settings = settings.on_host(env[ENV_CONNECT])
     return settings

@@ -56,6 +56,34 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
     assert s.connect == "qemu:///session"
 
 
+def test_hosts_and_connect(tmp_path: Path) -> None:
+    one = parse_settings({"connect": "qemu:///session"}, "c.yaml")
+    assert one.hosts == () and one.all_hosts == ("qemu:///session",)
+    remote = "qemu+ssh://root@hv.example/system"
+    several = parse_settings({"hosts": [" qemu:///system", remote]}, "c.yaml")
+    # connect absent: the first host (the one `warm` works on).
+    assert several.connect == "qemu:///system"
+    assert several.all_hosts == ("qemu:///system", remote)
+    both = parse_settings({"connect": remote, "hosts": ["qemu:///system", remote]}, "c.yaml")
+    assert both.connect == remote and both.all_hosts == ("qemu:///system", remote)
+    # Given explicitly (environment or --connect), one URI is that one host alone.
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"hosts: [qemu:///system, '{remote}']\n")
+    s = load_settings(cfg, tmp_path / "d", env={"SANDBOX_CONNECT": "test:///default"})
+    assert (s.connect, s.all_hosts) == ("test:///default", ("test:///default",))
+    assert several.on_host(remote).all_hosts == (remote,)
+
+
+def test_cli_connect_means_that_one_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("hosts: [qemu:///system, 'qemu+ssh://root@hv.example/system']\n")
+    monkeypatch.delenv("SANDBOX_CONNECT", raising=False)
+    monkeypatch.setattr(cli, "OPTIONS", cli.Options(config=cfg))
+    assert len(cli._context().settings.all_hosts) == 2
+    monkeypatch.setattr(cli, "OPTIONS", cli.Options(config=cfg, connect="test:///default"))
+    assert cli._context().settings.all_hosts == ("test:///default",)
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
@@ -82,6 +110,16 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         ({"image": {"packages": "php-mysql"}}, "image.packages must be a list"),
         ({"collect_every": -1}, "collect_every must be 0"),
         ({"collect_every": "often"}, "collect_every must be a int or float"),
+        ({"connect": "hv.example"}, "connect 'hv.example' is not a libvirt URI"),
+        ({"hosts": "qemu:///system"}, "hosts must be a list"),
+        ({"hosts": []}, "hosts is empty"),
+        ({"hosts": ["qemu:///system", 7]}, "hosts\\[1\\] must be a str"),
+        ({"hosts": ["qemu:///system", "hv b"]}, "hosts\\[1\\] 'hv b' is not a libvirt URI"),
+        ({"hosts": ["qemu:///system", "qemu:///system"]}, "lists qemu:///system more than once"),
+        (
+            {"connect": "qemu:///session", "hosts": ["qemu:///system"]},
+            "connect qemu:///session is not one of hosts",
+        ),
     ],
 )
 def test_bad_config_is_a_usage_error(data: dict[str, object], message: str) -> None:

@@ -307,7 +307,7 @@ def test_destroy_removes_its_own_network_only(ctx: lifecycle.Context) -> None:
 def test_orphan_domain_is_listed_and_destroyed(ctx: lifecycle.Context) -> None:
     half_built(ctx, "orphan")
     ctx.store.remove_secrets("orphan")  # state gone, the VM is still there
-    statuses = {s.name: s.summary for s in lifecycle.list_status(ctx)}
+    statuses = {s.name: s.summary for s in lifecycle.list_status(ctx).sandboxes}
     assert statuses.get("orphan") == "orphan"
     reports = lifecycle.destroy_all(ctx)
     assert "orphan" in [r.name for r in reports if r.existed]

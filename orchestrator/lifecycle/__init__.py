@@ -51,6 +51,8 @@ if TYPE_CHECKING:
         save_report,
     )
     from orchestrator.lifecycle.status import (
+        HostDown,
+        Listing,
         PolicyReport,
         Status,
         inspect,
@@ -70,7 +72,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "Context": ("context", "Context"),
     "DestroyReport": ("teardown", "DestroyReport"),
     "FillReport": ("warm", "FillReport"),
+    "HostDown": ("status", "HostDown"),
     "HostFlowReport": ("collection", "HostFlowReport"),
+    "Listing": ("status", "Listing"),
     "OneShotOutcome": ("oneshot", "OneShotOutcome"),
     "PolicyReport": ("status", "PolicyReport"),
     "QuietReporter": ("context", "QuietReporter"),
@@ -135,7 +139,9 @@ __all__ = [
     "Context",
     "DestroyReport",
     "FillReport",
+    "HostDown",
     "HostFlowReport",
+    "Listing",
     "OneShotOutcome",
     "PolicyReport",
     "QuietReporter",

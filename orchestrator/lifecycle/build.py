@@ -37,11 +37,10 @@ from orchestrator.errors import (
     UsageError,
 )
 from orchestrator.files import atomic_write
-from orchestrator.lifecycle import resources, teardown, warm
+from orchestrator.lifecycle import hosts, resources, teardown, warm
 from orchestrator.lifecycle.context import (
     Context,
     guards_host,
-    is_local,
     logs_dir,
 )
 from orchestrator.lifecycle.resources import remove_network, remove_volumes, save_console
@@ -202,11 +201,8 @@ def up(
     """Build and start a sandbox: from a warm VM when one fits (`warm_start`), else cold."""
     validate_name(name)
     policy = policy if policy is not None else make_policy(ctx)
-    if capture and not is_local(ctx.settings.connect):
-        raise UsageError(
-            f"--pcap needs libvirt on this machine, not {ctx.settings.connect}",
-            "run sandbox on the hypervisor host for a packet capture, or leave out --pcap",
-        )
+    if capture:
+        hosts.require_local(ctx)
     store = ctx.store
     img = load_image(ctx.image_name(image), ctx.dirs.images)
     with store.lock(name, timeout=teardown.lock_wait(store, name)):
@@ -221,10 +217,19 @@ def up(
                 f"sandbox {name!r} {what} (phase: {existing.phase.value})",
                 f"use it, or run `sandbox destroy --name {name}` first",
             )
-        with hv.connection(ctx.settings.connect) as conn:
-            state = _up_locked(ctx, conn, name, img, policy, capture, xdebug_mode, warm_start)
-    if ctx.settings.warm and state.warm_id is not None:
-        warm.refill_in_background(ctx, image)
+        uri = hosts.place(
+            ctx,
+            name,
+            local_only=capture or policy.sinkhole,
+            prefer=warm.hosts_with_fit(ctx, img) if warm_start else (),
+        )
+        # From here on the sandbox's settings name its one host: its state records it, and a
+        # warm VM fits only if it is on that host.
+        here = dataclasses.replace(ctx, settings=ctx.settings.on_host(uri))
+        with hv.connection(uri) as conn:
+            state = _up_locked(here, conn, name, img, policy, capture, xdebug_mode, warm_start)
+    if here.settings.warm and state.warm_id is not None:
+        warm.refill_in_background(here, image)
     return state
 
 
@@ -445,7 +450,7 @@ class Build:
 
     def guard_host(self) -> None:
         # Removed with the network (remove_network), whose rollback is registered already.
-        if not guards_host(self.ctx.settings.connect):
+        if not guards_host(self.state.uri):
             if self.policy.sinkhole:
                 raise UsageError(
                     "sinkhole mode needs the hypervisor on this machine (its sinkhole and nftables "
@@ -595,7 +600,7 @@ class Build:
     def record_host_side(self, capture: bool) -> None:
         """The host's own records of the guest's traffic: the flow record, and `--pcap`."""
         tap = names.target_dev(self.name)
-        if guards_host(self.ctx.settings.connect):
+        if guards_host(self.state.uri):
             with self.ctx.reporter.step(f"recording the guest's flows on {tap} (host side)"):
                 flows_pid = hostflows.start(tap, logs_dir(self.ctx, self.name))
             self.rollback.callback(pcap.stop_pcap, flows_pid)

@@ -3,6 +3,7 @@ rather than raised."""
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -15,6 +16,7 @@ from orchestrator.egress.policy import EgressPolicy
 from orchestrator.errors import (
     SandboxError,
 )
+from orchestrator.lifecycle import hosts
 from orchestrator.lifecycle.context import (
     Context,
     guards_host,
@@ -40,6 +42,8 @@ class Status:
     state: SandboxState | None
     domain: str  # running / stopped / missing / unknown
     problems: tuple[str, ...]
+    # The libvirt host it is on: its state's, else the one its VM was found on ("": nowhere).
+    host: str = ""
 
     @property
     def summary(self) -> str:
@@ -55,48 +59,107 @@ class Status:
         return "broken"
 
 
+@dataclass(frozen=True)
+class HostDown:
+    """A libvirt host `list` could not ask: its sandboxes' status is unknown."""
+
+    uri: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Listing:
+    sandboxes: tuple[Status, ...]
+    down: tuple[HostDown, ...]  # configured hosts, or hosts a state names, that did not answer
+
+
+def _domain_status(conn: libvirt.virConnect, domain: str) -> str:
+    dom = hv.lookup_domain(conn, domain)
+    return "missing" if dom is None else ("running" if hv.domain_running(dom) else "stopped")
+
+
+def _with_state(ctx: Context, state: SandboxState, domain: str, problems: list[str]) -> Status:
+    if domain == "missing":
+        problems.append("its VM is gone")
+    if not ctx.store.file(state.name, paths.CLIENT_KEY).exists():
+        problems.append("its SSH key is missing")
+    if state.phase is Phase.CREATING and domain != "running":
+        problems.append("`sandbox up` did not finish")
+    return Status(state.name, state, domain, tuple(problems), host=state.uri)
+
+
 def inspect(ctx: Context, name: str, conn: libvirt.virConnect | None = None) -> Status:
-    """Status derived from what exists; problems are collected, not raised (Lima's Inspect)."""
+    """Status derived from what exists; problems are collected, not raised (Lima's Inspect).
+    A sandbox with state is looked at on its state's host; one without, on every configured
+    host (the first that holds a domain of it)."""
     validate_name(name)
     state = ctx.store.load(name)
+    if state is None:
+        return _orphan(ctx, name)
     problems: list[str] = []
     domain = "unknown"
     with ExitStack() as stack:
         if conn is None:
             try:
-                conn = stack.enter_context(
-                    hv.connection(state.uri if state else ctx.settings.connect)
-                )
+                conn = stack.enter_context(hv.connection(state.uri))
             except SandboxError as exc:
-                if state is None:
-                    # Without state and without libvirt there is nothing to report.
-                    raise
                 problems.append(exc.message)
         if conn is not None:
-            dom = hv.lookup_domain(conn, state.domain if state else names.domain(name))
-            domain = (
-                "missing" if dom is None else ("running" if hv.domain_running(dom) else "stopped")
-            )
-    if state is not None:
-        if domain == "missing":
-            problems.append("its VM is gone")
-        if not ctx.store.file(name, paths.CLIENT_KEY).exists():
-            problems.append("its SSH key is missing")
-        if state.phase is Phase.CREATING and domain != "running":
-            problems.append("`sandbox up` did not finish")
-    return Status(name=name, state=state, domain=domain, problems=tuple(problems))
+            domain = _domain_status(conn, state.domain)
+    return _with_state(ctx, state, domain, problems)
 
 
-def list_status(ctx: Context) -> list[Status]:
-    try:
+def _orphan_on(conn: libvirt.virConnect, uri: str, name: str, domain: str) -> Status:
+    return Status(name, None, _domain_status(conn, domain), (), host=uri)
+
+
+def _orphan(ctx: Context, name: str) -> Status:
+    """A sandbox without state: its VM searched for on every configured host."""
+    if len(ctx.settings.all_hosts) == 1:
+        # Without state and without libvirt there is nothing to report: its error is raised.
         with hv.connection(ctx.settings.connect) as conn:
-            names = set(ctx.store.names()) | set(hv.sandbox_domains(conn))
-            return [inspect(ctx, n, conn) for n in sorted(names)]
-    except SandboxError:
-        local = ctx.store.names()
-        if not local:
-            raise  # nothing to show but the reason libvirt could not be asked
-        return [inspect(ctx, n) for n in local]
+            domain = hv.sandbox_domains(conn).get(name, names.domain(name))
+            return _orphan_on(conn, ctx.settings.connect, name, domain)
+    where = hosts.locate(ctx, name)
+    if not where.found and len(where.down) == len(ctx.settings.all_hosts):
+        raise hosts.unreachable_error(where.down)
+    problems = where.down_problems()
+    if len(where.found) > 1:
+        problems += (f"it has VMs on {len(where.found)} hosts: {', '.join(where.found)}",)
+    for uri, domain in where.found.items():
+        with contextlib.suppress(SandboxError), hv.connection(uri) as conn:
+            return Status(name, None, _domain_status(conn, domain), problems, host=uri)
+    return Status(name, None, "unknown" if where.down else "missing", problems)
+
+
+def list_status(ctx: Context) -> Listing:
+    """Every sandbox on every host: those with state (each on its state's host) and our VMs
+    without state, host by host. A host that does not answer is listed in `down`, its
+    sandboxes with the reason; if no host answered and no state exists, its error is raised."""
+    states = [s for s in (ctx.store.load(n) for n in ctx.store.names()) if s is not None]
+    uris = list(dict.fromkeys([*ctx.settings.all_hosts, *(s.uri for s in states)]))
+    found: list[Status] = []
+    down: list[HostDown] = []
+    errors: list[SandboxError] = []
+    for uri in uris:
+        here = [s for s in states if s.uri == uri]
+        try:
+            with hv.connection(uri) as conn:
+                ours = hv.sandbox_domains(conn)
+                orphans = sorted(set(ours) - {s.name for s in states})
+                found += [inspect(ctx, s.name, conn) for s in here]
+                found += [_orphan_on(conn, uri, n, ours[n]) for n in orphans]
+        except SandboxError as exc:
+            errors.append(exc)
+            down.append(HostDown(uri, exc.message))
+            problem = f"its libvirt host did not answer: {exc.message}"
+            found += [_with_state(ctx, s, "unknown", [problem]) for s in here]
+    if len(errors) == len(uris) and not found:
+        if len(errors) == 1:
+            raise errors[0]  # nothing to show but the reason libvirt could not be asked
+        raise hosts.unreachable_error([hosts.HostProbe(d.uri, error=d.error) for d in down])
+    found.sort(key=lambda st: (st.name, st.host))
+    return Listing(tuple(found), tuple(down))
 
 
 @dataclass(frozen=True)

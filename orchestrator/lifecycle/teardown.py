@@ -32,6 +32,7 @@ from orchestrator.egress import hostfilter
 from orchestrator.errors import (
     SandboxError,
 )
+from orchestrator.lifecycle import hosts
 from orchestrator.lifecycle.context import (
     Context,
     is_local,
@@ -211,10 +212,34 @@ def destroy(ctx: Context, name: str, *, detach: bool = False) -> DestroyReport:
                     f"(pid {pid})"
                 )
                 return DestroyReport(name=name, removed=tuple(removed), warnings=tuple(warnings))
-        removed += teardown_locked(ctx, name, state)
+        if state is not None:
+            removed += teardown_locked(ctx, name, state)
+        else:
+            done, warned = _teardown_orphan(ctx, name)
+            removed += done
+            warnings += warned
     with contextlib.suppress(FileNotFoundError):
         store.file(name, paths.LOCK_FILE).unlink()
     return DestroyReport(name=name, removed=tuple(removed), warnings=tuple(warnings))
+
+
+def _teardown_orphan(ctx: Context, name: str) -> tuple[list[str], list[str]]:
+    """A sandbox without state (`up` killed before it wrote one, or its state lost): removed
+    from every configured host that holds a domain of it, else from `connect` (what is left
+    there besides a domain, every name derived from NAME). (removed, warnings)."""
+    if len(ctx.settings.all_hosts) == 1:
+        return teardown_locked(ctx, name, None), []
+    where = hosts.locate(ctx, name)
+    warnings = [f"could not search {p.describe()}" for p in where.down]
+    removed: list[str] = []
+    for uri in where.found or [ctx.settings.connect]:
+        try:
+            done = teardown_locked(ctx, name, None, uri=uri)
+        except SandboxError as exc:
+            warnings.append(f"could not remove it from {uri}: {exc.message}")
+            continue
+        removed += [f"{what} (on {uri})" for what in done]
+    return removed, warnings
 
 
 def _domain_of(conn: libvirt.virConnect, name: str, state: SandboxState | None) -> str:
@@ -234,12 +259,14 @@ def _pause_domain(state: SandboxState) -> None:
             _pause(dom)
 
 
-def teardown_locked(ctx: Context, name: str, state: SandboxState | None) -> list[str]:
+def teardown_locked(
+    ctx: Context, name: str, state: SandboxState | None, *, uri: str | None = None
+) -> list[str]:
     """Everything the sandbox owns but its logs, removed (the sandbox's lock held): what was
-    there."""
+    there. On its state's host; without state, on `uri` (default: the settings' `connect`)."""
     store = ctx.store
     removed: list[str] = []
-    uri = state.uri if state else ctx.settings.connect
+    uri = state.uri if state else (uri or ctx.settings.connect)
     pool_name = state.pool if state else ctx.settings.pool.name
     network = state.network if state else names.network(name)
     if state is not None and state.pcap_pid:
@@ -315,8 +342,12 @@ def finish_detached(argv: list[str]) -> int:
 def known_names(ctx: Context) -> list[str]:
     """Sandboxes with state on disk, plus our domains that have none (orphans)."""
     names = set(ctx.store.names())
-    with contextlib.suppress(SandboxError), hv.connection(ctx.settings.connect) as conn:
-        names.update(hv.sandbox_domains(conn))
+    if len(ctx.settings.all_hosts) == 1:
+        with contextlib.suppress(SandboxError), hv.connection(ctx.settings.connect) as conn:
+            names.update(hv.sandbox_domains(conn))
+        return sorted(names)
+    for probe in hosts.probe(ctx.settings.all_hosts):  # a host down: its orphans are not known
+        names.update(probe.sandboxes)
     return sorted(names)
 
 

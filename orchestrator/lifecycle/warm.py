@@ -178,6 +178,18 @@ def take(ctx: Context, conn: libvirt.virConnect, img: Image, accel: Accel) -> Ta
     return None
 
 
+def hosts_with_fit(ctx: Context, img: Image) -> set[str]:
+    """The hosts holding a warm VM on record that an `up` placed there could take (accel as
+    recorded, unless the settings ask for one: `take` checks it against the host itself)."""
+    found = set()
+    for vm in records(ctx):
+        there = dataclasses.replace(ctx, settings=ctx.settings.on_host(vm.uri))
+        accel = vm.accel if ctx.settings.accel is Accel.AUTO else ctx.settings.accel
+        if vm.fits(there, img, accel):
+            found.add(vm.uri)
+    return found
+
+
 def forget(ctx: Context, vm: WarmVM) -> None:
     """Drop a taken VM's record: from now on it belongs to the sandbox that recorded it."""
     _forget(ctx, vm.id)
@@ -384,16 +396,28 @@ def _wait_booted(ctx: Context, conn: libvirt.virConnect, vm: WarmVM) -> None:
 @dataclass(frozen=True)
 class WarmStatus:
     vm: WarmVM
-    state: str  # "ready", "booting" or "gone" (its domain stopped: the next fill removes it)
+    # "ready", "booting", "gone" (its domain stopped: the next fill removes it), or
+    # "unreachable" (its libvirt host, not the current one, did not answer)
+    state: str
 
 
 def status(ctx: Context) -> list[WarmStatus]:
     """The warm VMs on record and how far each has come (`sandbox warm status`)."""
     found = []
-    with hv.connection(ctx.settings.connect) as conn:
-        for vm in records(ctx):
-            found.append(WarmStatus(vm, _state(conn, vm)))
-    return found
+    on_record = records(ctx)
+    # Each VM asked on its own host (`warm fill` with --connect may have put some elsewhere).
+    for uri in dict.fromkeys([ctx.settings.connect, *(vm.uri for vm in on_record)]):
+        there = [vm for vm in on_record if vm.uri == uri]
+        if not there and uri != ctx.settings.connect:
+            continue
+        try:
+            with hv.connection(uri) as conn:
+                found += [WarmStatus(vm, _state(conn, vm)) for vm in there]
+        except SandboxError:
+            if uri == ctx.settings.connect:
+                raise
+            found += [WarmStatus(vm, "unreachable") for vm in there]  # reported, not fatal
+    return sorted(found, key=lambda item: (item.vm.created, item.vm.id))
 
 
 def _state(conn: libvirt.virConnect, vm: WarmVM) -> str:

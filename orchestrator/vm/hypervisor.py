@@ -108,6 +108,20 @@ def resolve_accel(conn: libvirt.virConnect, requested: Accel) -> Accel:
     return requested
 
 
+def free_memory(conn: libvirt.virConnect) -> int | None:
+    """The host's free memory in bytes, as libvirt reports it (virNodeGetFreeMemory), or None
+    where it cannot tell. It is the kernel's MemFree summed over the NUMA cells: page cache counts
+    as used, so a host with a big cache looks fuller than it is. getMemoryStats would add
+    buffers and cache, but the test driver does not implement it (and the qemu driver answers
+    both from the same /proc/meminfo). virNodeGetFreeMemory returns 0 for an error (a
+    test:///FILE host has no NUMA cells to sum), and no real host has 0 bytes free."""
+    try:
+        free = int(conn.getFreeMemory())
+    except libvirt.libvirtError:
+        return None
+    return free or None
+
+
 # ---- storage -------------------------------------------------------------------------------
 
 
