@@ -150,3 +150,29 @@ def test_the_login_uses_the_connection_the_banner_came_on(box: Box) -> None:
     with guest:
         assert guest.check(["echo", "in"]).strip() == "in"
     assert len(box.sshd.connections()) == 1, box.sshd.connections()
+
+
+def test_files_the_seed_wrote_are_not_written_again(box: Box, tmp_path: Path) -> None:
+    """A cold boot's cloud-init wrote the xdebug files before sshd started: kept as they are.
+    One missing: all are written."""
+    written, kept = tmp_path / "a" / "written.ini", tmp_path / "b" / "kept.ini"
+    kept.parent.mkdir()
+    kept.write_text("from the seed\n")
+    files = {str(written): "new\n", str(kept): "new\n"}
+    for version in (4, 6):
+        box.restore(WANTED[version], version)
+    marker = tmp_path / "seed-policy"
+    marker.write_text(guestfw.marker_line(WANTED) + "\n")
+    with box.connect() as guest:
+        guestfw.apply(guest, WANTED, files=files, preloaded=True, marker=str(marker))
+        assert written.read_text() == kept.read_text() == "new\n"
+        kept.write_text("from the seed\n")
+        guestfw.apply(guest, WANTED, files=files, preloaded=True, marker=str(marker))
+        assert kept.read_text() == "from the seed\n"
+
+
+def test_then_runs_beside_the_read_back_and_its_output_comes_whole(box: Box) -> None:
+    then = "printf 'a %%s\\n' 1; echo 'b\\\\c' >&2; exit 3"
+    with box.connect() as guest:
+        status, output = guestfw.apply(guest, WANTED, then=then)
+    assert (status, output) == (3, "a %s\nb\\c")

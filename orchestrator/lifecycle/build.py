@@ -174,6 +174,7 @@ def _seed_spec(
     client_pub: str,
     nameserver: str,
     rules: Mapping[int, str],
+    guest_files: Mapping[str, str],
 ) -> SeedSpec:
     from orchestrator.vm.cloudinit import POLICY_FILES, SeedSpec
 
@@ -185,6 +186,7 @@ def _seed_spec(
         authorized_key=client_pub,
         nameserver=nameserver,
         files=tuple((POLICY_FILES[version], rules[version]) for version in sorted(rules)),
+        guest_files=tuple(sorted(guest_files.items())),
     )
 
 
@@ -444,6 +446,7 @@ class Build:
                     self.client.public_line,
                     str(self.net_spec.gateway),
                     guestfw.render(self.policy, self.net_spec),
+                    xdebug.guest_files(self.state.xdebug),
                 )
             )
             self.seed_path = str(hv.upload(self.conn, self.pool, self.vols.seed, data=seed).path())

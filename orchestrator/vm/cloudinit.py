@@ -30,6 +30,9 @@ class SeedSpec:
     # Files on the seed beside user-data, for the image's own boot units to read before
     # cloud-init runs (name -> text): the egress policy of a cold boot (POLICY_FILES).
     files: tuple[tuple[str, str], ...] = ()
+    # Files cloud-init writes into the guest (path -> text, mode 0644) before sshd starts: a
+    # cold boot's xdebug configuration, which `up` would otherwise write over SSH.
+    guest_files: tuple[tuple[str, str], ...] = ()
 
 
 # The guest's egress policy on the seed, per IP version: images/rootfs/usr/lib/sandbox/seed-policy
@@ -66,16 +69,22 @@ def user_data(spec: SeedSpec) -> dict[str, Any]:
         "ed25519_public": spec.host_key_public,
     }
     data["ssh_authorized_keys"] = [spec.authorized_key]
+    written = []
     if spec.nameserver:
         # Written by write_files, which runs in cloud-init's init stage: the only resolver the
         # guest knows is the sandbox network's own.
-        data["write_files"] = [
+        written.append(
             {
                 "path": "/etc/resolv.conf",
                 "content": resolv_conf(spec.nameserver),
                 "permissions": "0644",
             }
-        ]
+        )
+    written += [
+        {"path": path, "content": text, "permissions": "0644"} for path, text in spec.guest_files
+    ]
+    if written:
+        data["write_files"] = written
     return data
 
 
