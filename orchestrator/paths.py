@@ -44,6 +44,8 @@ DNS_LOG = "dns.jsonl"
 PCAP_FILE = "capture.pcap"
 CAPTURE_CURSOR = "capture-cursor.json"  # monitor.Cursor: how far the guest's logs were collected
 DNS_CURSOR = "dns-cursor.json"  # logs/: how far the network's DNS log was read (dnslog.LogCursor)
+# logs/: why the network's DNS log could not be read at all (a remote host without SSH)
+DNS_UNREAD = "dns-unread.txt"
 NETWORK_RECORD = "network.json"  # logs/: the sandbox network's subnets, kept past destroy
 LEARN_RECORD = "learn.json"  # logs/: these logs hold records of a learn-mode (allow-all) sandbox
 FIREWALL_STATE = "firewall.state"  # logs/: what the last collection found the guest firewall

@@ -49,6 +49,7 @@ class Sshd:
     user: str = field(default_factory=getpass.getuser)
     address: str = "127.0.0.1"
     netns: str | None = None  # run inside this network namespace (`ip netns exec`)
+    sftp_options: str = ""  # appended to the sftp-server command (-R: read-only, -P: denied)
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -82,7 +83,7 @@ class Sshd:
                     "StrictModes no",
                     "UsePAM no",
                     "PidFile none",
-                    f"Subsystem sftp {SFTP_SERVER}",
+                    f"Subsystem sftp {SFTP_SERVER} {self.sftp_options}".rstrip(),
                     "LogLevel VERBOSE",
                     "",
                 ]

@@ -270,10 +270,35 @@ def test_rotation_bounds_the_shared_log_and_loses_nothing(tmp_path: Path) -> Non
         handle.write(text[:200].rsplit(b"\n", 1)[0] + b"\n")
     rest, after = dnslog.read_new(log, cursor)
     # The old file's rest (the second copy) and the new file's lines were both read.
-    assert rest.count("\n") >= text.count(b"\n") and after.inode == log.stat().st_ino
+    assert rest.count("\n") >= text.count(b"\n") and after.offset == log.stat().st_size
 
 
 def test_a_damaged_cursor_is_a_fresh_start() -> None:
     assert dnslog.LogCursor.from_json("garbage") == dnslog.LogCursor()
-    c = dnslog.LogCursor(7, 42)
+    c = dnslog.LogCursor(42, "ab" * 32)
     assert dnslog.LogCursor.from_json(c.to_json()) == c
+    # A cursor from before the tail digest: its offset stands, the size alone tells a rotation.
+    assert dnslog.LogCursor.from_json('{"inode": 7, "offset": 42}') == dnslog.LogCursor(42)
+
+
+def test_a_new_file_at_the_same_path_is_read_from_its_start(tmp_path: Path) -> None:
+    """A network made again under the same name (or a recreated log) is told apart by content,
+    not by inode (which SFTP does not give, and a freed one is reused), even when it is already
+    longer than where the last read of the old one ended."""
+    log = tmp_path / "sandbox.queries.log"
+    text = (DATA / "dnsmasq-vm.log").read_bytes()
+    log.write_bytes(text * 40)
+    _, cursor = dnslog.read_new(log, dnslog.LogCursor())
+    assert cursor.offset > 2 * dnslog.OVERLAP
+    log.unlink()
+    # Another dnsmasq's log, longer still.
+    log.write_bytes(text.replace(b"[22794]", b"[31337]") * 80)
+    again, after = dnslog.read_new(log, cursor)
+    assert again.startswith("Nov 23 12:13:52 dnsmasq[31337]: started")
+    assert len(again.encode()) == log.stat().st_size  # all of it
+    assert after.offset == log.stat().st_size
+    # The same file grown: read on from the cursor, not from the start.
+    with log.open("ab") as handle:
+        handle.write(text)
+    more, _ = dnslog.read_new(log, after)
+    assert more.endswith(text.decode()) and len(more.encode()) <= len(text) + dnslog.OVERLAP

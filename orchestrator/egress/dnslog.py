@@ -17,19 +17,20 @@ sandbox may be given the same address by DHCP.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
-import os
 import re
-import shutil
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
+from typing import NoReturn
 
 from orchestrator import jsontext
 from orchestrator.capture.records import DnsQuery, iso_time
 from orchestrator.errors import SandboxError
+from orchestrator.vm import hostfiles
 
 _MONTHS = {
     name: number
@@ -189,15 +190,24 @@ READ_MAX = 64 << 20
 OVERLAP = 64 << 10
 
 
+# Bytes before a cursor's offset whose digest the cursor keeps: the file it was read from is the
+# one that still has them there (SFTP gives no inode; and an inode is reused once freed).
+TAIL = 256
+# Rotation copies in pieces of this size (a remote log's pass through this machine).
+_COPY_PIECE = 1 << 20
+
+
 @dataclass(frozen=True)
 class LogCursor:
-    """Where a sandbox's last read of its DNS log ended: the file (inode) and byte."""
+    """Where a sandbox's last read of its DNS log ended: the byte, and the digest of the TAIL
+    bytes before it (the file's identity: dnsmasq only appends, so the same file has them
+    there still; "" for a cursor from before, which trusts the size alone)."""
 
-    inode: int = 0
     offset: int = 0
+    tail: str = ""
 
     def to_json(self) -> str:
-        return json.dumps({"inode": self.inode, "offset": self.offset})
+        return json.dumps({"offset": self.offset, "tail": self.tail})
 
     @classmethod
     def load(cls, path: Path) -> LogCursor:
@@ -208,54 +218,91 @@ class LogCursor:
     def from_json(cls, text: str) -> LogCursor:
         data = jsontext.object_or_none(text) or {}
         try:
-            return cls(int(data["inode"]), int(data["offset"]))
+            return cls(int(data["offset"]), str(data.get("tail", "")))
         except (ValueError, KeyError, TypeError):
             return cls()  # a damaged cursor costs a re-read, not the collection
 
 
-def read_new(path: str | Path, cursor: LogCursor) -> tuple[str, LogCursor]:
-    """The log's text since `cursor` (with a small overlap), the rotated file's rest included
-    when it was rotated since, and the cursor to pass next time."""
-    file = Path(path)
-    rotated = rotated_copy(file)
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _holds(reader: hostfiles.Reader, cursor: LogCursor) -> bool:
+    """Whether the file `reader` reads is the one `cursor` was taken from: the bytes before
+    its offset are still those it read."""
+    if reader.size < cursor.offset:
+        return False
+    if not cursor.tail or cursor.offset == 0:
+        return True
+    length = min(TAIL, cursor.offset)
+    return _digest(reader.read_at(cursor.offset - length, length)) == cursor.tail
+
+
+def _fail(error: hostfiles.HostFileError) -> NoReturn:
+    raise DnsLogError(
+        f"cannot read the sandbox network's DNS log: {error.message}", error.hint
+    ) from None
+
+
+def read_new(
+    path: str | Path, cursor: LogCursor, files: hostfiles.HostFiles = hostfiles.LOCAL
+) -> tuple[str, LogCursor]:
+    """The log's text since `cursor` (with a small overlap), the rotated copy's rest included
+    when it was rotated since, and the cursor to pass next time. `files`: the libvirt host's
+    (this machine's by default)."""
+    file = str(path)
     parts: list[bytes] = []
     try:
-        if not file.exists():
+        if files.stat(file) is None:
             return "", LogCursor()
-        st = file.stat()
-        start = cursor.offset
-        if st.st_ino != cursor.inode or st.st_size < cursor.offset:
-            # Rotated since (rotate_if_large: copied to FILE.1, then emptied in place), or a
-            # new file: finish the old content from the copy, then this file from its start.
-            if cursor.inode == st.st_ino and rotated.exists():
-                parts.append(_whole_lines(rotated, cursor.offset)[0])
-            start = 0
-        data, next_offset = _whole_lines(file, start)
-        parts.append(data)
-    except OSError as error:
-        raise DnsLogError(
-            f"cannot read the sandbox network's DNS log {file}: {error.strerror}",
-            "run sandbox as root (the log is written by the network's dnsmasq)",
-        ) from None
-    return b"".join(parts).decode("utf-8", "replace"), LogCursor(st.st_ino, next_offset)
+        with files.open_read(file) as reader:
+            start = cursor.offset
+            if not _holds(reader, cursor):
+                # Rotated since (rotate_if_large: copied to FILE.1, then emptied in place), or
+                # a new file: finish the old content from the copy, then this file from its
+                # start.
+                parts.append(_rest_of_copy(files, file, cursor))
+                start = 0
+            data, after = _whole_lines(reader, start, cursor)
+            parts.append(data)
+    except hostfiles.HostFileError as error:
+        _fail(error)
+    return b"".join(parts).decode("utf-8", "replace"), after
 
 
-def _whole_lines(file: Path, start: int) -> tuple[bytes, int]:
-    """The whole lines of `file` from about `start` (OVERLAP earlier) on, at most READ_MAX
-    bytes, and the offset after the last of them."""
-    with file.open("rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        begin = max(0, min(start, size) - OVERLAP)
-        handle.seek(begin)
-        data = handle.read(min(size - begin, READ_MAX))
+def _rest_of_copy(files: hostfiles.HostFiles, file: str, cursor: LogCursor) -> bytes:
+    """What the rotated copy holds after `cursor`, if it is the copy of the file `cursor` was
+    taken from."""
+    rotated = str(rotated_copy(file))
+    if cursor.offset == 0 or files.stat(rotated) is None:
+        return b""
+    with files.open_read(rotated) as reader:
+        if not cursor.tail or not _holds(reader, cursor):
+            return b""
+        return _whole_lines(reader, cursor.offset, cursor)[0]
+
+
+def _whole_lines(
+    reader: hostfiles.Reader, start: int, cursor: LogCursor
+) -> tuple[bytes, LogCursor]:
+    """The whole lines of the file from about `start` (OVERLAP earlier) on, at most READ_MAX
+    bytes, and the cursor after the last of them (`cursor` when there is none)."""
+    size = reader.size
+    begin = max(0, min(start, size) - OVERLAP)
+    data = reader.read_at(begin, min(size - begin, READ_MAX))
     skip = 0
     if begin > 0:
         # Started mid-file: the first, partial line is not ours to parse.
         skip = data.find(b"\n") + 1
     end = data.rfind(b"\n") + 1
     if end <= skip:
-        return b"", max(start, begin + skip)
-    return data[skip:end], begin + end
+        if start == cursor.offset:
+            return b"", cursor
+        return b"", LogCursor(start, _digest(data[: max(0, start - begin)][-TAIL:]))
+    tail = data[max(0, end - TAIL) : end]
+    if len(tail) < min(TAIL, begin + end):
+        tail = b""  # cannot happen for a start at a line's end; then only the size counts
+    return data[skip:end], LogCursor(begin + end, _digest(tail) if tail else "")
 
 
 def rotated_copy(path: str | Path) -> Path:
@@ -264,23 +311,40 @@ def rotated_copy(path: str | Path) -> Path:
     return file.with_name(file.name + ".1")
 
 
-def rotate_if_large(path: str | Path, limit: int = ROTATE_BYTES) -> bool:
+def rotate_if_large(
+    path: str | Path,
+    limit: int = ROTATE_BYTES,
+    files: hostfiles.HostFiles = hostfiles.LOCAL,
+    keep_from: int = 0,
+) -> bool:
     """Once the log is over `limit` bytes, copy it to FILE.1 and empty it in place, so it
     never grows without end. In place, because the network's dnsmasq keeps it open (with
     O_APPEND: it goes on writing at the new end) and, running as nobody by then, could not
     create a new one. Readers whose cursor points into the old content finish it from FILE.1
     (read_new). A line written between the copy and the emptying is lost: a bounded log costs
-    that much."""
-    file = Path(path)
+    that much.
+
+    The copy holds only what a reader from `keep_from` (its cursor's offset) can still read:
+    the READ_MAX bytes from OVERLAP before it, at their own offsets (the rest of the copy is a
+    hole). So a flood costs at most that much of a copy, which for a remote host crosses the
+    network twice."""
+    file = str(path)
     try:
-        if file.stat().st_size <= limit:
+        stat = files.stat(file)
+        if stat is None or stat.size <= limit:
             return False
-        tmp = file.with_name(file.name + ".1.tmp")
-        shutil.copyfile(file, tmp)
-        os.replace(tmp, rotated_copy(file))
-        os.truncate(file, 0)
-    except FileNotFoundError:
-        return False
+        tmp = file + ".1.tmp"
+        with files.open_read(file) as reader, files.open_write(tmp) as writer:
+            begin = max(0, min(keep_from, reader.size) - OVERLAP)
+            end = min(reader.size, begin + READ_MAX)
+            for offset in range(begin, end, _COPY_PIECE):
+                writer.write_at(offset, reader.read_at(offset, min(_COPY_PIECE, end - offset)))
+        files.replace(tmp, str(rotated_copy(file)))
+        files.truncate(file)
+    except hostfiles.HostFileError as error:
+        raise DnsLogError(
+            f"cannot rotate the sandbox network's DNS log: {error.message}", error.hint
+        ) from None
     return True
 
 
@@ -289,20 +353,24 @@ def read_for(
     client_ips: Collection[str],
     since: datetime | None,
     cursor: LogCursor | None = None,
+    files: hostfiles.HostFiles = hostfiles.LOCAL,
 ) -> tuple[list[DnsQuery], LogCursor]:
     """The queries one sandbox asked that the log gained since `cursor` (plus the overlap; None:
     the whole log), and the cursor to save for the next call. Call at collection time with
     NetworkSpec.dns_log, the sandbox's guest addresses (state `ip`, and its IPv6 address if it
-    has one) and the time the sandbox was started (DHCP may have given the same address to an
-    earlier sandbox). Append the result with logview.append_dns, which skips the queries already
-    stored.
+    has one), the time the sandbox was started (DHCP may have given the same address to an
+    earlier sandbox) and the libvirt host's files (hostfiles.on_host). Append the result with
+    logview.append_dns, which skips the queries already stored.
 
     A missing file is no queries (the network was created before query logging, or has not
-    answered anything yet). The lines have no year: it is the year the file was last written.
+    answered anything yet). The lines have no year: it is the year the file was last written;
+    and no zone: the libvirt host's.
     """
-    text, after = read_new(path, cursor or LogCursor())
+    text, after = read_new(path, cursor or LogCursor(), files)
     try:
-        year = datetime.fromtimestamp(Path(path).stat().st_mtime).year
-    except FileNotFoundError:
-        year = datetime.now().year
-    return select(parse(text, year=year), client_ips, since), after
+        stat = files.stat(str(path))
+        tz = files.timezone() if text else None
+    except hostfiles.HostFileError as error:
+        _fail(error)
+    moment = datetime.fromtimestamp(stat.mtime, tz) if stat is not None else datetime.now(tz)
+    return select(parse(text, year=moment.year, tz=tz), client_ips, since), after

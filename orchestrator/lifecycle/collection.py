@@ -27,13 +27,13 @@ from orchestrator.lifecycle.context import (
     Context,
     endpoint,
     expected_rules,
-    is_local,
     logs_dir,
     network_of,
     ready_state,
 )
 from orchestrator.run import target as runs
 from orchestrator.state import Phase, SandboxState, validate_name
+from orchestrator.vm import hostfiles
 from orchestrator.vm import hypervisor as hv
 from orchestrator.vm.domain import (
     NetworkSpec,
@@ -122,7 +122,7 @@ def collect_locked(
         ):
             collected, tampered = gather(own)
     collected = dataclasses.replace(collected, attempts=collected.attempts + tampered)
-    queries = _dns_queries(ctx, state)
+    queries, dns_warnings = _dns_queries(ctx, state)
     new_dns = logview.append_dns(logs, queries)
     known_dns: list[DnsQuery] = logview.read_dns(logs)
     attempts = monitor.name_queries(
@@ -145,7 +145,7 @@ def collect_locked(
         # not be tied to its trace then; now its trace is here.
         logview.rewrite_attempts(logs, lambda stored: runs.annotate(stored, logs, limit=inflate))
     atomic_write(cursor_path, collected.cursor.to_json() + "\n")
-    return CollectReport(new_attempts, new_dns, tuple(collected.warnings))
+    return CollectReport(new_attempts, new_dns, (*collected.warnings, *dns_warnings))
 
 
 def _host_verdict(attempt: Attempt, policy: EgressPolicy) -> Attempt:
@@ -157,11 +157,11 @@ def _host_verdict(attempt: Attempt, policy: EgressPolicy) -> Attempt:
     return attempt
 
 
-def _dns_queries(ctx: Context, state: SandboxState) -> list[DnsQuery]:
-    """The sandbox network resolver's log, for this guest's addresses, since it was created.
-    Only where libvirt runs on this machine: the log is a file on the hypervisor host."""
-    if not is_local(state.uri):
-        return []
+def _dns_queries(ctx: Context, state: SandboxState) -> tuple[list[DnsQuery], list[str]]:
+    """The sandbox network resolver's log, for this guest's addresses, since it was created, and
+    what kept it from being read. The log is a file on the hypervisor's host: read over SSH
+    (SFTP) for a remote one. It is the names' only source, not the attempts': a failure to read
+    it is a warning, and the cursor stays, so the next collection reads what this one missed."""
     clients = [state.ip] if state.ip else []
     with contextlib.suppress(SandboxError), hv.connection(state.uri) as conn:
         dom = hv.lookup_domain(conn, state.domain)
@@ -169,18 +169,39 @@ def _dns_queries(ctx: Context, state: SandboxState) -> list[DnsQuery]:
             clients = sorted(set(clients) | set(hv.domain_addresses(dom)))
     since = dt.datetime.fromisoformat(state.created)
     # Read from where this sandbox's last collection ended, not the log whole.
-    cursor_path = logs_dir(ctx, state.name) / paths.DNS_CURSOR
+    logs = logs_dir(ctx, state.name)
+    cursor_path = logs / paths.DNS_CURSOR
     cursor = dnslog.LogCursor.load(cursor_path)
     log = network_of(state).dns_log
-    queries, after = dnslog.read_for(log, clients, since, cursor)
-    atomic_write(cursor_path, after.to_json() + "\n")
-    dnslog.rotate_if_large(log)
-    return queries
+    try:
+        with hostfiles.on_host(state.uri) as files:
+            queries, after = dnslog.read_for(log, clients, since, cursor, files)
+            atomic_write(cursor_path, after.to_json() + "\n")
+            try:
+                dnslog.rotate_if_large(log, files=files, keep_from=after.offset)
+            except SandboxError as exc:
+                return queries, [_hinted(exc)]
+    except hostfiles.NoHostFiles as exc:
+        # Nothing to retry: said with every `logs` (recorded_losses), kept past destroy.
+        atomic_write(logs / paths.DNS_UNREAD, f"no DNS queries were recorded: {_hinted(exc)}\n")
+        return [], []
+    except SandboxError as exc:
+        return [], [f"DNS queries not collected this time: {_hinted(exc)}"]
+    return queries, []
+
+
+def _hinted(exc: SandboxError) -> str:
+    return f"{exc.message} ({exc.hint})" if exc.hint else exc.message
 
 
 def recorded_losses(ctx: Context, name: str) -> list[str]:
-    """Every loss a collection ever detected for this sandbox (kept in the capture cursor)."""
-    return list(monitor.Cursor.load(logs_dir(ctx, name) / paths.CAPTURE_CURSOR).losses)
+    """Every loss a collection ever detected for this sandbox (kept in the capture cursor), and
+    a record it could not take at all (the DNS queries of a remote host without SSH)."""
+    logs = logs_dir(ctx, name)
+    losses = list(monitor.Cursor.load(logs / paths.CAPTURE_CURSOR).losses)
+    with contextlib.suppress(FileNotFoundError):
+        losses.append((logs / paths.DNS_UNREAD).read_text().strip())
+    return losses
 
 
 @dataclass(frozen=True)

@@ -249,6 +249,28 @@ class Jump:
                     f"the SSH connection to the libvirt host {self.host} ended: {e}",
                 ) from None
 
+    def sftp(self, timeout: float) -> paramiko.SFTPClient:
+        """An SFTP session on this same connection, for the files on the libvirt host
+        (vm/hostfiles.py): one login serves the guests' channels and the host's files. Every
+        request of the session waits at most `timeout` seconds."""
+        with self._lock:
+            transport = self._connected(timeout)
+            try:
+                client = paramiko.SFTPClient.from_transport(transport)
+            except (EOFError, paramiko.SSHException) as e:
+                client = None
+                reason = f": {e}"
+            else:
+                reason = ""
+            if client is None:
+                raise GuestError(
+                    f"the libvirt host {self.host} refused an SFTP session{reason}",
+                    f"sandbox reads files on {self.host.name} over SFTP: its sshd_config needs "
+                    "a `Subsystem sftp` line (Debian's has one)",
+                )
+            client.get_channel().settimeout(timeout)  # type: ignore[union-attr]
+            return client
+
     def _refused(self, code: int, text: str, host: str, port: int) -> OSError:
         """The host's refusal to connect to the guest, as the socket error a direct connection
         would have raised: wait_for_banner and Guest.connect retry these as they retry their own
@@ -416,10 +438,15 @@ def _jump_opener(host: JumpHost) -> Iterator[SocketOpener]:
         yield jump.open
 
 
+def jump_host(uri: str) -> JumpHost | None:
+    """How to log in to the host of the hypervisor at `uri` (None: it runs on this machine)."""
+    target = jump_target(uri)
+    if target is None:
+        return None
+    return resolve(target, load_ssh_config(), local_user=getpass.getuser())
+
+
 def guest_route(uri: str) -> contextlib.AbstractContextManager[SocketOpener]:
     """How this process reaches the guests of the hypervisor at `uri`: plain TCP for a local
     one, else channels of one SSH connection to its host (closed when the block ends)."""
-    target = jump_target(uri)
-    if target is None:
-        return opener_for(None)
-    return opener_for(resolve(target, load_ssh_config(), local_user=getpass.getuser()))
+    return opener_for(jump_host(uri))

@@ -57,6 +57,14 @@ def jump_target(uri: str) -> JumpTarget | None:
     return JumpTarget(host, user=parts.username or None, port=port, keyfile=keyfile)
 
 
+def over_ssh(uri: str) -> bool:
+    """Whether libvirt reaches the host at `uri` over SSH itself (qemu+ssh, +libssh, +libssh2):
+    then the user can log in to that host, and sandbox reads its files that way (hostfiles.py).
+    False for a local URI and for tcp/tls, whose user is libvirt's, not a login."""
+    parts = urlsplit(uri)
+    return bool(parts.netloc) and parts.scheme.partition("+")[2] in _SSH_TRANSPORTS
+
+
 def proxy_command(uri: str) -> str | None:
     """For OpenSSH (`sandbox ssh`): a ProxyCommand that reaches a guest of the hypervisor at
     `uri` through its host, with the user's own SSH config for that hop; None when local."""
