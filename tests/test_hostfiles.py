@@ -413,3 +413,22 @@ def test_collection_reads_a_remote_sandboxs_queries_and_keeps_its_cursor(
         none, warnings = collection._dns_queries(ctx, state)
     assert none == [] and len(warnings) == 1
     assert warnings[0].startswith("DNS queries not collected this time: the SSH host key")
+
+
+@pytest.mark.root
+def test_destroy_removes_the_log_on_the_remote_host(remote: RemoteHost) -> None:
+    """The network's query log and its rotated copy go with the network, over SSH."""
+    from orchestrator.lifecycle import resources
+
+    log = _log(remote, b"x\n")
+    copy = dnslog.rotated_copy(log)
+    copy.write_bytes(b"y\n")
+    network = log.name.removesuffix(".queries.log")
+    # Not the test:/// driver's: it runs no dnsmasq, and the names may be a real sandbox's.
+    resources._remove_dns_log("test:///default", network, str(remote.dnsmasq_dir))
+    assert log.exists() and copy.exists()
+    with inside(remote.client):
+        resources._remove_dns_log(URI, network, str(remote.dnsmasq_dir))
+    assert not log.exists() and not copy.exists()
+    with inside(remote.client):  # nothing left to remove: no error either
+        resources._remove_dns_log(URI, network, str(remote.dnsmasq_dir))

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
+from urllib.parse import urlparse
 
 import libvirt
 
 from orchestrator import names, paths
 from orchestrator.egress import dnslog, hostfilter, hostguard
-from orchestrator.errors import (
-    HypervisorError,
-)
+from orchestrator.errors import HypervisorError, SandboxError
 from orchestrator.lifecycle.context import Context, guards_host
 from orchestrator.state import (
     StateStore,
 )
 from orchestrator.vm import hypervisor as hv
-from orchestrator.vm.domain import (
-    dns_log_path,
-)
+from orchestrator.vm.domain import DNSMASQ_DIR, dns_log_path
 from orchestrator.vm.images import Image, verify_image
 
 
@@ -77,14 +73,26 @@ def remove_network(ctx: Context, conn: libvirt.virConnect, network: str) -> bool
     with ctx.store.global_lock():
         bridge = hv.network_bridge(conn, network)
         removed = hv.remove_network_if_unused(conn, network)
-        if removed and guards_host(str(conn.getURI())):
-            if bridge is not None:
-                hostguard.remove(bridge)
-            log = dns_log_path(network)
-            for path in (Path(log), dnslog.rotated_copy(log)):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+        uri = str(conn.getURI())
+        if removed and guards_host(uri) and bridge is not None:
+            hostguard.remove(bridge)
+        if removed:
+            _remove_dns_log(uri, network)
         if not hv.sandbox_domains(conn):
             with contextlib.suppress(HypervisorError):  # the test:/// driver has no nwfilter
                 hostfilter.remove_shared_filters(conn)
         return removed
+
+
+def _remove_dns_log(uri: str, network: str, directory: str = DNSMASQ_DIR) -> None:
+    """The resolver's query log and its rotated copy, on the host the network ran on (over SSH
+    for a remote one). Best effort: the network is gone either way; a host whose files cannot
+    be reached (qemu+tcp, permissions) keeps them, as a host without sandbox would."""
+    from orchestrator.vm import hostfiles
+
+    if urlparse(uri).scheme.split("+")[0] != "qemu":
+        return  # the test:/// driver runs no dnsmasq: nothing of this machine's is its
+    log = dns_log_path(network, directory)
+    with contextlib.suppress(SandboxError), hostfiles.on_host(uri) as files:
+        for path in (log, str(dnslog.rotated_copy(log))):
+            files.remove(path)
