@@ -436,3 +436,46 @@ def test_open_guest_of_a_sandbox_on_a_remote_host_goes_through_the_jump(
         seen_as = g.check("echo $SSH_CONNECTION").split()
     assert seen_as[0] == JUMP_INNER_IP
     assert len(jumplab.jump.connections()) == 1
+
+
+def _drop_ssh_at_the_guest(jumplab: JumpLab) -> None:
+    """The guest's own firewall drops what comes to its port 22: no reply, no refusal."""
+    assert jumplab.guest.netns is not None
+    sh("ip", "netns", "exec", jumplab.guest.netns, "iptables", "-I", "INPUT", "-p", "tcp",
+       "--dport", "22", "-j", "DROP")  # fmt: skip
+
+
+@pytest.mark.root
+def test_a_guest_whose_packets_are_dropped_fails_within_seconds(jumplab: JumpLab) -> None:
+    """Not the boot timeout: connects that time out with no refusal for `silent_seconds`."""
+    _drop_ssh_at_the_guest(jumplab)
+    assert jumplab.jump.netns is not None
+    start = time.monotonic()
+    with (
+        inside(jumplab.jump.netns),
+        pytest.raises(GuestError, match="nothing answers on TCP port 22") as caught,
+    ):
+        wait_for_banner(GUEST_IP, 22, deadline(60), silent_seconds=3)
+    assert 3 <= time.monotonic() - start < 15
+    assert caught.value.hint is not None and "firewall" in caught.value.hint
+
+
+@pytest.mark.root
+def test_dropped_packets_through_the_jump_fail_within_seconds(jumplab: JumpLab) -> None:
+    _drop_ssh_at_the_guest(jumplab)
+    start = time.monotonic()
+    with (
+        inside(jumplab.client),
+        guest_route(URI) as opener,
+        pytest.raises(GuestError, match="nothing answers on TCP port 22"),
+    ):
+        wait_for_banner(GUEST_IP, 22, deadline(60), opener=opener, silent_seconds=3)
+    assert 3 <= time.monotonic() - start < 15
+
+
+@pytest.mark.root
+def test_a_refusal_is_an_answer_not_silence(jumplab: JumpLab) -> None:
+    """Port 23 refuses (RST): the wait goes on until its deadline, as while sshd starts."""
+    assert jumplab.jump.netns is not None
+    with inside(jumplab.jump.netns), pytest.raises(TimeoutExpired):
+        wait_for_banner(GUEST_IP, 23, deadline(4), silent_seconds=1)

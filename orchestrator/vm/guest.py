@@ -58,6 +58,19 @@ _BANNER_LINE_MAX = 8192
 # at all (libvirt runs on another host, or in another network namespace): no later attempt can
 # succeed, so the wait ends within seconds instead of at the boot deadline.
 NO_ROUTE_SECONDS = 3.0
+# A guest that has its lease answers a TCP connect at once: with sshd's banner, or with a
+# refusal (RST) while sshd is not up yet, even when TCG makes the rest of it slow. Connects that
+# time out with neither for this long mean something on the way drops the packets (a firewall,
+# a route into someone else's network): waiting out the boot timeout would not change that.
+SILENT_SECONDS = 15.0
+_CONNECT_MAX = 5.0
+SILENT_HINT = (
+    "a firewall between this machine and the sandbox networks (network.subnets in the config), "
+    "or between the libvirt host and them for a remote --connect, drops the packets: let TCP "
+    "to port 22 of those networks through, or run sandbox where libvirtd runs; a remote "
+    "libvirt host is best reached as --connect qemu+ssh://USER@HOST/system, through which "
+    "sandbox reaches its guests"
+)
 UNREACHABLE_HINT = (
     "sandbox talks to its guests over their own network, from the machine (and network "
     "namespace) it runs in: run it where libvirtd runs, e.g. `ip netns exec NS sandbox ...` for "
@@ -277,13 +290,16 @@ def wait_for_banner(
     *,
     opener: SocketOpener = tcp_connect,
     no_route_seconds: float = NO_ROUTE_SECONDS,
+    silent_seconds: float = SILENT_SECONDS,
 ) -> str:
     """Connect until the peer sends its SSH banner line, and return that line.
 
     A forwarded port (QEMU's hostfwd) accepts TCP long before sshd runs and then closes the
     connection, so an accepted connection proves nothing: the banner is the signal.
     """
-    banner, _ = _wait_for_banner(host, port, deadline, opener, no_route_seconds, keep=False)
+    banner, _ = _wait_for_banner(
+        host, port, deadline, opener, no_route_seconds, silent_seconds, keep=False
+    )
     return banner
 
 
@@ -294,11 +310,18 @@ def wait_for_sshd(
     *,
     opener: SocketOpener = tcp_connect,
     no_route_seconds: float = NO_ROUTE_SECONDS,
+    silent_seconds: float = SILENT_SECONDS,
 ) -> Primed:
     """wait_for_banner, keeping the connection the banner came on, for Guest.connect(first=)."""
-    _banner, primed = _wait_for_banner(host, port, deadline, opener, no_route_seconds, keep=True)
+    _banner, primed = _wait_for_banner(
+        host, port, deadline, opener, no_route_seconds, silent_seconds, keep=True
+    )
     assert primed is not None
     return primed
+
+
+class _NoAnswer(Exception):
+    """A connect that timed out: neither a reply nor a refusal."""
 
 
 def _wait_for_banner(
@@ -307,15 +330,31 @@ def _wait_for_banner(
     deadline: Deadline,
     opener: SocketOpener,
     no_route_seconds: float,
+    silent_seconds: float,
     *,
     keep: bool,
 ) -> tuple[str, Primed | None]:
     delay = _RETRY_FIRST
     last = "no attempt finished"
     no_route_since: float | None = None
+    silent_since: float | None = None  # when the connects that time out began
     while True:
         try:
-            sock = opener(host, port, max(min(deadline.remaining(), _ATTEMPT_MAX), 0.01))
+            started = time.monotonic()
+            try:
+                sock = opener(host, port, max(min(deadline.remaining(), _CONNECT_MAX), 0.01))
+            except TimeoutError as e:
+                silent_since = started if silent_since is None else silent_since
+                silent = time.monotonic() - silent_since
+                if silent >= silent_seconds:
+                    raise GuestError(
+                        f"cannot reach the guest at {host}: nothing answers on TCP port {port} "
+                        f"(no reply, no refusal) for {silent:.0f} s after it got its address; "
+                        f"something on the way drops the packets ({e})",
+                        SILENT_HINT,
+                    ) from None
+                raise _NoAnswer(f"no answer to a connect yet ({e})") from None
+            silent_since = None
             received = bytearray()
             try:
                 banner = _read_banner(sock, deadline, received)
@@ -328,10 +367,13 @@ def _wait_for_banner(
             if banner is not None:
                 return banner, None
             last = "the peer closed the connection before sending an SSH banner"
+        except _NoAnswer as e:
+            last = str(e)
         except TimeoutError:
             last = "no SSH banner yet"
         except OSError as e:
             last = f"{type(e).__name__}: {e}"
+            silent_since = None  # an answer, if only a refusal
             if e.errno == errno.ENETUNREACH:
                 now = time.monotonic()
                 no_route_since = no_route_since if no_route_since is not None else now
