@@ -21,7 +21,7 @@ import paramiko
 import pytest
 
 from orchestrator.errors import GuestError, HostKeyMismatchError, TimeoutExpired, UsageError
-from orchestrator.vm.guest import Endpoint, Guest, wait_for_banner
+from orchestrator.vm.guest import Endpoint, Guest, wait_for_banner, wait_for_sshd
 from orchestrator.vm.jump import guest_route, resolve
 from orchestrator.vm.remoteuri import JumpTarget, jump_target, proxy_command
 from orchestrator.waits import Deadline
@@ -479,3 +479,14 @@ def test_a_refusal_is_an_answer_not_silence(jumplab: JumpLab) -> None:
     assert jumplab.jump.netns is not None
     with inside(jumplab.jump.netns), pytest.raises(TimeoutExpired):
         wait_for_banner(GUEST_IP, 23, deadline(4), silent_seconds=1)
+
+
+@pytest.mark.root
+def test_the_login_goes_on_the_channel_the_banner_came_on(jumplab: JumpLab) -> None:
+    """up's path: wait_for_sshd's channel through the libvirt host is the login's too."""
+    with inside(jumplab.client), guest_route(URI) as opener:
+        primed = wait_for_sshd(GUEST_IP, 22, deadline(), opener=opener)
+        with Guest.connect(jumplab.guest_endpoint(), deadline(), opener=opener, first=primed) as g:
+            assert g.check(["echo", "in"]).strip() == "in"
+    assert len(jumplab.guest.connections()) == 1
+    assert len(jumplab.jump.connections()) == 1
