@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from orchestrator import paths
+from orchestrator import names, paths
 from orchestrator.capture.records import DnsQuery
 from orchestrator.config import Settings
 from orchestrator.egress import dnslog
@@ -425,10 +425,59 @@ def test_destroy_removes_the_log_on_the_remote_host(remote: RemoteHost) -> None:
     copy.write_bytes(b"y\n")
     network = log.name.removesuffix(".queries.log")
     # Not the test:/// driver's: it runs no dnsmasq, and the names may be a real sandbox's.
-    resources._remove_dns_log("test:///default", network, str(remote.dnsmasq_dir))
+    resources._remove_on_host("test:///default", network, directory=str(remote.dnsmasq_dir))
     assert log.exists() and copy.exists()
     with inside(remote.client):
-        resources._remove_dns_log(URI, network, str(remote.dnsmasq_dir))
+        resources._remove_on_host(URI, network, directory=str(remote.dnsmasq_dir))
     assert not log.exists() and not copy.exists()
     with inside(remote.client):  # nothing left to remove: no error either
-        resources._remove_dns_log(URI, network, str(remote.dnsmasq_dir))
+        resources._remove_on_host(URI, network, directory=str(remote.dnsmasq_dir))
+
+
+def _tables(remote: RemoteHost) -> str:
+    assert remote.sshd.netns is not None
+    return subprocess.run(
+        ["ip", "netns", "exec", remote.sshd.netns, "nft", "list", "tables"],
+        check=True, capture_output=True, text=True, timeout=20,
+    ).stdout  # fmt: skip
+
+
+@pytest.mark.root
+def test_the_input_guard_is_set_and_removed_on_the_remote_host(remote: RemoteHost) -> None:
+    """Over the same SSH login as the host's files, in the host's own kernel (its namespace),
+    not this machine's; removed with the network's log."""
+    from orchestrator.egress import hostguard
+    from orchestrator.lifecycle import resources
+
+    bridge = "sbxtestguard0"
+    table = names.guard_table(bridge)
+    with remote.files() as host:
+        hostguard.apply(bridge, host=host)
+        assert hostguard.present(bridge, host=host)
+    assert f"table inet {table}" in _tables(remote)
+    assert not hostguard.present(bridge)  # this machine's kernel has none
+    log = _log(remote, b"x\n")
+    with inside(remote.client):
+        resources._remove_on_host(
+            URI, log.name.removesuffix(".queries.log"), bridge, str(remote.dnsmasq_dir)
+        )
+    assert f"table inet {table}" not in _tables(remote) and not log.exists()
+
+
+@pytest.mark.root
+def test_a_failed_nft_on_the_remote_host_names_the_host_and_what_it_needs(remote: RemoteHost) -> None:
+    from orchestrator.egress import hostguard
+
+    with remote.files() as host, pytest.raises(hostguard.GuardError) as caught:
+        hostguard.apply("sbxtest-name-too-long!", host=host)  # nft refuses: > IFNAMSIZ
+    assert "on the libvirt host" in caught.value.message
+    assert caught.value.hint is not None and "root" in caught.value.hint
+
+
+@pytest.mark.root
+def test_a_program_run_on_the_remote_host(remote: RemoteHost) -> None:
+    with remote.files() as host:
+        ran = host.run(["sh", "-c", "cat; echo err >&2; exit 3"], "in\n")
+        missing = host.run(["no-such-program-here"])
+    assert (ran.status, ran.stdout, ran.stderr) == (3, "in\n", "err\n")
+    assert missing.status == 127

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from orchestrator import names
 from orchestrator.errors import SandboxError
+from orchestrator.vm.hostfiles import LOCAL, HostFiles, Ran
 
 NFT_TIMEOUT = 10.0
 
@@ -100,47 +101,69 @@ def _nft() -> str:
     return nft
 
 
-def _run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(
-            [_nft(), *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=NFT_TIMEOUT,
-        )
-    except subprocess.TimeoutExpired:
+def _run(args: list[str], stdin: str | None = None, host: HostFiles | None = None) -> Ran:
+    """nft here, or on the remote libvirt host `host` (over SSH, as its login user)."""
+    if host is None or host is LOCAL:
+        try:
+            proc = subprocess.run(
+                [_nft(), *args],
+                input=stdin,
+                capture_output=True,
+                text=True,
+                timeout=NFT_TIMEOUT,
+            )
+        except subprocess.TimeoutExpired:
+            raise GuardError(
+                f"nft {' '.join(args)} did not finish within {NFT_TIMEOUT:.0f} s",
+                "check the host's nftables (`nft list ruleset`)",
+            ) from None
+        return Ran(proc.returncode, proc.stdout, proc.stderr)
+    ran = host.run(["nft", *args], stdin)
+    if ran.status == 127:
         raise GuardError(
-            f"nft {' '.join(args)} did not finish within {NFT_TIMEOUT:.0f} s",
-            "check the host's nftables (`nft list ruleset`)",
-        ) from None
+            f"nft is not installed on {host.where}: it cannot keep guests away from its own "
+            "services",
+            "install the nftables package there (apt-get install nftables)",
+        )
+    return ran
 
 
-def apply(bridge: str, sinkhole: Sinkhole | None = None) -> None:
-    """Create or replace the guard of `bridge` (atomically)."""
-    proc = _run(["-f", "-"], render_ruleset(bridge, sinkhole))
-    if proc.returncode != 0:
+def _hint(host: HostFiles | None) -> str:
+    if host is None or host is LOCAL:
+        return "run as root on the hypervisor host, with the nftables package installed"
+    return (
+        f"sandbox sets the guard on {host.where} with nft over SSH, which needs root there: "
+        "connect as root (qemu+ssh://root@HOST/system)"
+    )
+
+
+def apply(bridge: str, sinkhole: Sinkhole | None = None, host: HostFiles | None = None) -> None:
+    """Create or replace the guard of `bridge` (atomically), on this machine or on `host`."""
+    ran = _run(["-f", "-"], render_ruleset(bridge, sinkhole), host)
+    if ran.status != 0:
+        where = "" if host is None or host is LOCAL else f" on {host.where}"
         raise GuardError(
-            f"cannot load the host-side input guard for bridge {bridge}: {proc.stderr.strip()}",
-            "run as root on the hypervisor host, with the nftables package installed",
+            f"cannot load the host-side input guard for bridge {bridge}{where}: "
+            f"{ran.stderr.strip()[-500:]}",
+            _hint(host),
         )
 
 
-def present(bridge: str) -> bool:
+def present(bridge: str, host: HostFiles | None = None) -> bool:
     """Whether the guard table of `bridge` is loaded, with its final reject in place."""
-    proc = _run(["list", "table", "inet", names.guard_table(bridge)])
-    return proc.returncode == 0 and "reject" in proc.stdout and f'"{bridge}"' in proc.stdout
+    ran = _run(["list", "table", "inet", names.guard_table(bridge)], host=host)
+    return ran.status == 0 and "reject" in ran.stdout and f'"{bridge}"' in ran.stdout
 
 
-def remove(bridge: str) -> bool:
+def remove(bridge: str, host: HostFiles | None = None) -> bool:
     """Delete the guard of `bridge`; False if there was none."""
     table = names.guard_table(bridge)
-    if _run(["list", "table", "inet", table]).returncode != 0:
+    if _run(["list", "table", "inet", table], host=host).status != 0:
         return False
-    proc = _run(["delete", "table", "inet", table])
-    if proc.returncode != 0:
+    ran = _run(["delete", "table", "inet", table], host=host)
+    if ran.status != 0:
         raise GuardError(
-            f"cannot remove the host-side input guard {table}: {proc.stderr.strip()}",
+            f"cannot remove the host-side input guard {table}: {ran.stderr.strip()[-500:]}",
             f"remove it by hand: nft delete table inet {table}",
         )
     return True

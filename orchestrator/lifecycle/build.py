@@ -41,6 +41,7 @@ from orchestrator.lifecycle import hosts, resources, teardown, warm
 from orchestrator.lifecycle.context import (
     Context,
     guards_host,
+    guards_remote_host,
     logs_dir,
 )
 from orchestrator.lifecycle.resources import remove_network, remove_volumes, save_console
@@ -460,6 +461,16 @@ class Build:
                     "redirect run beside the sandbox's network)",
                     "drop --sinkhole, or run sandbox on the hypervisor host",
                 )
+            if guards_remote_host(self.state.uri):
+                from orchestrator.vm import hostfiles
+
+                with (
+                    self.ctx.reporter.step(
+                        "closing the libvirt host's own services to the guests (nftables, over SSH)"
+                    ),
+                    hostfiles.on_host(self.state.uri) as host,
+                ):
+                    hostguard.apply(str(self.net.bridgeName()), host=host)
             return
         target: hostguard.Sinkhole | None = None
         if self.policy.sinkhole:

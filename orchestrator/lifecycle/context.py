@@ -109,6 +109,16 @@ def guards_host(uri: str) -> bool:
     return is_local(uri) and urlparse(uri).scheme.split("+")[0] == "qemu"
 
 
+def guards_remote_host(uri: str) -> bool:
+    """Whether this process guards a remote hypervisor host's own services (hostguard.py over
+    SSH): a QEMU hypervisor reached as qemu+ssh://, whose login can run nft there."""
+    from urllib.parse import urlparse
+
+    from orchestrator.vm.remoteuri import over_ssh
+
+    return not is_local(uri) and urlparse(uri).scheme.split("+")[0] == "qemu" and over_ssh(uri)
+
+
 def ready_state(ctx: Context, name: str) -> SandboxState:
     validate_name(name)
     state = ctx.store.load(name)

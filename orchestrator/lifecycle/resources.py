@@ -10,7 +10,7 @@ import libvirt
 from orchestrator import names, paths
 from orchestrator.egress import dnslog, hostfilter, hostguard
 from orchestrator.errors import HypervisorError, SandboxError
-from orchestrator.lifecycle.context import Context, guards_host
+from orchestrator.lifecycle.context import Context, guards_host, guards_remote_host
 from orchestrator.state import (
     StateStore,
 )
@@ -77,17 +77,20 @@ def remove_network(ctx: Context, conn: libvirt.virConnect, network: str) -> bool
         if removed and guards_host(uri) and bridge is not None:
             hostguard.remove(bridge)
         if removed:
-            _remove_dns_log(uri, network)
+            _remove_on_host(uri, network, bridge if guards_remote_host(uri) else None)
         if not hv.sandbox_domains(conn):
             with contextlib.suppress(HypervisorError):  # the test:/// driver has no nwfilter
                 hostfilter.remove_shared_filters(conn)
         return removed
 
 
-def _remove_dns_log(uri: str, network: str, directory: str = DNSMASQ_DIR) -> None:
-    """The resolver's query log and its rotated copy, on the host the network ran on (over SSH
-    for a remote one). Best effort: the network is gone either way; a host whose files cannot
-    be reached (qemu+tcp, permissions) keeps them, as a host without sandbox would."""
+def _remove_on_host(
+    uri: str, network: str, guarded: str | None = None, directory: str = DNSMASQ_DIR
+) -> None:
+    """The resolver's query log and its rotated copy, on the host the network ran on, and the
+    input guard of bridge `guarded` where it was set over SSH: one login for a remote host.
+    Best effort: the network is gone either way; a host whose files cannot be reached (qemu+tcp,
+    permissions) keeps them, as a host without sandbox would."""
     from orchestrator.vm import hostfiles
 
     if urlparse(uri).scheme.split("+")[0] != "qemu":
@@ -95,4 +98,7 @@ def _remove_dns_log(uri: str, network: str, directory: str = DNSMASQ_DIR) -> Non
     log = dns_log_path(network, directory)
     with contextlib.suppress(SandboxError), hostfiles.on_host(uri) as files:
         for path in (log, str(dnslog.rotated_copy(log))):
-            files.remove(path)
+            with contextlib.suppress(SandboxError):
+                files.remove(path)
+        if guarded is not None:
+            hostguard.remove(guarded, host=files)

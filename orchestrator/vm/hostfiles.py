@@ -17,8 +17,9 @@ import errno
 import io
 import os
 import posixpath
+import subprocess
 import zoneinfo
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, tzinfo
 from typing import TYPE_CHECKING, BinaryIO, NoReturn, Protocol
@@ -67,8 +68,23 @@ class Writer(Protocol):
     def write_at(self, offset: int, data: bytes) -> None: ...
 
 
+@dataclass(frozen=True)
+class Ran:
+    """A program's end on the libvirt host: its exit status and output (bounded, decoded)."""
+
+    status: int
+    stdout: str
+    stderr: str
+
+
+# A program run on the host prints at most this much to each stream that is kept.
+RUN_OUTPUT_MAX = 1 << 20
+RUN_TIMEOUT = 20.0
+
+
 class HostFiles(Protocol):
-    """The files of one libvirt host. Paths are that host's absolute paths."""
+    """The files of one libvirt host, and the programs it runs for us (nft). Paths are that
+    host's absolute paths."""
 
     where: str  # "this machine" or "the libvirt host USER@HOST": for messages
 
@@ -96,6 +112,11 @@ class HostFiles(Protocol):
 
     def timezone(self) -> tzinfo | None:
         """The zone the host's programs write local times in (None: this machine's)."""
+        ...
+
+    def run(self, argv: Sequence[str], stdin: str | None = None) -> Ran:
+        """`argv` on the host as the login user (this process's, locally), with `stdin`; at
+        most RUN_TIMEOUT seconds. A program that is not there is a Ran with status 127."""
         ...
 
 
@@ -215,6 +236,20 @@ class LocalFiles(_Base):
 
     def timezone(self) -> tzinfo | None:
         return None
+
+    def run(self, argv: Sequence[str], stdin: str | None = None) -> Ran:
+        try:
+            proc = subprocess.run(
+                list(argv), input=stdin, capture_output=True, text=True, timeout=RUN_TIMEOUT
+            )
+        except FileNotFoundError:
+            return Ran(127, "", f"{argv[0]}: not found")
+        except subprocess.TimeoutExpired:
+            raise HostFileError(
+                f"{' '.join(argv)} did not finish within {RUN_TIMEOUT:.0f} s on {self.where}",
+                "check what holds it up (for nft: another nft or iptables running)",
+            ) from None
+        return Ran(proc.returncode, proc.stdout[-RUN_OUTPUT_MAX:], proc.stderr[-RUN_OUTPUT_MAX:])
 
 
 LOCAL = LocalFiles()
@@ -371,6 +406,10 @@ class RemoteFiles(_Base):
                 "sandbox needs the host's time zone to read the times its dnsmasq logs; fix "
                 f"{_LOCALTIME} there (ln -sf /usr/share/zoneinfo/ZONE {_LOCALTIME})",
             ) from None
+
+    def run(self, argv: Sequence[str], stdin: str | None = None) -> Ran:
+        status, out, err = self._jump.run(argv, stdin, RUN_TIMEOUT, RUN_OUTPUT_MAX)
+        return Ran(status, out, err)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,8 @@ import os
 import shlex
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -248,6 +249,47 @@ class Jump:
                     errno.ECONNRESET,
                     f"the SSH connection to the libvirt host {self.host} ended: {e}",
                 ) from None
+
+    def run(
+        self, argv: Sequence[str], stdin: str | None, timeout: float, limit: int
+    ) -> tuple[int, str, str]:
+        """`argv` on the libvirt host over this connection (an exec channel, as the login user):
+        its exit status and at most `limit` bytes of each output stream (the ends kept). 127
+        when the shell did not find the program."""
+        with self._lock:
+            transport = self._connected(timeout)
+            try:
+                channel = transport.open_session(timeout=timeout)
+            except (EOFError, paramiko.SSHException) as e:
+                self._client = self._transport = None
+                raise ConnectionResetError(
+                    errno.ECONNRESET, f"the libvirt host {self.host} refused a session: {e}"
+                ) from None
+        deadline = time.monotonic() + timeout
+        out, err = bytearray(), bytearray()
+        with channel:
+            channel.settimeout(timeout)
+            channel.exec_command(shlex.join(argv))
+            if stdin is not None:
+                channel.sendall(stdin.encode())
+            channel.shutdown_write()
+            while not (channel.exit_status_ready() and not channel.recv_ready()
+                       and not channel.recv_stderr_ready()):  # fmt: skip
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{shlex.join(argv)} did not finish within {timeout:g} s on the libvirt "
+                        f"host {self.host}"
+                    )
+                if channel.recv_ready():
+                    out += channel.recv(65536)
+                    del out[:-limit]
+                elif channel.recv_stderr_ready():
+                    err += channel.recv_stderr(65536)
+                    del err[:-limit]
+                else:
+                    time.sleep(0.005)
+            status = channel.recv_exit_status()
+        return status, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
     def sftp(self, timeout: float) -> paramiko.SFTPClient:
         """An SFTP session on this same connection, for the files on the libvirt host
