@@ -544,9 +544,18 @@ def _socket_accepts(path: Path) -> bool:
     return True
 
 
+def _libvirtds() -> list[int]:
+    """The libvirtds running, but the lab's remote host's (sandbox_lab/remote.py): that one is
+    meant to be outside the lab namespace."""
+    from sandbox_lab.remote import REMOTE_NETNS
+
+    remote = _lab_netns_id(REMOTE_NETNS)
+    return [p for p in _pids_named("libvirtd") if remote is None or _pid_netns(p) != remote]
+
+
 def _ensure_libvirtd(lab: Lab) -> None:
     lab_ns = _lab_netns_id(lab.netns)
-    for pid in _pids_named("libvirtd"):
+    for pid in _libvirtds():
         if _pid_netns(pid) != lab_ns:
             raise ConflictError(
                 f"libvirtd (pid {pid}) is already running outside the lab namespace {lab.netns}",
@@ -554,7 +563,7 @@ def _ensure_libvirtd(lab: Lab) -> None:
                 "the lab does not kill a libvirtd it did not start",
             )
     proc: subprocess.Popen[bytes] | None = None
-    if not _pids_named("libvirtd"):
+    if not _libvirtds():
         args = ["--dir", str(lab.dir)]
         # Only one virtlogd can hold /run/virtlogd.pid; one running anywhere serves the lab too.
         if not _pids_named("virtlogd"):
@@ -627,7 +636,7 @@ def lab_status(lab: Lab = DEFAULT_LAB) -> LabStatus:
     )
     supervisor = _read_daemons(lab).get("supervisor")
     supervisor_pid = supervisor if _running(supervisor) else None
-    libvirtds = _pids_named("libvirtd")
+    libvirtds = _libvirtds()
     outside = [p for p in libvirtds if _pid_netns(p) != lab_ns]
     inside = [p for p in libvirtds if p not in outside]
     libvirtd_pid = (inside + outside)[0] if libvirtds else None
@@ -671,6 +680,9 @@ def lab_down(lab: Lab = DEFAULT_LAB) -> list[str]:
         return []
     notes: list[str] = []
     with _locked(lab):
+        from sandbox_lab.remote import remote_down
+
+        notes += remote_down(lab.dir)  # it hangs off the lab namespace: first
         lab_ns = _lab_netns_id(lab.netns)
         inet_ns = _lab_netns_id(lab.inet_netns)
         in_lab_ns = [] if lab_ns is None else _pids_in_netns(lab_ns)
@@ -886,9 +898,15 @@ def _parser() -> argparse.ArgumentParser:
         prog="sandbox-lab",
         description="Run libvirtd in a network namespace with a fake internet next to it.",
     )
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{up,down,status,exec}")
+    verbs = parser.add_subparsers(
+        dest="verb", required=True, metavar="{up,down,status,exec,remote-up,remote-down}"
+    )
     verbs.add_parser("up", help="create the namespaces, start the servers and libvirtd")
     verbs.add_parser("down", help="stop everything and delete the namespaces")
+    verbs.add_parser(
+        "remote-up", help="(after up) a second libvirt host, reached over SSH only: its URI"
+    )
+    verbs.add_parser("remote-down", help="stop the remote host (down does too)")
     verbs.add_parser("status", help="show what is up")
     run = verbs.add_parser("exec", help="run CMD inside the lab namespace: exec -- CMD...")
     run.add_argument("cmd", nargs=argparse.REMAINDER)
@@ -911,6 +929,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n".join(lab_up(lab).lines()))
         elif args.verb == "down":
             print("\n".join(lab_down(lab) or ["nothing to do"]))
+        elif args.verb == "remote-up":
+            _require_root()
+            with _locked(lab):
+                if not (paths.NETNS_DIR / lab.netns).exists():
+                    raise LabError("the lab is not up", hint="run `sandbox-lab up` first")
+                from sandbox_lab.remote import remote_up
+
+                host = remote_up(lab.netns, lab.dir)
+            print(f"remote libvirt host up: {host.uri}")
+            print(f"client (in the lab): HOME={host.home} sandbox --connect '{host.uri}' ...")
+        elif args.verb == "remote-down":
+            _require_root()
+            from sandbox_lab.remote import remote_down
+
+            with _locked(lab):
+                print("\n".join(remote_down(lab.dir) or ["nothing to do"]))
         elif args.verb == "status":
             status = lab_status(lab)
             print("\n".join(status.lines()))

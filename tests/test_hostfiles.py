@@ -465,7 +465,7 @@ def test_the_input_guard_is_set_and_removed_on_the_remote_host(remote: RemoteHos
 
 
 @pytest.mark.root
-def test_a_failed_nft_on_the_remote_host_names_the_host_and_what_it_needs(remote: RemoteHost) -> None:
+def test_a_failed_nft_on_the_remote_host_names_it_and_what_it_needs(remote: RemoteHost) -> None:
     from orchestrator.egress import hostguard
 
     with remote.files() as host, pytest.raises(hostguard.GuardError) as caught:

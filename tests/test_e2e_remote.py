@@ -1,0 +1,135 @@
+"""A sandbox on a remote libvirt host (issue 17): the lab's second host (sandbox_lab/remote.py),
+libvirtd and sshd in a namespace of their own that the client, in the lab namespace, reaches over
+SSH only, with no route to the guests' network. up, run, logs with PHP lines and DNS names, the
+policy in the guest and in the host's filter and guard, destroy with nothing left on the host."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sandbox_lab import accept_log
+from sandbox_lab.remote import LINK_LAB, RemoteHost, remote_down, remote_up
+from tests.lab_fixture import LabSession
+from tests.netns import inside
+
+from .e2e_support import Cli, wait_removed
+
+pytestmark = [pytest.mark.vm, pytest.mark.root]
+
+ALLOWED, BLOCKED = "203.0.113.7", "198.51.100.9"
+SCRIPT = f"""<?php
+$a = @fsockopen("{ALLOWED}", 80, $errno, $errstr, 5);
+echo $a ? "allowed ok\\n" : "allowed failed $errno\\n";
+$b = @fsockopen("{BLOCKED}", 80, $errno, $errstr, 5);
+echo $b ? "blocked ok\\n" : "blocked failed $errno\\n";
+echo gethostbyname("www.inet.test"), "\\n";
+exit(3);
+"""
+
+
+@pytest.fixture(scope="module")
+def remote(lab_session: LabSession) -> Iterator[RemoteHost]:
+    host = remote_up(lab_session.lab.netns, lab_session.lab.dir)
+    yield host
+    remote_down(lab_session.lab.dir)
+
+
+def on_host(remote: RemoteHost, *argv: str) -> str:
+    return subprocess.run(
+        remote.enter(list(argv)), check=True, capture_output=True, text=True, timeout=60
+    ).stdout
+
+
+def virsh(remote: RemoteHost, *args: str) -> str:
+    return on_host(remote, "virsh", "-c", "qemu:///system", *args)
+
+
+def test_a_sandbox_on_a_remote_host(
+    monkeypatch: pytest.MonkeyPatch, remote: RemoteHost, cli: Cli, tmp_path: Path
+) -> None:
+    # The client's ssh config and known_hosts for the host (HOME), and the host's URI.
+    monkeypatch.setenv("HOME", str(remote.home))
+    monkeypatch.setenv("SANDBOX_CONNECT", remote.uri)
+    start = len(accept_log(cli.lab))
+
+    cli.ok("up", "--name", "rem", "--allow", ALLOWED)
+    state = json.loads((cli.sandbox_dir("rem") / "state.json").read_text())
+    assert state["uri"] == remote.uri
+    network, domain = state["network"], state["domain"]
+    # The guest runs on the host, not here, and the client has no way to it but the host.
+    assert domain in virsh(remote, "list", "--name")
+    with inside(cli.lab.netns), pytest.raises(OSError):
+        socket.create_connection((state["ip"], 22), timeout=3).close()
+
+    script = tmp_path / "remote.php"
+    script.write_text(SCRIPT)
+    ran = cli.run("run", "--name", "rem", str(script))
+    assert ran.returncode == 3, ran.stderr
+    assert ran.stdout.splitlines() == ["allowed ok", "blocked failed 111", "www.inet.test"]
+    assert any(e["server"] == ALLOWED and e["port"] == 80 for e in accept_log(cli.lab)[start:])
+
+    def complete(rows: list[dict[str, object]]) -> bool:
+        return {r.get("verdict") for r in rows} >= {"allowed", "blocked", "dns"}
+
+    rows = cli.records_when("rem", complete, "the allowed, blocked and DNS rows")
+    lines = {
+        (r["verdict"], r.get("dst")): r["stack"][0]["line"]
+        for r in rows
+        if r.get("stack") and r["verdict"] in ("allowed", "blocked")
+    }
+    assert lines == {("allowed", ALLOWED): 2, ("blocked", BLOCKED): 4}
+    # The host's DNS log, read over SFTP: the name the script asked for, on its line.
+    asked = [r for r in rows if r["verdict"] == "dns" and r.get("dns_name") == "www.inet.test"]
+    assert asked and all(r["stack"][0]["line"] == 6 for r in asked if r.get("stack"))
+
+    # Both layers: the guest's rules, and on the host the nwfilter and the input guard.
+    shown = cli.ok("policy", "show", "--name", "rem").stdout
+    assert ALLOWED in shown
+    assert f"sandbox-{'rem'}" in virsh(remote, "nwfilter-list")
+    bridge = virsh(remote, "net-info", network).split("Bridge:")[1].split()[0]
+    assert f"sandbox_guard_{bridge}" in on_host(remote, "nft", "list", "tables")
+
+    cli.ok("destroy", "--name", "rem")
+    wait_removed("rem", cli)
+    assert domain not in virsh(remote, "list", "--all", "--name")
+    assert network not in virsh(remote, "net-list", "--all", "--name")
+    assert "sandbox-rem" not in virsh(remote, "vol-list", "sandbox")
+    assert "sandbox-rem" not in virsh(remote, "nwfilter-list")
+    assert "sandbox_guard_" not in on_host(remote, "nft", "list", "tables")
+    dnsmasq = remote.private("/var/lib/libvirt") / "dnsmasq"
+    assert not list(dnsmasq.glob(f"{network}.queries.log*"))
+    # The logs stay with the client.
+    assert (cli.sandbox_dir("rem") / "logs").is_dir()
+
+
+def test_placement_over_two_hosts_and_one_that_is_down(
+    monkeypatch: pytest.MonkeyPatch, remote: RemoteHost, cli: Cli
+) -> None:
+    """`hosts:` lists the lab's libvirtd, the remote host and a host nobody answers for: `up`
+    places the sandbox on one of the two that answer (the one with more free memory, as libvirt
+    reports it), warns about the third, and list, status and destroy find it wherever it is."""
+    monkeypatch.setenv("HOME", str(remote.home))
+    monkeypatch.delenv("SANDBOX_CONNECT", raising=False)
+    # The lab's own end of the link to the remote host: no sshd there, refused at once.
+    down = remote.uri.replace(remote.address, str(LINK_LAB.ip))
+    hosts = ["qemu:///system", remote.uri, down]
+    cli.config.write_text("boot_timeout: 600\nhosts:\n" + "".join(f"  - '{h}'\n" for h in hosts))
+
+    up = cli.ok("up", "--name", "placed", "--allow", ALLOWED)
+    assert str(LINK_LAB.ip) in up.stderr  # the warning: that host did not answer
+    state = json.loads((cli.sandbox_dir("placed") / "state.json").read_text())
+    assert state["uri"] in hosts[:2]
+    listed = cli.ok("list", "--json").stdout
+    rows = json.loads(listed)
+    assert any(r.get("name") == "placed" and r.get("host") == state["uri"] for r in rows), listed
+    assert any(r.get("status") == "host down" and r.get("host") == down for r in rows), listed
+    assert cli.ok("exec", "--name", "placed", "--", "hostname").stdout.strip() == "sandbox-placed"
+    cli.ok("destroy", "--name", "placed")
+    wait_removed("placed", cli)
+    assert state["domain"] not in virsh(remote, "list", "--all", "--name")
