@@ -95,7 +95,9 @@ def test_a_sandbox_on_a_remote_host(
     bridge = virsh(remote, "net-info", network).split("Bridge:")[1].split()[0]
     assert f"sandbox_guard_{bridge}" in on_host(remote, "nft", "list", "tables")
 
-    cli.ok("destroy", "--name", "rem")
+    destroyed = cli.ok("destroy", "--name", "rem")
+    # The last records from the host's copy (read over SFTP), not over SSH from the guest.
+    assert "from the host's copy" in destroyed.stdout + destroyed.stderr, destroyed
     wait_removed("rem", cli)
     assert domain not in virsh(remote, "list", "--all", "--name")
     assert network not in virsh(remote, "net-list", "--all", "--name")

@@ -481,3 +481,22 @@ def test_a_program_run_on_the_remote_host(remote: RemoteHost) -> None:
         missing = host.run(["no-such-program-here"])
     assert (ran.status, ran.stdout, ran.stderr) == (3, "in\n", "err\n")
     assert missing.status == 127
+
+
+@pytest.mark.root
+def test_the_capture_copy_is_read_from_the_remote_host_as_here(remote: RemoteHost) -> None:
+    """destroy's final collection from the host's copy of the guest's records: virtlogd's file
+    and its rotations, over SFTP, byte for byte what reading them here gives."""
+    from orchestrator.capture import monitor
+
+    copy = remote.dnsmasq_dir / "sandbox-x-capture.log"
+    copy.write_bytes(b"newest\n@@round 7 b\n")
+    (remote.dnsmasq_dir / "sandbox-x-capture.log.0").write_bytes(b"middle\n")
+    (remote.dnsmasq_dir / "sandbox-x-capture.log.1").write_bytes(b"oldest\n")
+    here = monitor.read_stream(copy)
+    assert here.startswith(b"oldest\nmiddle\nnewest")
+    with remote.files() as files:
+        assert monitor.read_stream(str(copy), files=files) == here
+        assert monitor.read_stream(str(copy), limit=10, files=files) == here[-10:]
+        assert monitor.stream_round(str(copy), files) == monitor.stream_round(copy) == (7, 0)
+        assert monitor.stream_round(str(remote.dnsmasq_dir / "none.log"), files) is None

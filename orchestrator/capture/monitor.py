@@ -56,7 +56,8 @@ from orchestrator.capture.records import (
     parse_time,
 )
 from orchestrator.egress import firewall
-from orchestrator.errors import GuestError
+from orchestrator.errors import GuestError, SandboxError
+from orchestrator.vm.hostfiles import LOCAL, HostFiles
 
 if TYPE_CHECKING:
     from orchestrator.vm.guest import Guest
@@ -1381,6 +1382,8 @@ _STREAM_FILE, _STREAM_DATA, _STREAM_ROUND = "@@file", "@@data", "@@round"
 # reading takes (the newest bytes; virtlogd keeps 8 MiB by default).
 _STREAM_CHUNK = 256 << 10
 STREAM_READ_BYTES = 32 << 20
+# virtlogd keeps max_backups (3 by default) rotated files; more than this is not virtlogd's.
+_STREAM_MAX_ROTATED = 16
 # A report line the copy may give a snapshot (the rest of a round's lines are its data).
 _STREAM_REPORT = (_CAPTURE, _CAPTURE_PARTIAL, _CAPTURE_CLOCK)
 _HEADER = re.compile(rb"@@(file|data|round|capture|capturepartial|captureclock)( [ -~]{0,200})?")
@@ -1496,28 +1499,35 @@ def collect_stream(stream: Stream, cursor: Cursor, *, final: bool = False) -> Co
     return None if text is None else process(parse_snapshot(text), cursor, final=final)
 
 
-def stream_files(path: Path) -> list[Path]:
-    """The host's copy: virtlogd's rotated files (NAME.N, the oldest first), then NAME."""
-    rotated = [
-        p for p in path.parent.glob(path.name + ".*") if p.name[len(path.name) + 1 :].isdigit()
-    ]
-    rotated.sort(key=lambda p: -int(p.name[len(path.name) + 1 :]))
-    return [*rotated, path]
+def stream_files(path: str | Path, files: HostFiles | None = None) -> list[str]:
+    """The host's copy: virtlogd's rotated files (NAME.N, the oldest first), then NAME; on this
+    machine, or on the remote libvirt host `files` reaches. virtlogd renames NAME.N to NAME.N+1
+    as it rotates, so they are probed from NAME.0 up to the first one missing."""
+    files = files or LOCAL
+    name = str(path)
+    rotated = []
+    for number in range(_STREAM_MAX_ROTATED):
+        if files.stat(f"{name}.{number}") is None:
+            break
+        rotated.append(f"{name}.{number}")
+    return [*reversed(rotated), name]
 
 
-def read_stream(path: Path, limit: int = STREAM_READ_BYTES) -> bytes:
+def read_stream(
+    path: str | Path, limit: int = STREAM_READ_BYTES, files: HostFiles | None = None
+) -> bytes:
     """The newest `limit` bytes of the host's copy, across virtlogd's rotations."""
+    files = files or LOCAL
     chunks: list[bytes] = []
     left = limit
-    for file in reversed(stream_files(path)):
+    for file in reversed(stream_files(path, files)):
         if left <= 0:
             break
         try:
-            with file.open("rb") as fh:
-                size = fh.seek(0, 2)
-                fh.seek(max(0, size - left))
-                chunks.append(fh.read(left))
-        except OSError:
+            with files.open_read(file) as reader:
+                start = max(0, reader.size - left)
+                chunks.append(reader.read_at(start, reader.size - start))
+        except SandboxError:
             continue
         left -= len(chunks[-1])
     return b"".join(reversed(chunks))
@@ -1526,15 +1536,15 @@ def read_stream(path: Path, limit: int = STREAM_READ_BYTES) -> bytes:
 _ROUND_LINE = re.compile(rb"\n@@round ([0-9]{1,19}) [!-~]{1,64}(?: ([0-9]{1,19}))?(?=\n)")
 
 
-def stream_round(path: Path) -> tuple[int, int] | None:
+def stream_round(path: str | Path, files: HostFiles | None = None) -> tuple[int, int] | None:
     """The number of the last round the host's copy holds, and the bytes of the guest's file
     it had not copied yet (None: no round), read from the copy's end."""
+    files = files or LOCAL
     try:
-        with path.open("rb") as fh:
-            size = fh.seek(0, 2)
-            fh.seek(max(0, size - 65536))
-            tail = fh.read()
-    except OSError:
+        with files.open_read(str(path)) as reader:
+            start = max(0, reader.size - 65536)
+            tail = reader.read_at(start, reader.size - start)
+    except SandboxError:
         return None
     found = _ROUND_LINE.findall(tail)
     return (int(found[-1][0]), int(found[-1][1] or 0)) if found else None

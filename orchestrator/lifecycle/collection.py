@@ -80,9 +80,9 @@ def collect_locked(
     final: bool,
     guest: Guest | None = None,
     after_run: bool = False,
-    stream: Path | None = None,
+    stream: bytes | None = None,
 ) -> CollectReport:
-    """`stream`: take the guest's records from the host's copy in that file (monitor.Stream)
+    """`stream`: take the guest's records from the host's copy (monitor.read_stream's bytes)
     instead of over SSH; GuestError if it does not hold all of them since the last collection.
     The guest's firewall is not read back then: its changes are in the capture's records."""
     logs = logs_dir(ctx, state.name)
@@ -99,9 +99,7 @@ def collect_locked(
 
     tampered: list[Attempt] = []
     if stream is not None:
-        copied = monitor.collect_stream(
-            monitor.parse_stream(monitor.read_stream(stream)), cursor, final=final
-        )
+        copied = monitor.collect_stream(monitor.parse_stream(stream), cursor, final=final)
         if copied is None:
             raise GuestError(
                 "the host's copy of the guest's records does not hold all of them since the "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import posixpath
 import subprocess
 import sys
 import threading
@@ -35,7 +36,6 @@ from orchestrator.errors import (
 from orchestrator.lifecycle import hosts
 from orchestrator.lifecycle.context import (
     Context,
-    is_local,
 )
 from orchestrator.lifecycle.resources import remove_network, remove_volumes
 from orchestrator.state import (
@@ -48,6 +48,7 @@ from orchestrator.vm import hypervisor as hv
 
 if TYPE_CHECKING:
     from orchestrator.lifecycle.collection import CollectReport
+    from orchestrator.vm.hostfiles import HostFiles
 
 log = logging.getLogger(__name__)
 
@@ -112,15 +113,15 @@ def lock_wait(store: StateStore, name: str) -> float | None:
     return TEARDOWN_LOCK_SECONDS if state is not None and state.phase is Phase.DESTROYING else None
 
 
-def _caught_up(path: Path, seconds: float = STREAM_WAIT_SECONDS) -> bool:
+def _caught_up(path: str, files: HostFiles, seconds: float = STREAM_WAIT_SECONDS) -> bool:
     """Whether the guest's copy completed two rounds more within `seconds`, the last with all
     of the guest's file copied (a burst of records takes it rounds)."""
-    first = monitor.stream_round(path)
+    first = monitor.stream_round(path, files)
     if first is None:
         return False
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        last = monitor.stream_round(path)
+        last = monitor.stream_round(path, files)
         if last is not None and last[0] >= first[0] + 2 and last[1] == 0:
             return True
         time.sleep(0.02)
@@ -138,20 +139,28 @@ def _collect_from_stream(ctx: Context, state: SandboxState) -> CollectReport | N
     """The final collection from the host's copy of the guest's records, the guest paused once
     the copy caught up; None (the guest running) where it cannot be had so."""
     from orchestrator.lifecycle.collection import collect_locked
+    from orchestrator.vm import hostfiles
 
-    if not is_local(state.uri):
-        return None  # the copy is a file on the hypervisor's host
-    with contextlib.suppress(SandboxError), hv.connection(state.uri) as conn:
+    # The copy is a file on the hypervisor's host: read here, or over SFTP from a remote one.
+    with (
+        contextlib.suppress(SandboxError),
+        hv.connection(state.uri) as conn,
+        hostfiles.on_host(state.uri) as files,
+    ):
         pool = hv.active_pool(conn, state.pool)
         dom = hv.lookup_domain(conn, state.domain)
         if pool is None or dom is None:
             return None
-        path = Path(hv.pool_path(pool)) / names.SandboxVolumes.for_domain(state.domain).capture
-        if not _caught_up(path) or not _pause(dom):
+        capture = names.SandboxVolumes.for_domain(state.domain).capture
+        path = posixpath.join(hv.pool_path(pool), capture)
+        if not _caught_up(path, files) or not _pause(dom):
             log.info("final collection over SSH: the guest's copy of its records is not going")
             return None
         collected, problem = _within(
-            FINAL_COLLECT_SECONDS, lambda: collect_locked(ctx, state, final=True, stream=path)
+            FINAL_COLLECT_SECONDS,
+            lambda: collect_locked(
+                ctx, state, final=True, stream=monitor.read_stream(path, files=files)
+            ),
         )
         if collected is None:
             log.info("final collection over SSH: %s", problem)
