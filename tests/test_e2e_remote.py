@@ -94,6 +94,10 @@ def test_a_sandbox_on_a_remote_host(
     assert f"sandbox-{'rem'}" in virsh(remote, "nwfilter-list")
     bridge = virsh(remote, "net-info", network).split("Bridge:")[1].split()[0]
     assert f"sandbox_guard_{bridge}" in on_host(remote, "nft", "list", "tables")
+    # `policy show` checks the guard on the host too: removed there, it says so.
+    on_host(remote, "nft", "delete", "table", "inet", f"sandbox_guard_{bridge}")
+    missing = cli.run("policy", "show", "--name", "rem")
+    assert "input guard" in missing.stdout + missing.stderr, missing
 
     destroyed = cli.ok("destroy", "--name", "rem")
     # The last records from the host's copy (read over SFTP), not over SSH from the guest.

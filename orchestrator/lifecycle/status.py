@@ -20,6 +20,7 @@ from orchestrator.lifecycle import hosts
 from orchestrator.lifecycle.context import (
     Context,
     guards_host,
+    guards_remote_host,
     open_guest,
     ready_state,
 )
@@ -187,12 +188,22 @@ def policy_report(ctx: Context, name: str) -> PolicyReport:
     host_filter = ""
     with hv.connection(state.uri) as conn:
         host_filter = hostfilter.filter_xml(conn, name) or ""
-        bridge = hv.network_bridge(conn, state.network) if guards_host(state.uri) else None
+        guarded = guards_host(state.uri) or guards_remote_host(state.uri)
+        bridge = hv.network_bridge(conn, state.network) if guarded else None
     if not host_filter:
         problems.append(f"the host-side filter {names.nwfilter(name)} is missing")
-    if bridge is not None and not hostguard.present(bridge):
-        problems.append(
-            f"the host-side input guard {names.guard_table(bridge)} is missing: guests can "
-            "open connections to the host's own services"
-        )
+    if bridge is not None:
+        from orchestrator.vm import hostfiles  # a remote host's nft: over SSH
+
+        try:
+            with hostfiles.on_host(state.uri) as host:
+                present = hostguard.present(bridge, host=host)
+        except SandboxError as exc:
+            problems.append(f"cannot check the host-side input guard: {exc.message}")
+        else:
+            if not present:
+                problems.append(
+                    f"the host-side input guard {names.guard_table(bridge)} is missing: guests "
+                    "can open connections to the host's own services"
+                )
     return PolicyReport(name, policy, guest_rules, host_filter, tuple(problems))
