@@ -972,6 +972,10 @@ def policy_show(name: NameOpt = "default") -> None:
         out.print(
             "  sinkhole: every other name resolves to the gateway, where nothing is forwarded"
         )
+    if p.learn is Learn.SINKHOLE:
+        out.print("  learn mode under the sinkhole: nothing is let out, everything is recorded")
+    elif p.learn is Learn.ALLOW_ALL:
+        out.print("  learn mode: ALL egress allowed (both layers), everything is recorded")
     for version, rules in sorted(report.guest_rules.items()):
         out.print(f"\n[bold]guest: ip{'6' if version == 6 else ''}tables-save -t filter[/]")
         out.print(safetext.text(rules.rstrip(), multiline=True))

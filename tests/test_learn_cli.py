@@ -6,6 +6,7 @@ in for a learning sandbox's logs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 
 from orchestrator import cli, lifecycle, paths
 from orchestrator.config import Settings
-from orchestrator.egress.policy import Blocked, EgressPolicy, Learn
+from orchestrator.egress.policy import Blocked, EgressPolicy, Learn, build_policy
 from orchestrator.errors import SandboxError
 
 from .test_report import DATA, RUN_1
@@ -239,3 +240,29 @@ def test_a_suggestion_says_which_mode_its_logs_were_made_in(logs: Path, env: Pat
     assert "made in learn mode under the sinkhole" in header()
     (logs / paths.LEARN_RECORD).write_text(json.dumps({"learn": "allow-all"}))
     assert "made in learn mode (allow-all)" in header()
+
+
+@pytest.mark.parametrize(
+    ("mode", "said"),
+    [
+        (Learn.SINKHOLE, "learn mode under the sinkhole: nothing is let out"),
+        (Learn.ALLOW_ALL, "learn mode: ALL egress allowed"),
+        (Learn.OFF, None),
+    ],
+)
+def test_policy_show_says_the_learn_mode(
+    mode: Learn,
+    said: str | None,
+    env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    policy = dataclasses.replace(build_policy([], sinkhole=True), learn=mode)
+    report = lifecycle.PolicyReport("p", policy, {4: "*filter\n"}, "<filter/>", ())
+    monkeypatch.setattr(lifecycle, "policy_report", lambda ctx, name: report)
+    assert cli.main(["policy", "show", "--name", "p"]) == 0
+    shown = capsys.readouterr().out
+    if said is None:
+        assert "learn mode" not in shown
+    else:
+        assert said in shown
