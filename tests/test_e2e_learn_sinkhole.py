@@ -44,12 +44,12 @@ def test_learn_under_the_sinkhole_suggest_replay(cli: Cli, lab: Lab, tmp_path: P
         tcpdump.terminate()
         tcpdump.wait(timeout=10)
     assert learned.returncode == 0, learned.stdout + learned.stderr
-    # The name reached the sinkhole (its connect succeeded); the literal address was refused
-    # (ECONNREFUSED: --blocked reject); a UDP datagram's send is not refused.
+    # The name reached the sinkhole (its connect succeeded); the literal addresses were refused
+    # (--blocked reject: ECONNREFUSED for TCP, the datagram's send fails).
     assert learned.stdout.splitlines()[:3] == [
         "name ok",
         "address failed (111)",
-        "udp sent",
+        "udp failed",
     ], learned.stdout
     # Nothing left the machine: not a packet in the fake internet, not a line in its servers' log.
     packets = _packets(capture)
