@@ -87,9 +87,17 @@ def test_learn_under_the_sinkhole_suggest_replay(cli: Cli, lab: Lab, tmp_path: P
     assert sinkholed[0]["dst"] not in text  # the sinkhole's address is in no entry or comment
 
     start = len(accept_log(lab))
-    replay = cli.run("run", "--rm", "--policy", str(policy), str(SCRIPT))
+    # The same capture sees the replay's packets: the learning run's empty one proves something.
+    capture = tmp_path / "inet-replay.pcap"
+    tcpdump = _inet_capture(capture)
+    try:
+        replay = cli.run("run", "--rm", "--policy", str(policy), str(SCRIPT))
+    finally:
+        tcpdump.terminate()
+        tcpdump.wait(timeout=10)
     assert replay.returncode == 0, replay.stderr
     assert replay.stdout.splitlines()[:3] == ["name ok", "address ok", "udp sent"], replay.stdout
+    assert any(".80:" in p and ours(p) for p in _packets(capture)), _packets(capture)
     assert SAID not in replay.stderr and SHOUT not in replay.stderr
     # The named call reached the lab's real server for www.inet.test, on the port learned.
     reached = [
