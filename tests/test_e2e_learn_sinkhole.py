@@ -7,16 +7,19 @@ unedited, replayed with `run --rm --policy` lets the named call through to the l
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from sandbox_lab import Lab, accept_log
+from orchestrator.waits import Deadline, wait_for
+from sandbox_lab import LAB_SERVERS_PID, Lab, accept_log
 
 from .e2e_support import Cli
 from .test_e2e_learn import SCRIPT, one_shot_name
-from .test_e2e_sinkhole import _inet_capture, _packets
+from .test_e2e_sinkhole import _packets
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
@@ -28,6 +31,24 @@ WWW = ("203.0.113.7", "2001:db8:1::9")  # www.inet.test in the lab
 OURS = (*WWW, "198.51.100.9")
 
 
+def _inet_capture(lab: Lab, path: Path) -> subprocess.Popen[bytes]:
+    """tcpdump in the fake internet: every TCP and UDP packet that reaches its servers. Entered
+    by the servers' own network namespace, and checked to be in it: a capture anywhere else
+    would see nothing and prove nothing."""
+    servers = int(lab.file(LAB_SERVERS_PID).read_text().strip())
+    namespace = f"/proc/{servers}/ns/net"
+    log = path.with_suffix(".log")
+    argv = ["nsenter", f"--net={namespace}", "tcpdump", "-i", "any", "-n", "-U", "-w", str(path)]
+    proc = subprocess.Popen([*argv, "tcp or udp"], stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+    wait_for(
+        lambda: True if "listening on" in log.read_text(errors="replace") else None,
+        Deadline(20, "tcpdump in the fake internet to listen"),
+        interval=0.1,
+    )
+    assert os.readlink(f"/proc/{proc.pid}/ns/net") == os.readlink(namespace)
+    return proc
+
+
 def ours(packet: str) -> bool:
     """A packet (tcpdump -n line) to or from one of the script's destinations, or any DNS one:
     a name forwarded upstream would be a lookup leaving the machine."""
@@ -37,7 +58,7 @@ def ours(packet: str) -> bool:
 def test_learn_under_the_sinkhole_suggest_replay(cli: Cli, lab: Lab, tmp_path: Path) -> None:
     capture = tmp_path / "inet.pcap"
     start = len(accept_log(lab))
-    tcpdump = _inet_capture(capture)
+    tcpdump = _inet_capture(lab, capture)
     try:
         learned = cli.run("run", "--rm", "--learn", "--sinkhole", str(SCRIPT))
     finally:
@@ -89,7 +110,7 @@ def test_learn_under_the_sinkhole_suggest_replay(cli: Cli, lab: Lab, tmp_path: P
     start = len(accept_log(lab))
     # The same capture sees the replay's packets: the learning run's empty one proves something.
     capture = tmp_path / "inet-replay.pcap"
-    tcpdump = _inet_capture(capture)
+    tcpdump = _inet_capture(lab, capture)
     try:
         replay = cli.run("run", "--rm", "--policy", str(policy), str(SCRIPT))
     finally:
