@@ -198,7 +198,8 @@ def up(
         typer.Option(
             "--learn",
             help="Learn mode: ALLOW ALL egress and record it, for `sandbox policy suggest`. "
-            "Unconfined: only for software you would run unconfined.",
+            "Unconfined: only for software you would run unconfined. With --sinkhole: learn "
+            "under the sinkhole instead (every name leads to it, nothing leaves the machine).",
         ),
     ] = False,
 ) -> None:
@@ -211,11 +212,10 @@ def up(
         policy_file=policy,
         dns=dns,
         blocked=_blocked(blocked),
-        learn=_learn(learn),
+        learn=_learn(learn, sinkhole),
         sinkhole=sinkhole,
     )
-    if learn:
-        _shout(lifecycle.learn_warning(name))
+    _say_learning(name, egress.learn)
     state = lifecycle.up(
         ctx,
         name,
@@ -226,12 +226,27 @@ def up(
         warm_start=not cold,
     )
     _print_ready(state)
-    if learn:
-        _shout(lifecycle.learn_warning(name))
+    _say_learning(name, egress.learn)
 
 
-def _learn(learn: bool) -> Learn:
-    return Learn.ALLOW_ALL if learn else Learn.OFF
+def _learn(learn: bool, sinkhole: bool | None) -> Learn:
+    """--learn alone is allow-all (loud); --learn --sinkhole learns with nothing let out. A
+    policy file's `sinkhole: true` does not choose for --learn: make_policy asks the user."""
+    if not learn:
+        return Learn.OFF
+    return Learn.SINKHOLE if sinkhole else Learn.ALLOW_ALL
+
+
+def _say_learning(name: str, mode: Learn) -> None:
+    """Say that a sandbox (or its logs) is in learn mode: a shout under allow-all, where the
+    software could send anything anywhere; a plain note under the sinkhole, where nothing left."""
+    if mode is Learn.ALLOW_ALL:
+        _shout(lifecycle.learn_warning(name, mode))
+    elif mode is Learn.SINKHOLE:
+        err.print(
+            safetext.labeled("LEARN MODE (sinkhole):", "bold", lifecycle.learn_warning(name, mode)),
+            soft_wrap=True,
+        )
 
 
 def _shout(message: str) -> None:
@@ -349,13 +364,27 @@ def run(
     dns: Annotated[
         bool | None, typer.Option("--dns/--no-dns", help="One-shot: as for `up`.")
     ] = None,
+    blocked: Annotated[
+        str | None, typer.Option("--blocked", help="One-shot: reject or drop (as for `up`).")
+    ] = None,
+    sinkhole: Annotated[
+        bool | None,
+        typer.Option("--sinkhole/--no-sinkhole", help="One-shot: sinkhole mode (as for `up`)."),
+    ] = None,
+    pcap: Annotated[
+        bool,
+        typer.Option(
+            "--pcap", help="One-shot: capture the VM's packets on the host (kept with the logs)."
+        ),
+    ] = False,
     image: Annotated[str | None, typer.Option("--image", help="One-shot: base image name.")] = None,
     learn: Annotated[
         bool,
         typer.Option(
             "--learn",
             help="One-shot: learn mode: ALLOW ALL egress and record it, for "
-            "`sandbox policy suggest`. Unconfined: only for software you would run unconfined.",
+            "`sandbox policy suggest`. Unconfined: only for software you would run unconfined. "
+            "With --sinkhole: learn under the sinkhole (nothing leaves the machine).",
         ),
     ] = False,
 ) -> None:
@@ -385,23 +414,43 @@ def run(
     one_shot = once or (
         (allow or policy is not None) and name not in lifecycle.known_names(sandboxes)
     )
-    if not one_shot and (allow or policy is not None or dns is not None or image or learn):
+    given = [
+        flag
+        for flag, value in (
+            ("--allow", allow),
+            ("--policy", policy is not None),
+            ("--dns/--no-dns", dns is not None),
+            ("--blocked", blocked),
+            ("--sinkhole/--no-sinkhole", sinkhole is not None),
+            ("--pcap", pcap),
+            ("--image", image),
+            ("--learn", learn),
+        )
+        if value
+    ]
+    if not one_shot and given:
         raise UsageError(
-            f"sandbox {name!r} exists with its own policy and image; --allow, --policy, --dns, "
-            "--image and --learn make a one-shot sandbox",
+            f"{', '.join(given)} make a one-shot sandbox, and without --rm the run goes to "
+            f"sandbox {name!r}, which keeps the policy and image `up` gave it",
             "add --rm to run in a new sandbox of its own, or leave those options out",
         )
     if one_shot:
         egress = lifecycle.make_policy(
-            sandboxes, allow or (), policy_file=policy, dns=dns, learn=_learn(learn)
+            sandboxes,
+            allow or (),
+            policy_file=policy,
+            dns=dns,
+            blocked=_blocked(blocked),
+            learn=_learn(learn, sinkhole),
+            sinkhole=sinkhole,
         )
-        if learn:
-            _shout(lifecycle.learn_warning("(one-shot)"))
+        _say_learning("(one-shot)", egress.learn)
         once_outcome = lifecycle.run_once(
             sandboxes,
             request,
             policy=egress,
             image=image,
+            capture=pcap,
             stdout=_sink(sys.stdout),
             stderr=_sink(sys.stderr),
             on_warning=_warn,
@@ -455,7 +504,7 @@ def run(
         f"[dim]{summary}; see `sandbox logs --name {name} --run {record.id}`[/]", soft_wrap=True
     )
     if lifecycle.learned(sandboxes, name):
-        _shout(lifecycle.learn_warning(name))
+        _say_learning(name, lifecycle.learned_mode(sandboxes, name))
         err.print(
             f"suggest a policy from it: sandbox policy suggest --name {name} --run {record.id}",
             soft_wrap=True,
@@ -585,8 +634,9 @@ def _status_dict(st: lifecycle.Status) -> dict[str, Any]:
 
 
 def _allow_shown(state: SandboxState) -> list[str]:
-    """The allow list `status` shows: learn mode's wide entries as one line."""
-    if state.policy.get("learn", Learn.OFF.value) == Learn.OFF.value:
+    """The allow list `status` shows: allow-all learn mode's wide entries as one line (learning
+    under the sinkhole allows nothing: its list is shown as it is)."""
+    if state.policy.get("learn", Learn.OFF.value) != Learn.ALLOW_ALL.value:
         return list(state.allow)
     own = [a.describe() for a in EgressPolicy.from_dict(state.policy).allow if a.source != "learn"]
     return ["EVERYTHING outside the sandbox networks (learn mode)", *own]
@@ -606,7 +656,7 @@ def status(
         raise SandboxError(f"sandbox {name!r} does not exist on any host that answered", hint)
     data = _status_dict(st)
     if data["learn"] not in (None, Learn.OFF.value):
-        _shout(lifecycle.learn_warning(name))
+        _say_learning(name, _learn_value(data["learn"]))
     if as_json:
         # rich re-dumps print_json with ensure_ascii=False by default, which would let C1 and
         # bidi controls from a problem message through raw.
@@ -773,8 +823,7 @@ def logs(
         out.print(logview.render_sockets(lifecycle.sockets(ctx, name)))
         return
     lifecycle.require_logs(ctx, name)
-    if lifecycle.learned(ctx, name):
-        _shout(lifecycle.learn_warning(name))
+    _say_learning(name, lifecycle.learned_mode(ctx, name))
     chosen = logview.Filter.from_options(
         blocked=blocked,
         allowed=allowed,
@@ -874,10 +923,7 @@ def report(
         model = lifecycle.diff_runs(ctx, diff[0], diff[1], name, _warn)
     else:
         model = lifecycle.run_report(ctx, run_id, name, _warn)
-        if lifecycle.learned(ctx, model.run.sandbox) or (
-            model.policy is not None and model.policy.learn != Learn.OFF.value
-        ):
-            _shout(lifecycle.learn_warning(model.run.sandbox))
+        _say_learning(model.run.sandbox, _report_learning(ctx, model))
     to_stdout = json_file is not None and str(json_file) == "-"
     written = lifecycle.save_report(model, html=html, json=None if to_stdout else json_file)
     for path in written:
@@ -888,6 +934,24 @@ def report(
         out.print(reports.render_diff(model, all_rows=all_rows))
     elif not written:
         out.print(reports.render_summary(model))
+
+
+def _learn_value(value: object) -> Learn:
+    """A learn mode as recorded; one this version does not know counts as allow-all (the loud
+    side of a doubt)."""
+    try:
+        return Learn(value)
+    except ValueError:
+        return Learn.ALLOW_ALL
+
+
+def _report_learning(ctx: lifecycle.Context, model: reports.Report) -> Learn:
+    """The learn mode a report's run was made in: its logs' record, else the policy the report
+    holds (a mode this version does not know counts as allow-all: the loud side of a doubt)."""
+    mode = lifecycle.learned_mode(ctx, model.run.sandbox)
+    if mode is not Learn.OFF or model.policy is None:
+        return mode
+    return _learn_value(model.policy.learn)
 
 
 @policy_app.command("show")
@@ -908,6 +972,10 @@ def policy_show(name: NameOpt = "default") -> None:
         out.print(
             "  sinkhole: every other name resolves to the gateway, where nothing is forwarded"
         )
+    if p.learn is Learn.SINKHOLE:
+        out.print("  learn mode under the sinkhole: nothing is let out, everything is recorded")
+    elif p.learn is Learn.ALLOW_ALL:
+        out.print("  learn mode: ALL egress allowed (both layers), everything is recorded")
     for version, rules in sorted(report.guest_rules.items()):
         out.print(f"\n[bold]guest: ip{'6' if version == 6 else ''}tables-save -t filter[/]")
         out.print(safetext.text(rules.rstrip(), multiline=True))
@@ -934,8 +1002,7 @@ def policy_suggest(
     names where it asked for one, ports and protocols as seen, each entry commented with the
     process and PHP line behind it. `sandbox up --policy FILE` loads it unchanged."""
     ctx = _context()
-    if lifecycle.learned(ctx, name):
-        _shout(lifecycle.learn_warning(name))
+    _say_learning(name, lifecycle.learned_mode(ctx, name))
     text = lifecycle.suggest_policy(ctx, name, run_id, _warn)
     if output is None:
         out.print(text, end="", soft_wrap=True, markup=False, highlight=False)

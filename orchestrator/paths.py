@@ -47,7 +47,7 @@ DNS_CURSOR = "dns-cursor.json"  # logs/: how far the network's DNS log was read 
 # logs/: why the network's DNS log could not be read at all (a remote host without SSH)
 DNS_UNREAD = "dns-unread.txt"
 NETWORK_RECORD = "network.json"  # logs/: the sandbox network's subnets, kept past destroy
-LEARN_RECORD = "learn.json"  # logs/: these logs hold records of a learn-mode (allow-all) sandbox
+LEARN_RECORD = "learn.json"  # logs/: these logs hold records of a learn-mode sandbox, and its mode
 FIREWALL_STATE = "firewall.state"  # logs/: what the last collection found the guest firewall
 COLLECT_LOCK = ".collect.lock"  # collections of one sandbox take turns
 RUNS_DIR = "runs"  # one directory per `sandbox run`, named by its run id:

@@ -231,3 +231,140 @@ def test_a_learn_mode_report_says_so_and_older_reports_read_as_not_learning() ->
     older = reports.to_json(enforced).replace(',\n    "learn": "off"', "")
     assert '"learn"' not in older
     assert reports.from_json(older, "x") == enforced
+
+
+# ---- learning under the sinkhole ----------------------------------------------------------------
+
+GATEWAY = "192.168.208.17"  # the recording's sandbox network gateway (its resolver)
+
+
+def test_learning_under_the_sinkhole_lets_nothing_out() -> None:
+    base = build_policy([], sinkhole=True)
+    policy = learn_policy(base, OWN, mode=Learn.SINKHOLE)
+    assert policy.learn is Learn.SINKHOLE and policy.sinkhole and policy.allow == ()
+    assert policy == dataclasses.replace(base, learn=Learn.SINKHOLE)
+    # Both filters: the gateway (the sinkhole), and nothing outside.
+    enforced = policy.with_sinkhole(ipaddress.IPv4Address(GATEWAY))
+    assert enforced.allows("tcp", GATEWAY, 80) and enforced.allows("udp", GATEWAY, 5353)
+    for proto, dst, port in [("tcp", "203.0.113.7", 443), ("udp", "198.51.100.9", 5353)]:
+        assert not enforced.allows(proto, dst, port)
+    assert not enforced.allows("tcp", "2001:db8:1::9", 80)
+    assert EgressPolicy.from_dict(policy.to_dict()) == policy
+
+
+@pytest.mark.parametrize(
+    ("policy", "mode", "message", "hint"),
+    [
+        # No resolver: nothing to learn names from (allow-all would use outside resolvers).
+        (build_policy([], dns=False), Learn.ALLOW_ALL, "--no-dns", "drop --no-dns"),
+        # A policy file's sinkhole: true under --learn alone: the user says which.
+        (build_policy([], sinkhole=True), Learn.ALLOW_ALL, "sinkhole mode on", "--no-sinkhole"),
+        (build_policy([]), Learn.SINKHOLE, "sinkhole mode", "--learn --sinkhole"),
+        # Nothing leaves while learning under the sinkhole: no allow entries.
+        (
+            build_policy(["203.0.113.7:443"], sinkhole=True),
+            Learn.SINKHOLE,
+            "would let these out: 203.0.113.7:443",
+            "--sinkhole --policy FILE without --learn",
+        ),
+    ],
+)
+def test_learn_modes_that_would_not_learn_what_they_say_are_refused(
+    policy: EgressPolicy, mode: Learn, message: str, hint: str
+) -> None:
+    with pytest.raises(UsageError, match=message) as raised:
+        learn_policy(policy, OWN, mode=mode)
+    assert hint in (raised.value.hint or "")
+
+
+def _sinkholed(**changes: object) -> Attempt:
+    """The recording's named call as learning under the sinkhole records it."""
+    named = next(a for a in recorded() if a.verdict is Verdict.ALLOWED and a.dport == 80)
+    fields: dict[str, object] = {"verdict": Verdict.SINKHOLED, "dst": GATEWAY, "family": 4}
+    return dataclasses.replace(named, **{**fields, **changes})  # type: ignore[arg-type]
+
+
+def sinkhole_learned() -> list[Attempt]:
+    """What `run --learn --sinkhole learn_me.php` records: the name sinkholed (with the HTTP
+    request the sinkhole read), the literal addresses blocked, and a connection to the sinkhole
+    with no name behind it and one to the gateway's SSH port, host-blocked."""
+    out: list[Attempt] = []
+    for attempt in recorded():
+        if attempt.verdict is Verdict.ALLOWED and attempt.dport == 80:
+            out.append(_sinkholed(http="GET www.inet.test /", payload="HTTP request"))
+        elif attempt.verdict is Verdict.ALLOWED:
+            out.append(dataclasses.replace(attempt, verdict=Verdict.BLOCKED))
+        else:
+            out.append(attempt)
+    out.append(_sinkholed(id="nameless", dns_name=None, dport=8080))
+    out.append(
+        _sinkholed(
+            id="literal",
+            dport=9000,
+            stack=(Frame("fsockopen", "/x/learn_me.php", 40, f"'{GATEWAY}', 9000"),),
+        )
+    )
+    out.append(_sinkholed(id="ssh", verdict=Verdict.HOST_BLOCKED, dns_name=None, dport=22))
+    return out
+
+
+def test_sinkhole_learned_policy_golden(golden: Golden) -> None:
+    result = suggest.suggest(sinkhole_learned(), inside=OWN)
+    text = suggest.render(result, ["learned under the sinkhole from tests/data/learn"])
+    golden.check("learn/suggested-policy-sinkhole.yaml", text)
+
+
+def test_sinkholed_names_become_hosts_and_the_sinkhole_never_an_address(tmp_path: Path) -> None:
+    result = suggest.suggest(sinkhole_learned(), inside=OWN)
+    shown = [(e.host, e.address, e.proto, e.port) for e in result.entries]
+    # The same entries as learning under allow-all: the name with its port, the literal
+    # addresses (blocked while learning) as addresses.
+    assert shown == [
+        ("www.inet.test", None, "tcp", 80),
+        (None, "198.51.100.9", "udp", 5353),
+        (None, "203.0.113.7", "tcp", 443),
+    ]
+    assert result.skipped == (
+        "sinkholed tcp port 8080 without a name (the sinkhole's own address)",
+        "sinkholed tcp port 9000 without a name (the sinkhole's own address)",
+        f"tcp port 22 to {GATEWAY}, inside the sandbox network",
+    )
+    text = suggest.render(result)
+    assert "# not expressible as an allow entry: sinkholed tcp port 8080" in text
+    assert yaml.safe_load(text)["allow"][0] == {"host": "www.inet.test", "proto": "tcp", "port": 80}
+    assert "stream_socket_client() at learn_me.php:8 <- tcp() at learn_me.php:29" in text
+    # Loads as `up --policy` loads it, and lets the recorded calls through at their real
+    # addresses (www.inet.test resolved on the host at `up`).
+    policy = load_text(text, tmp_path)
+    assert policy.allows("tcp", "203.0.113.7", 80) and policy.allows("tcp", "2001:db8:1::9", 80)
+    assert policy.allows("tcp", "203.0.113.7", 443)
+    assert not policy.allows("tcp", GATEWAY, 80)
+    assert not any(
+        e.network.overlaps(own) for e in policy.allow for own in OWN if own.version == e.version
+    )
+
+
+def test_without_the_sandbox_ranges_a_nameless_sinkholed_attempt_is_still_skipped() -> None:
+    # The sinkhole's address never becomes an entry, whatever ranges the caller knows.
+    result = suggest.suggest([_sinkholed(dns_name=None)])
+    assert result.entries == () and result.skipped == (
+        "sinkholed tcp port 80 without a name (the sinkhole's own address)",
+    )
+
+
+def test_a_report_learned_under_the_sinkhole_says_nothing_left() -> None:
+    from orchestrator.capture import report as reports
+
+    from .test_report import RUN_1
+    from .test_report import recorded as recorded_report
+
+    enforced = recorded_report("rpa", RUN_1)
+    assert enforced.policy is not None
+    learning = dataclasses.replace(
+        enforced,
+        policy=dataclasses.replace(enforced.policy, learn="sinkhole", sinkhole=True),
+    )
+    page = reports.render_html(learning)
+    assert "LEARN MODE (sinkhole)" in page and "Nothing left the machine" in page
+    assert "every outside destination was allowed" not in page
+    assert reports.from_json(reports.to_json(learning), "x").policy == learning.policy

@@ -92,7 +92,8 @@ class PolicyInfo:
     names: tuple[NameInfo, ...]
     dns: bool
     blocked: str
-    # "allow-all": a learn-mode run (`--learn`), every outside destination allowed; "off": not.
+    # "allow-all": a learn-mode run (`--learn`), every outside destination allowed; "sinkhole":
+    # one learned under the sinkhole (`--learn --sinkhole`), nothing let out; "off": not.
     learn: str = "off"
     # Sinkhole mode: other names led to the sandbox's sinkhole (a field added within version 1:
     # files written before it read as false).

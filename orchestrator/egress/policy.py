@@ -42,18 +42,25 @@ class Proto(Enum):
 class Learn(Enum):
     """Whether the sandbox learns what the software tries rather than enforcing a policy
     (`--learn`, then `sandbox policy suggest`). ALLOW_ALL lets every outside destination through
-    in both layers and the resolver answers every name; a later mode can learn under a sinkhole
-    instead (nothing leaves the machine) by adding a member here: the records and `policy
-    suggest` do not depend on which."""
+    in both layers and the resolver answers every name. SINKHOLE (`--learn --sinkhole`) lets
+    nothing out: every name resolves to the sinkhole (sinkhole mode, EgressPolicy.sinkhole),
+    which records what the software sends, and literal addresses are blocked as usual. The
+    records and `policy suggest` do not depend on which."""
 
     OFF = "off"
     ALLOW_ALL = "allow-all"
+    SINKHOLE = "sinkhole"
 
 
 LEARN_WARNING = (
     "LEARN MODE: this sandbox allows ALL egress (both layers) and its resolver answers every "
     "name; the software can reach and send anything anywhere. Use it only to learn a policy "
     "(`sandbox policy suggest`), never for software you would not run unconfined"
+)
+LEARN_SINKHOLE_NOTE = (
+    "learn mode under the sinkhole: every name the software asked for resolved to the sinkhole, "
+    "which recorded what it sent and forwarded nothing; literal addresses were blocked. Nothing "
+    "left the machine, and no verdict here is what a policy would have done"
 )
 
 
@@ -402,11 +409,16 @@ def build_policy(
 def learn_policy(
     policy: EgressPolicy, exclude: Iterable[IPNetwork], *, mode: Learn = Learn.ALLOW_ALL
 ) -> EgressPolicy:
-    """`policy` widened for learn mode: every address except `exclude` (the sandbox networks'
-    ranges: one sandbox must not reach another, learning or not) is allowed, any protocol and
-    port, in both layers, which render these entries like any others."""
+    """`policy` made a learn-mode one. ALLOW_ALL widens it: every address except `exclude` (the
+    sandbox networks' ranges: one sandbox must not reach another, learning or not) is allowed,
+    any protocol and port, in both layers, which render these entries like any others. SINKHOLE
+    keeps the sinkhole policy as it is, which must allow nothing (nothing may leave). Raises
+    UsageError for the combinations that would not learn what they say (check_learn)."""
+    check_learn(policy, mode)
     if mode is Learn.OFF:
         return policy
+    if mode is Learn.SINKHOLE:
+        return dataclasses.replace(policy, learn=mode)
     wide: list[Allow] = []
     for everything in (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")):
         rest: list[IPNetwork] = [everything]
@@ -424,3 +436,45 @@ def learn_policy(
     return dataclasses.replace(
         policy, allow=tuple(sorted(set(policy.allow) | set(wide), key=Allow.sort_key)), learn=mode
     )
+
+
+def check_learn(policy: EgressPolicy, mode: Learn) -> None:
+    """Refuse a learn mode that would not learn what it says. Pure.
+
+    - Learning needs the sandbox's resolver: the names it answers are what a suggested policy is
+      made of (under allow-all, --no-dns would send lookups to outside resolvers instead, and
+      the policy would name addresses; under the sinkhole, no name would reach the sinkhole).
+    - Allow-all learning with sinkhole mode on (from a policy file) contradicts itself: the
+      user says which with --sinkhole or --no-sinkhole.
+    - Sinkhole learning lets nothing leave the machine, so it takes no allow entries (from the
+      config file, a policy file or --allow). `up --sinkhole --policy FILE` enforces a policy and
+      sinkholes every other name, and `policy suggest` reads its logs too."""
+    if mode is Learn.OFF:
+        return
+    if not policy.dns:
+        raise UsageError(
+            "learn mode learns names at the sandbox's resolver, and --no-dns (or dns: false in "
+            "the policy file) turns it off",
+            "drop --no-dns; the suggested policy says dns: false if the software asked no name",
+        )
+    if mode is Learn.ALLOW_ALL and policy.sinkhole:
+        raise UsageError(
+            "--learn alone lets every destination out, and the policy file turns sinkhole mode on",
+            "add --sinkhole to learn under the sinkhole (nothing leaves the machine), or "
+            "--no-sinkhole to learn with everything allowed",
+        )
+    if mode is Learn.SINKHOLE:
+        if not policy.sinkhole:
+            raise UsageError(
+                "learning under the sinkhole needs sinkhole mode, and it is off",
+                "use --learn --sinkhole, without --no-sinkhole or sinkhole: false",
+            )
+        if policy.allow:
+            given = ", ".join(sorted({a.source or a.describe() for a in policy.allow}))
+            raise UsageError(
+                "learning under the sinkhole lets nothing leave the machine, and the allow list "
+                f"would let these out: {given}",
+                "drop them (--allow, the policy file's allow:, the config file's allow:); or, to "
+                "enforce a policy and sinkhole every other name, use --sinkhole --policy FILE "
+                "without --learn: `sandbox policy suggest` reads those logs too",
+            )

@@ -5,6 +5,11 @@ Everything here comes from the guest: a DNS name is used only when it is a valid
 the address it was asked for stands in), and the comments naming the process and PHP line behind
 each entry are reduced to printable ASCII on one line, so that no guest text can end a comment
 and become YAML.
+
+A sinkholed attempt (learn mode under the sinkhole, or sinkhole mode) went to the sinkhole on the
+sandbox network's gateway: it becomes a `host:` entry for the name it was resolved from, never
+an entry for the gateway's address, which is inside the sandbox network (`up --policy` refuses
+that range). Without a name it cannot be expressed, and the header says so.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 import yaml
 
 from orchestrator.capture.records import Attempt, Verdict
-from orchestrator.egress.policy import _HOSTNAME_RE
+from orchestrator.egress.policy import _HOSTNAME_RE, IPNetwork
 
 # What the software tried to reach outside: attempts whatever the verdict (a policy learned
 # from an enforcing sandbox's log suggests what it blocked too). Not: queries to the sandbox's
@@ -30,6 +35,7 @@ _WANTED = frozenset(
         Verdict.UNLOGGED,
         Verdict.HOST_BLOCKED,
         Verdict.UNSENT,
+        Verdict.SINKHOLED,
     }
 )
 _PORTED = frozenset({"tcp", "udp"})
@@ -127,9 +133,16 @@ def _origin(attempt: Attempt) -> str:
     return f"{who}: {' <- '.join(frames)}" if frames else who
 
 
-def suggest(attempts: Iterable[Attempt]) -> Suggestion:
+def _inside(address: str, inside: Sequence[IPNetwork]) -> bool:
+    ip = ipaddress.ip_address(address)
+    return any(ip.version == net.version and ip in net for net in inside)
+
+
+def suggest(attempts: Iterable[Attempt], inside: Sequence[IPNetwork] = ()) -> Suggestion:
     """The entries that would let these attempts through: one per (name or address, protocol,
-    port), names where a DNS name was asked. Pure."""
+    port), names where a DNS name was asked. `inside`: the sandbox networks' ranges, whose
+    addresses (the gateway, the sinkhole on it, another sandbox) never become address entries.
+    Pure."""
     counts: dict[tuple[str | None, str | None, str, int | None], int] = {}
     origins: dict[tuple[str | None, str | None, str, int | None], list[str]] = {}
     skipped: set[str] = set()
@@ -151,6 +164,15 @@ def suggest(attempts: Iterable[Attempt]) -> Suggestion:
             skipped.add(f"protocol {attempt.proto} to {address}")
             continue
         host = _asked(attempt, address)
+        where = f"{proto} port {port}" if port is not None else proto
+        if host is None and attempt.verdict is Verdict.SINKHOLED:
+            # The sinkhole's own address, reached without a name (a literal in the code, or a
+            # name the guest's record lost): no entry would let this through.
+            skipped.add(f"sinkholed {where} without a name (the sinkhole's own address)")
+            continue
+        if host is None and _inside(address, inside):
+            skipped.add(f"{where} to {address}, inside the sandbox network")
+            continue
         key = (host, None if host else address, proto, port)
         counts[key] = counts.get(key, 0) + 1
         seen = origins.setdefault(key, [])

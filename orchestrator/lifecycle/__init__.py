@@ -41,7 +41,13 @@ if TYPE_CHECKING:
         open_guest,
         ready_state,
     )
-    from orchestrator.lifecycle.learning import learn_warning, learned, suggest_policy, write_policy
+    from orchestrator.lifecycle.learning import (
+        learn_warning,
+        learned,
+        learned_mode,
+        suggest_policy,
+        write_policy,
+    )
     from orchestrator.lifecycle.oneshot import OneShotOutcome, run_once
     from orchestrator.lifecycle.reporting import (
         RunName,
@@ -96,6 +102,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "last_run_id": ("collection", "last_run_id"),
     "learn_warning": ("learning", "learn_warning"),
     "learned": ("learning", "learned"),
+    "learned_mode": ("learning", "learned_mode"),
     "list_status": ("status", "list_status"),
     "logs_dir": ("context", "logs_dir"),
     "make_policy": ("build", "make_policy"),
@@ -163,6 +170,7 @@ __all__ = [
     "last_run_id",
     "learn_warning",
     "learned",
+    "learned_mode",
     "list_status",
     "logs_dir",
     "make_policy",

@@ -56,6 +56,7 @@ def run_once(
     *,
     policy: EgressPolicy,
     image: str | None = None,
+    capture: bool = False,
     xdebug_mode: xdebug.XdebugMode = xdebug.XdebugMode.TRACE,
     stdout: Callable[[bytes], None],
     stderr: Callable[[bytes], None],
@@ -63,12 +64,13 @@ def run_once(
     on_ready: Callable[[str], None] = lambda name: None,
 ) -> OneShotOutcome:
     """Up, run, collect, destroy: whatever happened (a failed run, a failed `up`, Ctrl-C), the
-    sandbox is paused and being removed when this returns or raises, and its logs are kept."""
+    sandbox is paused and being removed when this returns or raises, and its logs are kept.
+    `capture`: `up --pcap` (the packet capture is kept with the logs, like the records)."""
     runs.plan(request)  # refuse bad local files before anything boots
     name = new_name(ctx)
     outcome: RunOutcome | None = None
     try:
-        build.up(ctx, name, image=image, policy=policy, xdebug_mode=xdebug_mode)
+        build.up(ctx, name, image=image, policy=policy, capture=capture, xdebug_mode=xdebug_mode)
         on_ready(name)
         # No collection after the run: destroy's final one, right after, holds nothing back
         # and brings every record home in one go.
