@@ -90,8 +90,10 @@ def measure(argv: list[str]) -> int:
     script = work / "bench.php"
     script.write_text(SCRIPT)
     local = {**os.environ, "XDG_STATE_HOME": str(work / "local"), "COLUMNS": "500"}
+    # XDG_DATA_HOME defaults to a path under HOME: pinned, so the images stay where they are.
+    images = str(Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"))
     remote = {**local, "XDG_STATE_HOME": str(work / "remote"), "HOME": args.home,
-              "SANDBOX_CONNECT": args.uri}  # fmt: skip
+              "SANDBOX_CONNECT": args.uri, "XDG_DATA_HOME": images}  # fmt: skip
     results: dict[str, dict[str, list[float]]] = {"local": {}, "remote": {}}
     for round_no in range(args.rounds):
         order = ("local", "remote") if round_no % 2 == 0 else ("remote", "local")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator import paths
 from sandbox_lab import accept_log
 from sandbox_lab.remote import LINK_LAB, RemoteHost, remote_down, remote_up
 from tests.lab_fixture import LabSession
@@ -46,6 +47,13 @@ def on_host(remote: RemoteHost, *argv: str) -> str:
     ).stdout
 
 
+def client_of(remote: RemoteHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client's ssh config and known_hosts for the host (HOME). The images stay where they
+    are: XDG_DATA_HOME defaults to a path under HOME, so it is pinned first."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(paths.Dirs.from_env().data.parent))
+    monkeypatch.setenv("HOME", str(remote.home))
+
+
 def virsh(remote: RemoteHost, *args: str) -> str:
     return on_host(remote, "virsh", "-c", "qemu:///system", *args)
 
@@ -53,8 +61,7 @@ def virsh(remote: RemoteHost, *args: str) -> str:
 def test_a_sandbox_on_a_remote_host(
     monkeypatch: pytest.MonkeyPatch, remote: RemoteHost, cli: Cli, tmp_path: Path
 ) -> None:
-    # The client's ssh config and known_hosts for the host (HOME), and the host's URI.
-    monkeypatch.setenv("HOME", str(remote.home))
+    client_of(remote, monkeypatch)
     monkeypatch.setenv("SANDBOX_CONNECT", remote.uri)
     start = len(accept_log(cli.lab))
 
@@ -120,7 +127,7 @@ def test_placement_over_two_hosts_and_one_that_is_down(
     """`hosts:` lists the lab's libvirtd, the remote host and a host nobody answers for: `up`
     places the sandbox on one of the two that answer (the one with more free memory, as libvirt
     reports it), warns about the third, and list, status and destroy find it wherever it is."""
-    monkeypatch.setenv("HOME", str(remote.home))
+    client_of(remote, monkeypatch)
     monkeypatch.delenv("SANDBOX_CONNECT", raising=False)
     # The lab's own end of the link to the remote host: no sshd there, refused at once.
     down = remote.uri.replace(remote.address, str(LINK_LAB.ip))
