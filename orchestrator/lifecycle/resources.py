@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from urllib.parse import urlparse
 
 import libvirt
 
@@ -93,8 +92,10 @@ def _remove_on_host(
     permissions) keeps them, as a host without sandbox would."""
     from orchestrator.vm import hostfiles
 
-    if urlparse(uri).scheme.split("+")[0] != "qemu":
-        return  # the test:/// driver runs no dnsmasq: nothing of this machine's is its
+    if not (guards_host(uri) or guards_remote_host(uri)):
+        # The test:/// driver runs no dnsmasq (nothing of this machine's is its); a qemu+tcp or
+        # qemu+tls host gives no login to reach its files.
+        return
     log = dns_log_path(network, directory)
     with contextlib.suppress(SandboxError), hostfiles.on_host(uri) as files:
         for path in (log, str(dnslog.rotated_copy(log))):
