@@ -967,6 +967,19 @@ def policy_show(name: NameOpt = "default") -> None:
     out.print(f"  dns: {'the sandbox resolver only' if p.dns else 'none'}")
     for host, addrs in p.names:
         out.print(safetext.text(f"  name {host} -> {', '.join(addrs)}"))
+    for wildcard in p.wildcards:
+        out.print(
+            safetext.text(
+                f"  allow {wildcard.describe()}: names under {wildcard.domain}, each answer's "
+                "addresses allowed when the resolver hands them out"
+            )
+        )
+    for handed in report.handed_out:
+        out.print(
+            safetext.text(
+                f"    handed out {handed.address} {handed.proto}/{handed.port} for {handed.name}"
+            )
+        )
     out.print(f"  blocked attempts: {p.blocked.value}")
     if p.sinkhole:
         out.print(

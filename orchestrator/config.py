@@ -35,6 +35,9 @@ class NetworkSettings:
     # Where a learn-mode sandbox's resolver sends the names it cannot answer from the host's
     # hosts file. None: the host's own resolvers (/etc/resolv.conf); (): none (hosts file only).
     learn_resolvers: tuple[str, ...] | None = None
+    # Where the sandbox's resolver sends the names of wildcard entries (policy.Wildcard), and a
+    # learn-mode sandbox's when learn_resolvers is not set. None: the host's own resolvers.
+    resolvers: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -166,15 +169,20 @@ def _parse_network(value: Any, default: NetworkSettings, source: str) -> Network
             "set network.subnets (an IPv4 range; each sandbox takes a /28 of it) and "
             "network.subnets6 (an IPv6 range of /64s, or none), or remove network:",
         )
-    _check_keys(net, {"subnets", "subnets6", "learn_resolvers"}, "network.", source)
-    learn_resolvers = default.learn_resolvers
-    if "learn_resolvers" in net:
-        listed = _expect(net["learn_resolvers"], list, "network.learn_resolvers", source)
+    _check_keys(net, {"subnets", "subnets6", "learn_resolvers", "resolvers"}, "network.", source)
+    found: dict[str, tuple[str, ...] | None] = {
+        "learn_resolvers": default.learn_resolvers,
+        "resolvers": default.resolvers,
+    }
+    for key in found:
+        if key not in net:
+            continue
+        listed = _expect(net[key], list, f"network.{key}", source)
         try:
-            learn_resolvers = tuple(str(ipaddress.ip_address(str(a))) for a in listed)
+            found[key] = tuple(str(ipaddress.ip_address(str(a))) for a in listed)
         except ValueError as exc:
             raise UsageError(
-                f"{source}: network.learn_resolvers: {exc}",
+                f"{source}: network.{key}: {exc}",
                 "list resolver addresses, such as [203.0.113.53], or [] for none",
             ) from None
     subnets = default.subnets
@@ -207,7 +215,12 @@ def _parse_network(value: Any, default: NetworkSettings, source: str) -> Network
                     f"{source}: network.subnets6 is smaller than one sandbox's /64",
                     "use a /64 or larger (a /48 holds 65,536 sandboxes), or none",
                 )
-    return NetworkSettings(subnets=subnets, subnets6=subnets6, learn_resolvers=learn_resolvers)
+    return NetworkSettings(
+        subnets=subnets,
+        subnets6=subnets6,
+        learn_resolvers=found["learn_resolvers"],
+        resolvers=found["resolvers"],
+    )
 
 
 def _parse_uri(value: Any, key: str, source: str) -> str:

@@ -49,6 +49,7 @@ DNS_UNREAD = "dns-unread.txt"
 NETWORK_RECORD = "network.json"  # logs/: the sandbox network's subnets, kept past destroy
 LEARN_RECORD = "learn.json"  # logs/: these logs hold records of a learn-mode sandbox, and its mode
 FIREWALL_STATE = "firewall.state"  # logs/: what the last collection found the guest firewall
+WILDCARD_LOADS_SEEN = "wildcards.seen"  # logs/: the wildcard resolver's guest loads taken
 COLLECT_LOCK = ".collect.lock"  # collections of one sandbox take turns
 RUNS_DIR = "runs"  # one directory per `sandbox run`, named by its run id:
 RUN_FILE = "run.json"  # run.RunRecord: what ran, when, how it ended

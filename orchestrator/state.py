@@ -77,6 +77,8 @@ class SandboxState:
     flows_pid: int | None = None
     # The sinkhole (egress/sinkhole.py) of a sandbox in sinkhole mode.
     sinkhole_pid: int | None = None
+    # The resolver of wildcard entries (egress/wildcards.py), when the policy has any.
+    wildcard_pid: int | None = None
     # The xdebug mode `sandbox run` uses unless told otherwise (xdebug.XdebugMode value).
     xdebug: XdebugMode = XdebugMode.TRACE
 
@@ -85,7 +87,11 @@ class SandboxState:
         """The allowed destinations, as `status` shows them."""
         from orchestrator.egress.policy import EgressPolicy
 
-        return tuple(a.describe() for a in EgressPolicy.from_dict(self.policy).allow)
+        policy = EgressPolicy.from_dict(self.policy)
+        return (
+            *(a.describe() for a in policy.allow),
+            *(f"{w.describe()} (as the resolver answers)" for w in policy.wildcards),
+        )
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)

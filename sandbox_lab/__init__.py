@@ -56,6 +56,7 @@ from orchestrator import paths
 from orchestrator.errors import ConflictError, SandboxError, UsageError
 from orchestrator.files import atomic_write, file_lock
 from orchestrator.waits import Deadline, wait_for
+from sandbox_lab import dns
 
 IPAddress = IPv4Address | IPv6Address
 
@@ -471,7 +472,7 @@ def _ensure_network(lab: Lab) -> None:
         _ip(ns, "link", "set", dev, "up", what=what)
         _ip(ns, "route", "replace", "default", "via", str(gw4), "dev", dev, what=what)
         _ip(ns, "-6", "route", "replace", "default", "via", str(gw6), "dev", dev, what=what)
-    for server in lab.servers:
+    for server in (*lab.servers, dns.DNS_SERVER):
         prefix = 32 if server.version == 4 else 128
         _ip(lab.inet_netns, "addr", "replace", f"{server}/{prefix}", "dev", "lo", what="servers")
     _sysctl(lab.netns, "net.ipv4.ip_forward", "1")
@@ -532,6 +533,15 @@ def _ensure_servers(lab: Lab) -> None:
         return True if _read_pid_file(lab.file(LAB_SERVERS_PID)) == proc.pid else None
 
     wait_for(ready, Deadline(20, "the fake-internet servers to listen"), interval=0.05)
+
+
+def _ensure_dns(lab: Lab) -> None:
+    """The fake internet's DNS server (sandbox_lab/dns.py), unless it runs already."""
+    pid = _read_pid_file(lab.file(dns.LAB_DNS_PID))
+    if pid is not None and _running(pid) and _pid_netns(pid) == _lab_netns_id(lab.inet_netns):
+        return
+    argv = in_inet(lab, _self_argv("_dns", "--dir", str(lab.dir)))
+    dns.ensure(lab.dir, lambda: _spawn(lab, argv, dns.LAB_DNS_LOG))
 
 
 def _socket_accepts(path: Path) -> bool:
@@ -615,6 +625,7 @@ def lab_up(lab: Lab = DEFAULT_LAB) -> LabStatus:
         _ensure_network(lab)
         _ensure_hosts(lab)
         _ensure_servers(lab)
+        _ensure_dns(lab)
         _ensure_libvirtd(lab)
     status = lab_status(lab)
     if not status.up:
@@ -698,6 +709,9 @@ def lab_down(lab: Lab = DEFAULT_LAB) -> list[str]:
         servers = _read_pid_file(lab.file(LAB_SERVERS_PID))
         if servers is not None and inet_ns is not None and _pid_netns(servers) == inet_ns:
             notes += _terminate([servers], "the fake-internet servers", 10)
+        resolver = _read_pid_file(lab.file(dns.LAB_DNS_PID))
+        if resolver is not None and inet_ns is not None and _pid_netns(resolver) == inet_ns:
+            notes += _terminate([resolver], "the fake internet's DNS server", 10)
         for ns_id, name in ((lab_ns, lab.netns), (inet_ns, lab.inet_netns)):
             others = [] if ns_id is None else _pids_in_netns(ns_id)
             notes += [
@@ -707,7 +721,7 @@ def lab_down(lab: Lab = DEFAULT_LAB) -> list[str]:
         for name in namespaces:
             _run(["ip", "netns", "del", name], what=f"deleting namespace {name}")
             notes.append(f"deleted namespace {name}")
-        for name in (LAB_DAEMONS, LAB_SERVERS_PID):
+        for name in (LAB_DAEMONS, LAB_SERVERS_PID, dns.LAB_DNS_PID):
             lab.file(name).unlink(missing_ok=True)
         if lab.hosts_file.exists():
             lab.hosts_file.unlink()
@@ -915,6 +929,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--addr", type=ip_address, action="append", default=[])
     serve.add_argument("--tcp", type=int, action="append", default=[])
     serve.add_argument("--udp", type=int, action="append", default=[])
+    serve_dns = verbs.add_parser("_dns")
+    serve_dns.add_argument("--dir", type=Path, required=True)
     supervise = verbs.add_parser("_supervise")
     supervise.add_argument("--dir", type=Path, required=True)
     supervise.add_argument("--virtlogd", action="store_true")
@@ -958,6 +974,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.execvp(argv_in_lab[0], argv_in_lab)
         elif args.verb == "_serve":
             return _serve(args.dir, args.addr, args.tcp, args.udp)
+        elif args.verb == "_dns":
+            return dns.serve(args.dir, args.dir / LAB_ACCEPT_LOG)
         elif args.verb == "_supervise":
             return _supervise(args.dir, args.virtlogd)
     except SandboxError as e:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import shlex
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from ipaddress import IPv4Address, IPv6Address
 
 from orchestrator.egress.policy import Allow, Blocked, EgressPolicy, IPNetwork, Proto
@@ -41,6 +41,10 @@ _MARK_DNS = "0x2/0x3"
 CHAIN_ALLOW = "SBX-ALLOW"
 CHAIN_BLOCK = "SBX-BLOCK"
 CHAIN_DNS = "SBX-DNS"
+# Wildcard entries (policy.Wildcard): empty when the rules load; the sandbox's resolver appends
+# one rule per address it hands out (egress/wildcards.py, `wildcard_rule`), before the guest
+# reads the answer.
+CHAIN_WILD = "SBX-WILD"
 
 # Neighbour discovery (133-136) and the kernel's own multicast listener reports (143): without
 # them nothing IPv6 works, and MLD reports would fill the block log with attempts nobody made.
@@ -89,6 +93,13 @@ def _allow_rules(entry: Allow, version: int) -> list[str]:
     return [f"-A OUTPUT {dest}{_proto_port(p, entry.port)}{jump}" for p in protos]
 
 
+def wildcard_rule(address: IPv4Address | IPv6Address, proto: str, port: int) -> str:
+    """The rule the resolver appends for one address it handed out, as iptables-save prints it
+    (read-backs compare it with the resolver's record). Pure."""
+    prefix = 32 if address.version == 4 else 128
+    return f"-A {CHAIN_WILD} -d {address}/{prefix} {_proto_port(proto, port)}-j {CHAIN_ALLOW}"
+
+
 def _log(chain: str, prefix: str) -> str:
     return f'-A {chain} -j NFLOG --nflog-prefix "{prefix}" --nflog-group {NFLOG_GROUP}'
 
@@ -108,7 +119,8 @@ def render_rules(
     _check_version(version)
     lines = ["*filter"]
     lines += [f":{chain} {target} [0:0]" for chain, target in _BUILTIN_POLICIES]
-    lines += [f":{chain} - [0:0]" for chain in _USER_CHAINS]
+    chains = (*_USER_CHAINS, *((CHAIN_WILD,) if policy.wildcards else ()))
+    lines += [f":{chain} - [0:0]" for chain in chains]
 
     established_udp = (
         "-A OUTPUT -p udp -m conntrack --ctstate ESTABLISHED --ctdir ORIGINAL -m connmark --mark "
@@ -155,6 +167,8 @@ def render_rules(
         ]
     for entry in policy.for_version(version):
         out += _allow_rules(entry, version)
+    if policy.wildcards:
+        out.append(f"-A OUTPUT -j {CHAIN_WILD}")
     out.append(f"-A OUTPUT -j {CHAIN_BLOCK}")
 
     # Rules grouped by chain in the order iptables-save prints them (user chains by name).
@@ -225,10 +239,13 @@ def _report(tag: str, lines: Iterable[str]) -> list[str]:
     return [f"{tag}: {line}" for line in lines]
 
 
-def differences(expected: str, saved: str) -> list[str]:
+def differences(expected: str, saved: str, handed_out: Collection[str] = ()) -> list[str]:
     """[] when the saved table is the rendered one; else one readable line per difference, e.g.
-    `missing: -A OUTPUT -j SBX-BLOCK` or `unexpected: -A OUTPUT -j ACCEPT`."""
-    want, have = normalize(expected), normalize(saved)
+    `missing: -A OUTPUT -j SBX-BLOCK` or `unexpected: -A OUTPUT -j ACCEPT`. `handed_out`: the
+    wildcard rules the resolver recorded before it added them (`wildcard_rule`), which the table
+    may hold on top of the rendered rules; any other rule in that chain is unexpected."""
+    want = normalize(expected)
+    have = [line for line in normalize(saved) if line not in handed_out]
     if want == have:
         return []
     found: list[str] = []
@@ -253,12 +270,14 @@ def save_script() -> list[str]:
     ]
 
 
-def mismatches(expected: Mapping[int, str], printed: str) -> dict[int, list[str]]:
+def mismatches(
+    expected: Mapping[int, str], printed: str, handed_out: Collection[str] = ()
+) -> dict[int, list[str]]:
     """What `save_script`'s output differs in from the expected tables, per IP version."""
     saved4, _, saved6 = printed.partition(_SAVE_SPLIT + "\n")
     found = {}
     for version, text in ((4, saved4), (6, saved6)):
-        diff = differences(expected[version], text)
+        diff = differences(expected[version], text, handed_out)
         if diff:
             found[version] = diff
     return found

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from orchestrator.egress import firewall
@@ -48,9 +48,17 @@ def render(policy: EgressPolicy, net: NetworkSpec) -> dict[int, str]:
     }
 
 
-def require(expected: Mapping[int, str], printed: str, *, when: str, hint: str) -> None:
-    """Fail unless `printed` (the output of firewall.save_script) holds exactly `expected`."""
-    for version, diff in sorted(firewall.mismatches(expected, printed).items()):
+def require(
+    expected: Mapping[int, str],
+    printed: str,
+    *,
+    when: str,
+    hint: str,
+    handed_out: Collection[str] = (),
+) -> None:
+    """Fail unless `printed` (the output of firewall.save_script) holds exactly `expected`, and
+    of the wildcard resolver's rules only `handed_out` (firewall.differences)."""
+    for version, diff in sorted(firewall.mismatches(expected, printed, handed_out).items()):
         raise GuestError(
             f"the guest's IPv{version} firewall {when}:\n" + "\n".join(diff[:_DIFF_LINES]),
             hint,
@@ -155,11 +163,13 @@ def read_back(guest: Guest) -> str:
     return guest.check(["sh", "-c", "\n".join(firewall.save_script())], timeout=30)
 
 
-def readback_state(expected: Mapping[int, str], printed: str) -> tuple[str, dict[int, list[str]]]:
+def readback_state(
+    expected: Mapping[int, str], printed: str, handed_out: Collection[str] = ()
+) -> tuple[str, dict[int, list[str]]]:
     """("intact" or "changed DIGEST", what differs) for the guest's firewall as printed by
     firewall.save_script. The digest is of what differs, not of the whole output: its chain
     counters move at every collection, and one change would be a new row each time."""
-    diff = firewall.mismatches(expected, printed)
+    diff = firewall.mismatches(expected, printed, handed_out)
     if not diff:
         return "intact", diff
     return f"changed {hashlib.sha256(repr(sorted(diff.items())).encode()).hexdigest()[:16]}", diff

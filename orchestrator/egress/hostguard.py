@@ -28,6 +28,7 @@ import subprocess
 from dataclasses import dataclass
 
 from orchestrator import names
+from orchestrator.egress.policy import Allow, Proto
 from orchestrator.errors import SandboxError
 from orchestrator.vm.hostfiles import LOCAL, HostFiles, Ran
 
@@ -38,6 +39,46 @@ class GuardError(SandboxError):
     """The host-side input guard of the sandbox network could not be set or checked."""
 
 
+# The sets the sandbox's resolver fills with the addresses it hands out for wildcard entries
+# (egress/wildcards.py): address . protocol . port.
+WILD_SET4 = "wild4"
+WILD_SET6 = "wild6"
+# A guest asking random names under a wildcard domain must not grow the host's sets without
+# bound: the resolver stops handing out new addresses at this many (and says so in its log).
+WILD_MAX = 4096
+
+
+@dataclass(frozen=True)
+class Wildcards:
+    """Wildcard entries (policy.Wildcard) on this sandbox network: the protocol/port pairs the
+    nwfilter opens to every address, the policy's allow entries (which stay allowed on them), and
+    whether a packet to any other address there is rejected or dropped."""
+
+    ports: tuple[tuple[str, int], ...]
+    allow: tuple[Allow, ...]
+    reject: bool = True
+
+
+def _allow_match(entry: Allow) -> str | None:
+    """An allow entry as an nft match (None: ICMP, which no wildcard port concerns). Pure."""
+    family = "ip" if entry.version == 4 else "ip6"
+    match = "" if entry.network.prefixlen == 0 else f"{family} daddr {entry.network} "
+    if entry.network.prefixlen == 0:
+        match = f"meta nfproto {'ipv4' if entry.version == 4 else 'ipv6'} "
+    if entry.proto is Proto.ICMP:
+        return None
+    if entry.proto is Proto.ANY and entry.port is None:
+        return match
+    protos = "{ tcp, udp }" if entry.proto is Proto.ANY else entry.proto.value
+    port = "" if entry.port is None else f" th dport {entry.port}"
+    return f"{match}meta l4proto {protos}{port} "
+
+
+def element(address: str, proto: str, port: int) -> str:
+    """One member of the wildcard sets, in nft's syntax. Pure."""
+    return f"{ipaddress.ip_address(address)} . {proto} . {port}"
+
+
 @dataclass(frozen=True)
 class Sinkhole:
     """Sinkhole mode: the gateway's address, and the port the sinkhole listens on there."""
@@ -46,10 +87,34 @@ class Sinkhole:
     port: int
 
 
-def render_ruleset(bridge: str, sinkhole: Sinkhole | None = None) -> str:
+def _forward(quoted: str, wildcards: Wildcards) -> list[str]:
+    """The forward chain that decides what the guest reaches on a wildcard's ports: the
+    addresses the resolver handed out (the sets) and the allow entries; nothing else there."""
+    ports = ", ".join(f"{proto} . {port}" for proto, port in sorted(set(wildcards.ports)))
+    verdict = "reject with icmpx admin-prohibited" if wildcards.reject else "drop"
+    accepts = [m for m in map(_allow_match, wildcards.allow) if m is not None]
+    lines = [f"\tset {WILD_SET4} {{", "\t\ttype ipv4_addr . inet_proto . inet_service", "\t}"]
+    lines += [f"\tset {WILD_SET6} {{", "\t\ttype ipv6_addr . inet_proto . inet_service", "\t}"]
+    lines += [
+        "\tchain forward {",
+        "\t\ttype filter hook forward priority filter - 10; policy accept;",
+        f"\t\tiifname != {quoted} accept",
+        f'\t\tip daddr . meta l4proto . th dport @{WILD_SET4} accept comment "handed out"',
+        f'\t\tip6 daddr . meta l4proto . th dport @{WILD_SET6} accept comment "handed out"',
+        *(f'\t\t{m}accept comment "allowed"' for m in accepts),
+        f'\t\tmeta l4proto . th dport {{ {ports} }} counter {verdict} comment "wildcard ports"',
+        "\t}",
+    ]
+    return lines
+
+
+def render_ruleset(
+    bridge: str, sinkhole: Sinkhole | None = None, wildcards: Wildcards | None = None
+) -> str:
     """The nft script that creates (or replaces, atomically) the guard of `bridge`. Pure."""
     table = names.guard_table(bridge)
     quoted = json.dumps(bridge)  # nft strings are double-quoted like JSON's
+    forward = _forward(quoted, wildcards) if wildcards and wildcards.ports else []
     sink: list[str] = []
     redirect: list[str] = []
     if sinkhole is not None:
@@ -86,6 +151,7 @@ def render_ruleset(bridge: str, sinkhole: Sinkhole | None = None) -> str:
         '\t\tcounter reject with icmpx admin-prohibited comment "anything else a guest opens"',
         "\t}",
         *redirect,
+        *forward,
         "}",
     ]
     return "\n".join(lines) + "\n"
@@ -137,9 +203,14 @@ def _hint(host: HostFiles | None) -> str:
     )
 
 
-def apply(bridge: str, sinkhole: Sinkhole | None = None, host: HostFiles | None = None) -> None:
+def apply(
+    bridge: str,
+    sinkhole: Sinkhole | None = None,
+    host: HostFiles | None = None,
+    wildcards: Wildcards | None = None,
+) -> None:
     """Create or replace the guard of `bridge` (atomically), on this machine or on `host`."""
-    ran = _run(["-f", "-"], render_ruleset(bridge, sinkhole), host)
+    ran = _run(["-f", "-"], render_ruleset(bridge, sinkhole, wildcards), host)
     if ran.status != 0:
         where = "" if host is None or host is LOCAL else f" on {host.where}"
         raise GuardError(
@@ -167,3 +238,21 @@ def remove(bridge: str, host: HostFiles | None = None) -> bool:
             f"remove it by hand: nft delete table inet {table}",
         )
     return True
+
+
+def add_handed_out(bridge: str, elements: list[tuple[str, str, int]]) -> None:
+    """Add (address, protocol, port) members to the wildcard sets of `bridge`'s guard (this
+    machine: the resolver runs beside the network)."""
+    if not elements:
+        return
+    lines = []
+    table = names.guard_table(bridge)
+    for address, proto, port in elements:
+        family = WILD_SET4 if ipaddress.ip_address(address).version == 4 else WILD_SET6
+        lines.append(f"add element inet {table} {family} {{ {element(address, proto, port)} }}")
+    ran = _run(["-f", "-"], "\n".join(lines) + "\n")
+    if ran.status != 0:
+        raise GuardError(
+            f"cannot add the handed-out addresses to {table}: {ran.stderr.strip()[-300:]}",
+            _hint(None),
+        )

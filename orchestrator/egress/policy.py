@@ -23,8 +23,9 @@ Resolver = Callable[[str], Sequence[str]]
 
 ALLOW_EXAMPLES = (
     "examples: 203.0.113.7, 198.51.100.0/24, 203.0.113.7:443, udp:203.0.113.7:5353, "
-    "[2001:db8::1]:443, example.org:443"
+    "[2001:db8::1]:443, example.org:443, '*.example.org:443'"
 )
+WILDCARD_PREFIX = "*."
 _HOSTNAME_RE = re.compile(
     r"^(?=.{1,253}\Z)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\Z"
 )
@@ -113,6 +114,31 @@ class Allow:
 
 
 @dataclass(frozen=True)
+class Wildcard:
+    """`*.example.org:443`: every name under a domain (not the domain itself), on one port (TCP
+    and UDP unless a protocol is given). Nothing is resolved at `up`: the sandbox's resolver
+    forwards such names when the guest asks, and the addresses of each answer become allowed for
+    that sandbox, on that protocol and port, in both layers, before the guest reads the answer
+    (egress/wildcards.py)."""
+
+    domain: str  # "example.org": lower case, no trailing dot
+    proto: Proto
+    port: int
+    source: str = field(default="", compare=False)
+
+    def matches(self, name: str) -> bool:
+        return name.lower().rstrip(".").endswith("." + self.domain)
+
+    @property
+    def protos(self) -> tuple[str, ...]:
+        return ("tcp", "udp") if self.proto is Proto.ANY else (self.proto.value,)
+
+    def describe(self) -> str:
+        text = f"{WILDCARD_PREFIX}{self.domain}:{self.port}"
+        return text if self.proto is Proto.ANY else f"{self.proto.value}:{text}"
+
+
+@dataclass(frozen=True)
 class EgressPolicy:
     allow: tuple[Allow, ...] = ()
     # The guest may ask the sandbox network's own resolver (only); never an outside server.
@@ -127,6 +153,8 @@ class EgressPolicy:
     # sinkhole (egress/sinkhole.py), which records what the guest sends and forwards nothing.
     # The one switch: the resolver, both filters and the host's guard read it from here.
     sinkhole: bool = False
+    # Names under a domain, allowed as the resolver answers them (Wildcard).
+    wildcards: tuple[Wildcard, ...] = ()
 
     def for_version(self, version: int) -> tuple[Allow, ...]:
         return tuple(a for a in self.allow if a.version == version)
@@ -169,6 +197,10 @@ class EgressPolicy:
             "names": {name: list(addrs) for name, addrs in self.names},
             "learn": self.learn.value,
             "sinkhole": self.sinkhole,
+            "wildcards": [
+                {"domain": w.domain, "proto": w.proto.value, "port": w.port, "source": w.source}
+                for w in self.wildcards
+            ],
         }
 
     @classmethod
@@ -189,6 +221,15 @@ class EgressPolicy:
             names=tuple((n, tuple(v)) for n, v in sorted(data.get("names", {}).items())),
             learn=Learn(data.get("learn", "off")),
             sinkhole=bool(data.get("sinkhole", False)),
+            wildcards=tuple(
+                Wildcard(
+                    domain=str(w["domain"]),
+                    proto=Proto(w["proto"]),
+                    port=int(w["port"]),
+                    source=str(w.get("source", "")),
+                )
+                for w in data.get("wildcards", [])
+            ),
         )
 
     def with_sinkhole(self, gateway: ipaddress.IPv4Address) -> EgressPolicy:
@@ -199,6 +240,20 @@ class EgressPolicy:
             return self
         entry = Allow(ipaddress.ip_network(gateway), source="sinkhole", host=None)
         return replace(self, allow=tuple(sorted({*self.allow, entry}, key=Allow.sort_key)))
+
+    def with_wildcard_ports(self) -> EgressPolicy:
+        """The policy the host-side nwfilter enforces: a wildcard's protocol and port open to
+        every address, because the addresses are not known until the resolver hands them out.
+        What is reached on those ports is then the host's guard's to decide (hostguard.py: its
+        forward chain lets through only the addresses handed out, and the allow entries). Pure."""
+        if not self.wildcards:
+            return self
+        wide: set[Allow] = set(self.allow)
+        for wildcard in self.wildcards:
+            for everything in ("0.0.0.0/0", "::/0"):
+                net = ipaddress.ip_network(everything)
+                wide.add(Allow(net, wildcard.proto, wildcard.port, source=wildcard.describe()))
+        return replace(self, allow=tuple(sorted(wide, key=Allow.sort_key)))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -260,6 +315,36 @@ def _refuse_ambiguous_ipv6(text: str, value: str) -> None:
             f"ambiguous: write [{head}]:{last} for port {last} of {head}, "
             f"or [{value}] for the address {value}",
         )
+
+
+def parse_wildcard(text: str) -> Wildcard | None:
+    """One --allow value if it is a wildcard (`*.example.org:443`, `tcp:*.example.org:443`),
+    else None. Pure."""
+    raw = text.strip()
+    head, sep, tail = raw.partition(":")
+    proto = Proto.ANY
+    rest = raw
+    if sep and head.lower() in {p.value for p in Proto}:
+        proto, rest = Proto(head.lower()), tail
+    if not rest.startswith(WILDCARD_PREFIX):
+        if "*" in raw:
+            raise _bad(text, "a wildcard is a whole first label: '*.example.org:443'")
+        return None
+    name, sep, port_text = rest[len(WILDCARD_PREFIX) :].partition(":")
+    domain = name.lower().rstrip(".")
+    if not _HOSTNAME_RE.match(domain) or domain.replace(".", "").isdigit() or "*" in domain:
+        raise _bad(text, f"{name!r} after '*.' is not a domain name")
+    if "." not in domain:
+        raise _bad(text, f"'*.{domain}' would allow a whole top-level domain: name a domain")
+    if proto is Proto.ICMP:
+        raise _bad(text, "a wildcard allows a port, and ICMP has none")
+    if not sep:
+        raise _bad(
+            text,
+            "a wildcard needs a port: the host's filter opens that port to the addresses the "
+            "resolver hands out, never every port",
+        )
+    return Wildcard(domain, proto, _port(text, port_text), source=raw)
 
 
 def parse_allow(text: str, resolve: Resolver = system_resolver) -> list[Allow]:
@@ -390,8 +475,13 @@ def build_policy(
     sinkhole: bool = False,
 ) -> EgressPolicy:
     entries: list[Allow] = []
+    wildcards: list[Wildcard] = []
     for text in allow:
-        entries.extend(parse_allow(text, resolve))
+        wildcard = parse_wildcard(text)
+        if wildcard is None:
+            entries.extend(parse_allow(text, resolve))
+        elif wildcard not in wildcards:
+            wildcards.append(wildcard)
     unique = sorted(set(entries), key=Allow.sort_key)
     names: dict[str, set[str]] = {}
     for entry in entries:
@@ -403,6 +493,7 @@ def build_policy(
         blocked=blocked,
         names=tuple((n, tuple(sorted(a))) for n, a in sorted(names.items())),
         sinkhole=sinkhole,
+        wildcards=tuple(sorted(wildcards, key=lambda w: (w.domain, w.proto.value, w.port))),
     )
 
 
@@ -478,3 +569,28 @@ def check_learn(policy: EgressPolicy, mode: Learn) -> None:
                 "enforce a policy and sinkhole every other name, use --sinkhole --policy FILE "
                 "without --learn: `sandbox policy suggest` reads those logs too",
             )
+
+
+def check_wildcards(policy: EgressPolicy, learn: Learn = Learn.OFF) -> None:
+    """Refuse wildcards where the resolver could not hand out their addresses. Pure."""
+    if not policy.wildcards:
+        return
+    given = ", ".join(w.source or w.describe() for w in policy.wildcards)
+    if not policy.dns:
+        raise UsageError(
+            f"wildcard entries ({given}) are resolved at the sandbox's resolver, and --no-dns "
+            "(or dns: false in the policy file) turns it off",
+            "drop --no-dns, or allow the addresses instead of the names",
+        )
+    if policy.sinkhole:
+        raise UsageError(
+            f"sinkhole mode answers every name with the sinkhole, wildcards ({given}) included",
+            "drop --sinkhole, or allow the names one by one (example.org:443), which keep "
+            "their own addresses under the sinkhole",
+        )
+    if learn is not Learn.OFF:
+        raise UsageError(
+            f"learn mode records what the software asks for, and wildcards ({given}) would "
+            "make the resolver decide instead",
+            "drop the wildcard entries while learning; `policy suggest` names the hosts",
+        )

@@ -9,6 +9,7 @@ import ipaddress
 import json
 import os
 import secrets
+import socket
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from orchestrator.egress.policy import (
     EgressPolicy,
     Learn,
     build_policy,
+    check_wildcards,
     learn_policy,
     load_policy_file,
 )
@@ -114,6 +116,7 @@ def make_policy(
             "sinkhole mode answers names at the sandbox's resolver, and --no-dns turns it off",
             "drop --no-dns (or dns: false in the policy file), or drop --sinkhole",
         )
+    check_wildcards(policy, learn)
     net = ctx.settings.network
     for entry in policy.allow:
         own = net.subnets if entry.version == 4 else net.subnets6
@@ -223,7 +226,7 @@ def up(
         uri = hosts.place(
             ctx,
             name,
-            local_only=capture or policy.sinkhole,
+            local_only=capture or policy.sinkhole or bool(policy.wildcards),
             prefer=warm.hosts_with_fit(ctx, img) if warm_start else (),
         )
         # From here on the sandbox's settings name its one host: its state records it, and a
@@ -402,6 +405,18 @@ class Build:
 
     def start_network(self) -> None:
         settings, name = self.ctx.settings, self.name
+        resolver: socket.socket | None = None
+        if self.policy.wildcards:
+            from orchestrator.egress import wildcards
+
+            if not guards_host(self.state.uri):
+                raise UsageError(
+                    "wildcard entries need the hypervisor on this machine (their resolver adds "
+                    "the addresses it hands out to the host's nftables beside the network)",
+                    "allow the names one by one (example.org:443), or run sandbox on the "
+                    "hypervisor host",
+                )
+            resolver = self.rollback.enter_context(wildcards.bind())
         with self.ctx.reporter.step(f"starting network {self.state.network}"):
             self.net, self.net_spec = hv.create_network(
                 self.conn,
@@ -412,10 +427,16 @@ class Build:
                     subnet6=subnet6,
                     dns_hosts=resolver_hosts(self.policy.names),
                     guest_mac=self.state.mac,
-                    learn_upstream=learn_upstream(settings.network.learn_resolvers)
+                    learn_upstream=learn_upstream(
+                        settings.network.resolvers
+                        if settings.network.learn_resolvers is None
+                        else settings.network.learn_resolvers
+                    )
                     if self.policy.learn is Learn.ALLOW_ALL
                     else None,
                     sinkhole=self.policy.sinkhole,
+                    wildcard_domains=tuple(sorted({w.domain for w in self.policy.wildcards})),
+                    wildcard_port=None if resolver is None else resolver.getsockname()[1],
                 ),
                 settings.network.subnets,
                 settings.network.subnets6,
@@ -428,12 +449,36 @@ class Build:
             subnet6=str(spec.subnet6) if spec.subnet6 else None,
         )
         _record_network(logs_dir(self.ctx, name), spec)
+        if resolver is not None:
+            self._start_wildcard_resolver(resolver)
         if self.policy.learn is not Learn.OFF:
             # Kept with the logs (past destroy): every `logs` and `report` of them says so.
             atomic_write(
                 logs_dir(self.ctx, name) / paths.LEARN_RECORD,
                 json.dumps({"learn": self.policy.learn.value, "since": self.state.created}) + "\n",
             )
+
+    def _start_wildcard_resolver(self, sock: socket.socket) -> None:
+        from orchestrator.egress import wildcards
+
+        spec, state = self.net_spec, self.state
+        config = wildcards.Config(
+            bridge=spec.bridge,
+            wildcards=self.policy.wildcards,
+            upstream=learn_upstream(self.ctx.settings.network.resolvers),
+            guest=wildcards.Guest(
+                host=str(spec.guest_ip),
+                port=state.ssh_port,
+                user=state.user,
+                client_key=str(self.ctx.store.file(self.name, paths.CLIENT_KEY)),
+                host_key=state.host_key,
+            ),
+        )
+        domains = ", ".join(w.describe() for w in self.policy.wildcards)
+        with self.ctx.reporter.step(f"starting the resolver of {domains}"):
+            pid = wildcards.start(sock, config, logs_dir(self.ctx, self.name))
+        self.rollback.callback(wildcards.stop, pid)
+        self._save(wildcard_pid=pid)
 
     def make_disks(self) -> None:
         from orchestrator.vm.cloudinit import build_seed_iso
@@ -483,8 +528,15 @@ class Build:
             self.rollback.callback(sinkhole.stop, started.pid)
             self._save(sinkhole_pid=started.pid)
             target = hostguard.Sinkhole(str(gateway), started.port)
+        wild: hostguard.Wildcards | None = None
+        if self.policy.wildcards:
+            wild = hostguard.Wildcards(
+                ports=tuple((p, w.port) for w in self.policy.wildcards for p in w.protos),
+                allow=self.policy.allow,
+                reject=self.policy.blocked is Blocked.REJECT,
+            )
         with self.ctx.reporter.step("closing the host's own services to the guests (nftables)"):
-            hostguard.apply(str(self.net.bridgeName()), sinkhole=target)
+            hostguard.apply(str(self.net.bridgeName()), sinkhole=target, wildcards=wild)
 
     def define_host_filter(self) -> None:
         spec = self.net_spec
@@ -494,7 +546,7 @@ class Build:
                 self.conn,
                 hostfilter.render_filter(
                     self.name,
-                    self.policy.with_sinkhole(spec.gateway),
+                    self.policy.with_sinkhole(spec.gateway).with_wildcard_ports(),
                     gateway=spec.gateway,
                     gateway6=spec.gateway6,
                 ),

@@ -93,6 +93,9 @@ def collect_locked(
 
     def gather(g: Guest) -> tuple[monitor.Collected, list[Attempt]]:
         collected = monitor.collect_full(g, cursor, final=final)
+        collected = dataclasses.replace(
+            collected, attempts=_own_loads(collected.attempts, logs, policy)
+        )
         changes = [a for a in collected.attempts if a.verdict is Verdict.TAMPER and a.pid]
         expected = expected_rules(state)
         return collected, _firewall_tamper(g, expected, logs, changes)
@@ -106,7 +109,7 @@ def collect_locked(
                 "last collection",
                 "collect over SSH",
             )
-        collected = copied
+        collected = dataclasses.replace(copied, attempts=_own_loads(copied.attempts, logs, policy))
     elif guest is not None:
         collected, tampered = gather(guest)
     else:
@@ -144,6 +147,34 @@ def collect_locked(
         logview.rewrite_attempts(logs, lambda stored: runs.annotate(stored, logs, limit=inflate))
     atomic_write(cursor_path, collected.cursor.to_json() + "\n")
     return CollectReport(new_attempts, new_dns, (*collected.warnings, *dns_warnings))
+
+
+def _own_loads(attempts: list[Attempt], logs: Path, policy: EgressPolicy) -> list[Attempt]:
+    """`attempts` without the capture's rows of the wildcard resolver's own loads into the
+    guest's SBX-WILD chain (egress/wildcards.py): each load's command line names a nonce the
+    resolver recorded, and each is taken once, ever (paths.WILDCARD_LOADS_SEEN keeps them): a
+    guest replaying one is a change like any other. What the loads added is checked anyway, by
+    the read-back of the guest's rules."""
+    if not policy.wildcards:
+        return attempts
+    from orchestrator.egress import wildcards
+
+    own = wildcards.own_loads(logs)
+    seen_file = logs / paths.WILDCARD_LOADS_SEEN
+    seen = set(seen_file.read_text().splitlines()) if seen_file.exists() else set()
+    taken: list[str] = []
+    kept = []
+    for attempt in attempts:
+        command = (attempt.cmdline or "").strip()
+        if attempt.verdict is Verdict.TAMPER and command in own and command not in seen:
+            seen.add(command)
+            taken.append(command)
+            continue
+        kept.append(attempt)
+    if taken:
+        with seen_file.open("a") as out:
+            out.write("".join(f"{command}\n" for command in taken))
+    return kept
 
 
 def _host_verdict(attempt: Attempt, policy: EgressPolicy) -> Attempt:
@@ -241,7 +272,10 @@ def _firewall_tamper(
     per change: the last state seen is kept in logs/ (paths.FIREWALL_STATE). `changers`: this
     collection's rows of the changes the capture saw, each with its process: the row names
     them (they came between the last collection and this one)."""
-    now_state, diff = guestfw.readback_state(expected, guestfw.read_back(guest))
+    from orchestrator.egress import wildcards
+
+    handed_out = wildcards.handed_out_rules(logs)
+    now_state, diff = guestfw.readback_state(expected, guestfw.read_back(guest), handed_out)
     digest = now_state.removeprefix("changed ")
     state_file = logs / paths.FIREWALL_STATE
     before = state_file.read_text().strip() if state_file.exists() else "intact"

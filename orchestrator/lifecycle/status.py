@@ -13,6 +13,7 @@ import libvirt
 from orchestrator import names, paths
 from orchestrator.egress import firewall, hostfilter, hostguard
 from orchestrator.egress.policy import EgressPolicy
+from orchestrator.egress.wildcards import HandedOut
 from orchestrator.errors import (
     SandboxError,
 )
@@ -21,6 +22,7 @@ from orchestrator.lifecycle.context import (
     Context,
     guards_host,
     guards_remote_host,
+    logs_dir,
     open_guest,
     ready_state,
 )
@@ -170,6 +172,8 @@ class PolicyReport:
     guest_rules: dict[int, str]
     host_filter: str
     problems: tuple[str, ...]
+    # What the wildcard entries' resolver has allowed so far (egress/wildcards.py).
+    handed_out: tuple[HandedOut, ...] = ()
 
 
 def policy_report(ctx: Context, name: str) -> PolicyReport:
@@ -206,4 +210,13 @@ def policy_report(ctx: Context, name: str) -> PolicyReport:
                     f"the host-side input guard {names.guard_table(bridge)} is missing: guests "
                     "can open connections to the host's own services"
                 )
-    return PolicyReport(name, policy, guest_rules, host_filter, tuple(problems))
+    handed_out: tuple[HandedOut, ...] = ()
+    if policy.wildcards:
+        from orchestrator.egress import wildcards
+
+        handed_out = tuple(wildcards.read_handed_out(logs_dir(ctx, name)))
+        if not (state.wildcard_pid and wildcards.running(state.wildcard_pid)):
+            problems.append(
+                "the resolver of the wildcard entries is not running: their names get no answer"
+            )
+    return PolicyReport(name, policy, guest_rules, host_filter, tuple(problems), handed_out)

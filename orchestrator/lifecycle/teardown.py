@@ -286,6 +286,10 @@ def teardown_locked(
         from orchestrator.egress import sinkhole  # only a sinkholed sandbox pays for its import
 
         sinkhole.stop(state.sinkhole_pid)
+    if state is not None and state.wildcard_pid:
+        from orchestrator.egress import wildcards
+
+        wildcards.stop(state.wildcard_pid)
     with hv.connection(uri) as conn:
         dom_name = _domain_of(conn, name, state)
         if hv.destroy_domain(conn, dom_name):

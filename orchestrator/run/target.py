@@ -495,9 +495,12 @@ def execute(
         timeout=60,
     )
     clock, _, saved = prepared.partition("\n")
+    from orchestrator.egress import wildcards
+
     guestfw.require(
         expected_rules,
         saved,
+        handed_out=wildcards.handed_out_rules(logs),
         when="no longer matches the sandbox's policy",
         hint="something in the guest (an earlier --root run?) changed the rules; "
         "destroy the sandbox and create it again",

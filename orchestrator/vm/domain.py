@@ -289,6 +289,11 @@ class NetworkSpec:
     # Sinkhole mode (EgressPolicy.sinkhole): the resolver answers every other name (A) with the
     # gateway, where the sinkhole listens.
     sinkhole: bool = False
+    # Wildcard entries (policy.Wildcard): names under these domains go to the sandbox's own
+    # forwarding resolver on the host's loopback, at this port (egress/wildcards.py), which
+    # allows each answer's addresses before it returns the answer.
+    wildcard_domains: tuple[str, ...] = ()
+    wildcard_port: int | None = None
 
     @property
     def dns_log(self) -> str:
@@ -390,6 +395,10 @@ def render_network(spec: NetworkSpec) -> str:
     # tamper with.
     for value in ("log-queries=extra", f"log-facility={spec.dns_log}"):
         ET.SubElement(options, f"{{{DNSMASQ_NS}}}option", value=value)
+    if spec.wildcard_port is not None:
+        for domain in spec.wildcard_domains:
+            value = f"server=/{domain}/127.0.0.1#{spec.wildcard_port}"
+            ET.SubElement(options, f"{{{DNSMASQ_NS}}}option", value=value)
     if spec.sinkhole:
         # Every name; the allowed names' own entries (the <host> elements, an addn-hosts file)
         # still win. AAAA queries stay REFUSED: the sinkhole is IPv4 only.
