@@ -339,3 +339,22 @@ def test_real_iptables_prints_the_rule_as_rendered(netns: str) -> None:
         assert rule in saved.splitlines()
         assert firewall.differences(rendered, saved, {rule}) == []
         assert firewall.differences(rendered, saved) == [f"unexpected: {rule}"]
+
+
+def test_an_unlogged_attempt_to_a_handed_out_address_is_not_host_blocked() -> None:
+    from orchestrator.lifecycle.collection import _host_verdict
+
+    def unlogged(dst: str, port: int) -> Attempt:
+        return Attempt(
+            id="k1", time="t", verdict=Verdict.UNLOGGED, proto="tcp", family=4, dst=dst,
+            dport=port,
+        )  # fmt: skip
+
+    handed = {("192.0.2.80", "tcp", 443)}
+    assert _host_verdict(unlogged("192.0.2.80", 443), POLICY, handed).verdict is Verdict.UNLOGGED
+    assert _host_verdict(unlogged("192.0.2.80", 80), POLICY, handed).verdict is (
+        Verdict.HOST_BLOCKED
+    )
+    assert _host_verdict(unlogged("192.0.2.81", 443), POLICY, handed).verdict is (
+        Verdict.HOST_BLOCKED
+    )

@@ -207,7 +207,10 @@ def _policy(data: Mapping[str, Any] | None) -> PolicyInfo | None:
 
     policy = EgressPolicy.from_dict(data)
     return PolicyInfo(
-        allow=tuple(entry.describe() for entry in policy.allow),
+        allow=(
+            *(entry.describe() for entry in policy.allow),
+            *(f"{w.describe()} (names as the resolver answers)" for w in policy.wildcards),
+        ),
         names=tuple(NameInfo(host, addrs) for host, addrs in policy.names),
         dns=policy.dns,
         blocked=policy.blocked.value,

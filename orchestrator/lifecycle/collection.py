@@ -9,7 +9,7 @@ import dataclasses
 import datetime as dt
 import ipaddress
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -126,8 +126,9 @@ def collect_locked(
     queries, dns_warnings = _dns_queries(ctx, state)
     new_dns = logview.append_dns(logs, queries)
     known_dns: list[DnsQuery] = logview.read_dns(logs)
+    handed = _handed_out(logs, policy)
     attempts = monitor.name_queries(
-        [_host_verdict(a, policy) for a in collected.attempts], known_dns
+        [_host_verdict(a, policy, handed) for a in collected.attempts], known_dns
     )
     attempts = monitor.attach_dns_names(monitor.confirm_probes(attempts, known_dns), known_dns)
     # The server names and HTTP requests the host side saw on the guest's TCP connections.
@@ -177,13 +178,26 @@ def _own_loads(attempts: list[Attempt], logs: Path, policy: EgressPolicy) -> lis
     return kept
 
 
-def _host_verdict(attempt: Attempt, policy: EgressPolicy) -> Attempt:
-    """An attempt the guest's firewall never logged gets the host-side filter's verdict."""
-    if attempt.verdict is Verdict.UNLOGGED and not policy.allows(
-        attempt.proto, attempt.dst, attempt.dport
-    ):
-        return dataclasses.replace(attempt, verdict=Verdict.HOST_BLOCKED)
-    return attempt
+def _handed_out(logs: Path, policy: EgressPolicy) -> set[tuple[str, str, int]]:
+    if not policy.wildcards:
+        return set()
+    from orchestrator.egress import wildcards
+
+    return {(h.address, h.proto, h.port) for h in wildcards.read_handed_out(logs)}
+
+
+def _host_verdict(
+    attempt: Attempt, policy: EgressPolicy, handed_out: Collection[tuple[str, str, int]] = ()
+) -> Attempt:
+    """An attempt the guest's firewall never logged gets the host side's verdict: the nwfilter's
+    allow list, and the addresses the wildcard resolver handed out (the host guard's sets)."""
+    if attempt.verdict is not Verdict.UNLOGGED:
+        return attempt
+    if policy.allows(attempt.proto, attempt.dst, attempt.dport):
+        return attempt
+    if (attempt.dst, attempt.proto, attempt.dport) in handed_out:
+        return attempt
+    return dataclasses.replace(attempt, verdict=Verdict.HOST_BLOCKED)
 
 
 def _dns_queries(ctx: Context, state: SandboxState) -> tuple[list[DnsQuery], list[str]]:
