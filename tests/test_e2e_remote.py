@@ -198,3 +198,19 @@ def test_placement_over_two_hosts_and_one_that_is_down(
     cli.ok("destroy", "--name", "placed")
     wait_removed("placed", cli)
     assert state["domain"] not in virsh(remote, "list", "--all", "--name")
+
+
+def test_a_failed_up_stops_the_records_on_the_remote_host(
+    monkeypatch: pytest.MonkeyPatch, remote: RemoteHost, cli: Cli
+) -> None:
+    """An `up` that fails after the host-side records started (here: the guest cannot get its
+    lease within a boot timeout of 2 s) rolls them back on the host too."""
+    client_of(remote, monkeypatch)
+    monkeypatch.setenv("SANDBOX_CONNECT", remote.uri)
+    cli.config.write_text("boot_timeout: 2\n")
+    failed = cli.run("up", "--name", "remfail", "--pcap")
+    assert failed.returncode != 0
+    assert "recording the guest's flows" in failed.stderr, failed.stderr  # they had started
+    assert tcpdumps_on(remote) == []
+    assert not (remote.private("/var/lib/libvirt") / "sandbox-records" / "remfail").exists()
+    assert "sandbox-remfail" not in virsh(remote, "list", "--all", "--name")

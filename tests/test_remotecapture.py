@@ -79,6 +79,11 @@ def test_the_rings_bound_each_file_by_what_tcpdump_writes_into_one() -> None:
     assert Ring("x", 1, 2).max_file_bytes == 1_000_000 + 16 + 262144
 
 
+def test_only_the_rings_started_are_looked_for() -> None:
+    assert remotecapture.rings_of(None) == (FLOWS,)
+    assert remotecapture.rings_of(4321) == (FLOWS, PCAP)
+
+
 @pytest.mark.parametrize(
     ("copy", "size", "head", "expected"),
     [

@@ -79,6 +79,12 @@ PCAP = Ring(paths.PCAP_FILE, pcap.RING_FILE_MIB, pcap.RING_FILES)
 RINGS = (FLOWS, PCAP)
 
 
+def rings_of(pcap_pid: int | None) -> tuple[Ring, ...]:
+    """The rings a sandbox has on its host: the flow record, and --pcap's if it was started
+    (each ring file looked for costs a round trip to the host). Pure."""
+    return RINGS if pcap_pid else (FLOWS,)
+
+
 def directory(name: str) -> str:
     """The sandbox's directory on the remote host. Pure."""
     return posixpath.join(ROOT, validate_name(name))

@@ -200,7 +200,8 @@ def _fetch_records(files: hostfiles.HostFiles, state: SandboxState, logs: Path) 
     from orchestrator.capture import remotecapture
 
     try:
-        fetched = remotecapture.fetch(files, state.remote_dir, logs)
+        rings = remotecapture.rings_of(state.remote_pcap_pid)
+        fetched = remotecapture.fetch(files, state.remote_dir, logs, rings)
     except SandboxError as exc:
         return [f"host-side records not brought back this time: {_hinted(exc)}"]
     return list(fetched.warnings)

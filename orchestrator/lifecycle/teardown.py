@@ -326,7 +326,9 @@ def _remove_remote_records(
         stopped = remote.stop(host, where, pids)
         if host.stat(where) is None:
             return [f"tcpdump {p} on {host.where}" for p in stopped]
-        fetched = remote.fetch(host, where, logs_dir(ctx, name))
+        # Without state (a killed `up`), whatever it may have started.
+        rings = remote.rings_of(state.remote_pcap_pid) if state else remote.RINGS
+        fetched = remote.fetch(host, where, logs_dir(ctx, name), rings)
         remote.remove(host, where)
     done = f"host-side records {where} on {host.where} ({fetched.copied} bytes brought back"
     done += f"; {'; '.join(fetched.warnings)})" if fetched.warnings else ")"
