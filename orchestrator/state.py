@@ -75,6 +75,11 @@ class SandboxState:
     pcap_pid: int | None = None
     # tcpdump keeping the host-side flow record (hostflows.py).
     flows_pid: int | None = None
+    # On a remote libvirt host (capture/remotecapture.py): the directory there holding the flow
+    # record's and --pcap's rings, and their tcpdumps' pids there (not this machine's).
+    remote_dir: str | None = None
+    remote_flows_pid: int | None = None
+    remote_pcap_pid: int | None = None
     # The sinkhole (egress/sinkhole.py) of a sandbox in sinkhole mode.
     sinkhole_pid: int | None = None
     # The resolver of wildcard entries (egress/wildcards.py), when the policy has any.

@@ -15,7 +15,7 @@ import pytest
 
 from orchestrator import paths
 from sandbox_lab import accept_log
-from sandbox_lab.remote import LINK_LAB, RemoteHost, remote_down, remote_up
+from sandbox_lab.remote import LINK_LAB, RemoteHost, _pids_in, remote_down, remote_up
 from tests.lab_fixture import LabSession
 from tests.netns import inside
 
@@ -24,8 +24,11 @@ from .e2e_support import Cli, wait_removed
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
 ALLOWED, BLOCKED = "203.0.113.7", "198.51.100.9"
+# Sent on the allowed connection: its request line and Host, read on the host side (issue 16).
+REQUEST = "GET /remote/ping?id=17 HTTP/1.0\\r\\nHost: www.inet.test\\r\\n\\r\\n"
+SENT = "GET www.inet.test /remote/ping?id=17"
 SCRIPT = f"""<?php
-$a = @fsockopen("{ALLOWED}", 80, $errno, $errstr, 5);
+$a = @fsockopen("{ALLOWED}", 80, $errno, $errstr, 5); if ($a) fwrite($a, "{REQUEST}");
 echo $a ? "allowed ok\\n" : "allowed failed $errno\\n";
 $b = @fsockopen("{BLOCKED}", 80, $errno, $errstr, 5);
 echo $b ? "blocked ok\\n" : "blocked failed $errno\\n";
@@ -58,6 +61,18 @@ def virsh(remote: RemoteHost, *args: str) -> str:
     return on_host(remote, "virsh", "-c", "qemu:///system", *args)
 
 
+def tcpdumps_on(remote: RemoteHost) -> list[int]:
+    """The tcpdumps running in the remote host's network namespace."""
+    found = []
+    for pid in _pids_in(remote.netns):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "tcpdump":
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
 def test_a_sandbox_on_a_remote_host(
     monkeypatch: pytest.MonkeyPatch, remote: RemoteHost, cli: Cli, tmp_path: Path
 ) -> None:
@@ -65,10 +80,19 @@ def test_a_sandbox_on_a_remote_host(
     monkeypatch.setenv("SANDBOX_CONNECT", remote.uri)
     start = len(accept_log(cli.lab))
 
-    cli.ok("up", "--name", "rem", "--allow", ALLOWED)
+    cli.ok("up", "--name", "rem", "--allow", ALLOWED, "--pcap")
     state = json.loads((cli.sandbox_dir("rem") / "state.json").read_text())
     assert state["uri"] == remote.uri
     network, domain = state["network"], state["domain"]
+    # The host-side records run on the host, in its network namespace (where the tap is), and
+    # write into a directory of the host's own.
+    records_dir = remote.private("/var/lib/libvirt") / "sandbox-records" / "rem"
+    assert state["remote_dir"] == "/var/lib/libvirt/sandbox-records/rem"
+    assert sorted(tcpdumps_on(remote)) == sorted(
+        [state["remote_flows_pid"], state["remote_pcap_pid"]]
+    )
+    assert (records_dir / "host-flows.pcap0").exists() and (records_dir / "capture.pcap0").exists()
+    assert not state.get("flows_pid") and not state.get("pcap_pid")
     # The guest runs on the host, not here, and the client has no way to it but the host.
     assert domain in virsh(remote, "list", "--name")
     with inside(cli.lab.netns), pytest.raises(OSError):
@@ -82,9 +106,23 @@ def test_a_sandbox_on_a_remote_host(
     assert any(e["server"] == ALLOWED and e["port"] == 80 for e in accept_log(cli.lab)[start:])
 
     def complete(rows: list[dict[str, object]]) -> bool:
-        return {r.get("verdict") for r in rows} >= {"allowed", "blocked", "dns"}
+        verdicts = {r.get("verdict") for r in rows} >= {"allowed", "blocked", "dns"}
+        return verdicts and any(r.get("http") for r in rows)
 
-    rows = cli.records_when("rem", complete, "the allowed, blocked and DNS rows")
+    rows = cli.records_when("rem", complete, "the allowed, blocked and DNS rows, and the request")
+    # The request line the guest sent on the allowed connection, from the host's flow record
+    # (brought back over SFTP), as locally.
+    sent = [(r["verdict"], r["dst"], r["dport"], r["http"]) for r in rows if r.get("http")]
+    assert sent == [("allowed", ALLOWED, 80, SENT)], sent
+    # `logs --host`: the host's record of the guest's flows, read from the copies.
+    flows = [
+        json.loads(line)
+        for line in cli.ok("logs", "--name", "rem", "--host", "--json").stdout.splitlines()
+    ]
+    dests = {(f["proto"], f["src"], f["dst"], f["dport"]) for f in flows}
+    assert ("tcp", state["ip"], ALLOWED, 80) in dests, flows
+    # The blocked attempt never left the guest (its own firewall refused it).
+    assert not any(f["dst"] == BLOCKED for f in flows), flows
     lines = {
         (r["verdict"], r.get("dst")): r["stack"][0]["line"]
         for r in rows
@@ -117,8 +155,22 @@ def test_a_sandbox_on_a_remote_host(
     assert "sandbox_guard_" not in on_host(remote, "nft", "list", "tables")
     dnsmasq = remote.private("/var/lib/libvirt") / "dnsmasq"
     assert not list(dnsmasq.glob(f"{network}.queries.log*"))
-    # The logs stay with the client.
-    assert (cli.sandbox_dir("rem") / "logs").is_dir()
+    # Nothing of the host-side records is left there: no tcpdump, no directory.
+    assert tcpdumps_on(remote) == []
+    assert not records_dir.exists()
+    # The logs stay with the client, the packet capture and the flow record with them.
+    logs = cli.sandbox_dir("rem") / "logs"
+    assert logs.is_dir()
+    packets = subprocess.run(
+        ["tcpdump", "-r", str(logs / "capture.pcap0"), "-nn"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    assert f"{state['ip']}." in packets and f"> {ALLOWED}.80:" in packets, packets
+    assert "www.inet.test" in packets  # the DNS query went through the capture too
+    kept = cli.ok("logs", "--name", "rem", "--host", "--json").stdout.splitlines()
+    assert any(json.loads(line)["dst"] == ALLOWED for line in kept), kept
 
 
 def test_placement_over_two_hosts_and_one_that_is_down(
@@ -146,3 +198,19 @@ def test_placement_over_two_hosts_and_one_that_is_down(
     cli.ok("destroy", "--name", "placed")
     wait_removed("placed", cli)
     assert state["domain"] not in virsh(remote, "list", "--all", "--name")
+
+
+def test_a_failed_up_stops_the_records_on_the_remote_host(
+    monkeypatch: pytest.MonkeyPatch, remote: RemoteHost, cli: Cli
+) -> None:
+    """An `up` that fails after the host-side records started (here: the guest cannot get its
+    lease within a boot timeout of 2 s) rolls them back on the host too."""
+    client_of(remote, monkeypatch)
+    monkeypatch.setenv("SANDBOX_CONNECT", remote.uri)
+    cli.config.write_text("boot_timeout: 2\n")
+    failed = cli.run("up", "--name", "remfail", "--pcap")
+    assert failed.returncode != 0
+    assert "recording the guest's flows" in failed.stderr, failed.stderr  # they had started
+    assert tcpdumps_on(remote) == []
+    assert not (remote.private("/var/lib/libvirt") / "sandbox-records" / "remfail").exists()
+    assert "sandbox-remfail" not in virsh(remote, "list", "--all", "--name")

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from orchestrator import cli, lifecycle, names, paths
 from orchestrator.config import Settings
-from orchestrator.errors import ConflictError, HypervisorError, TimeoutExpired
+from orchestrator.errors import ConflictError, HypervisorError, TimeoutExpired, UsageError
 from orchestrator.lifecycle import hosts as placement
 from orchestrator.lifecycle import warm
 from orchestrator.lifecycle.hosts import HostProbe
@@ -350,3 +350,22 @@ def test_cli_list_has_a_host_column_and_a_row_for_a_host_down(
     assert cli.main(["--connect", hosts.a, "list", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["name"], r["host"]) for r in rows] == [("cli", hosts.a)]
+
+
+@pytest.mark.parametrize(
+    ("uri", "allowed"),
+    [
+        ("qemu:///system", True),
+        ("test:///default", True),
+        ("qemu+ssh://root@host.example/system", True),
+        ("qemu+tcp://host.example/system", False),
+        ("qemu+tls://host.example/system", False),
+    ],
+)
+def test_pcap_goes_wherever_a_login_runs_tcpdump(uri: str, allowed: bool) -> None:
+    if allowed:
+        placement.require_capture(uri)
+        return
+    with pytest.raises(UsageError) as caught:
+        placement.require_capture(uri)
+    assert "qemu+ssh://root@HOST/system" in (caught.value.hint or "")

@@ -20,7 +20,7 @@ import subprocess
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from orchestrator.capture.logview import destination
 from orchestrator.capture.pcap import ring_files, start_tcpdump
@@ -112,7 +112,7 @@ class Flow:
         }
 
 
-def tcpdump_args(interface: str, path: Path, *, file_mib: int, files: int) -> list[str]:
+def tcpdump_args(interface: str, path: PurePath, *, file_mib: int, files: int) -> list[str]:
     """tcpdump's arguments (without the program) for the flow record of `interface`. Pure."""
     return [
         # tcpdump drops root after opening its first file, and opens the ring's next files

@@ -13,7 +13,7 @@ import shutil
 import signal
 import subprocess
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from orchestrator.errors import SandboxError
 from orchestrator.waits import Deadline, wait_for
@@ -71,17 +71,28 @@ def start_pcap(
     sandbox's state. Returns only once tcpdump said it is listening and the file exists.
     """
     capture = Path(path)
+    args = pcap_args(interface, capture, file_mib=file_mib, files=files)
+    first = capture.with_name(capture.name + "0")
+    return start_tcpdump(interface, args, first, timeout=timeout, hint="drop --pcap")
+
+
+def pcap_args(
+    interface: str,
+    path: PurePath,
+    *,
+    file_mib: int = RING_FILE_MIB,
+    files: int = RING_FILES,
+) -> list[str]:
+    """tcpdump's arguments (without the program) for `--pcap` on `interface`. Pure."""
     # -U writes each packet as it is dumped; --immediate-mode makes libpcap hand it over at
     # once: without it the packets still in the kernel ring at SIGTERM are lost (measured:
     # a capture stopped right after an `exec` held 23 of 52 packets, none of the exec's).
     # -Z root: tcpdump drops to its own user after the first file, and could not open the
     # ring's next ones in the sandbox's logs directory.
-    args = [
-        "-i", interface, "-w", str(capture), "-U", "--immediate-mode", "-n",
+    return [
+        "-i", interface, "-w", str(path), "-U", "--immediate-mode", "-n",
         "-C", str(file_mib), "-W", str(files), "-Z", "root",
     ]  # fmt: skip
-    first = capture.with_name(capture.name + "0")
-    return start_tcpdump(interface, args, first, timeout=timeout, hint="drop --pcap")
 
 
 def start_tcpdump(

@@ -207,8 +207,6 @@ def up(
     """Build and start a sandbox: from a warm VM when one fits (`warm_start`), else cold."""
     validate_name(name)
     policy = policy if policy is not None else make_policy(ctx)
-    if capture:
-        hosts.require_local(ctx)
     store = ctx.store
     img = load_image(ctx.image_name(image), ctx.dirs.images)
     with store.lock(name, timeout=teardown.lock_wait(store, name)):
@@ -226,9 +224,11 @@ def up(
         uri = hosts.place(
             ctx,
             name,
-            local_only=capture or policy.sinkhole or bool(policy.wildcards),
+            local_only=policy.sinkhole or bool(policy.wildcards),
             prefer=warm.hosts_with_fit(ctx, img) if warm_start else (),
         )
+        if capture:
+            hosts.require_capture(uri)
         # From here on the sandbox's settings name its one host: its state records it, and a
         # warm VM fits only if it is on that host.
         here = dataclasses.replace(ctx, settings=ctx.settings.on_host(uri))
@@ -666,6 +666,9 @@ class Build:
     def record_host_side(self, capture: bool) -> None:
         """The host's own records of the guest's traffic: the flow record, and `--pcap`."""
         tap = names.target_dev(self.name)
+        if guards_remote_host(self.state.uri):
+            self._record_on_remote_host(tap, capture)
+            return
         if guards_host(self.state.uri):
             with self.ctx.reporter.step(f"recording the guest's flows on {tap} (host side)"):
                 flows_pid = hostflows.start(tap, logs_dir(self.ctx, self.name))
@@ -678,6 +681,33 @@ class Build:
                 pid = pcap.start_pcap(tap, logs / paths.PCAP_FILE)
             self.rollback.callback(pcap.stop_pcap, pid)
             self._save(pcap_pid=pid)
+
+    def _record_on_remote_host(self, tap: str, capture: bool) -> None:
+        """record_host_side on a remote libvirt host: the same tcpdumps, run there over one SSH
+        login; collections bring their files back (capture/remotecapture.py)."""
+        from orchestrator.capture import remotecapture as remote
+        from orchestrator.vm import hostfiles
+
+        uri = self.state.uri
+        where = remote.directory(self.name)
+        # Saved and its undo registered before anything is there: a failure halfway (or a
+        # killed `up`) leaves destroy the name of what to remove.
+        self._save(remote_dir=where)
+        self.rollback.callback(remote.discard, uri, where)
+        with hostfiles.on_host(uri) as host:
+            with self.ctx.reporter.step(f"recording the guest's flows on {tap} (libvirt host)"):
+                # An earlier sandbox of this name whose `up` was killed may have left its own.
+                remote.clear(host, where)
+                flows_pid = remote.start(
+                    host, tap, where, remote.FLOWS, remote.flows_args(tap, where)
+                )
+            self._save(remote_flows_pid=flows_pid)
+            if capture:
+                with self.ctx.reporter.step(f"capturing packets on {tap} (libvirt host)"):
+                    pid = remote.start(
+                        host, tap, where, remote.PCAP, remote.pcap_args(tap, where), "drop --pcap"
+                    )
+                self._save(remote_pcap_pid=pid)
 
     def log_in_and_push(self, xdebug_mode: xdebug.XdebugMode) -> None:
         """Wait for the guest, log in with the pinned key, load the policy and start the

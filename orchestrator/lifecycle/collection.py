@@ -27,6 +27,7 @@ from orchestrator.lifecycle.context import (
     Context,
     endpoint,
     expected_rules,
+    guards_remote_host,
     logs_dir,
     network_of,
     ready_state,
@@ -123,6 +124,7 @@ def collect_locked(
         ):
             collected, tampered = gather(own)
     collected = dataclasses.replace(collected, attempts=collected.attempts + tampered)
+    # On a remote host, the host-side records come home with the DNS log, on its login.
     queries, dns_warnings = _dns_queries(ctx, state)
     new_dns = logview.append_dns(logs, queries)
     known_dns: list[DnsQuery] = logview.read_dns(logs)
@@ -204,7 +206,9 @@ def _dns_queries(ctx: Context, state: SandboxState) -> tuple[list[DnsQuery], lis
     """The sandbox network resolver's log, for this guest's addresses, since it was created, and
     what kept it from being read. The log is a file on the hypervisor's host: read over SSH
     (SFTP) for a remote one. It is the names' only source, not the attempts': a failure to read
-    it is a warning, and the cursor stays, so the next collection reads what this one missed."""
+    it is a warning, and the cursor stays, so the next collection reads what this one missed.
+    On a remote host, the files of the host-side records (remotecapture.py) are brought to the
+    logs over the same login, first: what is new since the last collection."""
     clients = [state.ip] if state.ip else []
     with contextlib.suppress(SandboxError), hv.connection(state.uri) as conn:
         dom = hv.lookup_domain(conn, state.domain)
@@ -218,19 +222,34 @@ def _dns_queries(ctx: Context, state: SandboxState) -> tuple[list[DnsQuery], lis
     log = network_of(state).dns_log
     try:
         with hostfiles.on_host(state.uri) as files:
+            fetched = _fetch_records(files, state, logs)
             queries, after = dnslog.read_for(log, clients, since, cursor, files)
             atomic_write(cursor_path, after.to_json() + "\n")
             try:
                 dnslog.rotate_if_large(log, files=files, keep_from=after.offset)
             except SandboxError as exc:
-                return queries, [_hinted(exc)]
+                return queries, [*fetched, _hinted(exc)]
     except hostfiles.NoHostFiles as exc:
         # Nothing to retry: said with every `logs` (recorded_losses), kept past destroy.
         atomic_write(logs / paths.DNS_UNREAD, f"no DNS queries were recorded: {_hinted(exc)}\n")
         return [], []
     except SandboxError as exc:
         return [], [f"DNS queries not collected this time: {_hinted(exc)}"]
-    return queries, []
+    return queries, fetched
+
+
+def _fetch_records(files: hostfiles.HostFiles, state: SandboxState, logs: Path) -> list[str]:
+    """The remote host's new host-side record files into `logs`; what kept them (warnings)."""
+    if not state.remote_dir or not guards_remote_host(state.uri):
+        return []
+    from orchestrator.capture import remotecapture
+
+    try:
+        rings = remotecapture.rings_of(state.remote_pcap_pid)
+        fetched = remotecapture.fetch(files, state.remote_dir, logs, rings)
+    except SandboxError as exc:
+        return [f"host-side records not brought back this time: {_hinted(exc)}"]
+    return list(fetched.warnings)
 
 
 def _hinted(exc: SandboxError) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import libvirt
 
 from orchestrator.errors import ConflictError, HypervisorError, SandboxError, UsageError
-from orchestrator.lifecycle.context import Context, is_local
+from orchestrator.lifecycle.context import Context, guards_remote_host, is_local
 from orchestrator.vm import hypervisor as hv
 
 # Hosts probed at once: each probe is a libvirt connection (over SSH for a remote host, where
@@ -93,19 +93,20 @@ def probe(uris: Sequence[str]) -> list[HostProbe]:
         return list(pool.map(probe_one, uris))
 
 
-def require_local(ctx: Context) -> None:
-    """--pcap runs tcpdump on this machine: refuse it early when no host is here."""
-    if not any(is_local(uri) for uri in ctx.settings.all_hosts):
-        hosts = ", ".join(ctx.settings.all_hosts)
-        raise UsageError(
-            f"--pcap needs libvirt on this machine, not {hosts}",
-            "run sandbox on the hypervisor host for a packet capture, or leave out --pcap",
-        )
+def require_capture(uri: str) -> None:
+    """--pcap runs tcpdump on the libvirt host: this machine, or a remote host over SSH (its
+    login runs it there). Refused early for a remote host reached otherwise (qemu+tcp/tls)."""
+    if is_local(uri) or guards_remote_host(uri):
+        return
+    raise UsageError(
+        f"--pcap needs a login to the libvirt host to run tcpdump there, and {uri} gives none",
+        "connect with qemu+ssh://root@HOST/system, or leave out --pcap",
+    )
 
 
 def place(ctx: Context, name: str, *, local_only: bool, prefer: Collection[str] = ()) -> str:
-    """The host a new sandbox NAME goes on. `local_only` (--pcap, the sinkhole: they run on
-    this machine): among the hosts on this machine, if any (else the step that needs one says
+    """The host a new sandbox NAME goes on. `local_only` (the sinkhole: it runs on this
+    machine): among the hosts on this machine, if any (else the step that needs one says
     why). One host (no `hosts` configured, or --connect): that one, without asking it anything
     (`up` connects to it next and reports its error). Several: the reachable one with the most
     free memory (`choose`); each unreachable host is a warning through the reporter."""

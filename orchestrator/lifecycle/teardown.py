@@ -36,6 +36,8 @@ from orchestrator.errors import (
 from orchestrator.lifecycle import hosts
 from orchestrator.lifecycle.context import (
     Context,
+    guards_remote_host,
+    logs_dir,
 )
 from orchestrator.lifecycle.resources import remove_network, remove_volumes
 from orchestrator.state import (
@@ -290,6 +292,8 @@ def teardown_locked(
         from orchestrator.egress import wildcards
 
         wildcards.stop(state.wildcard_pid)
+    if guards_remote_host(uri) and (state is None or state.remote_dir):
+        removed += _remove_remote_records(ctx, name, state, uri)
     with hv.connection(uri) as conn:
         dom_name = _domain_of(conn, name, state)
         if hv.destroy_domain(conn, dom_name):
@@ -309,6 +313,30 @@ def teardown_locked(
     if present:
         removed.append("state and keys")
     return removed
+
+
+def _remove_remote_records(
+    ctx: Context, name: str, state: SandboxState | None, uri: str
+) -> list[str]:
+    """The host-side records on a remote libvirt host (capture/remotecapture.py): tcpdump
+    stopped, its last files brought to the logs, its directory removed; what was there. Without
+    state (a killed `up`), the directory its name derives from."""
+    from orchestrator.capture import remotecapture as remote
+    from orchestrator.vm import hostfiles
+
+    where = state.remote_dir if state and state.remote_dir else remote.directory(name)
+    pids = [p for p in (state.remote_flows_pid, state.remote_pcap_pid) if p] if state else []
+    with hostfiles.on_host(uri) as host:
+        stopped = remote.stop(host, where, pids)
+        if host.stat(where) is None:
+            return [f"tcpdump {p} on {host.where}" for p in stopped]
+        # Without state (a killed `up`), whatever it may have started.
+        rings = remote.rings_of(state.remote_pcap_pid) if state else remote.RINGS
+        fetched = remote.fetch(host, where, logs_dir(ctx, name), rings)
+        remote.remove(host, where)
+    done = f"host-side records {where} on {host.where} ({fetched.copied} bytes brought back"
+    done += f"; {'; '.join(fetched.warnings)})" if fetched.warnings else ")"
+    return [*(f"tcpdump {p} on {host.where}" for p in stopped), done]
 
 
 _CHILD = (
