@@ -36,7 +36,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from orchestrator import jsontext
+from orchestrator import detached, jsontext
 from orchestrator.capture import payload
 from orchestrator.capture.records import Attempt, Verdict, parse_time
 from orchestrator.errors import SandboxError
@@ -125,33 +125,9 @@ def start(gateway: ipaddress.IPv4Address, logs: Path, *, timeout: float = 15.0) 
     return Started(proc.pid, port)
 
 
-def _is_sinkhole(pid: int) -> bool:
-    # A pid from an old state file may be another process by now: only ever signal a sinkhole.
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return _MODULE.encode() in argv
-
-
 def stop(pid: int, *, timeout: float = 5.0) -> bool:
     """Stop the sinkhole `pid`; False if it was gone already."""
-    if not _is_sinkhole(pid):
-        return False
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-
-    def gone() -> bool | None:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        return True if not _is_sinkhole(pid) else None
-
-    try:
-        wait_for(gone, Deadline(timeout, f"the sinkhole (pid {pid}) to stop"), interval=0.05)
-    except SandboxError:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return True
+    return detached.stop(pid, _MODULE, "the sinkhole", timeout=timeout)
 
 
 # ---- the service (runs as nobody, detached) ---------------------------------------------------

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator import detached
 from orchestrator.egress import firewall, hostguard
 from orchestrator.egress.policy import Proto, Wildcard
 from orchestrator.errors import SandboxError
@@ -231,37 +232,12 @@ def start(sock: socket.socket, config: Config, logs: Path, *, timeout: float = 1
 
 def running(pid: int) -> bool:
     """Whether `pid` is a wildcard resolver (and not another process with a reused pid)."""
-    return _is_resolver(pid)
-
-
-def _is_resolver(pid: int) -> bool:
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return _MODULE.encode() in argv
+    return detached.runs_module(pid, _MODULE)
 
 
 def stop(pid: int, *, timeout: float = 5.0) -> bool:
-    """Stop the resolver `pid` (only ever a resolver: a pid from old state may be reused)."""
-    if not _is_resolver(pid):
-        return False
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-
-    def gone() -> bool | None:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        return True if not _is_resolver(pid) else None
-
-    try:
-        wait_for(
-            gone, Deadline(timeout, f"the wildcard resolver (pid {pid}) to stop"), interval=0.05
-        )
-    except SandboxError:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return True
+    """Stop the resolver `pid`; False if it was gone already."""
+    return detached.stop(pid, _MODULE, "the wildcard resolver", timeout=timeout)
 
 
 # ---- the service --------------------------------------------------------------------------------
