@@ -8,6 +8,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from orchestrator.errors import SandboxError
@@ -42,3 +45,44 @@ def stop(pid: int, module: str, what: str, *, timeout: float = 5.0) -> bool:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return True
+
+
+def start(
+    module: str,
+    args: Sequence[str],
+    *,
+    pass_fds: Sequence[int],
+    errors_file: Path,
+    ready: str,
+    what: str,
+    error: type[SandboxError],
+    timeout: float,
+) -> int:
+    """Start `python -m module ARGS` in a session of its own (it outlives `up`), its stderr in
+    `errors_file` (written anew), and return its pid once that file says `ready`. If it exits
+    first, or the wait ends, it is stopped and `error` says why."""
+    with errors_file.open("wb") as errors:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            pass_fds=tuple(pass_fds),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+            start_new_session=True,
+        )
+
+    def serving() -> bool | None:
+        text = errors_file.read_text(errors="replace")
+        if proc.poll() is not None:
+            raise error(
+                f"{what} stopped at once: {text.strip()[-300:] or proc.returncode}",
+                f"see {errors_file}",
+            )
+        return True if ready in text else None
+
+    try:
+        wait_for(serving, Deadline(timeout, f"{what} to serve"), interval=0.05)
+    except BaseException:
+        stop(proc.pid, module, what)
+        raise
+    return proc.pid

@@ -146,6 +146,11 @@ def render_rules(
         # such picked-up flows, or hand-made by root, who can flush this table anyway.
         "-A OUTPUT -p tcp -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN "
         "-m conntrack --ctstate NEW -j ACCEPT",
+        # A late segment of a TCP connection that has ended (the guest's sshd answering after
+        # the host's end of a management session closed) is INVALID to conntrack: no attempt,
+        # and logged as a blocked one it showed as a connection from port 22 to the gateway.
+        # Dropped here, it never leaves the guest, so it can carry nothing out either.
+        "-A OUTPUT -p tcp -m conntrack --ctstate INVALID -j DROP",
     ]
     if version == 4:
         # DHCP renewals: pinned to the gateway and broadcast, never to any address (a bare

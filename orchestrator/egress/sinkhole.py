@@ -29,7 +29,6 @@ import os
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -40,7 +39,6 @@ from orchestrator import detached, jsontext
 from orchestrator.capture import payload
 from orchestrator.capture.records import Attempt, Verdict, parse_time
 from orchestrator.errors import SandboxError
-from orchestrator.waits import Deadline, wait_for
 
 RECORDS_FILE = "sinkhole.jsonl"
 ERRORS_FILE = "sinkhole.log"
@@ -84,45 +82,19 @@ def start(gateway: ipaddress.IPv4Address, logs: Path, *, timeout: float = 15.0) 
             "run sandbox as root in the network namespace of libvirt's networks",
         ) from None
     port = listener.getsockname()[1]
-    errors_file = logs / ERRORS_FILE
-    with (
-        listener,
-        (logs / RECORDS_FILE).open("ab") as records,
-        errors_file.open("wb") as errors,
-    ):
+    with listener, (logs / RECORDS_FILE).open("ab") as records:
         os.chmod(records.fileno(), 0o600)
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                _MODULE,
-                "--listen-fd",
-                str(listener.fileno()),
-                "--log-fd",
-                str(records.fileno()),
-            ],
+        pid = detached.start(
+            _MODULE,
+            ["--listen-fd", str(listener.fileno()), "--log-fd", str(records.fileno())],
             pass_fds=(listener.fileno(), records.fileno()),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=errors,
-            start_new_session=True,
+            errors_file=logs / ERRORS_FILE,
+            ready=_READY,
+            what="the sinkhole",
+            error=SinkholeError,
+            timeout=timeout,
         )
-
-    def ready() -> bool | None:
-        text = errors_file.read_text(errors="replace")
-        if proc.poll() is not None:
-            raise SinkholeError(
-                f"the sinkhole stopped at once: {text.strip()[-300:] or proc.returncode}",
-                f"see {errors_file}",
-            )
-        return True if _READY in text else None
-
-    try:
-        wait_for(ready, Deadline(timeout, "the sinkhole to serve"), interval=0.05)
-    except BaseException:
-        stop(proc.pid)
-        raise
-    return Started(proc.pid, port)
+    return Started(pid, port)
 
 
 def stop(pid: int, *, timeout: float = 5.0) -> bool:

@@ -36,7 +36,6 @@ import secrets
 import shlex
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -48,7 +47,7 @@ from orchestrator import detached
 from orchestrator.egress import firewall, hostguard
 from orchestrator.egress.policy import Proto, Wildcard
 from orchestrator.errors import SandboxError
-from orchestrator.waits import Deadline, wait_for
+from orchestrator.waits import Deadline
 
 HANDED_OUT_FILE = "wildcards.jsonl"
 ERRORS_FILE = "wildcards.log"
@@ -192,42 +191,17 @@ def start(sock: socket.socket, config: Config, logs: Path, *, timeout: float = 1
     logs.mkdir(parents=True, exist_ok=True)
     config_path = logs / CONFIG_FILE
     config_path.write_text(config.to_json() + "\n")
-    errors_file = logs / ERRORS_FILE
-    with sock, errors_file.open("ab") as errors:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                _MODULE,
-                "--fd",
-                str(sock.fileno()),
-                "--config",
-                str(config_path),
-                "--logs",
-                str(logs),
-            ],
+    with sock:
+        return detached.start(
+            _MODULE,
+            ["--fd", str(sock.fileno()), "--config", str(config_path), "--logs", str(logs)],
             pass_fds=(sock.fileno(),),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=errors,
-            start_new_session=True,
+            errors_file=logs / ERRORS_FILE,
+            ready=_READY,
+            what="the wildcard resolver",
+            error=WildcardError,
+            timeout=timeout,
         )
-
-    def ready() -> bool | None:
-        text = errors_file.read_text(errors="replace")
-        if proc.poll() is not None:
-            raise WildcardError(
-                f"the wildcard resolver stopped at once: {text.strip()[-300:] or proc.returncode}",
-                f"see {errors_file}",
-            )
-        return True if _READY in text else None
-
-    try:
-        wait_for(ready, Deadline(timeout, "the wildcard resolver to serve"), interval=0.05)
-    except BaseException:
-        stop(proc.pid)
-        raise
-    return proc.pid
 
 
 def running(pid: int) -> bool:
