@@ -61,6 +61,7 @@ UPSTREAM_SECONDS = 2.0
 MAX_MESSAGE = 4096
 MAX_ADDRESSES = 64  # per answer
 PUSH_SECONDS = 20.0
+_IDLE_SECONDS = 0.5  # how often the service looks up from its socket for `up`'s signal
 _A, _AAAA = 1, 28
 _REFUSED, _SERVFAIL = 5, 2
 
@@ -209,6 +210,14 @@ def running(pid: int) -> bool:
     return detached.runs_module(pid, _MODULE)
 
 
+def guest_ready(pid: int) -> None:
+    """Tell the resolver `pid` that the guest is up and its policy loaded (`up` is done): it logs
+    in now, not at the first wildcard lookup."""
+    if detached.runs_module(pid, _MODULE):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
+
+
 def stop(pid: int, *, timeout: float = 5.0) -> bool:
     """Stop the resolver `pid`; False if it was gone already."""
     return detached.stop(pid, _MODULE, "the wildcard resolver", timeout=timeout)
@@ -273,15 +282,20 @@ class _Service:
         self.logs = logs
         self.known = {(h.address, h.proto, h.port) for h in read_handed_out(logs)}
         self.guest: Any = None  # orchestrator.vm.guest.Guest, opened at the first push
+        self.login_wanted = False  # `up` says the guest is ready (SIGUSR1): log in ahead
 
     def log(self, text: str) -> None:
         print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}", file=sys.stderr, flush=True)
 
     def serve(self) -> None:
+        self.sock.settimeout(_IDLE_SECONDS)
         while True:
+            if self.login_wanted:
+                self.login_wanted = False
+                self.log_in_ahead()
             try:
                 query, peer = self.sock.recvfrom(MAX_MESSAGE)
-            except InterruptedError:
+            except (InterruptedError, TimeoutError):
                 continue
             try:
                 reply = self.handle(query)
@@ -359,10 +373,27 @@ class _Service:
         self.log(f"{name}: allowed {', '.join(f'{a} {p}/{n}' for a, p, n in new)}")
         return True
 
-    def push_guest(self, nonce: str, handed: list[HandedOut]) -> None:
+    def log_in_ahead(self) -> None:
+        """The guest's first wildcard answer would otherwise wait for this login (~1 s under
+        TCG): made once `up` is done, before the software runs, never during the boot."""
+        if self.guest is not None:
+            return
+        try:
+            self.connect_guest()
+        except SandboxError as error:
+            self.log(f"logging in to the guest ahead failed (the first push will retry): {error}")
+
+    def connect_guest(self) -> None:
         from orchestrator.vm.guest import Endpoint
         from orchestrator.vm.guest import Guest as GuestSession
 
+        g = self.config.guest
+        endpoint = Endpoint(g.host, g.port, g.user, Path(g.client_key), g.host_key)
+        self.guest = GuestSession.connect(
+            endpoint, Deadline(PUSH_SECONDS, f"SSH to the guest at {endpoint}")
+        )
+
+    def push_guest(self, nonce: str, handed: list[HandedOut]) -> None:
         # The rules in the script itself (made of parsed addresses and numbers only): the load's
         # file name, with the nonce, is what the guest's capture records as its command line.
         script = [f"umask 077; mkdir -p {GUEST_DIR}"]
@@ -376,11 +407,7 @@ class _Service:
             script.append('[ "$status" = 0 ] || exit "$status"')
         for attempt in (1, 2):
             if self.guest is None:
-                g = self.config.guest
-                endpoint = Endpoint(g.host, g.port, g.user, Path(g.client_key), g.host_key)
-                self.guest = GuestSession.connect(
-                    endpoint, Deadline(PUSH_SECONDS, f"SSH to the guest at {endpoint}")
-                )
+                self.connect_guest()
             try:
                 self.guest.check(["sh", "-c", "\n".join(script)], timeout=PUSH_SECONDS)
                 return
@@ -400,6 +427,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = Config.from_json(args.config.read_text())
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     service = _Service(sock, config, args.logs)
+
+    def want_login(signum: int, frame: object) -> None:
+        service.login_wanted = True
+
+    signal.signal(signal.SIGUSR1, want_login)
     service.log(_READY)
     service.serve()
     return 0

@@ -781,6 +781,10 @@ class Build:
             known_hosts_line(state.ip, state.ssh_port, self.host.public_line) + "\n",
         )
         self._save(phase=Phase.READY, boot_seconds=round(self.boot.elapsed(), 1))
+        if state.wildcard_pid:
+            from orchestrator.egress import wildcards
+
+            wildcards.guest_ready(state.wildcard_pid)
 
 
 def _forget_earlier_vm(logs: Path) -> None:
