@@ -326,3 +326,24 @@ def test_a_host_without_python3_is_said_with_what_to_do(
         remotesinkhole.start(host, where, "192.0.2.1")
     assert "python3 is not installed" in caught.value.message
     assert "apt-get install python3" in (caught.value.hint or "")
+
+
+def test_destroy_looks_for_a_sinkhole_only_where_there_may_be_one() -> None:
+    from orchestrator.egress.policy import build_policy
+    from orchestrator.lifecycle import teardown
+    from orchestrator.state import Phase, SandboxState
+    from orchestrator.vm.domain import Accel
+
+    def state(sinkhole: bool) -> SandboxState:
+        return SandboxState(
+            name="web", phase=Phase.READY, created="2026-12-06T00:00:00+00:00",
+            uri="qemu+ssh://root@host/system", domain="sandbox-web", pool="sandbox",
+            network="sandbox-web", volumes=(), image="php", image_hash="h", accel=Accel.TCG,
+            mac="52:54:00:00:00:01", policy=build_policy([], sinkhole=sinkhole).to_dict(),
+            remote_dir="/var/lib/libvirt/sandbox-records/web", remote_sinkhole_pid=123,
+        )  # fmt: skip
+
+    assert teardown._may_sinkhole(state(True)) and not teardown._may_sinkhole(state(False))
+    assert teardown._may_sinkhole(None)  # no state: a killed `up` may have started one
+    again = SandboxState.from_json(state(True).to_json())
+    assert again.remote_sinkhole_pid == 123

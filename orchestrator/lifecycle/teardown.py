@@ -30,6 +30,7 @@ from orchestrator import names, paths
 from orchestrator.capture import monitor, pcap
 from orchestrator.config import Settings
 from orchestrator.egress import hostfilter
+from orchestrator.egress.policy import EgressPolicy
 from orchestrator.errors import (
     SandboxError,
 )
@@ -331,7 +332,7 @@ def _remove_remote_records(
     logs = logs_dir(ctx, name)
     with hostfiles.on_host(uri) as host:
         # Any sinkhole running there, recorded or not (a killed `up` may have started one).
-        sunk = remotesinkhole.stop(host, where)
+        sunk = remotesinkhole.stop(host, where) if _may_sinkhole(state) else []
         stopped = remote.stop(host, where, pids)
         gone = [
             *(f"sinkhole {p} on {host.where}" for p in sunk),
@@ -355,6 +356,14 @@ def _remove_remote_records(
     done = f"host-side records {where} on {host.where} ({fetched.copied} bytes brought back"
     done += f"; {'; '.join(warnings)})" if warnings else ")"
     return [*gone, done]
+
+
+def _may_sinkhole(state: SandboxState | None) -> bool:
+    """Whether a sandbox may have a sinkhole on its remote host: sinkhole mode, or no state to
+    tell. Pure."""
+    if state is None:
+        return True
+    return EgressPolicy.from_dict(state.policy).sinkhole
 
 
 _CHILD = (
