@@ -9,6 +9,7 @@ import ast
 import base64
 import json
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -248,18 +249,15 @@ def test_the_sinkhole_is_placed_where_it_can_run() -> None:
 # ---- the program, for real -------------------------------------------------------------------
 
 
-def _talk(data: bytes) -> bytes:
+def _talk(port: int, data: bytes) -> bytes:
     # From the far end of the veth: the program listens on 192.0.2.1 in the "host" namespace.
-    with inside(PEER_NETNS), socket.create_connection(("192.0.2.1", PORT[0]), timeout=10) as conn:
+    with inside(PEER_NETNS), socket.create_connection(("192.0.2.1", port), timeout=10) as conn:
         if data:
             conn.sendall(data)
         chunks = []
         while chunk := conn.recv(4096):
             chunks.append(chunk)
         return b"".join(chunks)
-
-
-PORT: list[int] = [0]
 
 
 @pytest.mark.root
@@ -272,15 +270,16 @@ def test_the_program_serves_records_and_stops_on_a_host(
     where = str(host_root / "web")
     logs = tmp_path / "logs"
     started = remotesinkhole.start(host, where, "192.0.2.1")
-    PORT[0] = started.port
+    other = f"{where}/{remotesinkhole.PROGRAM}.old"
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", other])
     try:
         status = Path(f"/proc/{started.pid}/status").read_text()
         assert "Uid:\t65534" in status  # no longer root once it holds its socket and log
         assert (Path(where).stat().st_mode & 0o777) == 0o700
-        assert _talk(HTTP) == sinkhole.HTTP_OK
-        assert _talk(_client_hello()) == sinkhole.TLS_ALERT
+        assert _talk(started.port, HTTP) == sinkhole.HTTP_OK
+        assert _talk(started.port, _client_hello()) == sinkhole.TLS_ALERT
         begun = time.monotonic()
-        assert _talk(b"HELLO") == b""  # raw bytes: no answer, closed when idle
+        assert _talk(started.port, b"HELLO") == b""  # raw bytes: no answer, closed when idle
         assert time.monotonic() - begun < sinkhole.READ_SECONDS
         key = remotesinkhole.fetch_key("2026-12-06T00:00:00+00:00", started.pid)
         deadline = time.monotonic() + 10
@@ -297,12 +296,15 @@ def test_the_program_serves_records_and_stops_on_a_host(
             ("192.0.2.2", None, "TLS ClientHello, server name www.inet.test"),
             ("192.0.2.2", None, "5 bytes: 48454c4c4f"),
         ]
+        # Only a python running this sandbox's copy is ours: not another's, not the bystander.
         assert remotesinkhole.stop(host, where) == [started.pid]
-        assert not _alive(started.pid)
+        assert not _alive(started.pid) and bystander.poll() is None
         assert remotesinkhole.stop(host, where) == []
     finally:
         remotesinkhole.stop(host, where)
         remotecapture.remove(host, where)
+        bystander.kill()
+        bystander.wait()
     assert not Path(where).exists()
 
 

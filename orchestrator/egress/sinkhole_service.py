@@ -119,8 +119,9 @@ class Service:
             self.slots.acquire()
             try:
                 conn, peer = listener.accept()
-            except OSError:
+            except OSError:  # out of file descriptors, say: not a busy loop meanwhile
                 self.slots.release()
+                time.sleep(0.05)
                 continue
             self.total += 1
             if self.total > self.args.max_connections:
