@@ -21,6 +21,7 @@ from tests.netns import inside
 
 from .e2e_support import Cli, wait_removed
 from .inet_capture import InetCapture
+from .test_e2e_learn import one_shot_name
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
@@ -238,6 +239,29 @@ def test_sinkhole_mode_on_a_remote_host(
     # Its records stay with the client's logs, in the local sinkhole's format.
     kept = (cli.sandbox_dir("remsink") / "logs" / "sinkhole.jsonl").read_text().splitlines()
     assert any(json.loads(line)["http"] == sunk["http"] for line in kept), kept
+
+
+def test_a_one_shot_run_in_sinkhole_mode_on_a_remote_host(
+    monkeypatch: pytest.MonkeyPatch, remote: RemoteHost, cli: Cli, tmp_path: Path
+) -> None:
+    """`run --rm --sinkhole` goes through the same `up` and `destroy`: the request is in the
+    logs kept after it, and nothing of it is left on the host."""
+    client_of(remote, monkeypatch)
+    monkeypatch.setenv("SANDBOX_CONNECT", remote.uri)
+    script = tmp_path / "phone_home.php"
+    script.write_text(SINKHOLED)
+    ran = cli.ok("run", "--rm", "--sinkhole", str(script))
+    name = one_shot_name(ran.stderr)
+    rows = cli.records_when(
+        name,
+        lambda rs: any(r["verdict"] == "sinkholed" and r.get("http") for r in rs),
+        "the sinkholed request",
+    )
+    sunk = [(r["dns_name"], r["http"]) for r in rows if r["verdict"] == "sinkholed"]
+    assert sunk == [("telemetry.evil.test", "GET telemetry.evil.test /collect?id=17")], rows
+    wait_removed(name, cli)
+    assert sinkholes_on(remote) == []
+    assert not (remote.private("/var/lib/libvirt") / "sandbox-records" / name).exists()
 
 
 def test_placement_over_two_hosts_and_one_that_is_down(
