@@ -181,6 +181,15 @@ echo gethostbyname('telemetry.evil.test'), "\\n";
 """
 
 
+def could_be_the_scripts(packet: str) -> bool:
+    """A packet (tcpdump -n line) in the fake internet that the sinkholed script could have
+    caused: its call (port 80) or a lookup forwarded upstream (DNS). Not every packet there: in
+    the shared lab, an earlier sandbox's SSH session ending after its network was removed sends
+    its FIN (a gateway to its guest's port 22) out by the default route, into the fake
+    internet (seen once, while this test ran)."""
+    return any(port in packet for port in (".80:", ".80 ", ".53:", ".53 "))
+
+
 def sinkholes_on(remote: RemoteHost) -> list[int]:
     """The processes in the remote host's network namespace running a sandbox's sinkhole."""
     found = []
@@ -219,7 +228,7 @@ def test_sinkhole_mode_on_a_remote_host(
     with InetCapture(cli.lab, tmp_path / "inet.pcap") as capture:
         ran = cli.ok("run", "--name", "remsink", str(script))
     assert ran.stdout.splitlines() == [gateway], ran.stdout + ran.stderr
-    assert capture.packets() == []
+    assert capture.packets(could_be_the_scripts) == [], capture.packets()
     assert accept_log(cli.lab)[start:] == []
     rows = cli.records_when(
         "remsink",
