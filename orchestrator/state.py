@@ -80,6 +80,9 @@ class SandboxState:
     remote_dir: str | None = None
     remote_flows_pid: int | None = None
     remote_pcap_pid: int | None = None
+    # Sinkhole mode there (egress/remotesinkhole.py): the sinkhole's pid on that host, in the
+    # same directory.
+    remote_sinkhole_pid: int | None = None
     # The sinkhole (egress/sinkhole.py) of a sandbox in sinkhole mode.
     sinkhole_pid: int | None = None
     # The resolver of wildcard entries (egress/wildcards.py), when the policy has any.

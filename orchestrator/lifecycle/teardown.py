@@ -30,6 +30,7 @@ from orchestrator import names, paths
 from orchestrator.capture import monitor, pcap
 from orchestrator.config import Settings
 from orchestrator.egress import hostfilter
+from orchestrator.egress.policy import EgressPolicy
 from orchestrator.errors import (
     SandboxError,
 )
@@ -318,25 +319,51 @@ def teardown_locked(
 def _remove_remote_records(
     ctx: Context, name: str, state: SandboxState | None, uri: str
 ) -> list[str]:
-    """The host-side records on a remote libvirt host (capture/remotecapture.py): tcpdump
-    stopped, its last files brought to the logs, its directory removed; what was there. Without
-    state (a killed `up`), the directory its name derives from."""
+    """The host-side records on a remote libvirt host (capture/remotecapture.py) and its
+    sinkhole there (egress/remotesinkhole.py): tcpdump and the sinkhole stopped, their last
+    files brought to the logs, their directory removed; what was there. Without state (a
+    killed `up`), the directory its name derives from."""
     from orchestrator.capture import remotecapture as remote
+    from orchestrator.egress import remotesinkhole
     from orchestrator.vm import hostfiles
 
     where = state.remote_dir if state and state.remote_dir else remote.directory(name)
     pids = [p for p in (state.remote_flows_pid, state.remote_pcap_pid) if p] if state else []
+    logs = logs_dir(ctx, name)
     with hostfiles.on_host(uri) as host:
+        # Any sinkhole running there, recorded or not (a killed `up` may have started one).
+        sunk = remotesinkhole.stop(host, where) if _may_sinkhole(state) else []
         stopped = remote.stop(host, where, pids)
+        gone = [
+            *(f"sinkhole {p} on {host.where}" for p in sunk),
+            *(f"tcpdump {p} on {host.where}" for p in stopped),
+        ]
         if host.stat(where) is None:
-            return [f"tcpdump {p} on {host.where}" for p in stopped]
+            return gone
         # Without state (a killed `up`), whatever it may have started.
         rings = remote.rings_of(state.remote_pcap_pid) if state else remote.RINGS
-        fetched = remote.fetch(host, where, logs_dir(ctx, name), rings)
+        fetched = remote.fetch(host, where, logs, rings)
+        warnings = list(fetched.warnings)
+        if state is not None and state.remote_sinkhole_pid:
+            # Its last records (after the final collection's: kept, not attached to attempts).
+            key = remotesinkhole.fetch_key(state.created, state.remote_sinkhole_pid)
+            try:
+                warnings += remotesinkhole.fetch(host, where, logs, key, final=True).warnings
+            except (SandboxError, OSError) as exc:
+                message = exc.message if isinstance(exc, SandboxError) else str(exc)
+                warnings.append(f"the sinkhole's last records not brought back: {message}")
         remote.remove(host, where)
     done = f"host-side records {where} on {host.where} ({fetched.copied} bytes brought back"
-    done += f"; {'; '.join(fetched.warnings)})" if fetched.warnings else ")"
-    return [*(f"tcpdump {p} on {host.where}" for p in stopped), done]
+    done += f"; {'; '.join(warnings)})" if warnings else ")"
+    return [*gone, done]
+
+
+def _may_sinkhole(state: SandboxState | None) -> bool:
+    """Whether a sandbox may have a sinkhole on its remote host: sinkhole mode, or no state to
+    tell. Pure."""
+    if state is None:
+        return True
+    return EgressPolicy.from_dict(state.policy).sinkhole
 
 
 _CHILD = (
