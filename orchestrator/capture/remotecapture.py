@@ -162,25 +162,10 @@ exit 4
 """
 )
 
-# $1: the directory; then the recorded pids to stop (each only if ours), and every other tcpdump
-# of ours there. Prints the pids it stopped.
-_STOP = (
-    r"""set -u
-dir=$1
-shift
-"""
-    + _OURS
-    + rf"""
-pids=""
-for p in "$@"; do ours "$p" && pids="$pids $p"; done
-# And any other tcpdump writing there (a pid not recorded: an `up` killed mid-way), so that
-# nothing goes on writing into the directory once it is removed.
-for d in /proc/[0-9]*; do
-    p=${{d#/proc/}}
-    case " $pids " in *" $p "*) continue ;; esac
-    ours "$p" && pids="$pids $p"
-done
-[ -n "$pids" ] || exit 0
+# The end of every stop script here and in remotesinkhole.py: TERM the processes in $pids (each
+# checked with the script's own `ours`), wait while any is still ours, KILL what is left (stuck
+# writing to a dead disk or similar: what it held is lost either way); print the pids stopped.
+STOP_PIDS = rf"""[ -n "$pids" ] || exit 0
 kill -TERM $pids 2>/dev/null
 i=0
 while [ $i -lt {_STOP_STEPS} ]; do
@@ -190,10 +175,30 @@ while [ $i -lt {_STOP_STEPS} ]; do
     sleep 0.05
     i=$((i + 1))
 done
-# Stuck writing to a dead disk or similar: the capture is lost either way.
 kill -KILL $left 2>/dev/null
 echo $pids
 """
+
+# $1: the directory; then the recorded pids to stop (each only if ours), and every other tcpdump
+# of ours there. Prints the pids it stopped.
+_STOP = (
+    r"""set -u
+dir=$1
+shift
+"""
+    + _OURS
+    + r"""
+pids=""
+for p in "$@"; do ours "$p" && pids="$pids $p"; done
+# And any other tcpdump writing there (a pid not recorded: an `up` killed mid-way), so that
+# nothing goes on writing into the directory once it is removed.
+for d in /proc/[0-9]*; do
+    p=${d#/proc/}
+    case " $pids " in *" $p "*) continue ;; esac
+    ours "$p" && pids="$pids $p"
+done
+"""
+    + STOP_PIDS
 )
 
 

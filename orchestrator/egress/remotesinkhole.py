@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orchestrator import jsontext
-from orchestrator.capture import payload
+from orchestrator.capture import payload, remotecapture
 from orchestrator.capture.remotecapture import ROOT
 from orchestrator.egress import sinkhole
 from orchestrator.errors import SandboxError
@@ -55,7 +55,6 @@ MAX_LINE = 4 * ((payload.READ_BYTES + 2) // 3) + 512
 # The program stops writing at MAX_LOG_BYTES: the client reads no more than that (and a line).
 MAX_RAW_BYTES = sinkhole.MAX_LOG_BYTES + MAX_LINE
 _START_STEPS = 200  # of 0.05 s: within hostfiles.RUN_TIMEOUT
-_STOP_STEPS = 100
 _MESSAGE_MAX = 2000
 # Record times: seconds since the epoch, before the year 5000.
 _MAX_TIME = 1e11
@@ -164,25 +163,14 @@ dir=$1 prog=$1/"""
 shift
 """
     + _OURS
-    + rf"""
+    + r"""
 pids=""
 for d in /proc/[0-9]*; do
-    p=${{d#/proc/}}
+    p=${d#/proc/}
     ours "$p" && pids="$pids $p"
 done
-[ -n "$pids" ] || exit 0
-kill -TERM $pids 2>/dev/null
-i=0
-while [ $i -lt {_STOP_STEPS} ]; do
-    left=""
-    for p in $pids; do ours "$p" && left="$left $p"; done
-    [ -n "$left" ] || {{ echo $pids; exit 0; }}
-    sleep 0.05
-    i=$((i + 1))
-done
-kill -KILL $left 2>/dev/null
-echo $pids
 """
+    + remotecapture.STOP_PIDS
 )
 
 
