@@ -316,8 +316,11 @@ def _firewall_tamper(
     them (they came between the last collection and this one)."""
     from orchestrator.egress import wildcards
 
+    printed = guestfw.read_back(guest)
+    # Read after the rules: the resolver records a rule before it adds it, so every rule of its
+    # in `printed` is on record by now (read first, a push in between looked like tampering).
     handed_out = wildcards.handed_out_rules(logs)
-    now_state, diff = guestfw.readback_state(expected, guestfw.read_back(guest), handed_out)
+    now_state, diff = guestfw.readback_state(expected, printed, handed_out)
     digest = now_state.removeprefix("changed ")
     state_file = logs / paths.FIREWALL_STATE
     before = state_file.read_text().strip() if state_file.exists() else "intact"
