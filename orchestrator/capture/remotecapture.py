@@ -90,11 +90,12 @@ def directory(name: str) -> str:
     return posixpath.join(ROOT, validate_name(name))
 
 
-def _checked(path: str) -> str:
-    # Every script below gets a directory of ours, never a path from elsewhere (a state file is
-    # the user's, but a removal with `rm -rf` is ours to bound).
+def checked(path: str, error: type[SandboxError] = RemoteCaptureError) -> str:
+    """`path` if it is a sandbox's directory under ROOT, else `error`. Every script run on the
+    host (here and in remotesinkhole.py) gets a directory of ours, never a path from elsewhere
+    (a state file is the user's, but a removal with `rm -rf` is ours to bound)."""
     if posixpath.dirname(path) != ROOT:
-        raise RemoteCaptureError(
+        raise error(
             f"{path!r} is not a directory of sandbox's records on the libvirt host",
             f"the state file names another; records live under {ROOT}",
         )
@@ -205,7 +206,7 @@ done
 def start_argv(where: str, ring: Ring, tcpdump_args: Sequence[str]) -> list[str]:
     """The command that starts tcpdump ARGS detached in the directory `where` (made 0700 if
     it is not there), waits until it listens and its first file exists, and prints its pid. Pure."""
-    where = _checked(where)
+    where = checked(where)
     log = posixpath.join(where, ring.base + pcap.STDERR_SUFFIX)
     first = posixpath.join(where, ring.base + "0")
     return ["sh", "-c", _START, "sh", where, log, first, *tcpdump_args]
@@ -214,12 +215,12 @@ def start_argv(where: str, ring: Ring, tcpdump_args: Sequence[str]) -> list[str]
 def stop_argv(where: str, pids: Iterable[int] = ()) -> list[str]:
     """The command that stops tcpdump `pids` (each only if it is a live tcpdump writing into
     `where`) and any other tcpdump writing there, and prints those it stopped. Pure."""
-    return ["sh", "-c", _STOP, "sh", _checked(where), *(str(int(p)) for p in pids)]
+    return ["sh", "-c", _STOP, "sh", checked(where), *(str(int(p)) for p in pids)]
 
 
 def remove_argv(where: str) -> list[str]:
     """The command that removes the directory `where` and everything in it. Pure."""
-    return ["rm", "-rf", "--one-file-system", "--", _checked(where)]
+    return ["rm", "-rf", "--one-file-system", "--", checked(where)]
 
 
 def start(
@@ -368,7 +369,7 @@ def fetch(host: HostFiles, where: str, logs: Path, rings: Sequence[Ring] = RINGS
     """Bring the files of `rings` in `where` on the remote host to `logs` (same names), only
     what is new since the last fetch. A file that cannot be read is a warning: the next fetch
     tries again."""
-    where = _checked(where)
+    where = checked(where)
     logs.mkdir(parents=True, exist_ok=True)
     copied, files, warnings = 0, 0, []
     for ring in rings:

@@ -61,12 +61,12 @@ class Wildcards:
 
 def _allow_match(entry: Allow) -> str | None:
     """An allow entry as an nft match (None: ICMP, which no wildcard port concerns). Pure."""
-    family = "ip" if entry.version == 4 else "ip6"
-    match = "" if entry.network.prefixlen == 0 else f"{family} daddr {entry.network} "
-    if entry.network.prefixlen == 0:
-        match = f"meta nfproto {'ipv4' if entry.version == 4 else 'ipv6'} "
     if entry.proto is Proto.ICMP:
         return None
+    if entry.network.prefixlen == 0:
+        match = f"meta nfproto {'ipv4' if entry.version == 4 else 'ipv6'} "
+    else:
+        match = f"{'ip' if entry.version == 4 else 'ip6'} daddr {entry.network} "
     if entry.proto is Proto.ANY and entry.port is None:
         return match
     protos = "{ tcp, udp }" if entry.proto is Proto.ANY else entry.proto.value

@@ -38,7 +38,6 @@ from orchestrator.capture.remotecapture import ROOT
 from orchestrator.egress import sinkhole
 from orchestrator.errors import SandboxError
 from orchestrator.files import atomic_write
-from orchestrator.state import validate_name
 
 if TYPE_CHECKING:
     from orchestrator.vm.hostfiles import HostFiles
@@ -76,13 +75,7 @@ def program_text() -> str:
 
 
 def _checked(path: str) -> str:
-    if posixpath.dirname(path) != ROOT:
-        raise RemoteSinkholeError(
-            f"{path!r} is not a directory of sandbox's records on the libvirt host",
-            f"the state file names another; records live under {ROOT}",
-        )
-    validate_name(posixpath.basename(path))
-    return path
+    return remotecapture.checked(path, RemoteSinkholeError)
 
 
 def program_args(where: str, gateway: str) -> list[str]:

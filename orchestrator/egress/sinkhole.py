@@ -29,7 +29,6 @@ import json
 import os
 import signal
 import socket
-import struct
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -39,6 +38,9 @@ from pathlib import Path
 from orchestrator import detached, jsontext
 from orchestrator.capture import payload
 from orchestrator.capture.records import Attempt, Verdict, parse_time
+
+# The remote hosts' sinkhole program, standard library only: one reading of the redirect for both.
+from orchestrator.egress.sinkhole_service import original_destination
 from orchestrator.errors import SandboxError
 
 RECORDS_FILE = "sinkhole.jsonl"
@@ -52,7 +54,6 @@ MAX_LOG_BYTES = 8 << 20
 HTTP_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 # A fatal handshake_failure alert (TLS 1.0 record version: every client takes it).
 TLS_ALERT = bytes.fromhex("15030100020228")
-SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 NOBODY = 65534
 _MODULE = "orchestrator.egress.sinkhole"
 _READY = "sinkhole ready"
@@ -104,16 +105,6 @@ def stop(pid: int, *, timeout: float = 5.0) -> bool:
 
 
 # ---- the service (runs as nobody, detached) ---------------------------------------------------
-
-
-def original_destination(sock: socket.socket) -> tuple[str, int] | None:
-    """The address and port the guest connected to, before the redirect."""
-    try:
-        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-    except OSError:
-        return None
-    port, address = struct.unpack_from("!2xH4s", raw)
-    return str(ipaddress.IPv4Address(address)), port
 
 
 def _complete(data: bytes) -> bool:
