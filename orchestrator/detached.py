@@ -1,7 +1,8 @@
 """The host's own helper processes that outlive the CLI (the sinkhole, the wildcard resolver):
 `python -m MODULE`, started in a session of their own by `up`, their pids kept in the sandbox's
-state and stopped by `destroy`. A pid from an old state file may be another process by now, so
-one is only ever signalled when its command line runs that module."""
+state and stopped by `destroy` (found by their command lines too: hostprocs.py). A pid from an old
+state file may be another process by now, so one is only ever signalled when its command line
+runs that module."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from orchestrator.errors import SandboxError
@@ -29,7 +30,13 @@ def runs_module(pid: int, module: str) -> bool:
 def stop(pid: int, module: str, what: str, *, timeout: float = 5.0) -> bool:
     """SIGTERM to `pid` if it runs `module`, SIGKILL if it has not gone within `timeout`;
     False if it was gone already. `what` names it in the wait."""
-    if not runs_module(pid, module):
+    return terminate(pid, lambda: runs_module(pid, module), what, timeout=timeout)
+
+
+def terminate(pid: int, meant: Callable[[], bool], what: str, *, timeout: float) -> bool:
+    """SIGTERM to `pid` while `meant()` says it is still the process meant (not gone, not a
+    reused pid), SIGKILL if it is within `timeout`; False if it was gone already."""
+    if not meant():
         return False
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
@@ -37,7 +44,7 @@ def stop(pid: int, module: str, what: str, *, timeout: float = 5.0) -> bool:
     def gone() -> bool | None:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-        return True if not runs_module(pid, module) else None
+        return True if not meant() else None
 
     try:
         wait_for(gone, Deadline(timeout, f"{what} (pid {pid}) to stop"), interval=0.05)

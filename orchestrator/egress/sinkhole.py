@@ -88,7 +88,11 @@ def start(gateway: ipaddress.IPv4Address, logs: Path, *, timeout: float = 15.0) 
         os.chmod(records.fileno(), 0o600)
         pid = detached.start(
             _MODULE,
-            ["--listen-fd", str(listener.fileno()), "--log-fd", str(records.fileno())],
+            [
+                *("--listen-fd", str(listener.fileno()), "--log-fd", str(records.fileno())),
+                # Unused by the service: it names the sandbox, for a `destroy` without its pid.
+                *("--logs", str(logs)),
+            ],
             pass_fds=(listener.fileno(), records.fileno()),
             errors_file=logs / ERRORS_FILE,
             ready=_READY,
@@ -222,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=_MODULE)
     parser.add_argument("--listen-fd", type=int, required=True)
     parser.add_argument("--log-fd", type=int, required=True)
+    parser.add_argument("--logs", type=Path, required=True)  # names the sandbox (hostprocs.py)
     args = parser.parse_args(argv)
     asyncio.run(_serve(args.listen_fd, args.log_fd))
     return 0

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 import libvirt
 
-from orchestrator import names, paths
-from orchestrator.capture import monitor, pcap
+from orchestrator import hostprocs, names, paths
+from orchestrator.capture import monitor
 from orchestrator.config import Settings
 from orchestrator.egress import hostfilter
 from orchestrator.egress.policy import EgressPolicy
@@ -281,18 +281,11 @@ def teardown_locked(
     uri = state.uri if state else (uri or ctx.settings.connect)
     pool_name = state.pool if state else ctx.settings.pool.name
     network = state.network if state else names.network(name)
-    if state is not None and state.pcap_pid:
-        pcap.stop_pcap(state.pcap_pid)
-    if state is not None and state.flows_pid:
-        pcap.stop_pcap(state.flows_pid)
-    if state is not None and state.sinkhole_pid:
-        from orchestrator.egress import sinkhole  # only a sinkholed sandbox pays for its import
-
-        sinkhole.stop(state.sinkhole_pid)
-    if state is not None and state.wildcard_pid:
-        from orchestrator.egress import wildcards
-
-        wildcards.stop(state.wildcard_pid)
+    # This machine's captures, sinkhole and resolver, found by their command lines (they name
+    # the sandbox's logs directory): recorded or not (a killed `up`, a lost state), and never a
+    # recorded pid that is another process by now.
+    stopped = hostprocs.stop_all(logs_dir(ctx, name), state.sinkhole_pid if state else None)
+    removed += [helper.describe() for helper in stopped]
     if guards_remote_host(uri) and (state is None or state.remote_dir):
         removed += _remove_remote_records(ctx, name, state, uri)
     with hv.connection(uri) as conn:
