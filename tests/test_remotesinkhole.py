@@ -161,7 +161,6 @@ def test_take_leaves_a_line_in_progress_for_the_next_fetch() -> None:
 def host_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "host" / "sandbox-records"
     monkeypatch.setattr(remotecapture, "ROOT", str(root))
-    monkeypatch.setattr(remotesinkhole, "ROOT", str(root))
     return root
 
 
@@ -232,7 +231,7 @@ def test_commands_name_only_our_directories(host_root: Path) -> None:
         "--read-bytes", "4096", "--read-seconds", "3.0", "--max-open", "32",
         "--max-connections", "4096", "--max-log-bytes", str(8 << 20),
     ]  # fmt: skip
-    assert remotesinkhole.stop_argv(where)[3:] == ["sh", where]
+    assert remotesinkhole.stop_argv(where)[3:] == ["sh", where, f"{where}/sinkhole.py"]
     for bad in ("/tmp/web", str(host_root), f"{host_root}/a/b", f"{host_root}/.."):
         with pytest.raises((RemoteSinkholeError, UsageError)):
             remotesinkhole.stop_argv(bad)

@@ -6,36 +6,36 @@ unchanged.
 Nothing of sandbox is installed on a remote host, so the program that runs there is the
 standalone, stdlib-only sinkhole_service.py: written over SFTP into the sandbox's directory of
 host-side records (remotecapture.directory: root's, 0700, removed at destroy), started detached
-there by the host's python3 as root, with the local sinkhole's bounds. It binds the gateway on a
-free port (the host guard's redirect leads there), gives up root, and writes one JSON line per
-connection with the raw first bytes. Collections bring that file back over SFTP (bounded, only
-what is new) and turn each line into a local record with the local sinkhole's own code
-(payload.summarize through sinkhole.record): the guest's bytes are parsed on the client, by the
-tested parser, and every line is validated first (the guest's bytes, through the host).
+there by the host's python3 as root, with the local sinkhole's bounds (remoteprogram.py: how,
+shared with the wildcard resolver's relay). It binds the gateway on a free port (the host
+guard's redirect leads there), gives up root, and writes one JSON line per connection with the
+raw first bytes. Collections bring that file back over SFTP (bounded, only what is new) and
+turn each line into a local record with the local sinkhole's own code (payload.summarize through
+sinkhole.record): the guest's bytes are parsed on the client, by the tested parser, and every
+line is validated first (the guest's bytes, through the host).
 
 A process is signalled only if it is a live python running that sandbox's copy of the program
-(its path, in a root-only directory, on its command line) as root or nobody.
+(its path, in a root-only directory, on its command line) as root or nobody
+(remoteprogram.OURS).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import ipaddress
 import json
 import math
 import os
 import posixpath
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orchestrator import jsontext
-from orchestrator.capture import payload, remotecapture
-from orchestrator.capture.remotecapture import ROOT
-from orchestrator.egress import sinkhole
+from orchestrator.capture import payload
+from orchestrator.egress import remoteprogram, sinkhole
+from orchestrator.egress.remoteprogram import Started
 from orchestrator.errors import SandboxError
 from orchestrator.files import atomic_write
 
@@ -53,8 +53,6 @@ CURSOR_FILE = "sinkhole-remote.json"
 MAX_LINE = 4 * ((payload.READ_BYTES + 2) // 3) + 512
 # The program stops writing at MAX_LOG_BYTES: the client reads no more than that (and a line).
 MAX_RAW_BYTES = sinkhole.MAX_LOG_BYTES + MAX_LINE
-_START_STEPS = 200  # of 0.05 s: within hostfiles.RUN_TIMEOUT
-_MESSAGE_MAX = 2000
 # Record times: seconds since the epoch, before the year 5000.
 _MAX_TIME = 1e11
 
@@ -63,19 +61,25 @@ class RemoteSinkholeError(SandboxError):
     """The sinkhole could not be started, stopped or read on the remote libvirt host."""
 
 
-@dataclass(frozen=True)
-class Started:
-    pid: int
-    port: int
+SINKHOLE = remoteprogram.Program(
+    source="sinkhole_service.py",
+    file=PROGRAM,
+    out=OUT_FILE,
+    log=ERRORS_FILE,
+    what="the sinkhole",
+    purpose="sinkhole mode runs its sinkhole there",
+    instead="drop --sinkhole",
+    error=RemoteSinkholeError,
+)
 
 
 def program_text() -> str:
     """The program the remote host runs: sinkhole_service.py, as shipped with this package."""
-    return resources.files("orchestrator.egress").joinpath("sinkhole_service.py").read_text()
+    return SINKHOLE.text()
 
 
 def _checked(path: str) -> str:
-    return remotecapture.checked(path, RemoteSinkholeError)
+    return SINKHOLE.checked(path)
 
 
 def program_args(where: str, gateway: str) -> list[str]:
@@ -99,155 +103,34 @@ def program_args(where: str, gateway: str) -> list[str]:
     ]
 
 
-# $1: a pid. A live python (not a zombie), as root or nobody, running $prog: ours. Builtins
-# first: a scan of every process forks only for the pythons.
-_OURS = r"""
-nobody=$(id -u nobody 2>/dev/null) || nobody=65534
-ours() {
-    c=
-    read -r c 2>/dev/null <"/proc/$1/comm" || return 1
-    case $c in python*) ;; *) return 1 ;; esac
-    z= u=
-    while read -r k v _; do
-        case $k in State:) z=$v ;; Uid:) u=$v ;; esac
-    done 2>/dev/null <"/proc/$1/status" || return 1
-    [ "$z" != Z ] || return 1
-    [ "$u" = 0 ] || [ "$u" = "$nobody" ] || return 1
-    tr '\0' '\n' <"/proc/$1/cmdline" 2>/dev/null | grep -qxF -- "$prog"
-}
-"""
-
-_START = (
-    r"""set -u
-dir=$1 prog=$2 out=$3 log=$4
-shift 4
-"""
-    + _OURS
-    + rf"""
-command -v python3 >/dev/null 2>&1 || {{ echo "python3 is not installed" >&2; exit 127; }}
-command -v setsid >/dev/null 2>&1 || {{ echo "setsid is not installed" >&2; exit 127; }}
-# Its own session: it outlives this channel (no SIGHUP when the login ends).
-setsid python3 "$prog" "$@" </dev/null >"$out" 2>"$log" &
-pid=$!
-i=0
-while [ $i -lt {_START_STEPS} ]; do
-    if [ ! -d "/proc/$pid" ] || grep -q '^State:[[:space:]]*Z' "/proc/$pid/status"; then
-        head -c {_MESSAGE_MAX} "$log" >&2
-        exit 3
-    fi
-    port=$(sed -n 's/^listening \([0-9][0-9]*\)$/\1/p' "$out")
-    if [ -n "$port" ] && ours $pid; then echo "$pid $port"; exit 0; fi
-    sleep 0.05
-    i=$((i + 1))
-done
-kill -TERM $pid
-head -c {_MESSAGE_MAX} "$log" >&2
-exit 4
-"""
-)
-
-# $1: the directory; then recorded pids. Stops every sinkhole of ours running there (a pid not
-# recorded too: an `up` killed mid-way) and prints the pids it stopped.
-_STOP = (
-    r"""set -u
-dir=$1 prog=$1/"""
-    + PROGRAM
-    + r"""
-shift
-"""
-    + _OURS
-    + r"""
-pids=""
-for d in /proc/[0-9]*; do
-    p=${d#/proc/}
-    ours "$p" && pids="$pids $p"
-done
-"""
-    + remotecapture.STOP_PIDS
-)
-
-
 def start_argv(where: str, gateway: str) -> list[str]:
     """The command that starts the program in `where` (written there before) detached, waits
     until it listens, and prints its pid and port. Pure."""
-    where = _checked(where)
-    return [
-        "sh",
-        "-c",
-        _START,
-        "sh",
-        where,
-        posixpath.join(where, PROGRAM),
-        posixpath.join(where, OUT_FILE),
-        posixpath.join(where, ERRORS_FILE),
-        *program_args(where, gateway),
-    ]
+    return remoteprogram.start_argv(SINKHOLE, where, program_args(where, gateway))
 
 
 def stop_argv(where: str) -> list[str]:
     """The command that stops every sinkhole of ours running in `where`. Pure."""
-    return ["sh", "-c", _STOP, "sh", _checked(where)]
+    return remoteprogram.stop_argv(SINKHOLE, where)
 
 
 def start(host: HostFiles, where: str, gateway: str) -> Started:
     """Write the program into `where` (made 0700 if it is not there) and start it on the host,
     listening on `gateway`; its pid and port once it listens."""
-    where = _checked(where)
-    made = host.run(["mkdir", "-p", "-m", "0700", ROOT, where])
-    if made.status != 0:
-        raise RemoteSinkholeError(
-            f"cannot make {where} on {host.where}: "
-            f"{made.stderr.strip()[:_MESSAGE_MAX] or 'mkdir failed'}",
-            "the sinkhole runs as root there: connect as root (qemu+ssh://root@HOST/system), "
-            "or drop --sinkhole",
-        )
-    text = program_text().encode()
-    with host.open_write(posixpath.join(where, PROGRAM)) as out:
-        out.write_at(0, text)
-    ran = host.run(start_argv(where, gateway))
-    detail = ran.stderr.strip()[:_MESSAGE_MAX]
-    if ran.status == 127:
-        raise RemoteSinkholeError(
-            f"{detail or 'python3 is not installed'} on {host.where}: sinkhole mode runs its "
-            "sinkhole there with the host's python3",
-            "install it there (apt-get install python3-minimal), or drop --sinkhole",
-        )
-    words = ran.stdout.split()
-    if ran.status != 0 or len(words) != 2 or not all(w.isdigit() for w in words):
-        raise RemoteSinkholeError(
-            f"the sinkhole could not listen on {gateway} on {host.where}: "
-            f"{detail or f'exit {ran.status}'}",
-            "check that the login is root there and that libvirtd's networks are in the same "
-            "network namespace as its sshd; or drop --sinkhole",
-        )
-    pid, port = int(words[0]), int(words[1])
-    if not 0 < port < 65536:
-        raise RemoteSinkholeError(
-            f"the sinkhole on {host.where} reported port {port}", "try `sandbox up` again"
-        )
-    return Started(pid, port)
+    args = program_args(where, gateway)
+    return remoteprogram.start(host, SINKHOLE, where, args, f"listen on {gateway}")
 
 
 def stop(host: HostFiles, where: str) -> list[int]:
     """Stop every sinkhole of ours in `where`; the pids stopped."""
-    ran = host.run(stop_argv(where))
-    if ran.status != 0:
-        raise RemoteSinkholeError(
-            f"cannot stop the sinkhole in {where} on {host.where}: "
-            f"{ran.stderr.strip()[:_MESSAGE_MAX] or f'exit {ran.status}'}",
-            f"`sandbox destroy` tries again; or stop the python3 running {where}/{PROGRAM} there",
-        )
-    return [int(w) for w in ran.stdout.split() if w.isdigit()]
+    return remoteprogram.stop(host, SINKHOLE, where)
 
 
 def discard(uri: str, where: str) -> None:
     """Rollback of a half-built `up`: every sinkhole of ours in `where` stopped (the directory
     goes with the host-side records', remotecapture.discard). Best effort: `destroy --name NAME`
     tries again."""
-    from orchestrator.vm import hostfiles
-
-    with contextlib.suppress(SandboxError), hostfiles.on_host(uri) as host:
-        stop(host, where)
+    remoteprogram.discard(uri, SINKHOLE, where)
 
 
 # ---- bringing the records back ------------------------------------------------------------------
