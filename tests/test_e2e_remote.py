@@ -13,12 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import paths
+from orchestrator import names, paths
+from orchestrator.egress import remoterelay, wildcards
 from sandbox_lab import accept_log
+from sandbox_lab.dns import DNS_SERVER
 from sandbox_lab.remote import LINK_LAB, RemoteHost, _pids_in, remote_down, remote_up
 from tests.lab_fixture import LabSession
 from tests.netns import inside
 
+from . import test_e2e_wildcards as wild
 from .e2e_support import Cli, wait_removed
 from .inet_capture import InetCapture
 from .test_e2e_learn import one_shot_name
@@ -316,3 +319,91 @@ def test_a_failed_up_stops_the_records_on_the_remote_host(
     assert sinkholes_on(remote) == []
     assert not (remote.private("/var/lib/libvirt") / "sandbox-records" / "remfail").exists()
     assert "sandbox-remfail" not in virsh(remote, "list", "--all", "--name")
+
+
+def relays_on(remote: RemoteHost) -> list[int]:
+    """The processes in the remote host's network namespace running a sandbox's wildcard relay
+    in its serving mode (not an `attach` of the client's)."""
+    found = []
+    for pid in _pids_in(remote.netns):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(remoterelay.PROGRAM.encode()) for a in argv) and b"serve" in argv:
+            found.append(pid)
+    return found
+
+
+def test_wildcards_on_a_remote_host(
+    monkeypatch: pytest.MonkeyPatch, remote: RemoteHost, cli: Cli, tmp_path: Path
+) -> None:
+    """`--allow '*.cdn.inet.test:80'` on the remote host: the network's dnsmasq there sends the
+    domain to the relay beside it, the resolver here (attached over SSH) allows each answer's
+    addresses in the guest (through the host) and in the host's guard (nft over SSH) before the
+    guest reads it. Then the host layer alone (root opens the guest's rules), and destroy
+    leaves no relay, directory, guard or resolver."""
+    client_of(remote, monkeypatch)
+    monkeypatch.setenv("SANDBOX_CONNECT", remote.uri)
+    cli.config.write_text(cli.config.read_text() + f"network:\n  resolvers: [{DNS_SERVER}]\n")
+    calls, host_layer = tmp_path / "calls.php", tmp_path / "host_layer.php"
+    calls.write_text(wild.CALLS)
+    host_layer.write_text(wild.HOST_LAYER)
+    name = "remwild"
+    cli.ok("up", "--name", name, "--allow", wild.WILDCARD)
+    state = json.loads((cli.sandbox_dir(name) / "state.json").read_text())
+    resolver = state["wildcard_pid"]
+    records_dir = remote.private("/var/lib/libvirt") / "sandbox-records" / name
+    table = f"sandbox_guard_{names.bridge(name)}"
+
+    def wild4() -> str:
+        return on_host(remote, "nft", "list", "set", "inet", table, "wild4")
+
+    try:
+        assert wildcards.running(resolver)  # here, on the client
+        [relay] = relays_on(remote)
+        assert "Uid:\t65534" in Path(f"/proc/{relay}/status").read_text()  # gave up root there
+        assert "dnsmasq" not in wild4() and "203.0.113.7" not in wild4()
+        start = len(accept_log(cli.lab))
+
+        ran = cli.ok("run", "--name", name, str(calls))
+        assert ran.stdout.splitlines() == [
+            "a:80 ok",
+            "a:443 failed (111)",
+            "apex cdn.inet.test",
+            "api api.inet.test",
+        ], ran.stdout + ran.stderr
+        guest = cli.ok("exec", "--name", name, "iptables-save", "-t", "filter").stdout
+        assert "-A SBX-WILD -d 203.0.113.7/32 -p tcp -m tcp --dport 80 -j SBX-ALLOW" in guest
+        assert wild.B not in guest
+        assert "203.0.113.7 . tcp . 80" in wild4() and wild.B not in wild4()
+        records = cli.records_when(
+            name,
+            lambda rs: (
+                any(r["verdict"] == "allowed" and r["dport"] == 80 for r in rs)
+                and any(r["verdict"] == "blocked" for r in rs)
+            ),
+            "the allowed and the blocked connect",
+        )
+        allowed = [r for r in records if r["verdict"] == "allowed" and r["dport"] == 80]
+        assert allowed and allowed[0].get("dns_name") == "a.cdn.inet.test", allowed
+        assert [r for r in records if r["verdict"] == "tamper"] == [], records
+        shown = cli.ok("policy", "show", "--name", name).stdout
+        assert "handed out 203.0.113.7 tcp/80" in shown and "not running" not in shown, shown
+
+        # The host layer alone: the remote host's guard.
+        opened = cli.ok("run", "--name", name, "--root", str(host_layer))
+        assert opened.stdout.splitlines() == [
+            "b before failed (113)",
+            f"b name {wild.B}",
+            "b after ok",
+        ], opened.stdout + opened.stderr
+        reached = [e["server"] for e in accept_log(cli.lab)[start:] if e["port"] == 80]
+        assert wild.B in reached and "203.0.113.7" in reached, reached
+    finally:
+        cli.ok("destroy", "--name", name, timeout=300)
+    wait_removed(name, cli)
+    assert relays_on(remote) == []
+    assert not records_dir.exists()
+    assert "sandbox_guard_" not in on_host(remote, "nft", "list", "tables")
+    assert not wildcards.running(resolver)

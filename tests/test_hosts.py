@@ -382,7 +382,7 @@ def test_sinkhole_mode_and_wildcards_are_placed_where_they_can_run(tmp_path: Pat
     # The sinkhole runs on an SSH-reached host, not on one without a login: the one host left is
     # taken without asking any host anything (neither exists).
     sinkhole = build._fits(build_policy([], sinkhole=True))
-    assert sinkhole is placement.runs_sinkhole
+    assert sinkhole is placement.runs_host_services
     assert placement.place(context, "x", fits=sinkhole) == ssh
     assert build._fits(build_policy([])) is None
     local = dataclasses.replace(

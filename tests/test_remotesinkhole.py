@@ -240,9 +240,9 @@ def test_commands_name_only_our_directories(host_root: Path) -> None:
 
 
 def test_the_sinkhole_is_placed_where_it_can_run() -> None:
-    assert hosts.runs_sinkhole("qemu:///system")
-    assert hosts.runs_sinkhole("qemu+ssh://root@host/system")
-    assert not hosts.runs_sinkhole("qemu+tcp://host/system")
+    assert hosts.runs_host_services("qemu:///system")
+    assert hosts.runs_host_services("qemu+ssh://root@host/system")
+    assert not hosts.runs_host_services("qemu+tcp://host/system")
 
 
 # ---- the program, for real -------------------------------------------------------------------
@@ -344,7 +344,9 @@ def test_destroy_looks_for_a_sinkhole_only_where_there_may_be_one() -> None:
             remote_dir="/var/lib/libvirt/sandbox-records/web", remote_sinkhole_pid=123,
         )  # fmt: skip
 
-    assert teardown._may_sinkhole(state(True)) and not teardown._may_sinkhole(state(False))
-    assert teardown._may_sinkhole(None)  # no state: a killed `up` may have started one
+    assert teardown._may_run(state(True), "sinkhole") and not teardown._may_run(
+        state(False), "sinkhole"
+    )
+    assert teardown._may_run(None, "sinkhole")  # no state: a killed `up` may have started one
     again = SandboxState.from_json(state(True).to_json())
     assert again.remote_sinkhole_pid == 123

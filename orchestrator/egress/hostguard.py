@@ -240,9 +240,11 @@ def remove(bridge: str, host: HostFiles | None = None) -> bool:
     return True
 
 
-def add_handed_out(bridge: str, elements: list[tuple[str, str, int]]) -> None:
-    """Add (address, protocol, port) members to the wildcard sets of `bridge`'s guard (this
-    machine: the resolver runs beside the network)."""
+def add_handed_out(
+    bridge: str, elements: list[tuple[str, str, int]], host: HostFiles | None = None
+) -> None:
+    """Add (address, protocol, port) members to the wildcard sets of `bridge`'s guard, on this
+    machine or on the remote libvirt host `host`."""
     if not elements:
         return
     lines = []
@@ -250,9 +252,9 @@ def add_handed_out(bridge: str, elements: list[tuple[str, str, int]]) -> None:
     for address, proto, port in elements:
         family = WILD_SET4 if ipaddress.ip_address(address).version == 4 else WILD_SET6
         lines.append(f"add element inet {table} {family} {{ {element(address, proto, port)} }}")
-    ran = _run(["-f", "-"], "\n".join(lines) + "\n")
+    ran = _run(["-f", "-"], "\n".join(lines) + "\n", host)
     if ran.status != 0:
         raise GuardError(
             f"cannot add the handed-out addresses to {table}: {ran.stderr.strip()[-300:]}",
-            _hint(None),
+            _hint(host),
         )

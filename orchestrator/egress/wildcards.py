@@ -38,16 +38,23 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator import detached
-from orchestrator.egress import firewall, hostguard
+from orchestrator.egress import firewall, hostguard, remoterelay
 from orchestrator.egress.policy import Proto, Wildcard
 from orchestrator.errors import SandboxError
 from orchestrator.waits import Deadline
+
+if TYPE_CHECKING:
+    import paramiko
+
+    from orchestrator.vm.guest import SocketOpener
+    from orchestrator.vm.hostfiles import HostFiles
 
 HANDED_OUT_FILE = "wildcards.jsonl"
 ERRORS_FILE = "wildcards.log"
@@ -62,6 +69,12 @@ MAX_MESSAGE = 4096
 MAX_ADDRESSES = 64  # per answer
 PUSH_SECONDS = 20.0
 _IDLE_SECONDS = 0.5  # how often the service looks up from its socket for `up`'s signal
+# A remote host's relay: the first attach (`up` waits for it), and how soon a lost one is
+# tried again.
+ATTACH_SECONDS = 20.0
+_REATTACH_SECONDS = 2.0
+_RECV_BYTES = 65536
+_MESSAGE_MAX = 2000
 _A, _AAAA = 1, 28
 _REFUSED, _SERVFAIL = 5, 2
 
@@ -82,11 +95,21 @@ class Guest:
 
 
 @dataclass(frozen=True)
+class Remote:
+    """A remote libvirt host's relay (remoterelay.py) that the queries come through: the
+    hypervisor URI (how to log in to the host) and the sandbox's directory there."""
+
+    uri: str
+    where: str
+
+
+@dataclass(frozen=True)
 class Config:
     bridge: str
     wildcards: tuple[Wildcard, ...]
     upstream: tuple[str, ...]
     guest: Guest
+    remote: Remote | None = None
 
     def to_json(self) -> str:
         return json.dumps(
@@ -98,6 +121,7 @@ class Config:
                 ],
                 "upstream": list(self.upstream),
                 "guest": vars(self.guest),
+                "remote": None if self.remote is None else vars(self.remote),
             }
         )
 
@@ -112,6 +136,7 @@ class Config:
             ),
             upstream=tuple(str(ipaddress.ip_address(a)) for a in data["upstream"]),
             guest=Guest(**data["guest"]),
+            remote=None if data.get("remote") is None else Remote(**data["remote"]),
         )
 
 
@@ -187,21 +212,25 @@ def bind() -> socket.socket:
     return sock
 
 
-def start(sock: socket.socket, config: Config, logs: Path, *, timeout: float = 15.0) -> int:
-    """Start the resolver detached on `sock` (closed here); its pid once it serves."""
+def start(sock: socket.socket | None, config: Config, logs: Path, *, timeout: float = 15.0) -> int:
+    """Start the resolver detached, its pid once it serves: on `sock` (closed here) for a
+    network on this machine; for a remote host's (config.remote, sock None), once it is
+    attached to the relay there."""
     logs.mkdir(parents=True, exist_ok=True)
     config_path = logs / CONFIG_FILE
     config_path.write_text(config.to_json() + "\n")
-    with sock:
+    args = ["--config", str(config_path), "--logs", str(logs)]
+    with sock if sock is not None else contextlib.nullcontext():
+        fds = () if sock is None else (sock.fileno(),)
         return detached.start(
             _MODULE,
-            ["--fd", str(sock.fileno()), "--config", str(config_path), "--logs", str(logs)],
-            pass_fds=(sock.fileno(),),
+            [*args, *(["--fd", str(sock.fileno())] if sock is not None else [])],
+            pass_fds=fds,
             errors_file=logs / ERRORS_FILE,
             ready=_READY,
             what="the wildcard resolver",
             error=WildcardError,
-            timeout=timeout,
+            timeout=timeout if sock is not None else max(timeout, ATTACH_SECONDS + 5),
         )
 
 
@@ -275,36 +304,168 @@ def restore_text(rules: Sequence[str]) -> str:
     return "\n".join(["*filter", *rules, "COMMIT", ""])
 
 
-class _Service:
-    def __init__(self, sock: socket.socket, config: Config, logs: Path) -> None:
+class _Loopback:
+    """The queries of dnsmasq on this machine: datagrams on the resolver's own socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        sock.settimeout(_IDLE_SECONDS)
+
+    def receive(self) -> tuple[bytes, object] | None:
+        try:
+            return self.sock.recvfrom(MAX_MESSAGE)
+        except (InterruptedError, TimeoutError):
+            return None
+
+    def send(self, reply: bytes, peer: object) -> None:
+        assert isinstance(peer, tuple)
+        with contextlib.suppress(OSError):
+            self.sock.sendto(reply, peer)
+
+    def host(self) -> HostFiles | None:
+        return None
+
+    def opener(self) -> SocketOpener | None:
+        return None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _Relayed:
+    """The queries of dnsmasq on a remote libvirt host: framed by the relay there
+    (remoterelay.py), over an exec channel of one SSH connection to that host (jump.py: the
+    user's own login, its known_hosts). The same connection reaches the guest (direct-tcpip)
+    and runs nft there. A lost connection is made again: meanwhile the relay drops the
+    queries (dnsmasq gets no answer: nothing is allowed)."""
+
+    def __init__(self, remote: Remote, log: Callable[[str], None]) -> None:
+        from orchestrator.vm.hostfiles import RemoteFiles
+        from orchestrator.vm.jump import Jump, jump_host
+
+        host = jump_host(remote.uri)
+        if host is None:
+            raise WildcardError(
+                f"{remote.uri} is not a remote libvirt host", "start the sandbox again"
+            )
+        self.remote = remote
+        self.log = log
+        self.jump = Jump(host)
+        self.files = RemoteFiles(self.jump)
+        self.channel: paramiko.Channel | None = None
+        self.decoder = remoterelay.Decoder()
+        self.frames: deque[tuple[int, bytes]] = deque()
+        self.retry_at = 0.0
+
+    def attach(self) -> None:
+        """Attach to the relay (its `attach` mode, run on the host over this connection)."""
+        self.detach()
+        channel = self.jump.start(remoterelay.attach_argv(self.remote.where), ATTACH_SECONDS)
+        self.decoder = remoterelay.Decoder()
+        self.channel = channel
+
+    def detach(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        self.frames.clear()
+
+    def _reattach(self) -> bool:
+        now = time.monotonic()
+        if now < self.retry_at:
+            time.sleep(_IDLE_SECONDS)
+            return False
+        try:
+            self.attach()
+        except (SandboxError, OSError) as error:
+            self.retry_at = now + _REATTACH_SECONDS
+            self.log(f"attaching to the relay on the libvirt host failed (retrying): {error}")
+            return False
+        self.log("attached to the relay on the libvirt host")
+        return True
+
+    def receive(self) -> tuple[bytes, object] | None:
+        if self.frames:
+            tag, query = self.frames.popleft()
+            return query, tag
+        if self.channel is None and not self._reattach():
+            return None
+        channel = self.channel
+        assert channel is not None
+        channel.settimeout(_IDLE_SECONDS)
+        try:
+            data = channel.recv(_RECV_BYTES)
+        except TimeoutError:
+            return None
+        except (OSError, EOFError) as error:
+            self.log(f"the relay's channel failed: {error}")
+            self.detach()
+            return None
+        if not data:
+            said = b""
+            with contextlib.suppress(OSError, EOFError):
+                if channel.recv_stderr_ready():
+                    said = channel.recv_stderr(_MESSAGE_MAX)
+            self.log(
+                "the relay's channel ended"
+                + (f": {said.decode('utf-8', 'replace').strip()!r}" if said else "")
+            )
+            self.detach()
+            return None
+        try:
+            self.frames.extend(self.decoder.feed(data))
+        except SandboxError as error:
+            self.log(f"the relay sent a malformed frame: {error}")
+            self.detach()
+        return None
+
+    def send(self, reply: bytes, tag: object) -> None:
+        assert isinstance(tag, int)
+        if self.channel is None:
+            return
+        try:
+            self.channel.sendall(remoterelay.encode(tag, reply))
+        except (OSError, EOFError) as error:
+            self.log(f"the relay's channel failed: {error}")
+            self.detach()
+
+    def host(self) -> HostFiles | None:
+        return self.files
+
+    def opener(self) -> SocketOpener | None:
+        return self.jump.open
+
+    def close(self) -> None:
+        self.detach()
+        self.files.close()
+        self.jump.close()
+
+
+class _Service:
+    def __init__(self, queries: _Loopback | _Relayed, config: Config, logs: Path) -> None:
+        self.queries = queries
         self.config = config
         self.logs = logs
         self.known = {(h.address, h.proto, h.port) for h in read_handed_out(logs)}
         self.guest: Any = None  # orchestrator.vm.guest.Guest, opened at the first push
         self.login_wanted = False  # `up` says the guest is ready (SIGUSR1): log in ahead
 
-    def log(self, text: str) -> None:
-        print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}", file=sys.stderr, flush=True)
-
     def serve(self) -> None:
-        self.sock.settimeout(_IDLE_SECONDS)
         while True:
             if self.login_wanted:
                 self.login_wanted = False
                 self.log_in_ahead()
-            try:
-                query, peer = self.sock.recvfrom(MAX_MESSAGE)
-            except (InterruptedError, TimeoutError):
+            received = self.queries.receive()
+            if received is None:
                 continue
+            query, peer = received
             try:
                 reply = self.handle(query)
             except Exception as error:  # one query's failure must not stop the resolver
-                self.log(f"query failed: {type(error).__name__}: {error}")
+                log(f"query failed: {type(error).__name__}: {error}")
                 reply = reply_with(query, _SERVFAIL) if question(query) else None
             if reply is not None:
-                with contextlib.suppress(OSError):
-                    self.sock.sendto(reply, peer)
+                self.queries.send(reply, peer)
 
     def handle(self, query: bytes) -> bytes | None:
         asked = question(query)
@@ -328,7 +489,7 @@ class _Service:
             - self.known
         )
         if len(self.known) + len(new) > hostguard.WILD_MAX:
-            self.log(f"{name}: more than {hostguard.WILD_MAX} addresses handed out; refused")
+            log(f"{name}: more than {hostguard.WILD_MAX} addresses handed out; refused")
             return reply_with(query, _SERVFAIL)
         if new and not self.allow(name, new):
             return reply_with(query, _SERVFAIL)
@@ -349,7 +510,7 @@ class _Service:
                         if answer_addresses(answer, query_id) is not None:
                             return answer
                 except OSError as error:
-                    self.log(f"upstream {server}: {error}")
+                    log(f"upstream {server}: {error}")
         return None
 
     def allow(self, name: str, new: list[tuple[str, str, int]]) -> bool:
@@ -365,12 +526,12 @@ class _Service:
         try:
             self.push_guest(nonce, handed)
         except SandboxError as error:
-            self.log(f"{name}: the guest's rules could not be added: {error}")
+            log(f"{name}: the guest's rules could not be added: {error}")
             self.guest = None
             return False
-        hostguard.add_handed_out(self.config.bridge, new)
+        hostguard.add_handed_out(self.config.bridge, new, host=self.queries.host())
         self.known.update(new)
-        self.log(f"{name}: allowed {', '.join(f'{a} {p}/{n}' for a, p, n in new)}")
+        log(f"{name}: allowed {', '.join(f'{a} {p}/{n}' for a, p, n in new)}")
         return True
 
     def log_in_ahead(self) -> None:
@@ -381,16 +542,18 @@ class _Service:
         try:
             self.connect_guest()
         except SandboxError as error:
-            self.log(f"logging in to the guest ahead failed (the first push will retry): {error}")
+            log(f"logging in to the guest ahead failed (the first push will retry): {error}")
 
     def connect_guest(self) -> None:
-        from orchestrator.vm.guest import Endpoint
+        from orchestrator.vm.guest import Endpoint, tcp_connect
         from orchestrator.vm.guest import Guest as GuestSession
 
         g = self.config.guest
         endpoint = Endpoint(g.host, g.port, g.user, Path(g.client_key), g.host_key)
         self.guest = GuestSession.connect(
-            endpoint, Deadline(PUSH_SECONDS, f"SSH to the guest at {endpoint}")
+            endpoint,
+            Deadline(PUSH_SECONDS, f"SSH to the guest at {endpoint}"),
+            opener=self.queries.opener() or tcp_connect,
         )
 
     def push_guest(self, nonce: str, handed: list[HandedOut]) -> None:
@@ -417,23 +580,41 @@ class _Service:
                     raise
 
 
+def log(text: str) -> None:
+    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=_MODULE)
-    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--fd", type=int)
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--logs", type=Path, required=True)
     args = parser.parse_args(argv)
-    sock = socket.socket(fileno=args.fd)
     config = Config.from_json(args.config.read_text())
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    service = _Service(sock, config, args.logs)
+    queries: _Loopback | _Relayed
+    if config.remote is not None:
+        queries = _Relayed(config.remote, log)
+        try:
+            queries.attach()  # `up` fails now, with the reason, if the relay cannot be reached
+        except (SandboxError, OSError) as error:
+            log(f"cannot attach to the relay on the libvirt host: {error}")
+            return 1
+    elif args.fd is not None:
+        queries = _Loopback(socket.socket(fileno=args.fd))
+    else:
+        parser.error("--fd is needed for a network on this machine")
+    service = _Service(queries, config, args.logs)
 
     def want_login(signum: int, frame: object) -> None:
         service.login_wanted = True
 
     signal.signal(signal.SIGUSR1, want_login)
-    service.log(_READY)
-    service.serve()
+    log(_READY)
+    try:
+        service.serve()
+    finally:
+        queries.close()
     return 0
 
 

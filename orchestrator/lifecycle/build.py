@@ -44,7 +44,6 @@ from orchestrator.lifecycle.context import (
     Context,
     guards_host,
     guards_remote_host,
-    is_local,
     logs_dir,
 )
 from orchestrator.lifecycle.resources import remove_network, remove_volumes, save_console
@@ -243,10 +242,8 @@ def up(
 
 def _fits(policy: EgressPolicy) -> Callable[[str], bool] | None:
     """Which libvirt hosts can take a sandbox with `policy` (hosts.place), None: any. Pure."""
-    if policy.wildcards:
-        return is_local  # their resolver adds to the guard's sets from this machine
-    if policy.sinkhole:
-        return hosts.runs_sinkhole
+    if policy.wildcards or policy.sinkhole:
+        return hosts.runs_host_services  # their helpers run beside the network
     return None
 
 
@@ -417,17 +414,23 @@ class Build:
     def start_network(self) -> None:
         settings, name = self.ctx.settings, self.name
         resolver: socket.socket | None = None
+        wildcard_port: int | None = None
         if self.policy.wildcards:
             from orchestrator.egress import wildcards
 
-            if not guards_host(self.state.uri):
+            if guards_host(self.state.uri):
+                resolver = self.rollback.enter_context(wildcards.bind())
+                wildcard_port = resolver.getsockname()[1]
+            elif guards_remote_host(self.state.uri):
+                wildcard_port = self._start_remote_relay()
+            else:
                 raise UsageError(
-                    "wildcard entries need the hypervisor on this machine (their resolver adds "
-                    "the addresses it hands out to the host's nftables beside the network)",
-                    "allow the names one by one (example.org:443), or run sandbox on the "
-                    "hypervisor host",
+                    "wildcard entries need a login to the libvirt host (what their resolver "
+                    "hands out is added to that host's nftables, beside the network), and "
+                    f"{self.state.uri} gives none",
+                    "connect with qemu+ssh://root@HOST/system, or allow the names one by one "
+                    "(example.org:443)",
                 )
-            resolver = self.rollback.enter_context(wildcards.bind())
         with self.ctx.reporter.step(f"starting network {self.state.network}"):
             self.net, self.net_spec = hv.create_network(
                 self.conn,
@@ -447,7 +450,7 @@ class Build:
                     else None,
                     sinkhole=self.policy.sinkhole,
                     wildcard_domains=tuple(sorted({w.domain for w in self.policy.wildcards})),
-                    wildcard_port=None if resolver is None else resolver.getsockname()[1],
+                    wildcard_port=wildcard_port,
                 ),
                 settings.network.subnets,
                 settings.network.subnets6,
@@ -460,7 +463,7 @@ class Build:
             subnet6=str(spec.subnet6) if spec.subnet6 else None,
         )
         _record_network(logs_dir(self.ctx, name), spec)
-        if resolver is not None:
+        if wildcard_port is not None:
             self._start_wildcard_resolver(resolver)
         if self.policy.learn is not Learn.OFF:
             # Kept with the logs (past destroy): every `logs` and `report` of them says so.
@@ -469,7 +472,24 @@ class Build:
                 json.dumps({"learn": self.policy.learn.value, "since": self.state.created}) + "\n",
             )
 
-    def _start_wildcard_resolver(self, sock: socket.socket) -> None:
+    def _start_remote_relay(self) -> int:
+        """The wildcard resolver's relay on the remote libvirt host (egress/remoterelay.py),
+        started before the network is defined: its UDP port there, which the network's dnsmasq
+        forwards the wildcard domains to."""
+        from orchestrator.egress import remoterelay
+        from orchestrator.vm import hostfiles
+
+        with hostfiles.on_host(self.state.uri) as host:
+            where = self._remote_dir(host)
+            # Before the start: a login lost halfway may leave one running that no pid names.
+            self.rollback.callback(remoterelay.discard, self.state.uri, where)
+            with self.ctx.reporter.step("starting the wildcard relay on the libvirt host"):
+                started = remoterelay.start(host, where)
+        return started.port
+
+    def _start_wildcard_resolver(self, sock: socket.socket | None) -> None:
+        """The wildcard resolver, on this machine: on `sock` for a network here; else attached
+        to the relay on the remote libvirt host (`sock` None)."""
         from orchestrator.egress import wildcards
 
         spec, state = self.net_spec, self.state
@@ -484,6 +504,9 @@ class Build:
                 client_key=str(self.ctx.store.file(self.name, paths.CLIENT_KEY)),
                 host_key=state.host_key,
             ),
+            remote=None
+            if sock is not None
+            else wildcards.Remote(uri=state.uri, where=self._checked_remote_dir()),
         )
         domains = ", ".join(w.describe() for w in self.policy.wildcards)
         with self.ctx.reporter.step(f"starting the resolver of {domains}"):
@@ -532,15 +555,25 @@ class Build:
             self.rollback.callback(sinkhole.stop, started.pid)
             self._save(sinkhole_pid=started.pid)
             target = hostguard.Sinkhole(str(gateway), started.port)
-        wild: hostguard.Wildcards | None = None
-        if self.policy.wildcards:
-            wild = hostguard.Wildcards(
-                ports=tuple((p, w.port) for w in self.policy.wildcards for p in w.protos),
-                allow=self.policy.allow,
-                reject=self.policy.blocked is Blocked.REJECT,
-            )
         with self.ctx.reporter.step("closing the host's own services to the guests (nftables)"):
-            hostguard.apply(str(self.net.bridgeName()), sinkhole=target, wildcards=wild)
+            hostguard.apply(
+                str(self.net.bridgeName()), sinkhole=target, wildcards=self._wildcard_guard()
+            )
+
+    def _wildcard_guard(self) -> hostguard.Wildcards | None:
+        """The guard's part for wildcard entries: their ports closed on the bridge but to the
+        addresses handed out (and the allow list)."""
+        if not self.policy.wildcards:
+            return None
+        return hostguard.Wildcards(
+            ports=tuple((p, w.port) for w in self.policy.wildcards for p in w.protos),
+            allow=self.policy.allow,
+            reject=self.policy.blocked is Blocked.REJECT,
+        )
+
+    def _checked_remote_dir(self) -> str:
+        assert self.state.remote_dir is not None  # _remote_dir saved it before the relay
+        return self.state.remote_dir
 
     def _guard_remote_host(self) -> None:
         """guard_host on a remote libvirt host, over one SSH login: in sinkhole mode the
@@ -564,7 +597,12 @@ class Build:
             with self.ctx.reporter.step(
                 "closing the libvirt host's own services to the guests (nftables, over SSH)"
             ):
-                hostguard.apply(str(self.net.bridgeName()), sinkhole=target, host=host)
+                hostguard.apply(
+                    str(self.net.bridgeName()),
+                    sinkhole=target,
+                    host=host,
+                    wildcards=self._wildcard_guard(),
+                )
 
     def _remote_dir(self, host: HostFiles) -> str:
         """The sandbox's directory on the remote libvirt host (remotecapture.directory), for its
@@ -581,9 +619,10 @@ class Build:
         self.rollback.callback(remote.discard, self.state.uri, where)
         # Its sinkhole too: stopped by its path, the directory's (a few milliseconds on the
         # login that is open anyway).
-        from orchestrator.egress import remotesinkhole
+        from orchestrator.egress import remoterelay, remotesinkhole
 
         remotesinkhole.stop(host, where)
+        remoterelay.stop(host, where)
         remote.clear(host, where)
         return where
 

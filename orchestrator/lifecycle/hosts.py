@@ -104,9 +104,10 @@ def require_capture(uri: str) -> None:
     )
 
 
-def runs_sinkhole(uri: str) -> bool:
-    """Whether sinkhole mode can run on the libvirt host at `uri`: this machine, or a remote
-    QEMU host reached over SSH (its sinkhole runs there, egress/remotesinkhole.py). Pure."""
+def runs_host_services(uri: str) -> bool:
+    """Whether sinkhole mode and wildcard entries can run on the libvirt host at `uri`: this
+    machine, or a remote QEMU host reached over SSH (their helpers run there beside the network,
+    egress/remotesinkhole.py, egress/remoterelay.py). Pure."""
     return is_local(uri) or guards_remote_host(uri)
 
 
@@ -118,7 +119,7 @@ def place(
     prefer: Collection[str] = (),
 ) -> str:
     """The host a new sandbox NAME goes on. `fits`: among the hosts it accepts (wildcard
-    entries: this machine, is_local, where their resolver runs; the sinkhole: runs_sinkhole),
+    entries and the sinkhole: runs_host_services),
     if there are any (else the step that needs one says why). One host (no `hosts` configured,
     or --connect): that one, without asking it anything (`up` connects to it next and reports
     its error). Several: the reachable one with the most free memory (`choose`); each

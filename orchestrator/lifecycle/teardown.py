@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import libvirt
 
@@ -312,12 +312,13 @@ def teardown_locked(
 def _remove_remote_records(
     ctx: Context, name: str, state: SandboxState | None, uri: str
 ) -> list[str]:
-    """The host-side records on a remote libvirt host (capture/remotecapture.py) and its
-    sinkhole there (egress/remotesinkhole.py): tcpdump and the sinkhole stopped, their last
-    files brought to the logs, their directory removed; what was there. Without state (a
-    killed `up`), the directory its name derives from."""
+    """The host-side records on a remote libvirt host (capture/remotecapture.py), its sinkhole
+    (egress/remotesinkhole.py) and its wildcard relay (egress/remoterelay.py) there: tcpdump,
+    the sinkhole and the relay stopped, their last files brought to the logs, their directory
+    removed; what was there. Without state (a killed `up`), the directory its name derives
+    from."""
     from orchestrator.capture import remotecapture as remote
-    from orchestrator.egress import remotesinkhole
+    from orchestrator.egress import remoterelay, remotesinkhole
     from orchestrator.vm import hostfiles
 
     where = state.remote_dir if state and state.remote_dir else remote.directory(name)
@@ -325,10 +326,12 @@ def _remove_remote_records(
     logs = logs_dir(ctx, name)
     with hostfiles.on_host(uri) as host:
         # Any sinkhole running there, recorded or not (a killed `up` may have started one).
-        sunk = remotesinkhole.stop(host, where) if _may_sinkhole(state) else []
+        sunk = remotesinkhole.stop(host, where) if _may_run(state, "sinkhole") else []
+        relayed = remoterelay.stop(host, where) if _may_run(state, "wildcards") else []
         stopped = remote.stop(host, where, pids)
         gone = [
             *(f"sinkhole {p} on {host.where}" for p in sunk),
+            *(f"wildcard relay {p} on {host.where}" for p in relayed),
             *(f"tcpdump {p} on {host.where}" for p in stopped),
         ]
         if host.stat(where) is None:
@@ -351,12 +354,13 @@ def _remove_remote_records(
     return [*gone, done]
 
 
-def _may_sinkhole(state: SandboxState | None) -> bool:
-    """Whether a sandbox may have a sinkhole on its remote host: sinkhole mode, or no state to
-    tell. Pure."""
+def _may_run(state: SandboxState | None, what: Literal["sinkhole", "wildcards"]) -> bool:
+    """Whether a sandbox may have a sinkhole (sinkhole mode) or a wildcard relay (wildcard
+    entries) on its remote host: its policy says so, or there is no state to tell. Pure."""
     if state is None:
         return True
-    return EgressPolicy.from_dict(state.policy).sinkhole
+    policy = EgressPolicy.from_dict(state.policy)
+    return policy.sinkhole if what == "sinkhole" else bool(policy.wildcards)
 
 
 _CHILD = (

@@ -291,6 +291,29 @@ class Jump:
             status = channel.recv_exit_status()
         return status, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
+    def start(self, argv: Sequence[str], timeout: float) -> paramiko.Channel:
+        """`argv` started on the libvirt host over this connection and left running: its exec
+        channel, which the caller reads, writes and closes (its stdin and stdout; the wildcard
+        resolver's relay, egress/wildcards.py). Ends with the channel or this connection."""
+        with self._lock:
+            transport = self._connected(timeout)
+            try:
+                channel = transport.open_session(timeout=timeout)
+            except (EOFError, paramiko.SSHException) as e:
+                self._client = self._transport = None
+                raise ConnectionResetError(
+                    errno.ECONNRESET, f"the libvirt host {self.host} refused a session: {e}"
+                ) from None
+        try:
+            channel.settimeout(timeout)
+            channel.exec_command(shlex.join(argv))
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            channel.close()
+            raise ConnectionResetError(
+                errno.ECONNRESET, f"the libvirt host {self.host} did not start {argv[0]}: {e}"
+            ) from None
+        return channel
+
     def sftp(self, timeout: float) -> paramiko.SFTPClient:
         """An SFTP session on this same connection, for the files on the libvirt host
         (vm/hostfiles.py): one login serves the guests' channels and the host's files. Every
