@@ -120,6 +120,10 @@ def remote_up(lab_netns: str, lab_dir: Path) -> RemoteHost:
     directory.mkdir(parents=True)
     _sh(["ip", "netns", "add", REMOTE_NETNS], "creating the remote host's namespace")
     ip_lab, ip_remote = ["ip", "-n", lab_netns], ["ip", "-n", REMOTE_NETNS]
+    # The lab's end of an earlier link: a deleted namespace can outlive its name for a while
+    # (seen for minutes after a remote host with guests was taken down), and its end of the
+    # veth with it. Deleting this end removes the pair.
+    subprocess.run([*ip_lab, "link", "del", VETH_LAB], capture_output=True, timeout=60)
     _sh([*ip_lab, "link", "add", VETH_LAB, "type", "veth", "peer", "name", VETH_REMOTE,
          "netns", REMOTE_NETNS], "linking the remote host to the lab")  # fmt: skip
     _sh([*ip_lab, "addr", "add", str(LINK_LAB), "dev", VETH_LAB], "addressing the link")
@@ -228,6 +232,14 @@ def _pids_in(netns: str) -> list[int]:
     return found
 
 
+def _comm(pid: int) -> str | None:
+    """The process's name; None once it is gone (it may end between the listing and this)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+
+
 def remote_down(lab_dir: Path) -> list[str]:
     """Stop everything in the remote host's namespace (libvirtd first, then whatever QEMU,
     dnsmasq, sshd and virtlogd it left) and delete it and its files; idempotent."""
@@ -236,7 +248,7 @@ def remote_down(lab_dir: Path) -> list[str]:
     for signal_number, what in ((15, "libvirtd"), (15, "the rest"), (9, "what stayed")):
         pids = _pids_in(REMOTE_NETNS)
         if what == "libvirtd":
-            pids = [p for p in pids if Path(f"/proc/{p}/comm").read_text().strip() == "libvirtd"]
+            pids = [p for p in pids if _comm(p) == "libvirtd"]
         for pid in pids:
             try:
                 os.kill(pid, signal_number)
@@ -247,6 +259,10 @@ def remote_down(lab_dir: Path) -> list[str]:
         while any(_alive(p) for p in pids) and time.monotonic() < end:
             time.sleep(0.05)
     if Path(f"/run/netns/{REMOTE_NETNS}").exists():
+        # The link first: the namespace may outlive its name (remote_up), and the link with it.
+        subprocess.run(
+            ["ip", "-n", REMOTE_NETNS, "link", "del", VETH_REMOTE], capture_output=True, timeout=60
+        )
         _sh(["ip", "netns", "del", REMOTE_NETNS], "deleting the remote host's namespace")
         notes.append(f"deleted namespace {REMOTE_NETNS}")
     if directory.exists():
