@@ -13,7 +13,12 @@ Ratios are against `static` in the same round. Runs inside the namespace lab (it
 itself there), as root; the lab must be up (`sandbox-lab up`), whose DNS server
 (sandbox_lab/dns.py) is the resolvers' upstream.
 
-    python benchmarks/wildcards.py [--rounds N]
+With `--remote`, each round also runs the same on the lab's remote libvirt host (brought up and
+down by the benchmark, sandbox_lab/remote.py), alternating which goes first, and the table adds
+remote / local per case: there the query goes from the host's dnsmasq through the relay and an
+SSH channel to the resolver on this machine, and the push to the guest goes through the host.
+
+    python benchmarks/wildcards.py [--rounds N] [--remote]
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from sandbox_lab import inside, run_in_lab  # noqa: E402
+from sandbox_lab import DEFAULT_LAB, inside, run_in_lab  # noqa: E402
 from sandbox_lab.dns import DNS_SERVER  # noqa: E402
+from sandbox_lab.remote import remote_down, remote_up  # noqa: E402
 
 SANDBOX = str(Path(sys.executable).parent / "sandbox")
 CASES = (
@@ -86,31 +92,65 @@ def one_round(env: dict[str, str], name: str, script: Path) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--remote", action="store_true", help="side by side with a remote host")
+    parser.add_argument("--uri", help=argparse.SUPPRESS)  # given by the outer run to the inner
+    parser.add_argument("--home", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("run as root (the lab needs network namespaces)", file=sys.stderr)
         return 2
     if not inside():
-        return run_in_lab([sys.executable, *sys.argv])
+        if not args.remote:
+            return run_in_lab([sys.executable, *sys.argv])
+        # remote_up needs the lab namespace to exist, and works from the root namespace.
+        host = remote_up(DEFAULT_LAB.netns, DEFAULT_LAB.dir)
+        try:
+            return run_in_lab([sys.executable, *sys.argv, "--uri", host.uri, "--home",
+                               str(host.home)])  # fmt: skip
+        finally:
+            remote_down(DEFAULT_LAB.dir)
+    if args.remote and not (args.uri and args.home):
+        print("run it from the root namespace: it brings the lab's remote host up", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="sandbox-bench-wild-") as tmp:
         work = Path(tmp)
         config = work / "config.yaml"
         config.write_text(f"boot_timeout: 900\nnetwork:\n  resolvers: [{DNS_SERVER}]\n")
         script = work / "lookups.php"
         script.write_text(SCRIPT)
-        env = {**os.environ, "XDG_STATE_HOME": str(work / "state"), "SANDBOX_CONFIG": str(config)}
+        envs = {
+            "local": {**os.environ, "XDG_STATE_HOME": str(work / "local"),
+                      "SANDBOX_CONFIG": str(config)},
+        }  # fmt: skip
+        if args.remote:
+            # XDG_DATA_HOME defaults to a path under HOME: pinned, so the images stay put.
+            images = str(Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local/share"))
+            envs["remote"] = {**envs["local"], "XDG_STATE_HOME": str(work / "remote"),
+                              "HOME": args.home, "SANDBOX_CONNECT": args.uri,
+                              "XDG_DATA_HOME": images}  # fmt: skip
         tag = secrets.token_hex(2)  # names of this run's own: another's may still be going away
-        rounds = [one_round(env, f"bw{tag}{i}", script) for i in range(args.rounds)]
+        rounds: dict[str, list[dict[str, float]]] = {kind: [] for kind in envs}
+        for i in range(args.rounds):
+            order = list(envs) if i % 2 == 0 else list(reversed(envs))
+            for kind in order:
+                rounds[kind].append(one_round(envs[kind], f"bw{tag}{kind[0]}{i}", script))
     print(f"lookup time inside the guest, {args.rounds} round(s), one fresh sandbox each")
-    print(f"{'case':<16} {'median s':>9} {'x static':>9}   per round")
+    header = f"{'case':<16} {'median s':>9} {'x static':>9}"
+    if args.remote:
+        header += f" {'remote s':>9} {'x static':>9} {'remote/local':>13}"
+    print(header + "   per round (local)")
     for case, _host in CASES:
-        seconds = [r[case] for r in rounds]
-        ratios = [r[case] / r["static"] for r in rounds]
-        each = ", ".join(f"{s:.3f}" for s in seconds)
-        print(
-            f"{case:<16} {statistics.median(seconds):>9.3f} {statistics.median(ratios):>9.1f}"
-            f"   {each}"
-        )
+        line = ""
+        medians = {}
+        for kind in rounds:
+            seconds = [r[case] for r in rounds[kind]]
+            ratios = [r[case] / r["static"] for r in rounds[kind]]
+            medians[kind] = statistics.median(seconds)
+            line += f" {medians[kind]:>9.3f} {statistics.median(ratios):>9.1f}"
+        if args.remote:
+            line += f" {medians['remote'] / medians['local']:>13.2f}"
+        each = ", ".join(f"{r[case]:.3f}" for r in rounds["local"])
+        print(f"{case:<16}{line}   {each}")
     return 0
 
 

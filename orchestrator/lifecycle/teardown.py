@@ -243,7 +243,9 @@ def _teardown_orphan(ctx: Context, name: str) -> tuple[list[str], list[str]]:
         return teardown_locked(ctx, name, None), []
     where = hosts.locate(ctx, name)
     warnings = [f"could not search {p.describe()}" for p in where.down]
-    removed: list[str] = []
+    # This machine's helpers first, said as this machine's (each host's teardown below would
+    # find them under its own URI).
+    removed = [helper.describe() for helper in hostprocs.stop_all(logs_dir(ctx, name), None)]
     for uri in where.found or [ctx.settings.connect]:
         try:
             done = teardown_locked(ctx, name, None, uri=uri)
