@@ -250,21 +250,25 @@ class Jump:
                     f"the SSH connection to the libvirt host {self.host} ended: {e}",
                 ) from None
 
+    def _session(self, timeout: float) -> paramiko.Channel:
+        """A new session channel of this connection (made first if need be)."""
+        with self._lock:
+            transport = self._connected(timeout)
+            try:
+                return transport.open_session(timeout=timeout)
+            except (EOFError, paramiko.SSHException) as e:
+                self._client = self._transport = None
+                raise ConnectionResetError(
+                    errno.ECONNRESET, f"the libvirt host {self.host} refused a session: {e}"
+                ) from None
+
     def run(
         self, argv: Sequence[str], stdin: str | None, timeout: float, limit: int
     ) -> tuple[int, str, str]:
         """`argv` on the libvirt host over this connection (an exec channel, as the login user):
         its exit status and at most `limit` bytes of each output stream (the ends kept). 127
         when the shell did not find the program."""
-        with self._lock:
-            transport = self._connected(timeout)
-            try:
-                channel = transport.open_session(timeout=timeout)
-            except (EOFError, paramiko.SSHException) as e:
-                self._client = self._transport = None
-                raise ConnectionResetError(
-                    errno.ECONNRESET, f"the libvirt host {self.host} refused a session: {e}"
-                ) from None
+        channel = self._session(timeout)
         deadline = time.monotonic() + timeout
         out, err = bytearray(), bytearray()
         with channel:
@@ -295,15 +299,7 @@ class Jump:
         """`argv` started on the libvirt host over this connection and left running: its exec
         channel, which the caller reads, writes and closes (its stdin and stdout; the wildcard
         resolver's relay, egress/wildcards.py). Ends with the channel or this connection."""
-        with self._lock:
-            transport = self._connected(timeout)
-            try:
-                channel = transport.open_session(timeout=timeout)
-            except (EOFError, paramiko.SSHException) as e:
-                self._client = self._transport = None
-                raise ConnectionResetError(
-                    errno.ECONNRESET, f"the libvirt host {self.host} refused a session: {e}"
-                ) from None
+        channel = self._session(timeout)
         try:
             channel.settimeout(timeout)
             channel.exec_command(shlex.join(argv))
