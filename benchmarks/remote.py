@@ -23,8 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from sandbox_lab import DEFAULT_LAB, inside, run_in_lab  # noqa: E402
-from sandbox_lab.remote import remote_down, remote_up  # noqa: E402
+from sandbox_lab import inside  # noqa: E402
+from sandbox_lab.remote import client_env, run_with_remote  # noqa: E402
 
 SANDBOX = str(Path(sys.executable).parent / "sandbox")
 SCRIPT = """<?php
@@ -69,13 +69,7 @@ def main() -> int:
         print("run as root (the lab needs network namespaces)", file=sys.stderr)
         return 2
     if not inside():
-        # remote_up needs the lab namespace to exist, and works from the root namespace.
-        host = remote_up(DEFAULT_LAB.netns, DEFAULT_LAB.dir)
-        try:
-            return run_in_lab([sys.executable, *sys.argv, "--uri", host.uri, "--home",
-                               str(host.home)])  # fmt: skip
-        finally:
-            remote_down(DEFAULT_LAB.dir)
+        return run_with_remote([sys.executable, *sys.argv])
     print("run it from the root namespace: it brings the lab's remote host up", file=sys.stderr)
     return 2
 
@@ -90,10 +84,7 @@ def measure(argv: list[str]) -> int:
     script = work / "bench.php"
     script.write_text(SCRIPT)
     local = {**os.environ, "XDG_STATE_HOME": str(work / "local"), "COLUMNS": "500"}
-    # XDG_DATA_HOME defaults to a path under HOME: pinned, so the images stay where they are.
-    images = str(Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"))
-    remote = {**local, "XDG_STATE_HOME": str(work / "remote"), "HOME": args.home,
-              "SANDBOX_CONNECT": args.uri, "XDG_DATA_HOME": images}  # fmt: skip
+    remote = client_env({**local, "XDG_STATE_HOME": str(work / "remote")}, args.uri, args.home)
     results: dict[str, dict[str, list[float]]] = {"local": {}, "remote": {}}
     for round_no in range(args.rounds):
         order = ("local", "remote") if round_no % 2 == 0 else ("remote", "local")

@@ -36,9 +36,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from sandbox_lab import DEFAULT_LAB, inside, run_in_lab  # noqa: E402
+from sandbox_lab import inside, run_in_lab  # noqa: E402
 from sandbox_lab.dns import DNS_SERVER  # noqa: E402
-from sandbox_lab.remote import remote_down, remote_up  # noqa: E402
+from sandbox_lab.remote import client_env, run_with_remote  # noqa: E402
 
 SANDBOX = str(Path(sys.executable).parent / "sandbox")
 CASES = (
@@ -100,15 +100,8 @@ def main() -> int:
         print("run as root (the lab needs network namespaces)", file=sys.stderr)
         return 2
     if not inside():
-        if not args.remote:
-            return run_in_lab([sys.executable, *sys.argv])
-        # remote_up needs the lab namespace to exist, and works from the root namespace.
-        host = remote_up(DEFAULT_LAB.netns, DEFAULT_LAB.dir)
-        try:
-            return run_in_lab([sys.executable, *sys.argv, "--uri", host.uri, "--home",
-                               str(host.home)])  # fmt: skip
-        finally:
-            remote_down(DEFAULT_LAB.dir)
+        run = run_with_remote if args.remote else run_in_lab
+        return run([sys.executable, *sys.argv])
     if args.remote and not (args.uri and args.home):
         print("run it from the root namespace: it brings the lab's remote host up", file=sys.stderr)
         return 2
@@ -123,11 +116,8 @@ def main() -> int:
                       "SANDBOX_CONFIG": str(config)},
         }  # fmt: skip
         if args.remote:
-            # XDG_DATA_HOME defaults to a path under HOME: pinned, so the images stay put.
-            images = str(Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local/share"))
-            envs["remote"] = {**envs["local"], "XDG_STATE_HOME": str(work / "remote"),
-                              "HOME": args.home, "SANDBOX_CONNECT": args.uri,
-                              "XDG_DATA_HOME": images}  # fmt: skip
+            remote_state = {**envs["local"], "XDG_STATE_HOME": str(work / "remote")}
+            envs["remote"] = client_env(remote_state, args.uri, args.home)
         tag = secrets.token_hex(2)  # names of this run's own: another's may still be going away
         rounds: dict[str, list[dict[str, float]]] = {kind: [] for kind in envs}
         for i in range(args.rounds):

@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Interface
 from pathlib import Path
@@ -269,3 +270,24 @@ def remote_down(lab_dir: Path) -> list[str]:
         shutil.rmtree(directory, ignore_errors=True)
         notes.append(f"removed {directory}")
     return notes
+
+
+def run_with_remote(argv: Sequence[str]) -> int:
+    """Run `argv` inside the lab with the lab's remote host up for it and down after, its URI and
+    HOME appended (`--uri URI --home HOME`): how benchmarks re-execute themselves. From the root
+    namespace (remote_up needs the lab namespace to exist)."""
+    from sandbox_lab import DEFAULT_LAB, run_in_lab
+
+    host = remote_up(DEFAULT_LAB.netns, DEFAULT_LAB.dir)
+    try:
+        return run_in_lab([*argv, "--uri", host.uri, "--home", str(host.home)])
+    finally:
+        remote_down(DEFAULT_LAB.dir)
+
+
+def client_env(env: Mapping[str, str], uri: str, home: str) -> dict[str, str]:
+    """`env` for a `sandbox` client of the remote host: its ssh config and known_hosts (HOME) and
+    its URI. XDG_DATA_HOME defaults to a path under HOME: pinned first, so the images stay where
+    they are."""
+    images = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return {**env, "XDG_DATA_HOME": images, "HOME": home, "SANDBOX_CONNECT": uri}

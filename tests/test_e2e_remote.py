@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import names, paths
-from orchestrator.egress import remoterelay, wildcards
+from orchestrator.egress import remoterelay, remotesinkhole, wildcards
 from sandbox_lab import accept_log
 from sandbox_lab.dns import DNS_SERVER
 from sandbox_lab.remote import LINK_LAB, RemoteHost, _pids_in, remote_down, remote_up
@@ -193,17 +193,23 @@ def could_be_the_scripts(packet: str) -> bool:
     return any(port in packet for port in (".80:", ".80 ", ".53:", ".53 "))
 
 
-def sinkholes_on(remote: RemoteHost) -> list[int]:
-    """The processes in the remote host's network namespace running a sandbox's sinkhole."""
+def programs_on(remote: RemoteHost, program: str, *args: str) -> list[int]:
+    """The processes in the remote host's network namespace running a sandbox's copy of
+    `program` (a file name of ours there) with every one of `args`."""
     found = []
     for pid in _pids_in(remote.netns):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if any(a.endswith(b"/sinkhole.py") for a in argv):
+        named = any(a.endswith(f"/{program}".encode()) for a in argv)
+        if named and all(arg.encode() in argv for arg in args):
             found.append(pid)
     return found
+
+
+def sinkholes_on(remote: RemoteHost) -> list[int]:
+    return programs_on(remote, remotesinkhole.PROGRAM)
 
 
 def test_sinkhole_mode_on_a_remote_host(
@@ -338,17 +344,8 @@ echo "api ", gethostbyname('api.inet.test'), "\\n";
 
 
 def relays_on(remote: RemoteHost) -> list[int]:
-    """The processes in the remote host's network namespace running a sandbox's wildcard relay
-    in its serving mode (not an `attach` of the client's)."""
-    found = []
-    for pid in _pids_in(remote.netns):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(a.endswith(remoterelay.PROGRAM.encode()) for a in argv) and b"serve" in argv:
-            found.append(pid)
-    return found
+    """The wildcard relays in their serving mode (not an `attach` of the client's)."""
+    return programs_on(remote, remoterelay.PROGRAM, "serve")
 
 
 def test_wildcards_on_a_remote_host(

@@ -5,7 +5,6 @@ namespaces of the test's own, the "host" being this machine reached through Host
 
 from __future__ import annotations
 
-import ast
 import base64
 import json
 import socket
@@ -26,6 +25,7 @@ from orchestrator.errors import UsageError
 from orchestrator.lifecycle import hosts
 from orchestrator.vm.hostfiles import LocalFiles, Ran
 from tests.netns import inside
+from tests.standalone import assert_standalone
 from tests.test_payload import _client_hello
 from tests.test_pcap import PEER_NETNS, netns  # noqa: F401  # the fixture
 from tests.test_remotecapture import InNamespace, _alive
@@ -41,18 +41,7 @@ PEER, TARGET = ("192.168.208.20", 40001), ("203.0.113.9", 80)
 
 
 def test_the_program_imports_the_standard_library_alone() -> None:
-    tree = ast.parse(Path(service.__file__).read_text())
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, "no relative imports: it runs as a file on the host"
-            imported.add((node.module or "").split(".")[0])
-    assert imported - {"__future__"} <= sys.stdlib_module_names, imported
-    assert "orchestrator" not in imported
-    # Older Debian releases' python3 parse it too (Python 3.7: buster).
-    ast.parse(Path(service.__file__).read_text(), feature_version=(3, 7))
+    assert_standalone(Path(service.__file__))
     assert service.IDLE_SECONDS == sinkhole.IDLE_SECONDS
     # What the client writes to the host is this file.
     assert remotesinkhole.program_text() == Path(service.__file__).read_text()

@@ -6,7 +6,6 @@ HostFiles with this machine as the host."""
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import os
 import select
@@ -35,6 +34,7 @@ from orchestrator.egress.remoterelay import (
 )
 from orchestrator.errors import UsageError
 from orchestrator.vm.hostfiles import LOCAL, LocalFiles, Ran
+from tests.standalone import assert_standalone
 from tests.test_remotecapture import _alive
 
 PROGRAM = Path(relay_program.__file__)
@@ -45,18 +45,7 @@ QUIET = 0.5  # seconds: for what must not happen
 
 
 def test_the_program_imports_the_standard_library_alone() -> None:
-    tree = ast.parse(PROGRAM.read_text())
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, "no relative imports: it runs as a file on the host"
-            imported.add((node.module or "").split(".")[0])
-    assert imported - {"__future__"} <= sys.stdlib_module_names, imported
-    assert "orchestrator" not in imported
-    # Older Debian releases' python3 parse it too (Python 3.7: buster).
-    ast.parse(PROGRAM.read_text(), feature_version=(3, 7))
+    assert_standalone(PROGRAM)
     # What the client writes to the host is this file.
     assert remoterelay.program_text() == PROGRAM.read_text()
 

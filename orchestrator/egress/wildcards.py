@@ -39,7 +39,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -220,18 +220,26 @@ def start(sock: socket.socket | None, config: Config, logs: Path, *, timeout: fl
     config_path = logs / CONFIG_FILE
     config_path.write_text(config.to_json() + "\n")
     args = ["--config", str(config_path), "--logs", str(logs)]
-    with sock if sock is not None else contextlib.nullcontext():
-        fds = () if sock is None else (sock.fileno(),)
+    fds: tuple[int, ...] = ()
+    if sock is not None:
+        args += ["--fd", str(sock.fileno())]
+        fds = (sock.fileno(),)
+    else:
+        timeout = max(timeout, ATTACH_SECONDS + 5)  # it attaches before it says it serves
+    try:
         return detached.start(
             _MODULE,
-            [*args, *(["--fd", str(sock.fileno())] if sock is not None else [])],
+            args,
             pass_fds=fds,
             errors_file=logs / ERRORS_FILE,
             ready=_READY,
             what="the wildcard resolver",
             error=WildcardError,
-            timeout=timeout if sock is not None else max(timeout, ATTACH_SECONDS + 5),
+            timeout=timeout,
         )
+    finally:
+        if sock is not None:
+            sock.close()
 
 
 def running(pid: int) -> bool:
@@ -339,7 +347,7 @@ class _Relayed:
     and runs nft there. A lost connection is made again: meanwhile the relay drops the
     queries (dnsmasq gets no answer: nothing is allowed)."""
 
-    def __init__(self, remote: Remote, log: Callable[[str], None]) -> None:
+    def __init__(self, remote: Remote) -> None:
         from orchestrator.vm.hostfiles import RemoteFiles
         from orchestrator.vm.jump import Jump, jump_host
 
@@ -349,7 +357,6 @@ class _Relayed:
                 f"{remote.uri} is not a remote libvirt host", "start the sandbox again"
             )
         self.remote = remote
-        self.log = log
         self.jump = Jump(host)
         self.files = RemoteFiles(self.jump)
         self.channel: paramiko.Channel | None = None
@@ -379,9 +386,9 @@ class _Relayed:
             self.attach()
         except (SandboxError, OSError) as error:
             self.retry_at = now + _REATTACH_SECONDS
-            self.log(f"attaching to the relay on the libvirt host failed (retrying): {error}")
+            log(f"attaching to the relay on the libvirt host failed (retrying): {error}")
             return False
-        self.log("attached to the relay on the libvirt host")
+        log("attached to the relay on the libvirt host")
         return True
 
     def receive(self) -> tuple[bytes, object] | None:
@@ -398,7 +405,7 @@ class _Relayed:
         except TimeoutError:
             return None
         except (OSError, EOFError) as error:
-            self.log(f"the relay's channel failed: {error}")
+            log(f"the relay's channel failed: {error}")
             self.detach()
             return None
         if not data:
@@ -406,7 +413,7 @@ class _Relayed:
             with contextlib.suppress(OSError, EOFError):
                 if channel.recv_stderr_ready():
                     said = channel.recv_stderr(_MESSAGE_MAX)
-            self.log(
+            log(
                 "the relay's channel ended"
                 + (f": {said.decode('utf-8', 'replace').strip()!r}" if said else "")
             )
@@ -415,7 +422,7 @@ class _Relayed:
         try:
             self.frames.extend(self.decoder.feed(data))
         except SandboxError as error:
-            self.log(f"the relay sent a malformed frame: {error}")
+            log(f"the relay sent a malformed frame: {error}")
             self.detach()
         return None
 
@@ -426,7 +433,7 @@ class _Relayed:
         try:
             self.channel.sendall(remoterelay.encode(tag, reply))
         except (OSError, EOFError) as error:
-            self.log(f"the relay's channel failed: {error}")
+            log(f"the relay's channel failed: {error}")
             self.detach()
 
     def host(self) -> HostFiles | None:
@@ -594,7 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     queries: _Loopback | _Relayed
     if config.remote is not None:
-        queries = _Relayed(config.remote, log)
+        queries = _Relayed(config.remote)
         try:
             queries.attach()  # `up` fails now, with the reason, if the relay cannot be reached
         except (SandboxError, OSError) as error:

@@ -493,6 +493,10 @@ class Build:
         from orchestrator.egress import wildcards
 
         spec, state = self.net_spec, self.state
+        remote = None
+        if sock is None:
+            assert state.remote_dir is not None  # saved by _remote_dir before the relay started
+            remote = wildcards.Remote(uri=state.uri, where=state.remote_dir)
         config = wildcards.Config(
             bridge=spec.bridge,
             wildcards=self.policy.wildcards,
@@ -504,9 +508,7 @@ class Build:
                 client_key=str(self.ctx.store.file(self.name, paths.CLIENT_KEY)),
                 host_key=state.host_key,
             ),
-            remote=None
-            if sock is not None
-            else wildcards.Remote(uri=state.uri, where=self._checked_remote_dir()),
+            remote=remote,
         )
         domains = ", ".join(w.describe() for w in self.policy.wildcards)
         with self.ctx.reporter.step(f"starting the resolver of {domains}"):
@@ -570,10 +572,6 @@ class Build:
             allow=self.policy.allow,
             reject=self.policy.blocked is Blocked.REJECT,
         )
-
-    def _checked_remote_dir(self) -> str:
-        assert self.state.remote_dir is not None  # _remote_dir saved it before the relay
-        return self.state.remote_dir
 
     def _guard_remote_host(self) -> None:
         """guard_host on a remote libvirt host, over one SSH login: in sinkhole mode the
